@@ -1,0 +1,148 @@
+//! Files in and out: numpy `.npy` arrays, and atomic writes (temp file in the target
+//! folder, then rename), so a failed run never leaves a half-written output.
+
+use std::io::Write;
+use std::path::Path;
+
+use anyhow::{Context, Result, bail};
+use candle_core::{DType, Device, Tensor};
+
+fn temp_in_dir_of(path: &Path) -> Result<tempfile::NamedTempFile> {
+    let dir = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    };
+    tempfile::Builder::new()
+        .prefix(".qtaylor-")
+        .tempfile_in(dir)
+        .with_context(|| format!("cannot create a temporary file next to {}", path.display()))
+}
+
+/// Writes `bytes` to `path` atomically.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    let mut tmp = temp_in_dir_of(path)?;
+    tmp.write_all(bytes)
+        .and_then(|_| tmp.flush())
+        .with_context(|| format!("cannot write {}", path.display()))?;
+    tmp.persist(path).with_context(|| {
+        format!(
+            "cannot move the finished file into place at {}",
+            path.display()
+        )
+    })?;
+    Ok(())
+}
+
+/// Writes a tensor as `.npy` (its own dtype) atomically.
+pub fn write_npy(path: &Path, t: &Tensor) -> Result<()> {
+    let tmp = temp_in_dir_of(path)?;
+    t.to_device(&Device::Cpu)?
+        .write_npy(tmp.path())
+        .with_context(|| format!("cannot write {}", path.display()))?;
+    tmp.persist(path).with_context(|| {
+        format!(
+            "cannot move the finished file into place at {}",
+            path.display()
+        )
+    })?;
+    Ok(())
+}
+
+/// Reads a float32/float64 `.npy` array and checks its shape: `expected` gives each
+/// dimension, `None` for "any". Errors name the file, what was found and what was expected.
+pub fn read_npy(path: &Path, expected: &[Option<usize>]) -> Result<Tensor> {
+    if !path.exists() {
+        bail!("{}: no such file", path.display());
+    }
+    let t = Tensor::read_npy(path)
+        .map_err(|e| anyhow::anyhow!("{}: not a readable .npy array ({e})", path.display()))?;
+    if !matches!(t.dtype(), DType::F32 | DType::F64) {
+        bail!(
+            "{}: dtype {:?} is not supported; expected float32 or float64",
+            path.display(),
+            t.dtype()
+        );
+    }
+    let want = expected
+        .iter()
+        .map(|d| d.map_or("*".to_string(), |d| d.to_string()))
+        .collect::<Vec<_>>()
+        .join(", ");
+    let ok = t.rank() == expected.len()
+        && t.dims()
+            .iter()
+            .zip(expected)
+            .all(|(&d, e)| e.is_none_or(|e| e == d));
+    if !ok {
+        bail!(
+            "{}: array of shape {:?}, expected shape ({want})",
+            path.display(),
+            t.dims()
+        );
+    }
+    Ok(t)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn npy_round_trips_in_f32_and_f64() {
+        let dir = tempfile::tempdir().unwrap();
+        for dt in [DType::F32, DType::F64] {
+            let t = Tensor::arange(0f64, 6.0, &Device::Cpu)
+                .unwrap()
+                .reshape((2, 3))
+                .unwrap()
+                .to_dtype(dt)
+                .unwrap();
+            let p = dir.path().join(format!("a-{dt:?}.npy"));
+            write_npy(&p, &t).unwrap();
+            let back = read_npy(&p, &[None, Some(3)]).unwrap();
+            assert_eq!(back.dtype(), dt);
+            assert_eq!(
+                back.to_dtype(DType::F64).unwrap().to_vec2::<f64>().unwrap(),
+                vec![vec![0.0, 1.0, 2.0], vec![3.0, 4.0, 5.0]]
+            );
+        }
+    }
+
+    #[test]
+    fn npy_of_wrong_shape_or_dtype_or_garbage_is_a_clear_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("x.npy");
+        write_npy(
+            &p,
+            &Tensor::zeros((2, 3), DType::F32, &Device::Cpu).unwrap(),
+        )
+        .unwrap();
+        let e = read_npy(&p, &[None, Some(4)]).unwrap_err().to_string();
+        assert!(
+            e.contains("x.npy") && e.contains("[2, 3]") && e.contains("(*, 4)"),
+            "{e}"
+        );
+        let p = dir.path().join("i.npy");
+        write_npy(
+            &p,
+            &Tensor::zeros((2, 3), DType::I64, &Device::Cpu).unwrap(),
+        )
+        .unwrap();
+        let e = read_npy(&p, &[None, Some(3)]).unwrap_err().to_string();
+        assert!(
+            e.contains("i.npy") && e.contains("float32 or float64"),
+            "{e}"
+        );
+        let p = dir.path().join("g.npy");
+        std::fs::write(&p, b"not an array").unwrap();
+        let e = read_npy(&p, &[None, Some(3)]).unwrap_err().to_string();
+        assert!(
+            e.contains("g.npy") && e.contains("not a readable .npy"),
+            "{e}"
+        );
+        let e = read_npy(&dir.path().join("missing.npy"), &[None])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("missing.npy: no such file"), "{e}");
+    }
+}

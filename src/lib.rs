@@ -1,0 +1,24 @@
+//! qtaylor: few-NFE sampling of diffusion models, centred on the quasi-Taylor samplers
+//! (arXiv 2112.13339) and the samplers users compare them against.
+//!
+//! - [`series`]: truncated power series (Taylor-mode differentiation);
+//! - [`schedule`], [`grid`]: noise schedules and time grids (scalars only);
+//! - [`model`]: the `(x, t) → prediction` trait and exact parameterization conversions;
+//! - [`samplers`]: one file per sampler family, one shared signature;
+//! - [`problems`], [`reference`], [`metrics`], [`bench`]: exact-score problems, reference
+//!   solutions and the error-vs-NFE bench;
+//! - [`ops`], [`rng`], [`io`], [`plot`]: fused tensor updates, per-sample noise, files, plots.
+
+pub mod bench;
+pub mod grid;
+pub mod io;
+pub mod metrics;
+pub mod model;
+pub mod ops;
+pub mod plot;
+pub mod problems;
+pub mod reference;
+pub mod rng;
+pub mod samplers;
+pub mod schedule;
+pub mod series;

@@ -1,0 +1,159 @@
+//! Log–log plots of error against NFE (plotters, PNG). The font (DejaVu Sans, Bitstream
+//! Vera licence, see assets/) is embedded so plots render the same on any machine.
+
+use std::path::Path;
+use std::sync::Once;
+
+use anyhow::{Result, anyhow};
+use plotters::prelude::*;
+
+static FONT: Once = Once::new();
+
+fn register_font() {
+    FONT.call_once(|| {
+        let bytes: &'static [u8] = include_bytes!("../assets/DejaVuSans.ttf");
+        // The embedded file is a valid font; failing to parse it is a build defect.
+        plotters::style::register_font("sans-serif", FontStyle::Normal, bytes)
+            .unwrap_or_else(|_| panic!("embedded DejaVuSans.ttf is not a valid font"));
+    });
+}
+
+/// One line of a panel: a label and its (NFE, value) points.
+pub struct Line {
+    pub label: String,
+    pub points: Vec<(f64, f64)>,
+}
+
+/// A panel of a figure.
+pub struct Panel {
+    pub title: String,
+    pub y_label: String,
+    pub lines: Vec<Line>,
+    /// A horizontal reference level (e.g. a finite-sample floor), with its label.
+    pub floor: Option<(f64, String)>,
+}
+
+fn palette(i: usize) -> RGBColor {
+    const C: [(u8, u8, u8); 12] = [
+        (31, 119, 180),
+        (255, 127, 14),
+        (44, 160, 44),
+        (214, 39, 40),
+        (148, 103, 189),
+        (140, 86, 75),
+        (227, 119, 194),
+        (127, 127, 127),
+        (188, 189, 34),
+        (23, 190, 207),
+        (0, 0, 0),
+        (120, 60, 200),
+    ];
+    let (r, g, b) = C[i % C.len()];
+    RGBColor(r, g, b)
+}
+
+fn log_bounds(values: impl Iterator<Item = f64>) -> Option<(f64, f64)> {
+    let v: Vec<f64> = values.filter(|v| v.is_finite() && *v > 0.0).collect();
+    if v.is_empty() {
+        return None;
+    }
+    let lo = v.iter().cloned().fold(f64::INFINITY, f64::min);
+    let hi = v.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+    Some((lo / 1.5, hi * 1.5))
+}
+
+/// Draws the panels side by side into a PNG at `path` (written atomically).
+pub fn loglog_png(path: &Path, panels: &[Panel]) -> Result<()> {
+    register_font();
+    let (w, h) = (720 * panels.len() as u32, 560u32);
+    let mut buf = vec![0u8; (w * h * 3) as usize];
+    {
+        let root = BitMapBackend::with_buffer(&mut buf, (w, h)).into_drawing_area();
+        root.fill(&WHITE).map_err(|e| anyhow!("plot: {e}"))?;
+        let areas = root.split_evenly((1, panels.len()));
+        for (panel, area) in panels.iter().zip(areas.iter()) {
+            draw_panel(area, panel)?;
+        }
+        root.present().map_err(|e| anyhow!("plot: {e}"))?;
+    }
+    let img = image::RgbImage::from_raw(w, h, buf).ok_or_else(|| anyhow!("plot buffer size"))?;
+    let mut png = Vec::new();
+    img.write_to(&mut std::io::Cursor::new(&mut png), image::ImageFormat::Png)?;
+    crate::io::write_atomic(path, &png)
+}
+
+fn draw_panel<DB: DrawingBackend>(
+    area: &DrawingArea<DB, plotters::coord::Shift>,
+    p: &Panel,
+) -> Result<()>
+where
+    DB::ErrorType: 'static,
+{
+    let err = |e: DrawingAreaErrorKind<DB::ErrorType>| anyhow!("plot: {e:?}");
+    let xs = p.lines.iter().flat_map(|l| l.points.iter().map(|q| q.0));
+    let ys = p
+        .lines
+        .iter()
+        .flat_map(|l| l.points.iter().map(|q| q.1))
+        .chain(p.floor.as_ref().map(|f| f.0));
+    let (Some((x0, x1)), Some((y0, y1))) = (log_bounds(xs), log_bounds(ys)) else {
+        area.titled(&format!("{} (no data)", p.title), ("sans-serif", 22))
+            .map_err(err)?;
+        return Ok(());
+    };
+    let mut chart = ChartBuilder::on(area)
+        .caption(&p.title, ("sans-serif", 22))
+        .margin(12)
+        .x_label_area_size(44)
+        .y_label_area_size(70)
+        .build_cartesian_2d((x0..x1).log_scale(), (y0..y1).log_scale())
+        .map_err(err)?;
+    chart
+        .configure_mesh()
+        .x_desc("NFE")
+        .y_desc(p.y_label.as_str())
+        .label_style(("sans-serif", 15))
+        .axis_desc_style(("sans-serif", 17))
+        .x_label_formatter(&|v| format!("{v:.0}"))
+        .y_label_formatter(&|v| format!("{v:.0e}"))
+        .draw()
+        .map_err(err)?;
+    if let Some((level, label)) = &p.floor {
+        chart
+            .draw_series(LineSeries::new(
+                [(x0, *level), (x1, *level)],
+                ShapeStyle::from(&BLACK.mix(0.5)).stroke_width(1),
+            ))
+            .map_err(err)?
+            .label(label.as_str())
+            .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 18, y)], BLACK.mix(0.5)));
+    }
+    for (i, line) in p.lines.iter().enumerate() {
+        let color = palette(i);
+        let pts: Vec<(f64, f64)> = line
+            .points
+            .iter()
+            .copied()
+            .filter(|(x, y)| x.is_finite() && y.is_finite() && *x > 0.0 && *y > 0.0)
+            .collect();
+        chart
+            .draw_series(LineSeries::new(pts.clone(), color.stroke_width(2)))
+            .map_err(err)?
+            .label(line.label.as_str())
+            .legend(move |(x, y)| {
+                PathElement::new(vec![(x, y), (x + 18, y)], color.stroke_width(2))
+            });
+        chart
+            .draw_series(pts.iter().map(|&q| Circle::new(q, 3, color.filled())))
+            .map_err(err)?;
+    }
+    chart
+        .configure_series_labels()
+        .position(SeriesLabelPosition::LowerLeft)
+        .background_style(WHITE.mix(0.85))
+        .border_style(BLACK.mix(0.3))
+        .label_font(("sans-serif", 14))
+        .draw()
+        .map_err(err)?;
+    Ok(())
+}

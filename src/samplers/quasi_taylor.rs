@@ -1,0 +1,301 @@
+//! Quasi-Taylor samplers on the probability-flow ODE (arXiv 2112.13339; DESIGN §4).
+//!
+//! Under the single point approximation the ODE's solution through `(x_t, t)` is
+//! `x(s) = α(s) x̂0 + σ(s) ε̂` (DDIM). The order-K step is its K-th order Taylor polynomial
+//! in an expansion variable `v` (t by default):
+//!
+//! ```text
+//! x_s = Σ_{n=0..K} (v_s − v_t)^n / n! · [α⁽ⁿ⁾ x̂0 + σ⁽ⁿ⁾ ε̂]   (derivatives in v, at t)
+//!     = A x_t + B ε̂,   A = P_α/α_t,   B = P_σ − A σ_t,
+//! ```
+//!
+//! with `P_f = Σ_{n ≤ K} f_n h^n` the truncated series of f = α, σ. The series come from
+//! Taylor-mode arithmetic ([`crate::series`]), so any order and any schedule work; one
+//! NFE per step at every order.
+//!
+//! Expansion variables: `t` (the SDE time), `abar` (`u = ᾱ`: α = √u, σ = √(1−u), binomial
+//! series independent of the schedule), `logsnr` (λ: α = (1 + e^{−2λ})^{−1/2},
+//! σ = (1 + e^{2λ})^{−1/2}).
+//!
+//! The final step. σ(t) has a branch point at t = 0 (ᾱ = 1), so the Taylor series around
+//! t_{N−1} has radius at most t_{N−1}, and the last step to t_min lies on it
+//! (Δ/t_{N−1} = 1 − t_min/t_{N−1} ≈ 1): its terms grow like σ^{−(2n−1)} and the orders do not
+//! approach DDIM there. [`LastStep::Ddim`] (the default, chosen from the measurements in
+//! BENCHMARKS.md) takes that step with the K → ∞ limit (DDIM, same single NFE);
+//! [`LastStep::Taylor`] keeps the truncated series.
+
+use std::fmt;
+use std::str::FromStr;
+
+use anyhow::{Result, bail};
+use candle_core::Tensor;
+
+use super::Ctx;
+use super::ddim::ddim_coefficients;
+use crate::ops::lincomb;
+use crate::schedule::Schedule;
+use crate::series::Series;
+
+/// The variable in which the quasi-Taylor polynomial is expanded.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Expansion {
+    T,
+    AlphaBar,
+    LogSnr,
+}
+
+impl FromStr for Expansion {
+    type Err = anyhow::Error;
+    fn from_str(s: &str) -> Result<Self> {
+        Ok(match s {
+            "t" => Expansion::T,
+            "abar" => Expansion::AlphaBar,
+            "logsnr" => Expansion::LogSnr,
+            other => bail!("unknown --expand '{other}'; expected t, abar or logsnr"),
+        })
+    }
+}
+
+impl fmt::Display for Expansion {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Expansion::T => "t",
+            Expansion::AlphaBar => "abar",
+            Expansion::LogSnr => "logsnr",
+        })
+    }
+}
+
+/// How the final step (to t_min, on the convergence radius) is taken.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum LastStep {
+    /// The K → ∞ limit: a DDIM step (same one NFE).
+    Ddim,
+    /// The truncated Taylor polynomial, like every other step.
+    Taylor,
+}
+
+impl FromStr for LastStep {
+    type Err = anyhow::Error;
+    fn from_str(s: &str) -> Result<Self> {
+        Ok(match s {
+            "ddim" => LastStep::Ddim,
+            "taylor" => LastStep::Taylor,
+            other => bail!("unknown --qt-last '{other}'; expected ddim or taylor"),
+        })
+    }
+}
+
+/// Taylor series of α and σ in the expansion variable around t (order K), and the
+/// increment h of that variable from t to s.
+pub fn expansion_series(
+    schedule: &dyn Schedule,
+    t: f64,
+    s: f64,
+    order: usize,
+    expand: Expansion,
+) -> (Series, Series, f64) {
+    match expand {
+        Expansion::T => (
+            schedule.alpha_series(t, order),
+            schedule.sigma_series(t, order),
+            s - t,
+        ),
+        Expansion::AlphaBar => {
+            let u = Series::variable(schedule.alpha_bar(t), order);
+            // 1 − u with its constant term σ_t² computed without cancellation.
+            let mut one_minus = -&u;
+            one_minus.0[0] = -schedule.log_alpha_bar(t).exp_m1();
+            (
+                u.sqrt(),
+                one_minus.sqrt(),
+                schedule.alpha_bar(s) - schedule.alpha_bar(t),
+            )
+        }
+        Expansion::LogSnr => {
+            let l = Series::variable(schedule.lambda(t), order);
+            let alpha = (&(&l * -2.0).exp() + 1.0).powf(-0.5);
+            let sigma = (&(&l * 2.0).exp() + 1.0).powf(-0.5);
+            (alpha, sigma, schedule.lambda(s) - schedule.lambda(t))
+        }
+    }
+}
+
+/// Coefficients `(A, B)` of the order-K quasi-Taylor step `x_s = A x_t + B ε̂`.
+pub fn qt_coefficients(
+    schedule: &dyn Schedule,
+    t: f64,
+    s: f64,
+    order: usize,
+    expand: Expansion,
+) -> (f64, f64) {
+    let (alpha, sigma, h) = expansion_series(schedule, t, s, order, expand);
+    let a = alpha.eval(h) / alpha.value();
+    (a, sigma.eval(h) - a * sigma.value())
+}
+
+/// Quasi-Taylor sampler of order K: one NFE per step, `x ← A x + B ε̂`.
+pub fn sample_qt(
+    ctx: &mut Ctx,
+    mut x: Tensor,
+    ts: &[f64],
+    order: usize,
+    expand: Expansion,
+    last: LastStep,
+) -> Result<Tensor> {
+    let n = ts.len() - 1;
+    for i in 0..n {
+        let (t, s) = (ts[i], ts[i + 1]);
+        ctx.begin_step(i, t);
+        let d = ctx.denoise(&x, t)?;
+        let (a, b) = if i + 1 == n && last == LastStep::Ddim {
+            ddim_coefficients(ctx.schedule, t, s)
+        } else {
+            qt_coefficients(ctx.schedule, t, s, order, expand)
+        };
+        x = lincomb(&[(a, &x), (b, &d.eps)])?;
+    }
+    Ok(x)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::metrics::loglog_slope as fit_slope;
+    use crate::schedule::{Cosine, VpLinear};
+
+    #[test]
+    fn qt_step_matches_design_golden_values() {
+        let s = VpLinear::default();
+        // (t, s, DDIM, qt-1..4) from DESIGN §4.
+        type Golden = (f64, f64, [(f64, f64); 5]);
+        let rows: [Golden; 3] = [
+            (
+                1.0,
+                0.9,
+                [
+                    (2.586356, -1.586445),
+                    (2.0, -1.000022),
+                    (2.450250, -1.450303),
+                    (2.567167, -1.567242),
+                    (2.585196, -1.585281),
+                ],
+            ),
+            (
+                0.5,
+                0.4,
+                [
+                    (1.572631, -0.612264),
+                    (1.502500, -0.523626),
+                    (1.579003, -0.614640),
+                    (1.575151, -0.614553),
+                    (1.572764, -0.612464),
+                ],
+            ),
+            (
+                0.2,
+                0.001,
+                [
+                    (1.232377, -0.709836),
+                    (1.405960, -0.694545),
+                    (1.291347, -0.770133),
+                    (1.222517, -0.711509),
+                    (1.226822, -0.697799),
+                ],
+            ),
+        ];
+        for (t, sn, want) in rows {
+            let (a, b) = ddim_coefficients(&s, t, sn);
+            assert!(
+                (a - want[0].0).abs() < 2e-6 && (b - want[0].1).abs() < 2e-6,
+                "ddim {t}: {a} {b}"
+            );
+            for (k, &(wa, wb)) in want.iter().enumerate().skip(1) {
+                let (a, b) = qt_coefficients(&s, t, sn, k, Expansion::T);
+                assert!(
+                    (a - wa).abs() < 2e-6 && (b - wb).abs() < 2e-6,
+                    "qt-{k} {t}: {a} {b}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn qt_order_one_is_euler_on_the_probability_flow_ode() {
+        // Euler: x_s = x + (s−t)(−½β x + β/(2σ) ε̂).
+        let s = VpLinear::default();
+        for &(t, sn) in &[(0.9, 0.8), (0.3, 0.25)] {
+            let (a, b) = qt_coefficients(&s, t, sn, 1, Expansion::T);
+            let (beta, sig) = (s.beta(t), s.sigma(t));
+            assert!((a - (1.0 - 0.5 * beta * (sn - t))).abs() < 1e-13);
+            assert!((b - (sn - t) * beta / (2.0 * sig)).abs() < 1e-13);
+        }
+    }
+
+    /// Distance of the order-K step from DDIM for step size Δ.
+    fn ddim_gap(s: &dyn Schedule, t: f64, delta: f64, k: usize, e: Expansion) -> f64 {
+        let (a, b) = qt_coefficients(s, t, t - delta, k, e);
+        let (da, db) = ddim_coefficients(s, t, t - delta);
+        (a - da).abs() + (b - db).abs()
+    }
+
+    #[test]
+    fn qt_k_step_differs_from_ddim_by_delta_to_the_k_plus_one() {
+        let s = VpLinear::default();
+        for e in [Expansion::T, Expansion::AlphaBar, Expansion::LogSnr] {
+            for k in 1..=5 {
+                let deltas = [0.02, 0.01, 0.005, 0.0025];
+                let gaps: Vec<f64> = deltas.iter().map(|&d| ddim_gap(&s, 0.5, d, k, e)).collect();
+                let slope = fit_slope(&deltas, &gaps);
+                assert!(
+                    (slope - (k + 1) as f64).abs() < 0.15,
+                    "expand {e} qt-{k}: slope {slope} gaps {gaps:?}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn qt_converges_to_ddim_as_the_order_grows() {
+        for sched in [&VpLinear::default() as &dyn Schedule, &Cosine::default()] {
+            for &(t, sn) in &[(0.9, 0.7), (0.5, 0.4), (0.3, 0.2)] {
+                let gaps: Vec<f64> = (1..=12)
+                    .map(|k| ddim_gap(sched, t, t - sn, k, Expansion::T))
+                    .collect();
+                // The series alternates around its branch points, so the decrease is
+                // checked two orders apart; the gap must vanish geometrically.
+                for k in 0..gaps.len() - 2 {
+                    assert!(
+                        gaps[k + 2] < gaps[k],
+                        "{} {t}->{sn}: {gaps:?}",
+                        sched.name()
+                    );
+                }
+                assert!(
+                    gaps[11] < 1e-4 * gaps[0],
+                    "{} {t}->{sn}: {gaps:?}",
+                    sched.name()
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn qt_in_abar_has_schedule_independent_binomial_coefficients() {
+        // In u = ᾱ, α = √u: the series coefficients depend only on u, not on the schedule.
+        let (lin, cos) = (VpLinear::default(), Cosine::default());
+        let t_lin = 0.4;
+        let target = lin.alpha_bar(t_lin);
+        // find the cosine time with the same ᾱ
+        let t_cos = cos.t_of_lambda(lin.lambda(t_lin)).unwrap();
+        assert!((cos.alpha_bar(t_cos) - target).abs() < 1e-12);
+        let (a1, s1, _) = expansion_series(&lin, t_lin, 0.3, 6, Expansion::AlphaBar);
+        let (a2, s2, _) = expansion_series(&cos, t_cos, 0.3, 6, Expansion::AlphaBar);
+        for n in 0..=6 {
+            assert!((a1.0[n] - a2.0[n]).abs() < 1e-9 * (1.0 + a1.0[n].abs()));
+            assert!((s1.0[n] - s2.0[n]).abs() < 1e-9 * (1.0 + s1.0[n].abs()));
+        }
+        // and the first one is d√u/du = 1/(2√u)
+        assert!((a1.0[1] - 0.5 / target.sqrt()).abs() < 1e-12);
+    }
+}

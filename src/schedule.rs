@@ -1,0 +1,466 @@
+//! Noise schedules of VP diffusions (DESIGN §2, §7).
+//!
+//! A schedule is fixed by `L(t) = ln ᾱ(t)`, given as a truncated power series around any
+//! `t` ([`Schedule::log_alpha_bar_series`]). Everything else is derived from it by series
+//! arithmetic, to any order:
+//!
+//! - `α = exp(L/2)`, `σ = sqrt(1 − exp(L))` (constant term via `expm1`),
+//! - `λ = ln(α/σ) = L/2 − ln(1 − exp(L))/2`,
+//! - `β = −dL/dt`.
+
+use std::fmt::Debug;
+
+use anyhow::{Result, bail};
+
+use crate::series::Series;
+
+/// A VP noise schedule on continuous time `t ∈ (0, t_end]`.
+pub trait Schedule: Debug + Send + Sync {
+    /// Short name, as accepted by `--schedule`.
+    fn name(&self) -> String;
+
+    /// Taylor series of `L(t) = ln ᾱ(t)` around `t`, truncated at order `n`.
+    fn log_alpha_bar_series(&self, t: f64, n: usize) -> Series;
+
+    /// The largest usable `t` (where `ᾱ > 0`), the default `t_max`.
+    fn t_end(&self) -> f64 {
+        1.0
+    }
+
+    /// `ln ᾱ(t)`.
+    fn log_alpha_bar(&self, t: f64) -> f64 {
+        self.log_alpha_bar_series(t, 0).value()
+    }
+
+    /// `ᾱ(t)`.
+    fn alpha_bar(&self, t: f64) -> f64 {
+        self.log_alpha_bar(t).exp()
+    }
+
+    /// `α(t) = sqrt(ᾱ)`.
+    fn alpha(&self, t: f64) -> f64 {
+        (0.5 * self.log_alpha_bar(t)).exp()
+    }
+
+    /// `σ(t) = sqrt(1 − ᾱ)`.
+    fn sigma(&self, t: f64) -> f64 {
+        (-self.log_alpha_bar(t).exp_m1()).sqrt()
+    }
+
+    /// Log-SNR `λ(t) = ln(α/σ)`.
+    fn lambda(&self, t: f64) -> f64 {
+        let l = self.log_alpha_bar(t);
+        0.5 * l - 0.5 * (-l.exp_m1()).ln()
+    }
+
+    /// `β(t) = −d ln ᾱ / dt`.
+    fn beta(&self, t: f64) -> f64 {
+        -self.log_alpha_bar_series(t, 1).0[1]
+    }
+
+    /// Taylor series of `α` around `t`, order `n`.
+    fn alpha_series(&self, t: f64, n: usize) -> Series {
+        (&self.log_alpha_bar_series(t, n) * 0.5).exp()
+    }
+
+    /// Taylor series of `σ` around `t`, order `n`.
+    fn sigma_series(&self, t: f64, n: usize) -> Series {
+        self.log_alpha_bar_series(t, n).one_minus_exp().sqrt()
+    }
+
+    /// Taylor series of `λ` around `t`, order `n`.
+    fn lambda_series(&self, t: f64, n: usize) -> Series {
+        let l = self.log_alpha_bar_series(t, n);
+        &(&l - &l.one_minus_exp().ln()) * 0.5
+    }
+
+    /// Taylor series of `β = −L'` around `t`, order `n`.
+    fn beta_series(&self, t: f64, n: usize) -> Series {
+        -&self.log_alpha_bar_series(t, n + 1).differentiate()
+    }
+
+    /// The `t` at which `λ(t) = lambda` (λ is strictly decreasing in t): Newton's method
+    /// safeguarded by bisection, to machine precision. Errors if `lambda` lies outside
+    /// `[λ(t_end), λ(1e-12)]`.
+    fn t_of_lambda(&self, lambda: f64) -> Result<f64> {
+        let (mut lo, mut hi) = (1e-12, self.t_end());
+        let (l_lo, l_hi) = (self.lambda(lo), self.lambda(hi));
+        if !(lambda <= l_lo && lambda >= l_hi) {
+            bail!(
+                "log-SNR {lambda} is outside the range [{l_hi}, {l_lo}] of schedule {}",
+                self.name()
+            );
+        }
+        let mut t = 0.5 * (lo + hi);
+        for _ in 0..200 {
+            let ls = self.lambda_series(t, 1);
+            let f = ls.0[0] - lambda;
+            if f == 0.0 {
+                return Ok(t);
+            }
+            if f > 0.0 {
+                lo = t;
+            } else {
+                hi = t;
+            }
+            let mut next = t - f / ls.0[1];
+            if !(next > lo && next < hi) {
+                next = 0.5 * (lo + hi);
+            }
+            if (next - t).abs() <= 4.0 * f64::EPSILON * t || hi - lo <= 4.0 * f64::EPSILON * hi {
+                return Ok(next);
+            }
+            t = next;
+        }
+        Ok(t)
+    }
+}
+
+/// Linear β (DDPM's schedule in continuous time): `β(t) = β_min + t (β_max − β_min)`,
+/// `L(t) = −β_min t − ½ (β_max − β_min) t²`. Defaults 0.1 / 20 are the continuous limit
+/// of DDPM's 1000 steps from 1e-4 to 0.02.
+#[derive(Clone, Debug)]
+pub struct VpLinear {
+    pub beta_min: f64,
+    pub beta_max: f64,
+}
+
+impl Default for VpLinear {
+    fn default() -> Self {
+        VpLinear {
+            beta_min: 0.1,
+            beta_max: 20.0,
+        }
+    }
+}
+
+impl Schedule for VpLinear {
+    fn name(&self) -> String {
+        "vp-linear".into()
+    }
+    fn log_alpha_bar_series(&self, t: f64, n: usize) -> Series {
+        let d = self.beta_max - self.beta_min;
+        Series::polynomial(&[0.0, -self.beta_min, -0.5 * d], t, n)
+    }
+}
+
+/// Scaled-linear β (Stable Diffusion): `sqrt β` linear in t,
+/// `β(t) = (a + (b − a) t)²` with `a = sqrt(N β_start)`, `b = sqrt(N β_end)`; defaults are
+/// diffusers' `beta_start = 0.00085`, `beta_end = 0.012`, `N = 1000`.
+/// `L(t) = −(a² t + a (b − a) t² + (b − a)² t³ / 3)`.
+#[derive(Clone, Debug)]
+pub struct ScaledLinear {
+    pub sqrt_beta_min: f64,
+    pub sqrt_beta_max: f64,
+}
+
+impl Default for ScaledLinear {
+    fn default() -> Self {
+        ScaledLinear {
+            sqrt_beta_min: (0.00085f64 * 1000.0).sqrt(),
+            sqrt_beta_max: (0.012f64 * 1000.0).sqrt(),
+        }
+    }
+}
+
+impl Schedule for ScaledLinear {
+    fn name(&self) -> String {
+        "scaled-linear".into()
+    }
+    fn log_alpha_bar_series(&self, t: f64, n: usize) -> Series {
+        let a = self.sqrt_beta_min;
+        let d = self.sqrt_beta_max - a;
+        Series::polynomial(&[0.0, -a * a, -a * d, -d * d / 3.0], t, n)
+    }
+}
+
+/// Cosine schedule (improved DDPM, Nichol & Dhariwal 2021):
+/// `ᾱ(t) = f(t)/f(0)`, `f(t) = cos²(π/2 · (t + s)/(1 + s))`, `s = 0.008`.
+/// `ᾱ(1) = 0`, so the usable end is `t_end = 0.9946` (the value DPM-Solver uses).
+#[derive(Clone, Debug)]
+pub struct Cosine {
+    pub s: f64,
+}
+
+impl Default for Cosine {
+    fn default() -> Self {
+        Cosine { s: 0.008 }
+    }
+}
+
+impl Schedule for Cosine {
+    fn name(&self) -> String {
+        "cosine".into()
+    }
+    fn t_end(&self) -> f64 {
+        0.9946
+    }
+    fn log_alpha_bar_series(&self, t: f64, n: usize) -> Series {
+        let k = std::f64::consts::FRAC_PI_2 / (1.0 + self.s);
+        let theta = Series::polynomial(&[k * self.s, k], t, n);
+        let (_, c) = theta.sin_cos();
+        let c0 = (k * self.s).cos();
+        &(&c.ln() * 2.0) + (-2.0 * c0.ln())
+    }
+}
+
+/// A tabulated discrete schedule `ᾱ_0 … ᾱ_{N−1}` (e.g. from a checkpoint's scheduler
+/// config) placed at `t_n = (n + 1)/N` (DESIGN §2).
+///
+/// Interpolant: the natural cubic spline of `L = ln ᾱ` through `(0, 0)` and the `N` knots.
+/// It is C² and reproduces every tabulated value exactly; inside a knot interval the
+/// derivatives of order ≥ 4 are zero (the spline is a cubic there).
+#[derive(Clone, Debug)]
+pub struct Tabulated {
+    name: String,
+    /// Knot abscissae `0, 1/N, …, 1`.
+    knots: Vec<f64>,
+    /// Per interval: the cubic's coefficients around its left knot.
+    pieces: Vec<[f64; 4]>,
+}
+
+impl Tabulated {
+    /// From `ᾱ_n`, which must lie in (0, 1) and decrease strictly.
+    pub fn from_alpha_bars(name: &str, alpha_bars: &[f64]) -> Result<Self> {
+        let n = alpha_bars.len();
+        if n < 2 {
+            bail!("a tabulated schedule needs at least 2 values of alpha_bar, got {n}");
+        }
+        for (i, &a) in alpha_bars.iter().enumerate() {
+            if !(a > 0.0 && a < 1.0) {
+                bail!("alpha_bar[{i}] = {a} is outside (0, 1)");
+            }
+            if i > 0 && a >= alpha_bars[i - 1] {
+                bail!(
+                    "alpha_bar must decrease strictly, but alpha_bar[{i}] = {a} >= alpha_bar[{}] = {}",
+                    i - 1,
+                    alpha_bars[i - 1]
+                );
+            }
+        }
+        let mut xs = vec![0.0];
+        let mut ys = vec![0.0];
+        for (i, &a) in alpha_bars.iter().enumerate() {
+            xs.push((i + 1) as f64 / n as f64);
+            ys.push(a.ln());
+        }
+        Ok(Tabulated {
+            name: name.to_string(),
+            pieces: natural_cubic_spline(&xs, &ys),
+            knots: xs,
+        })
+    }
+
+    /// From discrete betas: `ᾱ_n = Π_{i ≤ n} (1 − β_i)`.
+    pub fn from_betas(name: &str, betas: &[f64]) -> Result<Self> {
+        let mut acc = 0.0f64;
+        let mut abar = Vec::with_capacity(betas.len());
+        for (i, &b) in betas.iter().enumerate() {
+            if !(b > 0.0 && b < 1.0) {
+                bail!("beta[{i}] = {b} is outside (0, 1)");
+            }
+            acc += (-b).ln_1p();
+            abar.push(acc.exp());
+        }
+        Self::from_alpha_bars(name, &abar)
+    }
+
+    /// Number of tabulated steps `N`.
+    pub fn len(&self) -> usize {
+        self.knots.len() - 1
+    }
+
+    /// Always false: a table has at least two entries.
+    pub fn is_empty(&self) -> bool {
+        false
+    }
+}
+
+impl Schedule for Tabulated {
+    fn name(&self) -> String {
+        self.name.clone()
+    }
+    fn log_alpha_bar_series(&self, t: f64, n: usize) -> Series {
+        let last = self.pieces.len() - 1;
+        let i = self
+            .knots
+            .partition_point(|&k| k <= t)
+            .saturating_sub(1)
+            .min(last);
+        let p = self.pieces[i];
+        // The cubic around knot i, re-expanded around t.
+        Series::polynomial(&p, t - self.knots[i], n)
+    }
+}
+
+/// Natural cubic spline through `(xs, ys)`: per interval `[x_i, x_{i+1}]` the coefficients
+/// `[a, b, c, d]` of `a + b h + c h² + d h³`, `h = x − x_i`.
+fn natural_cubic_spline(xs: &[f64], ys: &[f64]) -> Vec<[f64; 4]> {
+    let n = xs.len() - 1;
+    let h: Vec<f64> = (0..n).map(|i| xs[i + 1] - xs[i]).collect();
+    // Second derivatives m_i with m_0 = m_n = 0 (tridiagonal solve, Thomas algorithm).
+    let mut m = vec![0.0; n + 1];
+    if n >= 2 {
+        let k = n - 1;
+        let mut diag = vec![0.0; k];
+        let mut rhs = vec![0.0; k];
+        let mut upper = vec![0.0; k];
+        for j in 0..k {
+            let i = j + 1;
+            diag[j] = 2.0 * (h[i - 1] + h[i]);
+            upper[j] = h[i];
+            rhs[j] = 6.0 * ((ys[i + 1] - ys[i]) / h[i] - (ys[i] - ys[i - 1]) / h[i - 1]);
+        }
+        for j in 1..k {
+            let w = h[j] / diag[j - 1];
+            diag[j] -= w * upper[j - 1];
+            rhs[j] -= w * rhs[j - 1];
+        }
+        m[k] = rhs[k - 1] / diag[k - 1];
+        for j in (0..k - 1).rev() {
+            m[j + 1] = (rhs[j] - upper[j] * m[j + 2]) / diag[j];
+        }
+    }
+    (0..n)
+        .map(|i| {
+            let a = ys[i];
+            let b = (ys[i + 1] - ys[i]) / h[i] - h[i] * (2.0 * m[i] + m[i + 1]) / 6.0;
+            let c = m[i] / 2.0;
+            let d = (m[i + 1] - m[i]) / (6.0 * h[i]);
+            [a, b, c, d]
+        })
+        .collect()
+}
+
+/// Parses a `--schedule` name into a schedule with its default parameters.
+pub fn schedule_by_name(name: &str, beta_min: f64, beta_max: f64) -> Result<Box<dyn Schedule>> {
+    Ok(match name {
+        "vp-linear" => {
+            if !(beta_min > 0.0 && beta_max > beta_min) {
+                bail!(
+                    "--beta-min {beta_min} / --beta-max {beta_max}: expected 0 < beta-min < beta-max"
+                );
+            }
+            Box::new(VpLinear { beta_min, beta_max })
+        }
+        "cosine" => Box::new(Cosine::default()),
+        "scaled-linear" => Box::new(ScaledLinear::default()),
+        other => {
+            bail!("unknown schedule '{other}'; expected one of: vp-linear, cosine, scaled-linear")
+        }
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Central finite difference of order k (k ≤ 3) of f at t with step h.
+    fn fd(f: &dyn Fn(f64) -> f64, t: f64, h: f64, k: usize) -> f64 {
+        match k {
+            1 => (f(t + h) - f(t - h)) / (2.0 * h),
+            2 => (f(t + h) - 2.0 * f(t) + f(t - h)) / (h * h),
+            3 => {
+                (f(t + 2.0 * h) - 2.0 * f(t + h) + 2.0 * f(t - h) - f(t - 2.0 * h))
+                    / (2.0 * h * h * h)
+            }
+            _ => unreachable!(),
+        }
+    }
+
+    #[test]
+    fn series_derivatives_match_finite_differences_for_every_schedule() {
+        let scheds: Vec<Box<dyn Schedule>> = vec![
+            Box::new(VpLinear::default()),
+            Box::new(Cosine::default()),
+            Box::new(ScaledLinear::default()),
+        ];
+        for s in &scheds {
+            for &t in &[0.05, 0.3, 0.7, 0.95] {
+                let a = s.alpha_series(t, 3);
+                let g = s.sigma_series(t, 3);
+                let l = s.lambda_series(t, 3);
+                for k in 1..=3 {
+                    let h = (1e-2 * t).min(1e-2 * (1.0 - t)).min(2e-3);
+                    let tol = 1e-3 * (1.0 + a.derivative(k).abs());
+                    assert!(
+                        (a.derivative(k) - fd(&|x| s.alpha(x), t, h, k)).abs() < tol,
+                        "{} alpha d{k} t={t}",
+                        s.name()
+                    );
+                    let tol = 1e-3 * (1.0 + g.derivative(k).abs());
+                    assert!(
+                        (g.derivative(k) - fd(&|x| s.sigma(x), t, h, k)).abs() < tol,
+                        "{} sigma d{k} t={t}",
+                        s.name()
+                    );
+                    let tol = 1e-3 * (1.0 + l.derivative(k).abs());
+                    assert!(
+                        (l.derivative(k) - fd(&|x| s.lambda(x), t, h, k)).abs() < tol,
+                        "{} lambda d{k} t={t}",
+                        s.name()
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn vp_linear_derivatives_match_design_closed_forms() {
+        // α' = −½βα, σ' = βα²/(2σ) (DESIGN §2).
+        let s = VpLinear::default();
+        for &t in &[0.01, 0.2, 0.5, 1.0] {
+            let (a, g, b) = (s.alpha(t), s.sigma(t), s.beta(t));
+            assert!((s.alpha_series(t, 1).0[1] - (-0.5 * b * a)).abs() < 1e-12);
+            assert!((s.sigma_series(t, 1).0[1] - b * a * a / (2.0 * g)).abs() < 1e-10);
+            assert!((a * a + g * g - 1.0).abs() < 1e-14);
+        }
+    }
+
+    #[test]
+    fn lambda_inversion_round_trips() {
+        let scheds: Vec<Box<dyn Schedule>> = vec![
+            Box::new(VpLinear::default()),
+            Box::new(Cosine::default()),
+            Box::new(ScaledLinear::default()),
+        ];
+        for s in &scheds {
+            for &t in &[1e-3, 0.01, 0.3, 0.9] {
+                let back = s.t_of_lambda(s.lambda(t)).unwrap();
+                assert!(
+                    (back - t).abs() < 1e-12 * (1.0 + t) + 1e-14,
+                    "{} t={t} back={back}",
+                    s.name()
+                );
+            }
+        }
+        assert!(VpLinear::default().t_of_lambda(100.0).is_err());
+    }
+
+    #[test]
+    fn tabulated_schedule_reproduces_its_table_and_approximates_the_continuous_limit() {
+        let n = 1000;
+        let betas: Vec<f64> = (0..n)
+            .map(|i| 1e-4 + (0.02 - 1e-4) * i as f64 / (n - 1) as f64)
+            .collect();
+        let tab = Tabulated::from_betas("discrete", &betas).unwrap();
+        let mut acc = 1.0;
+        for (i, b) in betas.iter().enumerate() {
+            acc *= 1.0 - b;
+            let t = (i + 1) as f64 / n as f64;
+            assert!((tab.alpha_bar(t) - acc).abs() < 1e-12 * acc.max(1e-300) + 1e-15);
+        }
+        // The continuous linear-β schedule is its limit: ln α differs by O(1/N)
+        // (Σβ_i vs ∫β, and ln(1 − β) vs −β, each about 1/N relative).
+        let c = VpLinear::default();
+        for &t in &[0.1, 0.5, 0.9] {
+            let rel = (tab.alpha(t) / c.alpha(t)).ln().abs();
+            assert!(
+                rel < 2.0 * c.beta(t).max(1.0) * t * t / n as f64 * 10.0,
+                "t={t}: {rel}"
+            );
+        }
+        assert!(Tabulated::from_alpha_bars("x", &[0.9, 0.95]).is_err());
+        assert!(Tabulated::from_betas("x", &[0.5, 1.5]).is_err());
+    }
+}
