@@ -129,7 +129,7 @@ struct BenchArgs {
     #[arg(long, default_value = "5,10,20,50")]
     nfe: String,
     /// Number of samples
-    #[arg(long, default_value_t = 256)]
+    #[arg(long, default_value_t = 1024)]
     batch: usize,
     /// f32 | f64 (of the samplers' state; the reference is always f64)
     #[arg(long, default_value = "f64")]

@@ -34,7 +34,7 @@ pub struct Panel {
 }
 
 fn palette(i: usize) -> RGBColor {
-    const C: [(u8, u8, u8); 12] = [
+    const C: [(u8, u8, u8); 10] = [
         (31, 119, 180),
         (255, 127, 14),
         (44, 160, 44),
@@ -45,11 +45,23 @@ fn palette(i: usize) -> RGBColor {
         (127, 127, 127),
         (188, 189, 34),
         (23, 190, 207),
-        (0, 0, 0),
-        (120, 60, 200),
     ];
     let (r, g, b) = C[i % C.len()];
     RGBColor(r, g, b)
+}
+
+/// A marker of one of four shapes, centred at a pixel offset.
+fn marker<DB: DrawingBackend>(
+    at: (i32, i32),
+    shape: usize,
+    color: RGBColor,
+) -> DynElement<'static, DB, (i32, i32)> {
+    match shape {
+        0 => Circle::new(at, 4, color.filled()).into_dyn(),
+        1 => TriangleMarker::new(at, 6, color.filled()).into_dyn(),
+        2 => Cross::new(at, 5, color.stroke_width(2)).into_dyn(),
+        _ => Circle::new(at, 5, color.stroke_width(2)).into_dyn(),
+    }
 }
 
 fn log_bounds(values: impl Iterator<Item = f64>) -> Option<(f64, f64)> {
@@ -136,20 +148,27 @@ where
             .copied()
             .filter(|(x, y)| x.is_finite() && y.is_finite() && *x > 0.0 && *y > 0.0)
             .collect();
+        let shape = (i / 10) % 4;
         chart
             .draw_series(LineSeries::new(pts.clone(), color.stroke_width(2)))
             .map_err(err)?
             .label(line.label.as_str())
             .legend(move |(x, y)| {
-                PathElement::new(vec![(x, y), (x + 18, y)], color.stroke_width(2))
+                EmptyElement::at((x, y))
+                    + PathElement::new(vec![(0, 0), (18, 0)], color.stroke_width(2))
+                    + marker((9, 0), shape, color)
             });
+        // 10 colours × 4 marker shapes keep up to 40 lines apart.
         chart
-            .draw_series(pts.iter().map(|&q| Circle::new(q, 3, color.filled())))
+            .draw_series(
+                pts.iter()
+                    .map(|&q| EmptyElement::at(q) + marker((0, 0), shape, color)),
+            )
             .map_err(err)?;
     }
     chart
         .configure_series_labels()
-        .position(SeriesLabelPosition::LowerLeft)
+        .position(SeriesLabelPosition::UpperRight)
         .background_style(WHITE.mix(0.85))
         .border_style(BLACK.mix(0.3))
         .label_font(("sans-serif", 14))

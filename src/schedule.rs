@@ -27,9 +27,16 @@ pub trait Schedule: Debug + Send + Sync {
         1.0
     }
 
+    /// `(L(t), L'(t))`. Schedules override it with closed forms: it is on the hot path of
+    /// every scalar below (the series allocates).
+    fn log_alpha_bar_and_slope(&self, t: f64) -> (f64, f64) {
+        let s = self.log_alpha_bar_series(t, 1);
+        (s.0[0], s.0[1])
+    }
+
     /// `ln ᾱ(t)`.
     fn log_alpha_bar(&self, t: f64) -> f64 {
-        self.log_alpha_bar_series(t, 0).value()
+        self.log_alpha_bar_and_slope(t).0
     }
 
     /// `ᾱ(t)`.
@@ -55,7 +62,7 @@ pub trait Schedule: Debug + Send + Sync {
 
     /// `β(t) = −d ln ᾱ / dt`.
     fn beta(&self, t: f64) -> f64 {
-        -self.log_alpha_bar_series(t, 1).0[1]
+        -self.log_alpha_bar_and_slope(t).1
     }
 
     /// Taylor series of `α` around `t`, order `n`.
@@ -93,8 +100,11 @@ pub trait Schedule: Debug + Send + Sync {
         }
         let mut t = 0.5 * (lo + hi);
         for _ in 0..200 {
-            let ls = self.lambda_series(t, 1);
-            let f = ls.0[0] - lambda;
+            // λ = L/2 − ln(1 − e^L)/2, λ' = L'/(2(1 − e^L)).
+            let (l, dl) = self.log_alpha_bar_and_slope(t);
+            let one_minus = -l.exp_m1();
+            let f = 0.5 * l - 0.5 * one_minus.ln() - lambda;
+            let slope = 0.5 * dl / one_minus;
             if f == 0.0 {
                 return Ok(t);
             }
@@ -103,7 +113,7 @@ pub trait Schedule: Debug + Send + Sync {
             } else {
                 hi = t;
             }
-            let mut next = t - f / ls.0[1];
+            let mut next = t - f / slope;
             if !(next > lo && next < hi) {
                 next = 0.5 * (lo + hi);
             }
@@ -142,6 +152,10 @@ impl Schedule for VpLinear {
         let d = self.beta_max - self.beta_min;
         Series::polynomial(&[0.0, -self.beta_min, -0.5 * d], t, n)
     }
+    fn log_alpha_bar_and_slope(&self, t: f64) -> (f64, f64) {
+        let d = self.beta_max - self.beta_min;
+        (-(self.beta_min + 0.5 * d * t) * t, -(self.beta_min + d * t))
+    }
 }
 
 /// Scaled-linear β (Stable Diffusion): `sqrt β` linear in t,
@@ -172,6 +186,12 @@ impl Schedule for ScaledLinear {
         let d = self.sqrt_beta_max - a;
         Series::polynomial(&[0.0, -a * a, -a * d, -d * d / 3.0], t, n)
     }
+    fn log_alpha_bar_and_slope(&self, t: f64) -> (f64, f64) {
+        let a = self.sqrt_beta_min;
+        let d = self.sqrt_beta_max - a;
+        let b = a + d * t;
+        (-(a * a + (a * d + d * d * t / 3.0) * t) * t, -b * b)
+    }
 }
 
 /// Cosine schedule (improved DDPM, Nichol & Dhariwal 2021):
@@ -201,6 +221,14 @@ impl Schedule for Cosine {
         let (_, c) = theta.sin_cos();
         let c0 = (k * self.s).cos();
         &(&c.ln() * 2.0) + (-2.0 * c0.ln())
+    }
+    fn log_alpha_bar_and_slope(&self, t: f64) -> (f64, f64) {
+        let k = std::f64::consts::FRAC_PI_2 / (1.0 + self.s);
+        let theta = k * (t + self.s);
+        (
+            2.0 * (theta.cos().ln() - (k * self.s).cos().ln()),
+            -2.0 * k * theta.tan(),
+        )
     }
 }
 
@@ -265,6 +293,17 @@ impl Tabulated {
         Self::from_alpha_bars(name, &abar)
     }
 
+    /// The spline piece that holds t, and t's offset from the piece's knot.
+    fn piece(&self, t: f64) -> ([f64; 4], f64) {
+        let last = self.pieces.len() - 1;
+        let i = self
+            .knots
+            .partition_point(|&k| k <= t)
+            .saturating_sub(1)
+            .min(last);
+        (self.pieces[i], t - self.knots[i])
+    }
+
     /// Number of tabulated steps `N`.
     pub fn len(&self) -> usize {
         self.knots.len() - 1
@@ -281,15 +320,16 @@ impl Schedule for Tabulated {
         self.name.clone()
     }
     fn log_alpha_bar_series(&self, t: f64, n: usize) -> Series {
-        let last = self.pieces.len() - 1;
-        let i = self
-            .knots
-            .partition_point(|&k| k <= t)
-            .saturating_sub(1)
-            .min(last);
-        let p = self.pieces[i];
-        // The cubic around knot i, re-expanded around t.
-        Series::polynomial(&p, t - self.knots[i], n)
+        let (p, u) = self.piece(t);
+        // The cubic around its knot, re-expanded around t.
+        Series::polynomial(&p, u, n)
+    }
+    fn log_alpha_bar_and_slope(&self, t: f64) -> (f64, f64) {
+        let ([a, b, c, d], u) = self.piece(t);
+        (
+            a + u * (b + u * (c + u * d)),
+            b + u * (2.0 * c + 3.0 * d * u),
+        )
     }
 }
 
@@ -401,6 +441,33 @@ mod tests {
                         s.name()
                     );
                 }
+            }
+        }
+    }
+
+    #[test]
+    fn closed_form_scalars_agree_with_the_series() {
+        let betas: Vec<f64> = (0..100).map(|i| 1e-3 + 1e-3 * i as f64).collect();
+        let scheds: Vec<Box<dyn Schedule>> = vec![
+            Box::new(VpLinear::default()),
+            Box::new(Cosine::default()),
+            Box::new(ScaledLinear::default()),
+            Box::new(Tabulated::from_betas("t", &betas).unwrap()),
+        ];
+        for s in &scheds {
+            for &t in &[0.003, 0.2, 0.55, 0.9] {
+                let series = s.log_alpha_bar_series(t, 1);
+                let (l, dl) = s.log_alpha_bar_and_slope(t);
+                assert!(
+                    (l - series.0[0]).abs() < 1e-13 * (1.0 + l.abs()),
+                    "{}",
+                    s.name()
+                );
+                assert!(
+                    (dl - series.0[1]).abs() < 1e-12 * (1.0 + dl.abs()),
+                    "{}",
+                    s.name()
+                );
             }
         }
     }

@@ -221,19 +221,99 @@ impl GmmModel {
     }
 }
 
-impl Model for GmmModel {
-    fn parameterization(&self) -> Parameterization {
-        Parameterization::Eps
+/// Per-time constants of the marginal: `1/(α² v_kj + σ²)` and
+/// `ln w_k − ½ Σ_j ln(2π (α² v_kj + σ²))`.
+struct Marginal {
+    alpha: f64,
+    sigma: f64,
+    inv_var: Vec<f64>,
+    log_norm: Vec<f64>,
+}
+
+impl GmmModel {
+    fn marginal(&self, t: f64) -> Marginal {
+        let (alpha, sigma) = (self.schedule.alpha(t), self.schedule.sigma(t));
+        let g = &self.gmm;
+        let mut inv_var = Vec::with_capacity(g.weights.len() * g.dim);
+        let log_norm = (0..g.weights.len())
+            .map(|k| {
+                // Σ_j ln(2π s2_j) as logs of products of 8 factors (each factor is in
+                // [σ², α²v + σ²], so a product of 8 neither under- nor overflows): an eighth
+                // of the logarithms, which dominate this per-time set-up.
+                let mut log_det = 0.0;
+                for chunk in g.variances[k].chunks(8) {
+                    let mut prod = 1.0;
+                    for &v in chunk {
+                        let s2 = alpha * alpha * v + sigma * sigma;
+                        inv_var.push(1.0 / s2);
+                        prod *= 2.0 * std::f64::consts::PI * s2;
+                    }
+                    log_det += prod.ln();
+                }
+                g.weights[k].ln() - 0.5 * log_det
+            })
+            .collect();
+        Marginal {
+            alpha,
+            sigma,
+            inv_var,
+            log_norm,
+        }
     }
 
-    /// `ε̂ = σ Σ_k r_k (x − α μ_k)/(α² v_k + σ²)`, computed in f64 and returned in x's dtype.
-    fn predict(&self, x: &Tensor, t: &[f64]) -> Result<Tensor> {
-        let (_, d) = x
-            .dims2()
-            .context("the mixture model expects x of shape (B, d)")?;
-        if d != self.gmm.dim {
-            bail!("x has {d} columns, the mixture has dim = {}", self.gmm.dim);
+    /// ε̂ of one row (CPU path): responsibilities by log-sum-exp, then the weighted sum.
+    fn eps_row(&self, m: &Marginal, x: &[f64], out: &mut [f64]) {
+        let g = &self.gmm;
+        let (k, d) = (g.weights.len(), g.dim);
+        let mut logits = vec![0.0; k];
+        for (c, logit) in logits.iter_mut().enumerate() {
+            let (mu, iv) = (&g.means[c], &m.inv_var[c * d..(c + 1) * d]);
+            let mut q = 0.0;
+            for j in 0..d {
+                let diff = x[j] - m.alpha * mu[j];
+                q += diff * diff * iv[j];
+            }
+            *logit = m.log_norm[c] - 0.5 * q;
         }
+        let max = logits.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+        let mut total = 0.0;
+        for l in logits.iter_mut() {
+            *l = (*l - max).exp();
+            total += *l;
+        }
+        out.fill(0.0);
+        for (c, &w) in logits.iter().enumerate() {
+            let r = w / total;
+            let (mu, iv) = (&g.means[c], &m.inv_var[c * d..(c + 1) * d]);
+            for j in 0..d {
+                out[j] += r * (x[j] - m.alpha * mu[j]) * iv[j];
+            }
+        }
+        for o in out.iter_mut() {
+            *o *= m.sigma;
+        }
+    }
+
+    /// The CPU path: one fused pass per row, rows in parallel (each row's arithmetic is
+    /// the same whatever the batch or thread count).
+    fn predict_cpu(&self, x: &Tensor, t: &[f64]) -> Result<Tensor> {
+        use rayon::prelude::*;
+        let (b, d) = x.dims2()?;
+        let xs: Vec<f64> = x.to_dtype(DType::F64)?.flatten_all()?.to_vec1()?;
+        let shared = (t.len() == 1).then(|| self.marginal(t[0]));
+        let mut out = vec![0.0; b * d];
+        out.par_chunks_mut(d).enumerate().for_each(|(i, o)| {
+            let row = &xs[i * d..(i + 1) * d];
+            match &shared {
+                Some(m) => self.eps_row(m, row, o),
+                None => self.eps_row(&self.marginal(t[i]), row, o),
+            }
+        });
+        Ok(Tensor::from_vec(out, (b, d), &Device::Cpu)?.to_dtype(x.dtype())?)
+    }
+
+    /// The tensor path (any device): the same formula with broadcast candle ops.
+    fn predict_tensor(&self, x: &Tensor, t: &[f64]) -> Result<Tensor> {
         let x64 = x.to_dtype(DType::F64)?.unsqueeze(1)?; // (B,1,d)
         let a: Vec<f64> = t.iter().map(|&t| self.schedule.alpha(t)).collect();
         let s: Vec<f64> = t.iter().map(|&t| self.schedule.sigma(t)).collect();
@@ -257,9 +337,32 @@ impl Model for GmmModel {
         let w = logits.broadcast_sub(&max)?.exp()?;
         let r = w.broadcast_div(&w.sum_keepdim(D::Minus1)?)?; // (B,K)
         let weighted = z.broadcast_mul(&r.unsqueeze(2)?)?.sum(1)?; // (B,d)
-        let sig = row_tensor(&s, &weighted)?;
-        let eps = weighted.broadcast_mul(&sig)?;
+        let eps = weighted.broadcast_mul(&row_tensor(&s, &weighted)?)?;
         Ok(eps.to_dtype(x.dtype())?)
+    }
+}
+
+impl Model for GmmModel {
+    fn parameterization(&self) -> Parameterization {
+        Parameterization::Eps
+    }
+
+    /// `ε̂ = σ Σ_k r_k (x − α μ_k)/(α² v_k + σ²)`, computed in f64 and returned in x's dtype.
+    fn predict(&self, x: &Tensor, t: &[f64]) -> Result<Tensor> {
+        let (b, d) = x
+            .dims2()
+            .context("the mixture model expects x of shape (B, d)")?;
+        if d != self.gmm.dim {
+            bail!("x has {d} columns, the mixture has dim = {}", self.gmm.dim);
+        }
+        if t.len() != 1 && t.len() != b {
+            bail!("{} times for {b} rows", t.len());
+        }
+        if x.device().is_cpu() {
+            self.predict_cpu(x, t)
+        } else {
+            self.predict_tensor(x, t)
+        }
     }
 }
 
@@ -295,6 +398,23 @@ mod tests {
                         "t={t} j={j}: {} vs {want}",
                         ei[j]
                     );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn cpu_and_tensor_paths_compute_the_same_eps() {
+        let g = Arc::new(Gmm::demo(3));
+        let sched: Arc<dyn Schedule> = Arc::new(VpLinear::default());
+        let m = GmmModel::new(g, sched, &Device::Cpu).unwrap();
+        let x = Tensor::randn(0f64, 1.0, (5, 64), &Device::Cpu).unwrap();
+        for t in [vec![0.01], vec![0.5], vec![0.1, 0.2, 0.3, 0.9, 1.0]] {
+            let a = rows_f64(&m.predict_cpu(&x, &t).unwrap()).unwrap();
+            let b = rows_f64(&m.predict_tensor(&x, &t).unwrap()).unwrap();
+            for (ra, rb) in a.iter().zip(&b) {
+                for (u, v) in ra.iter().zip(rb) {
+                    assert!((u - v).abs() < 1e-12 * (1.0 + v.abs()), "{u} vs {v}");
                 }
             }
         }
