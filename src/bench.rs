@@ -264,7 +264,14 @@ impl BenchReport {
         b
     }
 
-    fn table(&self, title: &str, value: &dyn Fn(&BenchRow) -> String) -> String {
+    /// A sampler × budget table of `value`, keeping the samplers for which `keep` holds in
+    /// some cell.
+    fn table(
+        &self,
+        title: &str,
+        keep: &dyn Fn(&BenchRow) -> bool,
+        value: &dyn Fn(&BenchRow) -> String,
+    ) -> String {
         let budgets = self.budgets();
         let mut s = format!("{title}\n\n| sampler |");
         for b in &budgets {
@@ -274,6 +281,9 @@ impl BenchReport {
         s.push_str(&"---:|".repeat(budgets.len()));
         s.push('\n');
         for name in self.samplers() {
+            if !self.rows.iter().any(|r| r.sampler == name && keep(r)) {
+                continue;
+            }
             let _ = write!(s, "| {name} |");
             for b in &budgets {
                 let r = self
@@ -306,6 +316,7 @@ impl BenchReport {
         );
         s.push_str(&self.table(
             "## RMSE of the end point vs the reference ODE solution (deterministic samplers; lower is better)",
+            &|r| r.rmse.is_some() || r.nfe_used.is_none(),
             &|r| {
                 let mut c = cell(r.rmse);
                 if let (Some(n), Some(_)) = (r.nfe_used, r.rmse)
@@ -317,14 +328,16 @@ impl BenchReport {
             },
         ));
         s.push_str(
-            "\nrk45 cells show the NFE actually used in parentheses; — means no run fits the budget \
-             (or the sampler is stochastic).\n\n",
+            "\nA number in parentheses is the NFE actually used where it differs from the budget; \
+             — means no run fits the budget. Stochastic samplers do not follow the ODE and appear \
+             only in the next table.\n\n",
         );
         s.push_str(&self.table(
             &format!(
                 "## Sliced W2 to exact samples of p(t_min) (finite-sample floor {:.2e})",
                 self.sw2_floor
             ),
+            &|_| true,
             &|r| cell(r.sw2),
         ));
         s

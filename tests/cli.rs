@@ -286,33 +286,43 @@ fn cuda_without_a_cuda_build_is_a_clear_error() {
 }
 
 #[test]
-fn the_readme_main_command_runs_and_prints_the_table() {
-    // README's main command, run with this build's binary and a temporary output folder.
+fn every_readme_command_runs() {
+    // Every `cargo run --release -- …` line of README.md, run with this build's binary and
+    // its --out redirected into a temporary folder. The main command must print the table.
     let readme =
         std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).unwrap();
-    let line = readme
-        .lines()
-        .find(|l| l.starts_with("cargo run --release -- bench"))
-        .expect("README has a main command starting with `cargo run --release -- bench`");
-    let dir = tempfile::tempdir().unwrap();
-    let mut args: Vec<String> = line["cargo run --release -- ".len()..]
-        .split_whitespace()
-        .map(String::from)
-        .collect();
-    let out = args
-        .iter()
-        .position(|a| a == "--out")
-        .expect("--out in the README command");
-    args[out + 1] = p(&dir.path().join("out")).to_string();
-    let o = Command::new(env!("CARGO_BIN_EXE_qtaylor"))
-        .args(&args)
-        .output()
-        .unwrap();
-    assert!(o.status.success(), "{}", stderr(&o));
-    let stdout = String::from_utf8_lossy(&o.stdout);
+    let prefix = "cargo run --release -- ";
+    let lines: Vec<&str> = readme.lines().filter(|l| l.starts_with(prefix)).collect();
+    assert!(lines.len() >= 2, "README lost its commands");
     assert!(
-        stdout.contains("| qt-3 |") && stdout.contains("| ddim |"),
-        "{stdout}"
+        lines[0].starts_with("cargo run --release -- bench"),
+        "the first command is the main job"
     );
-    assert!(dir.path().join("out/error_vs_nfe.png").exists());
+    for (i, line) in lines.iter().enumerate() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut args: Vec<String> = line[prefix.len()..]
+            .split_whitespace()
+            .map(String::from)
+            .collect();
+        let out = args
+            .iter()
+            .position(|a| a == "--out")
+            .expect("--out in every README command");
+        let target = dir.path().join(&args[out + 1]);
+        args[out + 1] = p(&target).to_string();
+        let o = Command::new(env!("CARGO_BIN_EXE_qtaylor"))
+            .args(&args)
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{line}: {}", stderr(&o));
+        assert!(target.exists(), "{line} wrote nothing");
+        if i == 0 {
+            let stdout = String::from_utf8_lossy(&o.stdout);
+            assert!(
+                stdout.contains("| qt-3 |") && stdout.contains("| ddim |"),
+                "{stdout}"
+            );
+            assert!(target.join("error_vs_nfe.png").exists());
+        }
+    }
 }
