@@ -1,30 +1,33 @@
 //! `qtaylor bench`: every sampler at every NFE budget on an exact-score problem, from the
 //! same start noise, against a high-accuracy reference (DESIGN §8).
 //!
-//! Per (sampler, budget): the most steps whose NFE fits the budget (rk45: the tolerance
-//! of a sweep whose NFE lands closest below the budget); the per-sample RMSE of the end
-//! point against the reference ODE solution (deterministic samplers only; a stochastic
-//! sampler does not follow the ODE); and the sliced Wasserstein-2 distance between the
-//! samples and as many exact samples of `p_{t_min}`, next to its finite-sample floor
-//! (the same distance between two independent exact sets).
+//! Per (sampler, budget): the most steps whose NFE fits the budget (the adaptive samplers:
+//! the tolerance of a sweep whose NFE lands closest below the budget); the per-sample RMSE
+//! of the end point against the reference ODE solution from the same start (deterministic
+//! samplers only; a stochastic sampler does not follow the ODE); the sliced Wasserstein-2
+//! distance between the samples and as many exact samples of the end marginal, next to
+//! its finite-sample floor (the same distance between two independent exact sets); and for
+//! data sets of points, the distance to the nearest data point and the fraction of samples
+//! that land on the same point as the reference.
 
+use std::collections::HashMap;
 use std::fmt::Write as _;
 use std::path::Path;
 use std::time::Instant;
 
-use anyhow::{Context, Result};
+use anyhow::{Context, Result, bail};
 use candle_core::{DType, Tensor};
 use indicatif::{ProgressBar, ProgressStyle};
 use serde::Serialize;
 
-use crate::grid::Grid;
+use crate::grid::TimeGrid;
 use crate::metrics::{mean, rmse_per_sample, sliced_w2};
 use crate::ops::rows_f64;
 use crate::plot::{Line, Panel, loglog_png};
 use crate::problems::Problem;
 use crate::reference::reference_endpoint;
 use crate::rng::NoiseStreams;
-use crate::samplers::{Options, Sampler, sample};
+use crate::samplers::{Options, Sampler, reaches_zero, sample};
 use crate::schedule::Schedule;
 
 /// What to run.
@@ -32,11 +35,9 @@ use crate::schedule::Schedule;
 pub struct BenchConfig {
     pub samplers: Vec<Sampler>,
     pub budgets: Vec<usize>,
-    pub grid: Grid,
+    pub grid: TimeGrid,
     pub batch: usize,
     pub seed: u64,
-    pub t_max: f64,
-    pub t_min: f64,
     pub dtype: DType,
     pub opts: Options,
     /// rtol = atol of the reference solution (checked against half of it).
@@ -56,9 +57,13 @@ pub struct BenchRow {
     pub nfe_used: Option<f64>,
     /// Mean per-sample RMSE to the reference end point (deterministic samplers).
     pub rmse: Option<f64>,
-    /// Sliced W2 to exact samples of p_{t_min}.
+    /// Sliced W2 to exact samples of the end marginal.
     pub sw2: Option<f64>,
-    /// rk45's tolerance for this budget.
+    /// Mean RMS distance to the nearest (scaled) data point (data sets of points).
+    pub nearest_distance: Option<f64>,
+    /// Fraction of samples whose nearest data point is the reference's (deterministic).
+    pub same_point: Option<f64>,
+    /// The adaptive samplers' relative tolerance for this budget.
     pub rtol: Option<f64>,
     pub seconds: Option<f64>,
 }
@@ -71,23 +76,36 @@ pub struct BenchReport {
     pub grid: String,
     pub batch: usize,
     pub seed: u64,
-    pub t_max: f64,
-    pub t_min: f64,
+    pub t_start: f64,
+    pub t_end: f64,
     pub dtype: String,
     pub reference_tol: f64,
-    /// Max |x(tol) − x(tol/2)|, the reference's own error estimate.
+    /// Max |x(tol) − x(tol/2)| over all references, their own error estimate.
     pub reference_check: f64,
     pub reference_nfe: f64,
     pub sw2_floor: f64,
+    /// The reference end points' RMS distance to their nearest data point.
+    pub reference_nearest_distance: Option<f64>,
     pub rows: Vec<BenchRow>,
 }
 
-type RunFn<'a> = dyn Fn(Sampler, &[f64], &Options) -> Result<Outcome> + 'a;
+/// A reference solution with what the metrics need of it.
+struct RefSolution {
+    rows: Vec<Vec<f64>>,
+    nearest: Option<(Vec<usize>, Vec<f64>)>,
+    check: f64,
+    nfe: f64,
+}
+
+/// One sampler run on a grid with given options.
+type RunFn<'a> = dyn FnMut(Sampler, &[f64], &Options) -> Result<Outcome> + 'a;
 
 struct Outcome {
     nfe: f64,
     rmse: Option<f64>,
     sw2: f64,
+    nearest_distance: Option<f64>,
+    same_point: Option<f64>,
     seconds: f64,
 }
 
@@ -100,7 +118,12 @@ pub fn run_bench(
     show_progress: bool,
 ) -> Result<BenchReport> {
     cfg.opts.validate()?;
-    crate::grid::check_interval(schedule, cfg.t_max, cfg.t_min)?;
+    if let TimeGrid::Discrete {
+        timesteps: Some(_), ..
+    } = cfg.grid
+    {
+        bail!("bench chooses the number of steps per budget: use --spacing, not --timesteps");
+    }
     let item = problem.item_shape();
     let model = problem.model();
     let start = |dtype: DType| -> Result<(Tensor, NoiseStreams)> {
@@ -110,107 +133,199 @@ pub fn run_bench(
     };
     let (x64, _) = start(DType::F64)?;
     let pb = if show_progress {
-        ProgressBar::new(1)
+        ProgressBar::new(cfg.samplers.len() as u64)
     } else {
         ProgressBar::hidden()
     };
     pb.set_style(
-        ProgressStyle::with_template("{spinner} {msg} [{elapsed_precise}]")
+        ProgressStyle::with_template("{bar:30} {pos}/{len} {msg} [{elapsed_precise}]")
             .expect("valid template"),
     );
-    pb.set_message("reference solution (f64, DOPRI5)");
     pb.enable_steady_tick(std::time::Duration::from_millis(200));
-    let reference = reference_endpoint(model, schedule, &x64, cfg.t_max, cfg.t_min, cfg.ref_tol)?;
-    let ref_rows = rows_f64(&reference.x)?;
-    let exact = problem.exact_samples(cfg.t_min, cfg.batch, cfg.seed ^ 0x5eed_0001);
-    let exact2 = problem.exact_samples(cfg.t_min, cfg.batch, cfg.seed ^ 0x5eed_0002);
+
+    // References, one per (start, end) pair of the grids used (a discrete leading spacing
+    // starts at a different timestep for every N).
+    let mut refs: HashMap<(u64, u64), RefSolution> = HashMap::new();
+    let reference =
+        |refs: &mut HashMap<(u64, u64), RefSolution>, t0: f64, t1: f64| -> Result<(u64, u64)> {
+            let key = (t0.to_bits(), t1.to_bits());
+            if let std::collections::hash_map::Entry::Vacant(slot) = refs.entry(key) {
+                pb.set_message(format!("reference solution from t = {t0} (f64, DOPRI5)"));
+                // To σ = 0 the ODE is integrated to a tiny positive time and finished with x̂0.
+                let zero = reaches_zero(schedule, t1);
+                let t_ode = if zero { (t0 * 1e-9).max(1e-10) } else { t1 };
+                let r = reference_endpoint(model, schedule, &x64, t0, t_ode, cfg.ref_tol)?;
+                let x = if zero {
+                    let mut noise = NoiseStreams::new(0, 0, cfg.batch);
+                    let mut ctx =
+                        crate::samplers::Ctx::new(model, schedule, &mut noise, "reference", None);
+                    ctx.denoise(&r.x, t_ode)?.x0
+                } else {
+                    r.x.clone()
+                };
+                let nearest = problem.nearest(&x, t1).transpose()?;
+                slot.insert(RefSolution {
+                    rows: rows_f64(&x)?,
+                    nearest,
+                    check: r.check,
+                    nfe: r.nfe,
+                });
+            }
+            Ok(key)
+        };
+
+    let first = cfg.grid.times(schedule, 1)?;
+    let t_end = *first.last().expect("a grid has two points");
+    let exact = problem.exact_samples(t_end, cfg.batch, cfg.seed ^ 0x5eed_0001);
+    let exact2 = problem.exact_samples(t_end, cfg.batch, cfg.seed ^ 0x5eed_0002);
     let sw_seed = cfg.seed ^ 0x5eed_0003;
     let sw2_floor = sliced_w2(&exact, &exact2, cfg.projections, sw_seed);
+    let main_ref = reference(&mut refs, first[0], t_end)?;
 
-    let run = |sampler: Sampler, ts: &[f64], opts: &Options| -> Result<Outcome> {
+    let mut run = |sampler: Sampler, ts: &[f64], opts: &Options| -> Result<Outcome> {
+        let key = reference(&mut refs, ts[0], *ts.last().expect("grid"))?;
         let (x, mut noise) = start(cfg.dtype)?;
-        let t0 = Instant::now();
+        let clock = Instant::now();
         let out = sample(model, schedule, sampler, opts, ts, x, &mut noise, None)
             .with_context(|| format!("bench: sampler {sampler}"))?;
-        let seconds = t0.elapsed().as_secs_f64();
+        let seconds = clock.elapsed().as_secs_f64();
         let rows = rows_f64(&out.x)?;
-        let rmse = (!sampler.is_stochastic(opts)).then(|| mean(&rmse_per_sample(&rows, &ref_rows)));
+        let r = &refs[&key];
+        let deterministic = !sampler.is_stochastic(opts);
+        let rmse = deterministic.then(|| mean(&rmse_per_sample(&rows, &r.rows)));
+        let (nearest_distance, same_point) = match problem.nearest(&out.x, t_end).transpose()? {
+            Some((idx, dist)) => {
+                let same = match (&r.nearest, deterministic) {
+                    (Some((ridx, _)), true) => Some(
+                        idx.iter().zip(ridx).filter(|(a, b)| a == b).count() as f64
+                            / idx.len() as f64,
+                    ),
+                    _ => None,
+                };
+                (Some(mean(&dist)), same)
+            }
+            None => (None, None),
+        };
         Ok(Outcome {
             nfe: out.nfe,
             rmse,
             sw2: sliced_w2(&rows, &exact, cfg.projections, sw_seed),
+            nearest_distance,
+            same_point,
             seconds,
         })
     };
 
     let mut rows = Vec::new();
-    pb.set_length(cfg.samplers.len() as u64);
-    pb.set_style(
-        ProgressStyle::with_template("{bar:30} {pos}/{len} {msg} [{elapsed_precise}]")
-            .expect("valid template"),
-    );
     for (i, &sampler) in cfg.samplers.iter().enumerate() {
         pb.set_position(i as u64);
         pb.set_message(sampler.to_string());
-        if sampler == Sampler::Rk45 {
-            rows.extend(rk45_rows(&run, schedule, cfg)?);
+        if sampler.is_adaptive() {
+            rows.extend(adaptive_rows(&mut run, sampler, schedule, cfg)?);
             continue;
         }
         for &budget in &cfg.budgets {
-            let mut row = BenchRow {
-                sampler: sampler.to_string(),
-                nfe_budget: budget,
-                steps: None,
-                nfe_used: None,
-                rmse: None,
-                sw2: None,
-                rtol: None,
-                seconds: None,
-            };
-            if let Some(steps) = sampler.steps_for_budget(budget, &cfg.opts) {
-                let ts = cfg.grid.times(schedule, steps, cfg.t_max, cfg.t_min)?;
+            let mut row = empty_row(sampler, budget);
+            if let Some((steps, ts)) = steps_for_budget(sampler, budget, schedule, cfg)? {
                 let o = run(sampler, &ts, &cfg.opts)?;
                 row.steps = Some(steps);
-                row.nfe_used = Some(o.nfe);
-                row.rmse = o.rmse;
-                row.sw2 = Some(o.sw2);
-                row.seconds = Some(o.seconds);
+                fill(&mut row, &o);
             }
             rows.push(row);
         }
     }
     pb.finish_and_clear();
+    let refs_all: Vec<&RefSolution> = refs.values().collect();
+    let main = &refs[&main_ref];
     Ok(BenchReport {
         problem: problem.name(),
         schedule: schedule.name(),
-        grid: cfg.grid.to_string(),
+        grid: cfg.grid.describe(),
         batch: cfg.batch,
         seed: cfg.seed,
-        t_max: cfg.t_max,
-        t_min: cfg.t_min,
+        t_start: first[0],
+        t_end,
         dtype: format!("{:?}", cfg.dtype).to_lowercase(),
-        reference_tol: reference.tol,
-        reference_check: reference.check,
-        reference_nfe: reference.nfe,
+        reference_tol: cfg.ref_tol / 2.0,
+        reference_check: refs_all.iter().map(|r| r.check).fold(0.0, f64::max),
+        reference_nfe: main.nfe,
         sw2_floor,
+        reference_nearest_distance: main.nearest.as_ref().map(|(_, d)| mean(d)),
         rows,
     })
 }
 
-/// rk45: one run per tolerance of a sweep (10^0, 10^-0.5, …, 10^-8); each budget takes
-/// the run whose NFE is largest without exceeding it.
-fn rk45_rows(run: &RunFn, schedule: &dyn Schedule, cfg: &BenchConfig) -> Result<Vec<BenchRow>> {
+fn empty_row(sampler: Sampler, budget: usize) -> BenchRow {
+    BenchRow {
+        sampler: sampler.to_string(),
+        nfe_budget: budget,
+        steps: None,
+        nfe_used: None,
+        rmse: None,
+        sw2: None,
+        nearest_distance: None,
+        same_point: None,
+        rtol: None,
+        seconds: None,
+    }
+}
+
+fn fill(row: &mut BenchRow, o: &Outcome) {
+    row.nfe_used = Some(o.nfe);
+    row.rmse = o.rmse;
+    row.sw2 = Some(o.sw2);
+    row.nearest_distance = o.nearest_distance;
+    row.same_point = o.same_point;
+    row.seconds = Some(o.seconds);
+}
+
+/// The most steps (and their grid) whose NFE fits `budget`.
+fn steps_for_budget(
+    sampler: Sampler,
+    budget: usize,
+    schedule: &dyn Schedule,
+    cfg: &BenchConfig,
+) -> Result<Option<(usize, Vec<f64>)>> {
+    let zero = cfg.grid.ends_at_zero();
+    let mut best = None;
+    for n in 1..=budget {
+        let Ok(ts) = cfg.grid.times(schedule, n) else {
+            break;
+        };
+        match sampler.nfe(ts.len() - 1, zero, &cfg.opts) {
+            Some(c) if c <= budget => best = Some((n, ts)),
+            _ if best.is_some() => break,
+            _ => {}
+        }
+    }
+    Ok(best)
+}
+
+/// The adaptive samplers: one run per tolerance of a sweep (10^0, 10^−0.5, …, 10^−8);
+/// each budget takes the run whose NFE is largest without exceeding it. DPM-Solver-12/23
+/// keep the reference code's ratio atol/rtol = 0.0078/0.05.
+fn adaptive_rows(
+    run: &mut RunFn,
+    sampler: Sampler,
+    schedule: &dyn Schedule,
+    cfg: &BenchConfig,
+) -> Result<Vec<BenchRow>> {
     let max_budget = cfg.budgets.iter().copied().max().unwrap_or(0) as f64;
-    let ts = crate::grid::Grid::Uniform.times(schedule, 1, cfg.t_max, cfg.t_min)?;
+    let ts = cfg.grid.times(schedule, 1)?;
+    let atol_ratio = if sampler == Sampler::Rk45 {
+        1.0
+    } else {
+        0.0078 / 0.05
+    };
     let mut sweep: Vec<(f64, Outcome)> = Vec::new();
     for k in 0..=16 {
         let tol = 10f64.powf(-0.5 * k as f64);
         let opts = Options {
-            rtol: tol,
-            atol: tol,
+            rtol: Some(tol),
+            atol: Some(tol * atol_ratio),
             ..cfg.opts.clone()
         };
-        let o = run(Sampler::Rk45, &ts, &opts)?;
+        let o = run(sampler, &ts, &opts)?;
         let over = o.nfe > max_budget;
         sweep.push((tol, o));
         if over {
@@ -221,20 +336,16 @@ fn rk45_rows(run: &RunFn, schedule: &dyn Schedule, cfg: &BenchConfig) -> Result<
         .budgets
         .iter()
         .map(|&budget| {
-            let best = sweep
+            let mut row = empty_row(sampler, budget);
+            if let Some((tol, o)) = sweep
                 .iter()
                 .filter(|(_, o)| o.nfe <= budget as f64)
-                .max_by(|a, b| a.1.nfe.total_cmp(&b.1.nfe));
-            BenchRow {
-                sampler: "rk45".into(),
-                nfe_budget: budget,
-                steps: None,
-                nfe_used: best.map(|b| b.1.nfe),
-                rmse: best.and_then(|b| b.1.rmse),
-                sw2: best.map(|b| b.1.sw2),
-                rtol: best.map(|b| b.0),
-                seconds: best.map(|b| b.1.seconds),
+                .max_by(|a, b| a.1.nfe.total_cmp(&b.1.nfe))
+            {
+                fill(&mut row, o);
+                row.rtol = Some(*tol);
             }
+            row
         })
         .collect())
 }
@@ -305,8 +416,8 @@ impl BenchReport {
             self.problem,
             self.schedule,
             self.grid,
-            self.t_max,
-            self.t_min,
+            self.t_start,
+            self.t_end,
             self.batch,
             self.seed,
             self.dtype,
@@ -330,16 +441,30 @@ impl BenchReport {
         s.push_str(
             "\nA number in parentheses is the NFE actually used where it differs from the budget; \
              — means no run fits the budget. Stochastic samplers do not follow the ODE and appear \
-             only in the next table.\n\n",
+             only in the next tables.\n\n",
         );
         s.push_str(&self.table(
             &format!(
-                "## Sliced W2 to exact samples of p(t_min) (finite-sample floor {:.2e})",
+                "## Sliced W2 to exact samples of the end marginal (finite-sample floor {:.2e})",
                 self.sw2_floor
             ),
             &|_| true,
             &|r| cell(r.sw2),
         ));
+        if let Some(rd) = self.reference_nearest_distance {
+            s.push_str(&self.table(
+                &format!(
+                    "\n## RMS distance to the nearest data point α·y (reference solution: {rd:.2e})"
+                ),
+                &|_| true,
+                &|r| cell(r.nearest_distance),
+            ));
+            s.push_str(&self.table(
+                "\n## Fraction of samples that land on the same data point as the reference (deterministic samplers)",
+                &|r| r.same_point.is_some() || r.nfe_used.is_none(),
+                &|r| r.same_point.map_or("—".into(), |v| format!("{v:.3}")),
+            ));
+        }
         s
     }
 
@@ -348,12 +473,13 @@ impl BenchReport {
         std::fs::create_dir_all(dir)
             .with_context(|| format!("cannot create output folder {}", dir.display()))?;
         let opt = |v: Option<f64>| v.map_or(String::new(), |v| format!("{v:e}"));
-        let mut csv =
-            String::from("sampler,nfe_budget,steps,nfe_used,rmse,sw2,sw2_floor,rtol,seconds\n");
+        let mut csv = String::from(
+            "sampler,nfe_budget,steps,nfe_used,rmse,sw2,sw2_floor,nearest_distance,same_point,rtol,seconds\n",
+        );
         for r in &self.rows {
             let _ = writeln!(
                 csv,
-                "{},{},{},{},{},{},{:e},{},{}",
+                "{},{},{},{},{},{},{:e},{},{},{},{}",
                 r.sampler,
                 r.nfe_budget,
                 r.steps.map_or(String::new(), |s| s.to_string()),
@@ -361,6 +487,8 @@ impl BenchReport {
                 opt(r.rmse),
                 opt(r.sw2),
                 self.sw2_floor,
+                opt(r.nearest_distance),
+                opt(r.same_point),
                 opt(r.rtol),
                 opt(r.seconds)
             );

@@ -174,3 +174,299 @@ mod tests {
         assert!(e.to_string().contains("uniform, quadratic, logsnr, karras"));
     }
 }
+
+/// diffusers' spacings of N integer timesteps among T trained steps (DDIM/DDPM
+/// conventions, `timestep_spacing`).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Spacing {
+    /// `n_i = (N − 1 − i)·(T div N) + offset`.
+    Leading,
+    /// `n_i = round(T − i·T/N) − 1`.
+    Trailing,
+    /// `round(linspace(0, T − 1, N))`, reversed (ties to even, as NumPy).
+    Linspace,
+}
+
+impl FromStr for Spacing {
+    type Err = anyhow::Error;
+    fn from_str(s: &str) -> Result<Self> {
+        Ok(match s {
+            "leading" => Spacing::Leading,
+            "trailing" => Spacing::Trailing,
+            "linspace" => Spacing::Linspace,
+            other => bail!("unknown --spacing '{other}'; expected leading, trailing or linspace"),
+        })
+    }
+}
+
+impl fmt::Display for Spacing {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Spacing::Leading => "leading",
+            Spacing::Trailing => "trailing",
+            Spacing::Linspace => "linspace",
+        })
+    }
+}
+
+impl Spacing {
+    /// The N timesteps, descending. Errors if they are not distinct and within [0, T).
+    pub fn timesteps(&self, steps: usize, train_steps: usize, offset: usize) -> Result<Vec<usize>> {
+        if steps == 0 {
+            bail!("--steps 0: at least one step is needed");
+        }
+        let (n, t) = (steps, train_steps);
+        let ts: Vec<i64> = match self {
+            Spacing::Leading => (0..n)
+                .rev()
+                .map(|i| (i * (t / n) + offset) as i64)
+                .collect(),
+            Spacing::Trailing => (0..n)
+                .map(|i| (t as f64 - i as f64 * t as f64 / n as f64).round_ties_even() as i64 - 1)
+                .collect(),
+            Spacing::Linspace => (0..n)
+                .rev()
+                .map(|i| {
+                    if n == 1 {
+                        0
+                    } else if i == n - 1 {
+                        (t - 1) as i64
+                    } else {
+                        (i as f64 * ((t - 1) as f64 / (n - 1) as f64)).round_ties_even() as i64
+                    }
+                })
+                .collect(),
+        };
+        validate_timesteps(&ts, train_steps)
+    }
+}
+
+/// Checks a descending list of distinct timesteps within [0, T).
+pub fn validate_timesteps(ts: &[i64], train_steps: usize) -> Result<Vec<usize>> {
+    for (i, &n) in ts.iter().enumerate() {
+        if n < 0 || n as usize >= train_steps {
+            bail!("timestep {n} (entry {i}) is outside [0, {train_steps})");
+        }
+        if i > 0 && n >= ts[i - 1] {
+            bail!(
+                "timesteps must decrease strictly: entry {i} is {n} after {}; with {} steps of {train_steps} this spacing repeats timesteps",
+                ts[i - 1],
+                ts.len()
+            );
+        }
+    }
+    Ok(ts.iter().map(|&n| n as usize).collect())
+}
+
+/// Where a discrete grid ends after its last timestep.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Final {
+    /// At ᾱ = 1 (σ = 0, t = 0): the output is x̂0 from the last model call
+    /// (diffusers' `set_alpha_to_one` / `final_sigmas_type = "zero"`).
+    Zero,
+    /// At the last trained step n = 0 (t = 1/T); no extra point when the timesteps already
+    /// end there.
+    Last,
+}
+
+impl FromStr for Final {
+    type Err = anyhow::Error;
+    fn from_str(s: &str) -> Result<Self> {
+        Ok(match s {
+            "zero" => Final::Zero,
+            "last" => Final::Last,
+            other => bail!("unknown --final '{other}'; expected zero or last"),
+        })
+    }
+}
+
+/// The continuous time of discrete timestep n: `t = (n + 1)/T` (DESIGN §2).
+pub fn time_of_timestep(n: f64, train_steps: usize) -> f64 {
+    (n + 1.0) / train_steps as f64
+}
+
+/// The float timestep a discrete model is fed at time t: `n = t·T − 1`.
+pub fn timestep_of_time(t: f64, train_steps: usize) -> f64 {
+    t * train_steps as f64 - 1.0
+}
+
+/// How a run's times are made: a continuous grid, or discrete timesteps plus a final point.
+#[derive(Clone, Debug)]
+pub enum TimeGrid {
+    Continuous {
+        grid: Grid,
+        t_max: f64,
+        t_min: f64,
+    },
+    Discrete {
+        /// A spacing (with its offset), or an explicit list when `timesteps` is set.
+        spacing: Spacing,
+        offset: usize,
+        timesteps: Option<Vec<usize>>,
+        train_steps: usize,
+        last: Final,
+    },
+}
+
+impl TimeGrid {
+    /// The grid times for `steps` requested steps (for an explicit timestep list, its
+    /// length decides and `steps` is ignored).
+    pub fn times(&self, schedule: &dyn Schedule, steps: usize) -> Result<Vec<f64>> {
+        match self {
+            TimeGrid::Continuous { grid, t_max, t_min } => {
+                grid.times(schedule, steps, *t_max, *t_min)
+            }
+            TimeGrid::Discrete {
+                spacing,
+                offset,
+                timesteps,
+                train_steps,
+                last,
+            } => {
+                let ns = match timesteps {
+                    Some(list) => {
+                        let l: Vec<i64> = list.iter().map(|&n| n as i64).collect();
+                        validate_timesteps(&l, *train_steps)?
+                    }
+                    None => spacing.timesteps(steps, *train_steps, *offset)?,
+                };
+                let mut ts: Vec<f64> = ns
+                    .iter()
+                    .map(|&n| time_of_timestep(n as f64, *train_steps))
+                    .collect();
+                match last {
+                    Final::Zero => ts.push(0.0),
+                    Final::Last if ns.last() != Some(&0) => {
+                        ts.push(time_of_timestep(0.0, *train_steps))
+                    }
+                    Final::Last => {}
+                }
+                if ts.len() < 2 {
+                    bail!("one timestep ending at the last trained step leaves no step to take");
+                }
+                Ok(ts)
+            }
+        }
+    }
+
+    /// True when the grid ends at σ = 0.
+    pub fn ends_at_zero(&self) -> bool {
+        matches!(
+            self,
+            TimeGrid::Discrete {
+                last: Final::Zero,
+                ..
+            }
+        )
+    }
+
+    /// A short description for reports.
+    pub fn describe(&self) -> String {
+        match self {
+            TimeGrid::Continuous { grid, .. } => grid.to_string(),
+            TimeGrid::Discrete {
+                spacing,
+                offset,
+                timesteps,
+                last,
+                ..
+            } => match timesteps {
+                Some(_) => format!("explicit timesteps, final {last:?}").to_lowercase(),
+                None => {
+                    format!("{spacing} spacing (offset {offset}), final {last:?}").to_lowercase()
+                }
+            },
+        }
+    }
+}
+
+#[cfg(test)]
+mod spacing_tests {
+    use super::*;
+
+    #[test]
+    fn spacings_match_diffusers_examples() {
+        assert_eq!(
+            Spacing::Leading.timesteps(10, 1000, 0).unwrap(),
+            vec![900, 800, 700, 600, 500, 400, 300, 200, 100, 0]
+        );
+        assert_eq!(Spacing::Leading.timesteps(10, 1000, 1).unwrap()[0], 901);
+        assert_eq!(
+            Spacing::Linspace.timesteps(10, 1000, 0).unwrap(),
+            vec![999, 888, 777, 666, 555, 444, 333, 222, 111, 0]
+        );
+        assert_eq!(
+            Spacing::Trailing.timesteps(10, 1000, 0).unwrap(),
+            vec![999, 899, 799, 699, 599, 499, 399, 299, 199, 99]
+        );
+        assert_eq!(
+            Spacing::Trailing.timesteps(3, 1000, 0).unwrap(),
+            vec![999, 666, 332]
+        );
+        assert_eq!(
+            Spacing::Linspace.timesteps(20, 1000, 0).unwrap()[..4],
+            [999, 946, 894, 841]
+        );
+        assert!(Spacing::Linspace.timesteps(1001, 1000, 0).is_err());
+    }
+
+    /// diffusers' DDIMScheduler steps from timestep n to `n − T div N`, which is the next
+    /// scheduled timestep only for leading spacing (and trailing when N divides T). Our grid
+    /// always steps to the next scheduled timestep; this test pins both facts so that a
+    /// regression to the `n − T div N` rule is caught.
+    #[test]
+    fn previous_timestep_is_the_next_scheduled_one_for_every_spacing() {
+        let s = crate::schedule::VpLinear::default();
+        let mut ddim_rule_wrong = 0;
+        for spacing in [Spacing::Leading, Spacing::Trailing, Spacing::Linspace] {
+            for n in [3, 7, 10, 20, 50] {
+                let ns = spacing.timesteps(n, 1000, 0).unwrap();
+                let g = TimeGrid::Discrete {
+                    spacing,
+                    offset: 0,
+                    timesteps: None,
+                    train_steps: 1000,
+                    last: Final::Zero,
+                };
+                let ts = g.times(&s, n).unwrap();
+                for i in 0..n - 1 {
+                    let prev = ts[i + 1] * 1000.0 - 1.0;
+                    assert!(
+                        (prev - ns[i + 1] as f64).abs() < 1e-9,
+                        "{spacing} N={n} i={i}"
+                    );
+                    let diffusers_prev = ns[i] as i64 - (1000 / n) as i64;
+                    if diffusers_prev != ns[i + 1] as i64 {
+                        ddim_rule_wrong += 1;
+                        assert_ne!(spacing, Spacing::Leading);
+                    }
+                }
+                assert_eq!(*ts.last().unwrap(), 0.0);
+            }
+        }
+        // linspace N = 10: 999 → 888, where `t − T/N` gives 899.
+        assert!(ddim_rule_wrong > 0);
+        let ts = Spacing::Linspace.timesteps(10, 1000, 0).unwrap();
+        assert_eq!(ts[1], 888);
+        assert_ne!(ts[0] - 1000 / 10, ts[1]);
+    }
+
+    #[test]
+    fn final_last_ends_at_the_first_trained_step() {
+        let s = crate::schedule::VpLinear::default();
+        let mk = |spacing| TimeGrid::Discrete {
+            spacing,
+            offset: 0,
+            timesteps: None,
+            train_steps: 1000,
+            last: Final::Last,
+        };
+        let ts = mk(Spacing::Trailing).times(&s, 10).unwrap();
+        assert_eq!(ts.len(), 11);
+        assert_eq!(*ts.last().unwrap(), 0.001);
+        // leading already ends at n = 0: no duplicate point
+        let ts = mk(Spacing::Leading).times(&s, 10).unwrap();
+        assert_eq!(ts.len(), 10);
+        assert_eq!(*ts.last().unwrap(), 0.001);
+    }
+}

@@ -10,6 +10,7 @@
 //! - [`ops`], [`rng`], [`io`], [`plot`]: fused tensor updates, per-sample noise, files, plots.
 
 pub mod bench;
+pub mod data;
 pub mod grid;
 pub mod io;
 pub mod metrics;

@@ -11,11 +11,11 @@ use clap::{Args, Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
 
 use qtaylor::bench::{BenchConfig, run_bench};
-use qtaylor::grid::Grid;
+use qtaylor::grid::TimeGrid;
 use qtaylor::problems::load_problem;
 use qtaylor::rng::NoiseStreams;
 use qtaylor::samplers::{self, Options, Sampler};
-use qtaylor::schedule::{Schedule, schedule_by_name};
+use qtaylor::schedule::{Schedule, Tabulated, schedule_by_name};
 
 #[derive(Parser)]
 #[command(
@@ -41,10 +41,11 @@ enum Command {
 /// Options shared by `sample` and `bench`.
 #[derive(Args)]
 struct Common {
-    /// gmm-demo (built in) or a mixture FILE.json
+    /// gmm-demo (built in), a mixture FILE.json, or empirical:PATH[:N] (PATH: a .npy (N, d)
+    /// array, an IDX file, a folder of MNIST IDX files, or mnist for data/mnist)
     #[arg(long, default_value = "gmm-demo")]
     problem: String,
-    /// vp-linear | cosine | scaled-linear
+    /// vp-linear | cosine | scaled-linear | discrete
     #[arg(long, default_value = "vp-linear")]
     schedule: String,
     /// β_min of the vp-linear schedule
@@ -53,18 +54,39 @@ struct Common {
     /// β_max of the vp-linear schedule
     #[arg(long, default_value_t = 20.0)]
     beta_max: f64,
-    /// uniform | quadratic | logsnr | karras
-    #[arg(long, default_value = "uniform")]
-    grid: String,
-    /// Final time of the grid
-    #[arg(long, default_value_t = 1e-3, allow_negative_numbers = true)]
-    t_min: f64,
-    /// Start time of the grid [default: 1, or the schedule's end (cosine: 0.9946)]
+    /// Discrete schedule: diffusers beta_schedule (linear | scaled_linear | squaredcos_cap_v2)
+    #[arg(long, default_value = "linear")]
+    beta_schedule: String,
+    /// Discrete schedule: first beta
+    #[arg(long, default_value_t = 1e-4)]
+    beta_start: f64,
+    /// Discrete schedule: last beta
+    #[arg(long, default_value_t = 0.02)]
+    beta_end: f64,
+    /// Discrete schedule: number of trained steps T (step n sits at t = (n + 1)/T)
+    #[arg(long, default_value_t = 1000)]
+    train_steps: usize,
+    /// Continuous schedules: uniform | quadratic | logsnr | karras [default: uniform]
+    #[arg(long)]
+    grid: Option<String>,
+    /// Discrete schedule: diffusers timestep spacing leading | trailing | linspace
+    #[arg(long, default_value = "leading")]
+    spacing: String,
+    /// Discrete schedule: steps_offset added by the leading spacing
+    #[arg(long, default_value_t = 0)]
+    steps_offset: usize,
+    /// Discrete schedule: end at zero (ᾱ = 1, returns x̂0) or at the last trained step
+    #[arg(long, default_value = "zero")]
+    r#final: String,
+    /// Continuous schedules: final time [default: 1e-3]
+    #[arg(long, allow_negative_numbers = true)]
+    t_min: Option<f64>,
+    /// Continuous schedules: start time [default: 1, or the schedule's end (cosine: 0.9946)]
     #[arg(long, allow_negative_numbers = true)]
     t_max: Option<f64>,
-    /// DDIM's η ≥ 0 (0: deterministic)
-    #[arg(long, default_value_t = 0.0, allow_negative_numbers = true)]
-    eta: f64,
+    /// Stochasticity η >= 0: DDIM (default 0), dpmpp-2m-sde (default 1)
+    #[arg(long, allow_negative_numbers = true)]
+    eta: Option<f64>,
     /// Seed: sample i draws its noise from stream (seed, i)
     #[arg(long, default_value_t = 0)]
     seed: u64,
@@ -77,13 +99,34 @@ struct Common {
     /// DDPM variance: beta-tilde (posterior) | beta
     #[arg(long, default_value = "beta-tilde")]
     ddpm_variance: String,
-    /// rk45 relative tolerance
-    #[arg(long, default_value_t = 1e-5)]
-    rtol: f64,
-    /// rk45 absolute tolerance
-    #[arg(long, default_value_t = 1e-5)]
-    atol: f64,
-    /// Add one NFE at the end that returns x̂0 at t_min
+    /// Relative tolerance of the adaptive samplers [rk45: 1e-5; dpm-solver-12/23: 0.05]
+    #[arg(long)]
+    rtol: Option<f64>,
+    /// Absolute tolerance of the adaptive samplers [rk45: 1e-5; dpm-solver-12/23: 0.0078]
+    #[arg(long)]
+    atol: Option<f64>,
+    /// Multistep samplers use lower orders over the last steps (below 15 steps; UniPC always)
+    #[arg(long)]
+    lower_order_final: bool,
+    /// UniPC's B(h): bh1 | bh2
+    #[arg(long, default_value = "bh2")]
+    unipc_variant: String,
+    /// Turn UniPC's corrector (UniC) off
+    #[arg(long)]
+    no_corrector: bool,
+    /// EDM: stochastic churn S_churn (0: deterministic Heun)
+    #[arg(long, default_value_t = 0.0, allow_negative_numbers = true)]
+    s_churn: f64,
+    /// EDM: churn only where σ/α >= S_tmin
+    #[arg(long, default_value_t = 0.0, allow_negative_numbers = true)]
+    s_tmin: f64,
+    /// EDM: churn only where σ/α <= S_tmax
+    #[arg(long, default_value_t = f64::INFINITY, allow_negative_numbers = true)]
+    s_tmax: f64,
+    /// EDM: noise scale S_noise of the churn
+    #[arg(long, default_value_t = 1.0, allow_negative_numbers = true)]
+    s_noise: f64,
+    /// Add one NFE at the end that returns x̂0 at the last time
     #[arg(long)]
     denoise_final: bool,
     /// cpu (cuda arrives with the GPU build)
@@ -98,9 +141,13 @@ struct SampleArgs {
     /// Sampler name (see `qtaylor samplers`)
     #[arg(long)]
     sampler: String,
-    /// Number of steps on the grid
+    /// Number of steps on the grid (dpm-solver-fast: the NFE budget)
+    #[arg(long, required_unless_present = "timesteps")]
+    steps: Option<usize>,
+    /// Discrete schedule: an explicit descending list of timesteps (e.g. from a diffusers
+    /// scheduler), instead of --steps and --spacing
     #[arg(long)]
-    steps: usize,
+    timesteps: Option<String>,
     /// Number of samples [default: 16, or the rows of --x-init]
     #[arg(long)]
     batch: Option<usize>,
@@ -162,17 +209,66 @@ fn parse_device(s: &str) -> Result<Device> {
 
 struct Setup {
     schedule: Arc<dyn Schedule>,
-    grid: Grid,
-    t_max: f64,
+    grid: TimeGrid,
     opts: Options,
     device: Device,
 }
 
-fn setup(c: &Common) -> Result<Setup> {
-    let schedule: Arc<dyn Schedule> = schedule_by_name(&c.schedule, c.beta_min, c.beta_max)?.into();
-    let grid: Grid = c.grid.parse()?;
-    let t_max = c.t_max.unwrap_or(schedule.t_end());
-    qtaylor::grid::check_interval(schedule.as_ref(), t_max, c.t_min)?;
+fn setup(c: &Common, timesteps: Option<&str>) -> Result<Setup> {
+    let discrete = c.schedule == "discrete";
+    let schedule: Arc<dyn Schedule> = if discrete {
+        Arc::new(Tabulated::diffusers(
+            &c.beta_schedule,
+            c.beta_start,
+            c.beta_end,
+            c.train_steps,
+        )?)
+    } else {
+        schedule_by_name(&c.schedule, c.beta_min, c.beta_max)?.into()
+    };
+    let grid = if discrete {
+        for (flag, given) in [
+            ("--grid", c.grid.is_some()),
+            ("--t-min", c.t_min.is_some()),
+            ("--t-max", c.t_max.is_some()),
+        ] {
+            if given {
+                bail!(
+                    "{flag} applies to continuous schedules; a discrete schedule takes --spacing, --steps-offset and --final"
+                );
+            }
+        }
+        let timesteps = timesteps
+            .map(|list| {
+                list.split(',')
+                    .map(|v| {
+                        v.trim().parse::<usize>().map_err(|_| {
+                            anyhow::anyhow!("--timesteps: '{v}' is not a non-negative integer")
+                        })
+                    })
+                    .collect::<Result<Vec<usize>>>()
+            })
+            .transpose()?;
+        TimeGrid::Discrete {
+            spacing: c.spacing.parse()?,
+            offset: c.steps_offset,
+            timesteps,
+            train_steps: c.train_steps,
+            last: c.r#final.parse()?,
+        }
+    } else {
+        if timesteps.is_some() {
+            bail!("--timesteps needs --schedule discrete");
+        }
+        let t_max = c.t_max.unwrap_or(schedule.t_end());
+        let t_min = c.t_min.unwrap_or(1e-3);
+        qtaylor::grid::check_interval(schedule.as_ref(), t_max, t_min)?;
+        TimeGrid::Continuous {
+            grid: c.grid.as_deref().unwrap_or("uniform").parse()?,
+            t_max,
+            t_min,
+        }
+    };
     let opts = Options {
         eta: c.eta,
         expand: c.expand.parse()?,
@@ -180,13 +276,19 @@ fn setup(c: &Common) -> Result<Setup> {
         ddpm_variance: c.ddpm_variance.parse()?,
         rtol: c.rtol,
         atol: c.atol,
+        lower_order_final: c.lower_order_final,
+        unipc_variant: c.unipc_variant.parse()?,
+        unipc_corrector: !c.no_corrector,
+        s_churn: c.s_churn,
+        s_tmin: c.s_tmin,
+        s_tmax: c.s_tmax,
+        s_noise: c.s_noise,
         denoise_final: c.denoise_final,
     };
     opts.validate()?;
     Ok(Setup {
         schedule,
         grid,
-        t_max,
         opts,
         device: parse_device(&c.device)?,
     })
@@ -194,11 +296,10 @@ fn setup(c: &Common) -> Result<Setup> {
 
 fn cmd_sample(a: &SampleArgs) -> Result<()> {
     let sampler: Sampler = a.sampler.parse()?;
-    let s = setup(&a.common)?;
+    let s = setup(&a.common, a.timesteps.as_deref())?;
     let dtype = parse_dtype(&a.dtype)?;
-    let ts = s
-        .grid
-        .times(s.schedule.as_ref(), a.steps, s.t_max, a.common.t_min)?;
+    let ts = s.grid.times(s.schedule.as_ref(), a.steps.unwrap_or(0))?;
+    let steps = ts.len() - 1;
     let problem = load_problem(&a.common.problem, s.schedule.clone(), &s.device)?;
     let item = problem.item_shape();
     let (x, mut noise) = match &a.x_init {
@@ -231,7 +332,7 @@ fn cmd_sample(a: &SampleArgs) -> Result<()> {
             (noise.normal(&item, dtype, &s.device)?, noise)
         }
     };
-    let pb = ProgressBar::new(a.steps as u64);
+    let pb = ProgressBar::new(steps as u64);
     pb.set_style(
         ProgressStyle::with_template("{bar:30} step {pos}/{len} {msg} [{elapsed_precise}]")
             .expect("valid template"),
@@ -253,8 +354,8 @@ fn cmd_sample(a: &SampleArgs) -> Result<()> {
         "{} samples of {} with {sampler}, {} steps on the {} grid, {:.0} NFE, {:.2} s -> {}",
         run.x.dims()[0],
         problem.name(),
-        a.steps,
-        s.grid,
+        steps,
+        s.grid.describe(),
         run.nfe,
         start.elapsed().as_secs_f64(),
         a.out.display()
@@ -263,8 +364,12 @@ fn cmd_sample(a: &SampleArgs) -> Result<()> {
 }
 
 fn cmd_bench(a: &BenchArgs) -> Result<()> {
-    let s = setup(&a.common)?;
-    let samplers = samplers::parse_list(&a.samplers)?;
+    let s = setup(&a.common, None)?;
+    let samplers = if a.samplers == "all" {
+        samplers::all_samplers()
+    } else {
+        samplers::parse_list(&a.samplers)?
+    };
     if samplers.is_empty() {
         bail!("--samplers is empty; valid samplers are listed by `qtaylor samplers`");
     }
@@ -289,8 +394,6 @@ fn cmd_bench(a: &BenchArgs) -> Result<()> {
         grid: s.grid,
         batch: a.batch,
         seed: a.common.seed,
-        t_max: s.t_max,
-        t_min: a.common.t_min,
         dtype: parse_dtype(&a.dtype)?,
         opts: s.opts,
         ref_tol: a.ref_tol,

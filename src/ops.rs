@@ -31,6 +31,17 @@ impl From<f64> for Coef {
     }
 }
 
+/// One value per row, or one for all rows when the vector has a single entry.
+impl From<Vec<f64>> for Coef {
+    fn from(v: Vec<f64>) -> Self {
+        if v.len() == 1 {
+            Coef::All(v[0])
+        } else {
+            Coef::Rows(v)
+        }
+    }
+}
+
 /// `Σ_k c_k x_k` for scalar coefficients.
 pub fn lincomb(terms: &[(f64, &Tensor)]) -> Result<Tensor> {
     let terms: Vec<(Coef, &Tensor)> = terms.iter().map(|&(c, t)| (Coef::All(c), t)).collect();

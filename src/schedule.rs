@@ -372,6 +372,88 @@ fn natural_cubic_spline(xs: &[f64], ys: &[f64]) -> Vec<[f64; 4]> {
         .collect()
 }
 
+/// `torch.linspace(start, end, n, dtype=float32)`, element by element as PyTorch computes
+/// it: `step = (end − start)/(n − 1)` in f32, the first half `start + step·i`, the second
+/// half `end − step·(n − 1 − i)`, each rounded once to f32.
+pub fn torch_linspace_f32(start: f64, end: f64, n: usize) -> Vec<f32> {
+    let (s, e) = (start as f32, end as f32);
+    if n == 1 {
+        return vec![s];
+    }
+    let step = (e - s) / (n - 1) as f32;
+    (0..n)
+        .map(|i| {
+            if i < n / 2 {
+                step.mul_add(i as f32, s)
+            } else {
+                (-step).mul_add((n - 1 - i) as f32, e)
+            }
+        })
+        .collect()
+}
+
+/// The discrete betas of a diffusers `beta_schedule` (`linear`, `scaled_linear`,
+/// `squaredcos_cap_v2`), in diffusers' float32.
+pub fn diffusers_betas(
+    beta_schedule: &str,
+    beta_start: f64,
+    beta_end: f64,
+    n: usize,
+) -> Result<Vec<f32>> {
+    if n < 2 {
+        bail!("num_train_timesteps = {n}: expected at least 2");
+    }
+    Ok(match beta_schedule {
+        "linear" => torch_linspace_f32(beta_start, beta_end, n),
+        "scaled_linear" => torch_linspace_f32(beta_start.sqrt(), beta_end.sqrt(), n)
+            .into_iter()
+            .map(|b| b * b)
+            .collect(),
+        "squaredcos_cap_v2" => {
+            let f = |t: f64| {
+                ((t + 0.008) / 1.008 * std::f64::consts::FRAC_PI_2)
+                    .cos()
+                    .powi(2)
+            };
+            (0..n)
+                .map(|i| {
+                    let (t1, t2) = (i as f64 / n as f64, (i + 1) as f64 / n as f64);
+                    (1.0 - f(t2) / f(t1)).min(0.999) as f32
+                })
+                .collect()
+        }
+        other => bail!(
+            "beta_schedule '{other}' is not supported; expected linear, scaled_linear or squaredcos_cap_v2"
+        ),
+    })
+}
+
+/// `alphas_cumprod` as diffusers computes it: `1 − β` in f32, the running product
+/// accumulated in f64 and each prefix rounded to f32 (bit-exact with torch.cumprod on CPU).
+pub fn diffusers_alphas_cumprod(betas: &[f32]) -> Vec<f64> {
+    let mut acc = 1.0f64;
+    betas
+        .iter()
+        .map(|&b| {
+            acc *= (1.0f32 - b) as f64;
+            acc as f32 as f64
+        })
+        .collect()
+}
+
+impl Tabulated {
+    /// A discrete schedule from a diffusers beta schedule (see [`diffusers_betas`]).
+    pub fn diffusers(
+        beta_schedule: &str,
+        beta_start: f64,
+        beta_end: f64,
+        n: usize,
+    ) -> Result<Self> {
+        let betas = diffusers_betas(beta_schedule, beta_start, beta_end, n)?;
+        Self::from_alpha_bars("discrete", &diffusers_alphas_cumprod(&betas))
+    }
+}
+
 /// Parses a `--schedule` name into a schedule with its default parameters.
 pub fn schedule_by_name(name: &str, beta_min: f64, beta_max: f64) -> Result<Box<dyn Schedule>> {
     Ok(match name {
@@ -443,6 +525,43 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn discrete_alphas_cumprod_match_diffusers_float32_values() {
+        // Reference values printed by diffusers 0.42.1 (alphas_cumprod at 0, 1, 499, 998, 999).
+        let lin = Tabulated::diffusers("linear", 1e-4, 0.02, 1000).unwrap();
+        let sd = Tabulated::diffusers("scaled_linear", 0.00085, 0.012, 1000).unwrap();
+        let want_lin = [
+            0.999899983,
+            0.999780059,
+            0.078587234,
+            4.11819419e-05,
+            4.03583035e-05,
+        ];
+        let want_sd = [
+            0.999149978,
+            0.998296022,
+            0.27766943,
+            0.00471669575,
+            0.00466009509,
+        ];
+        for (k, &n) in [0usize, 1, 499, 998, 999].iter().enumerate() {
+            let t = (n + 1) as f64 / 1000.0;
+            assert!(
+                (lin.alpha_bar(t) / want_lin[k] - 1.0).abs() < 2e-8,
+                "linear {n}: {}",
+                lin.alpha_bar(t)
+            );
+            assert!(
+                (sd.alpha_bar(t) / want_sd[k] - 1.0).abs() < 2e-8,
+                "sd {n}: {}",
+                sd.alpha_bar(t)
+            );
+        }
+        assert!(Tabulated::diffusers("quadratic", 1e-4, 0.02, 1000).is_err());
+        // σ = 0 at t = 0, where the spline passes through ln ᾱ = 0.
+        assert_eq!(lin.sigma(0.0), 0.0);
     }
 
     #[test]

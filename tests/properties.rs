@@ -110,8 +110,8 @@ fn rk45_meets_its_tolerance() {
     let mut last = 0.0;
     for tol in [1e-9, 1e-7, 1e-5] {
         let opts = Options {
-            rtol: tol,
-            atol: tol,
+            rtol: Some(tol),
+            atol: Some(tol),
             ..Options::default()
         };
         let (got, nfe) = run(&m, "rk45", &opts, Grid::Uniform, 1, 1.0, 1e-3, &x, 2);
@@ -154,9 +154,38 @@ fn reference_solution_matches_the_exact_gaussian_flow_and_checks_itself() {
     );
 }
 
-const ALL: [&str; 14] = [
-    "qt-1", "qt-2", "qt-3", "qt-5", "ddim", "ddpm", "qit-1", "qit-2", "qit-inf", "euler", "heun",
-    "rk4", "rk45", "em",
+const ALL: [&str; 31] = [
+    "qt-1",
+    "qt-2",
+    "qt-3",
+    "qt-5",
+    "ddim",
+    "ddpm",
+    "qit-1",
+    "qit-2",
+    "qit-inf",
+    "euler",
+    "heun",
+    "rk4",
+    "rk45",
+    "em",
+    "dpm-solver-2",
+    "dpm-solver-3",
+    "dpm-solver-fast",
+    "dpm-solver-12",
+    "dpm-solver-23",
+    "dpmpp-2m",
+    "dpmpp-3m",
+    "dpmpp-2s",
+    "dpmpp-2m-sde",
+    "unipc-2",
+    "unipc-3",
+    "pndm",
+    "plms",
+    "ipndm",
+    "deis-2",
+    "deis-3",
+    "edm-heun",
 ];
 
 fn demo_model() -> qtaylor::problems::gmm::GmmModel {
@@ -194,7 +223,7 @@ fn draw(
 fn the_same_seed_gives_the_same_bits_and_another_seed_differs() {
     let m = demo_model();
     let opts = Options {
-        eta: 0.5,
+        eta: Some(0.5),
         ..Options::default()
     };
     for name in ALL {
@@ -210,7 +239,7 @@ fn the_same_seed_gives_the_same_bits_and_another_seed_differs() {
 fn a_samples_output_does_not_depend_on_the_batch_it_was_drawn_in() {
     let m = demo_model();
     let opts = Options {
-        eta: 0.5,
+        eta: Some(0.5),
         ..Options::default()
     };
     for name in ALL.iter().chain(&["ddim"]) {

@@ -1,12 +1,13 @@
 //! Exact-score problems: ground truth without a network (DESIGN §8).
 
+pub mod empirical;
 pub mod gmm;
 
 use std::path::Path;
 use std::sync::Arc;
 
 use anyhow::{Result, bail};
-use candle_core::Device;
+use candle_core::{Device, Tensor};
 use rand::SeedableRng;
 use rand_chacha::ChaCha12Rng;
 
@@ -27,6 +28,11 @@ pub trait Problem: Send + Sync {
     fn model(&self) -> &dyn Model;
     /// `n` exact samples of the marginal `p_t` (rows), determined by `seed`.
     fn exact_samples(&self, t: f64, n: usize, seed: u64) -> Vec<Vec<f64>>;
+    /// For data sets of points: per row of `x` at time t, the index of the nearest scaled
+    /// data point `α y_n` and the RMS distance to it.
+    fn nearest(&self, _x: &Tensor, _t: f64) -> Option<Result<(Vec<usize>, Vec<f64>)>> {
+        None
+    }
 }
 
 /// A Gaussian mixture problem.
@@ -83,5 +89,7 @@ pub fn load_problem(
         let gmm = Gmm::from_json_file(Path::new(spec))?;
         return Ok(Box::new(GmmProblem::new(spec, gmm, schedule, device)?));
     }
-    bail!("unknown problem '{spec}'; expected gmm-demo or a mixture file FILE.json")
+    bail!(
+        "unknown problem '{spec}'; expected gmm-demo, a mixture file FILE.json or empirical:PATH[:N]"
+    )
 }

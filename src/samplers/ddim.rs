@@ -21,7 +21,7 @@
 use anyhow::Result;
 use candle_core::Tensor;
 
-use super::{Ctx, DdpmVariance};
+use super::{Ctx, DdpmVariance, reaches_zero};
 use crate::ops::lincomb;
 use crate::schedule::Schedule;
 
@@ -69,6 +69,10 @@ pub fn sample_ddim(ctx: &mut Ctx, mut x: Tensor, ts: &[f64], eta: f64) -> Result
         let (t, s) = (ts[i], ts[i + 1]);
         ctx.begin_step(i, t);
         let d = ctx.denoise(&x, t)?;
+        if reaches_zero(ctx.schedule, s) {
+            x = d.x0;
+            continue;
+        }
         let (a, b, c) = ddim_eta_coefficients(ctx.schedule, t, s, eta);
         x = if c > 0.0 {
             let z = ctx.noise_like(&x)?;
@@ -91,6 +95,10 @@ pub fn sample_ddpm(
         let (t, s) = (ts[i], ts[i + 1]);
         ctx.begin_step(i, t);
         let d = ctx.denoise(&x, t)?;
+        if reaches_zero(ctx.schedule, s) {
+            x = d.x0;
+            continue;
+        }
         let (a, b, c) = ddpm_coefficients(ctx.schedule, t, s, variance);
         let z = ctx.noise_like(&x)?;
         x = lincomb(&[(a, &x), (b, &d.eps), (c, &z)])?;

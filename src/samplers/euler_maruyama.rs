@@ -13,7 +13,7 @@
 use anyhow::Result;
 use candle_core::Tensor;
 
-use super::Ctx;
+use super::{Ctx, reaches_zero};
 use crate::ops::lincomb;
 use crate::schedule::Schedule;
 
@@ -33,6 +33,10 @@ pub fn sample_em(ctx: &mut Ctx, mut x: Tensor, ts: &[f64]) -> Result<Tensor> {
         let (t, s) = (ts[i], ts[i + 1]);
         ctx.begin_step(i, t);
         let d = ctx.denoise(&x, t)?;
+        if reaches_zero(ctx.schedule, s) {
+            x = d.x0;
+            continue;
+        }
         let (a, b, c) = em_coefficients(ctx.schedule, t, s);
         let z = ctx.noise_like(&x)?;
         x = lincomb(&[(a, &x), (b, &d.eps), (c, &z)])?;

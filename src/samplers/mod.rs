@@ -10,10 +10,16 @@
 //! converts predictions, and stops on NaN/Inf naming the step, the time and the sampler.
 
 pub mod ddim;
+pub mod deis;
+pub mod dpm_solver;
+pub mod dpm_solver_pp;
+pub mod edm;
 pub mod euler_maruyama;
+pub mod pndm;
 pub mod quasi_ito_taylor;
 pub mod quasi_taylor;
 pub mod runge_kutta;
+pub mod unipc;
 
 use std::fmt;
 use std::str::FromStr;
@@ -27,6 +33,7 @@ use crate::rng::NoiseStreams;
 use crate::schedule::Schedule;
 
 pub use quasi_taylor::{Expansion, LastStep};
+pub use unipc::UniPcVariant;
 
 /// Everything a sampler may touch besides its state: the model (through NFE-counting,
 /// finiteness-checking calls), the schedule and the per-sample noise streams.
@@ -137,16 +144,30 @@ impl FromStr for DdpmVariance {
 /// Options shared by the samplers (each reads the ones it needs).
 #[derive(Clone, Debug)]
 pub struct Options {
-    /// DDIM's η ∈ [0, 1] (0: deterministic).
-    pub eta: f64,
+    /// Stochasticity η ≥ 0: DDIM's η (default 0) and dpmpp-2m-sde's η (default 1). `None`
+    /// takes each sampler's default.
+    pub eta: Option<f64>,
     /// Expansion variable of the quasi-Taylor series.
     pub expand: Expansion,
     /// How quasi-Taylor takes the final step.
     pub qt_last: LastStep,
     pub ddpm_variance: DdpmVariance,
-    /// Tolerances of the adaptive rk45.
-    pub rtol: f64,
-    pub atol: f64,
+    /// Tolerances of the adaptive solvers (`None`: rk45 1e-5/1e-5, DPM-Solver-12/23 the
+    /// reference code's rtol 0.05, atol 0.0078).
+    pub rtol: Option<f64>,
+    pub atol: Option<f64>,
+    /// Multistep samplers lower their order over the last steps (when fewer than 15 steps;
+    /// UniPC always), as the reference implementations do.
+    pub lower_order_final: bool,
+    /// UniPC's B(h): bh1 (B = h) or bh2 (B = e^h − 1).
+    pub unipc_variant: UniPcVariant,
+    /// UniPC's corrector UniC (on by default).
+    pub unipc_corrector: bool,
+    /// EDM stochastic churn: S_churn, S_tmin, S_tmax, S_noise (in σ/α units).
+    pub s_churn: f64,
+    pub s_tmin: f64,
+    pub s_tmax: f64,
+    pub s_noise: f64,
     /// One extra NFE at the end that returns x̂0 at t_min.
     pub denoise_final: bool,
 }
@@ -154,12 +175,19 @@ pub struct Options {
 impl Default for Options {
     fn default() -> Self {
         Options {
-            eta: 0.0,
+            eta: None,
             expand: Expansion::T,
             qt_last: LastStep::Ddim,
             ddpm_variance: DdpmVariance::BetaTilde,
-            rtol: 1e-5,
-            atol: 1e-5,
+            rtol: None,
+            atol: None,
+            lower_order_final: false,
+            unipc_variant: UniPcVariant::Bh2,
+            unipc_corrector: true,
+            s_churn: 0.0,
+            s_tmin: 0.0,
+            s_tmax: f64::INFINITY,
+            s_noise: 1.0,
             denoise_final: false,
         }
     }
@@ -168,17 +196,37 @@ impl Default for Options {
 impl Options {
     /// Rejects option values no sampler accepts.
     pub fn validate(&self) -> Result<()> {
-        if !(self.eta >= 0.0 && self.eta.is_finite()) {
-            bail!("--eta {}: expected a value >= 0", self.eta);
+        if let Some(eta) = self.eta
+            && !(eta >= 0.0 && eta.is_finite())
+        {
+            bail!("--eta {eta}: expected a value >= 0");
         }
-        if !(self.rtol > 0.0 && self.atol > 0.0) {
+        for (name, v) in [("--rtol", self.rtol), ("--atol", self.atol)] {
+            if let Some(v) = v
+                && !(v > 0.0 && v.is_finite())
+            {
+                bail!("{name} {v}: expected a positive tolerance");
+            }
+        }
+        if !(self.s_churn >= 0.0
+            && self.s_noise >= 0.0
+            && self.s_tmin >= 0.0
+            && self.s_tmax >= self.s_tmin)
+        {
             bail!(
-                "--rtol {} / --atol {}: expected positive tolerances",
-                self.rtol,
-                self.atol
+                "--s-churn {} --s-noise {} --s-tmin {} --s-tmax {}: expected churn, noise >= 0 and 0 <= s-tmin <= s-tmax",
+                self.s_churn,
+                self.s_noise,
+                self.s_tmin,
+                self.s_tmax
             );
         }
         Ok(())
+    }
+
+    /// η with a sampler's default.
+    pub fn eta_or(&self, default: f64) -> f64 {
+        self.eta.unwrap_or(default)
     }
 }
 
@@ -198,6 +246,27 @@ pub enum Sampler {
     Rk4,
     Rk45,
     EulerMaruyama,
+    /// `dpm-solver-K`, K = 1, 2, 3: single-step DPM-Solver in λ (noise prediction).
+    DpmSolver(usize),
+    /// `dpm-solver-fast`: the paper's order-3 mix for an NFE budget.
+    DpmSolverFast,
+    /// `dpm-solver-12` / `dpm-solver-23` (alias `dpm-solver-adaptive`): embedded pairs with
+    /// step-size control; the number is the higher order.
+    DpmSolverAdaptive(usize),
+    /// `dpmpp-2m`, `dpmpp-3m`: multistep DPM-Solver++ (data prediction).
+    DpmPpMultistep(usize),
+    /// `dpmpp-2s`: single-step DPM-Solver++(2S).
+    DpmPp2S,
+    /// `dpmpp-2m-sde`: SDE-DPM-Solver++(2M).
+    DpmPp2MSde,
+    /// `unipc-K`, K = 1, 2, 3.
+    UniPc(usize),
+    Pndm,
+    Plms,
+    Ipndm,
+    /// `deis-K`, K = 1, 2, 3 (tAB).
+    Deis(usize),
+    EdmHeun,
 }
 
 /// One line of `qtaylor samplers`.
@@ -250,6 +319,90 @@ pub fn catalog() -> Vec<CatalogEntry> {
             "Dormand-Prince 5(4), per-sample step control, --rtol/--atol",
         ),
         e("em", "1", "Euler-Maruyama on the reverse SDE"),
+        e(
+            "dpm-solver-1",
+            "1",
+            "DPM-Solver-1 (= DDIM), arXiv 2206.00927",
+        ),
+        e(
+            "dpm-solver-2",
+            "2",
+            "DPM-Solver-2, single-step, midpoint in lambda",
+        ),
+        e(
+            "dpm-solver-3",
+            "3",
+            "DPM-Solver-3, single-step, r = 1/3, 2/3",
+        ),
+        e(
+            "dpm-solver-fast",
+            "1",
+            "DPM-Solver-fast: order-3 steps uniform in lambda, --steps is the NFE",
+        ),
+        e(
+            "dpm-solver-12",
+            "adaptive",
+            "adaptive DPM-Solver-1/2 pair, per-sample steps, --rtol/--atol",
+        ),
+        e(
+            "dpm-solver-23",
+            "adaptive",
+            "adaptive DPM-Solver-2/3 pair (alias dpm-solver-adaptive)",
+        ),
+        e(
+            "dpmpp-2m",
+            "1",
+            "DPM-Solver++(2M), multistep, data prediction, arXiv 2211.01095",
+        ),
+        e(
+            "dpmpp-3m",
+            "1",
+            "DPM-Solver++(3M), multistep, data prediction",
+        ),
+        e(
+            "dpmpp-2s",
+            "2",
+            "DPM-Solver++(2S), single-step, data prediction",
+        ),
+        e(
+            "dpmpp-2m-sde",
+            "1",
+            "SDE-DPM-Solver++(2M), --eta (default 1)",
+        ),
+        e(
+            "unipc-1",
+            "1",
+            "UniPC order 1 (arXiv 2302.04867), --unipc-variant bh1|bh2, --no-corrector",
+        ),
+        e("unipc-2", "1", "UniPC order 2 (UniP-2 + UniC)"),
+        e("unipc-3", "1", "UniPC order 3 (UniP-3 + UniC)"),
+        e(
+            "pndm",
+            "1 (+3x3 warm-up)",
+            "PNDM (arXiv 2202.09778): pseudo-RK4 warm-up, then 4-step linear multistep",
+        ),
+        e(
+            "plms",
+            "1 (+1)",
+            "PLMS: PNDM without the RK warm-up (one Heun step, then AB2..AB4)",
+        ),
+        e(
+            "ipndm",
+            "1",
+            "improved PNDM (DEIS paper): Adams-Bashforth 1..4 on eps, DDIM transfer",
+        ),
+        e("deis-1", "1", "DEIS tAB order 1 (= DDIM), arXiv 2204.13902"),
+        e(
+            "deis-2",
+            "1",
+            "DEIS tAB order 2: exponential integrator, Lagrange extrapolation of eps in t",
+        ),
+        e("deis-3", "1", "DEIS tAB order 3"),
+        e(
+            "edm-heun",
+            "2",
+            "EDM Heun (arXiv 2206.00364 Alg. 2) on its own Karras grid, --s-churn --s-tmin --s-tmax --s-noise",
+        ),
     ]
 }
 
@@ -264,12 +417,15 @@ fn valid_names() -> String {
 impl FromStr for Sampler {
     type Err = anyhow::Error;
     fn from_str(s: &str) -> Result<Self> {
-        let order = |rest: &str| -> Result<usize> {
+        let order = |rest: &str, max: usize| -> Result<usize> {
             let k: usize = rest.parse().map_err(|_| {
                 anyhow::anyhow!("sampler '{s}': the order '{rest}' is not a positive integer")
             })?;
             if k == 0 {
                 bail!("sampler '{s}': order 0 is not a sampler; the order must be >= 1");
+            }
+            if k > max {
+                bail!("sampler '{s}': this family exists for orders 1 to {max}");
             }
             Ok(k)
         };
@@ -282,14 +438,22 @@ impl FromStr for Sampler {
             "rk4" => Sampler::Rk4,
             "rk45" => Sampler::Rk45,
             "em" => Sampler::EulerMaruyama,
-            _ if s.starts_with("qit-") => {
-                let k = order(&s[4..])?;
-                if k > 2 {
-                    bail!("sampler '{s}': quasi-Ito-Taylor exists for orders 1, 2 and inf");
-                }
-                Sampler::QuasiItoTaylor(k)
-            }
-            _ if s.starts_with("qt-") => Sampler::QuasiTaylor(order(&s[3..])?),
+            "dpm-solver-fast" => Sampler::DpmSolverFast,
+            "dpm-solver-12" => Sampler::DpmSolverAdaptive(2),
+            "dpm-solver-23" | "dpm-solver-adaptive" => Sampler::DpmSolverAdaptive(3),
+            "dpmpp-2m" => Sampler::DpmPpMultistep(2),
+            "dpmpp-3m" => Sampler::DpmPpMultistep(3),
+            "dpmpp-2s" => Sampler::DpmPp2S,
+            "dpmpp-2m-sde" => Sampler::DpmPp2MSde,
+            "pndm" => Sampler::Pndm,
+            "plms" => Sampler::Plms,
+            "ipndm" => Sampler::Ipndm,
+            "edm-heun" => Sampler::EdmHeun,
+            _ if s.starts_with("qit-") => Sampler::QuasiItoTaylor(order(&s[4..], 2)?),
+            _ if s.starts_with("qt-") => Sampler::QuasiTaylor(order(&s[3..], usize::MAX)?),
+            _ if s.starts_with("dpm-solver-") => Sampler::DpmSolver(order(&s[11..], 3)?),
+            _ if s.starts_with("unipc-") => Sampler::UniPc(order(&s[6..], 3)?),
+            _ if s.starts_with("deis-") => Sampler::Deis(order(&s[5..], 3)?),
             _ => bail!("unknown sampler '{s}'; valid samplers: {}", valid_names()),
         })
     }
@@ -308,6 +472,18 @@ impl fmt::Display for Sampler {
             Sampler::Rk4 => write!(f, "rk4"),
             Sampler::Rk45 => write!(f, "rk45"),
             Sampler::EulerMaruyama => write!(f, "em"),
+            Sampler::DpmSolver(k) => write!(f, "dpm-solver-{k}"),
+            Sampler::DpmSolverFast => write!(f, "dpm-solver-fast"),
+            Sampler::DpmSolverAdaptive(k) => write!(f, "dpm-solver-{}{k}", k - 1),
+            Sampler::DpmPpMultistep(k) => write!(f, "dpmpp-{k}m"),
+            Sampler::DpmPp2S => write!(f, "dpmpp-2s"),
+            Sampler::DpmPp2MSde => write!(f, "dpmpp-2m-sde"),
+            Sampler::UniPc(k) => write!(f, "unipc-{k}"),
+            Sampler::Pndm => write!(f, "pndm"),
+            Sampler::Plms => write!(f, "plms"),
+            Sampler::Ipndm => write!(f, "ipndm"),
+            Sampler::Deis(k) => write!(f, "deis-{k}"),
+            Sampler::EdmHeun => write!(f, "edm-heun"),
         }
     }
 }
@@ -320,15 +496,79 @@ pub fn parse_list(s: &str) -> Result<Vec<Sampler>> {
         .collect()
 }
 
+/// Every sampler of the library, with the listed orders (the bench's "all").
+pub fn all_samplers() -> Vec<Sampler> {
+    use Sampler::*;
+    vec![
+        QuasiTaylor(1),
+        QuasiTaylor(2),
+        QuasiTaylor(3),
+        QuasiTaylor(4),
+        Ddim,
+        Euler,
+        Heun,
+        Rk4,
+        Rk45,
+        DpmSolver(1),
+        DpmSolver(2),
+        DpmSolver(3),
+        DpmSolverFast,
+        DpmSolverAdaptive(2),
+        DpmSolverAdaptive(3),
+        DpmPpMultistep(2),
+        DpmPpMultistep(3),
+        DpmPp2S,
+        UniPc(1),
+        UniPc(2),
+        UniPc(3),
+        Pndm,
+        Plms,
+        Ipndm,
+        Deis(1),
+        Deis(2),
+        Deis(3),
+        EdmHeun,
+        QuasiItoTaylor(1),
+        QuasiItoTaylor(2),
+        QitInf,
+        Ddpm,
+        EulerMaruyama,
+        DpmPp2MSde,
+    ]
+}
+
+/// True when a step to `s` reaches σ = 0 (ᾱ = 1, only on discrete schedules with
+/// `--final zero`). Every sampler takes such a step as x_s = x̂0 at the current point: the
+/// first-order limit of all the schemes here (DDIM, DPM-Solver(++)-1, UniPC's and EDM's
+/// last Euler step), at one NFE.
+pub fn reaches_zero(schedule: &dyn Schedule, s: f64) -> bool {
+    schedule.sigma(s) == 0.0
+}
+
 impl Sampler {
-    /// Model evaluations per step on a fixed grid (`None`: adaptive).
-    pub fn nfe_per_step(&self) -> Option<usize> {
-        match self {
-            Sampler::Heun => Some(2),
-            Sampler::Rk4 => Some(4),
-            Sampler::Rk45 => None,
-            _ => Some(1),
+    /// True for samplers with step-size control (their NFE is not fixed by the grid).
+    pub fn is_adaptive(&self) -> bool {
+        matches!(self, Sampler::Rk45 | Sampler::DpmSolverAdaptive(_))
+    }
+
+    /// Model evaluations for `steps` steps on a fixed grid (`None`: adaptive). A final step
+    /// to σ = 0 costs one NFE whatever the sampler; `ends_at_zero` says whether the grid
+    /// has one.
+    pub fn nfe(&self, steps: usize, ends_at_zero: bool, opts: &Options) -> Option<usize> {
+        if steps == 0 {
+            return Some(usize::from(opts.denoise_final));
         }
+        let inner = if ends_at_zero { steps - 1 } else { steps };
+        let body = match self {
+            Sampler::Heun | Sampler::DpmPp2S | Sampler::EdmHeun => 2 * inner,
+            Sampler::Rk4 => 4 * inner,
+            Sampler::DpmSolver(k) => k * inner,
+            Sampler::Rk45 | Sampler::DpmSolverAdaptive(_) => return None,
+            Sampler::Pndm => 4 * inner.min(3) + inner.saturating_sub(3),
+            Sampler::Plms => inner + usize::from(inner >= 1),
+            _ => inner,
+        };
+        Some(body + usize::from(ends_at_zero) + usize::from(opts.denoise_final))
     }
 
     /// True for samplers that draw fresh noise during sampling.
@@ -338,22 +578,38 @@ impl Sampler {
             | Sampler::QitInf
             | Sampler::Ddpm
             | Sampler::EulerMaruyama => true,
-            Sampler::Ddim => opts.eta > 0.0,
+            Sampler::Ddim => opts.eta_or(0.0) > 0.0,
+            Sampler::DpmPp2MSde => opts.eta_or(1.0) > 0.0,
+            Sampler::EdmHeun => opts.s_churn > 0.0 && opts.s_noise > 0.0,
             _ => false,
         }
     }
 
     /// The most steps whose NFE fits in `budget` (`None` if not even one step fits or the
     /// sampler is adaptive).
-    pub fn steps_for_budget(&self, budget: usize, opts: &Options) -> Option<usize> {
-        let per = self.nfe_per_step()?;
-        let fixed = usize::from(opts.denoise_final);
-        let steps = budget.checked_sub(fixed)? / per;
-        (steps >= 1).then_some(steps)
+    pub fn steps_for_budget(
+        &self,
+        budget: usize,
+        ends_at_zero: bool,
+        opts: &Options,
+    ) -> Option<usize> {
+        if self.is_adaptive() {
+            return None;
+        }
+        let fits = |n: usize| self.nfe(n, ends_at_zero, opts).is_some_and(|c| c <= budget);
+        if !fits(1) {
+            return None;
+        }
+        let mut n = 1;
+        while fits(n + 1) {
+            n += 1;
+        }
+        Some(n)
     }
 
     /// Runs the sampler from `x` at `ts[0]` down to `ts[N]`.
     pub fn run(&self, ctx: &mut Ctx, x: Tensor, ts: &[f64], opts: &Options) -> Result<Tensor> {
+        let tol = |default: f64| (opts.rtol.unwrap_or(default), opts.atol.unwrap_or(default));
         match *self {
             Sampler::QuasiTaylor(k) => {
                 quasi_taylor::sample_qt(ctx, x, ts, k, opts.expand, opts.qt_last)
@@ -361,13 +617,47 @@ impl Sampler {
             Sampler::QuasiItoTaylor(1) => euler_maruyama::sample_em(ctx, x, ts),
             Sampler::QuasiItoTaylor(_) => quasi_ito_taylor::sample_qit2(ctx, x, ts),
             Sampler::QitInf => ddim::sample_ddim(ctx, x, ts, 1.0),
-            Sampler::Ddim => ddim::sample_ddim(ctx, x, ts, opts.eta),
+            Sampler::Ddim => ddim::sample_ddim(ctx, x, ts, opts.eta_or(0.0)),
             Sampler::Ddpm => ddim::sample_ddpm(ctx, x, ts, opts.ddpm_variance),
             Sampler::Euler => runge_kutta::sample_euler(ctx, x, ts),
             Sampler::Heun => runge_kutta::sample_heun(ctx, x, ts),
             Sampler::Rk4 => runge_kutta::sample_rk4(ctx, x, ts),
-            Sampler::Rk45 => runge_kutta::sample_rk45(ctx, x, ts, opts.rtol, opts.atol),
+            Sampler::Rk45 => {
+                let (rtol, atol) = tol(1e-5);
+                runge_kutta::sample_rk45(ctx, x, ts, rtol, atol)
+            }
             Sampler::EulerMaruyama => euler_maruyama::sample_em(ctx, x, ts),
+            Sampler::DpmSolver(k) => dpm_solver::sample_dpm_solver(ctx, x, ts, k),
+            Sampler::DpmSolverFast => dpm_solver::sample_dpm_solver_fast(ctx, x, ts),
+            Sampler::DpmSolverAdaptive(k) => {
+                let (rtol, atol) = (opts.rtol.unwrap_or(0.05), opts.atol.unwrap_or(0.0078));
+                dpm_solver::sample_dpm_solver_adaptive(ctx, x, ts, k, rtol, atol)
+            }
+            Sampler::DpmPpMultistep(k) => {
+                dpm_solver_pp::sample_dpmpp_multistep(ctx, x, ts, k, opts.lower_order_final)
+            }
+            Sampler::DpmPp2S => dpm_solver_pp::sample_dpmpp_2s(ctx, x, ts),
+            Sampler::DpmPp2MSde => dpm_solver_pp::sample_dpmpp_2m_sde(
+                ctx,
+                x,
+                ts,
+                opts.eta_or(1.0),
+                opts.lower_order_final,
+            ),
+            Sampler::UniPc(k) => unipc::sample_unipc(
+                ctx,
+                x,
+                ts,
+                k,
+                opts.unipc_variant,
+                opts.unipc_corrector,
+                opts.lower_order_final,
+            ),
+            Sampler::Pndm => pndm::sample_pndm(ctx, x, ts),
+            Sampler::Plms => pndm::sample_plms(ctx, x, ts),
+            Sampler::Ipndm => pndm::sample_ipndm(ctx, x, ts),
+            Sampler::Deis(k) => deis::sample_deis(ctx, x, ts, k, opts.lower_order_final),
+            Sampler::EdmHeun => edm::sample_edm_heun(ctx, x, ts, &edm::Churn::from(opts)),
         }
     }
 }
@@ -403,6 +693,10 @@ pub fn sample(
             noise.len()
         );
     }
+    let n = ts.len() - 1;
+    if opts.denoise_final && reaches_zero(schedule, ts[n]) {
+        bail!("--denoise-final: the grid already ends at sigma = 0, where the sample is x̂0");
+    }
     let name = sampler.to_string();
     let mut ctx = Ctx::new(model, schedule, noise, &name, progress);
     let mut x = sampler.run(&mut ctx, x_init, ts, opts)?;
@@ -429,6 +723,16 @@ mod tests {
         ] {
             assert_eq!(n.parse::<Sampler>().unwrap().to_string(), n);
         }
+        for s in all_samplers() {
+            assert_eq!(s.to_string().parse::<Sampler>().unwrap(), s);
+        }
+        assert_eq!(
+            "dpm-solver-adaptive".parse::<Sampler>().unwrap(),
+            Sampler::DpmSolverAdaptive(3)
+        );
+        for bad in ["dpm-solver-4", "unipc-0", "deis-4"] {
+            assert!(bad.parse::<Sampler>().is_err(), "{bad}");
+        }
         let e = "foo".parse::<Sampler>().unwrap_err().to_string();
         assert!(
             e.contains("unknown sampler 'foo'") && e.contains("qt-K") && e.contains("rk45"),
@@ -443,14 +747,33 @@ mod tests {
     #[test]
     fn step_budget_uses_the_most_steps_that_fit() {
         let o = Options::default();
-        assert_eq!(Sampler::Heun.steps_for_budget(5, &o), Some(2));
-        assert_eq!(Sampler::Rk4.steps_for_budget(5, &o), Some(1));
-        assert_eq!(Sampler::Rk4.steps_for_budget(3, &o), None);
-        assert_eq!(Sampler::QuasiTaylor(3).steps_for_budget(10, &o), Some(10));
+        assert_eq!(Sampler::Heun.steps_for_budget(5, false, &o), Some(2));
+        assert_eq!(Sampler::Rk4.steps_for_budget(5, false, &o), Some(1));
+        assert_eq!(Sampler::Rk4.steps_for_budget(3, false, &o), None);
+        assert_eq!(
+            Sampler::QuasiTaylor(3).steps_for_budget(10, false, &o),
+            Some(10)
+        );
+        assert_eq!(
+            Sampler::DpmSolver(3).steps_for_budget(10, false, &o),
+            Some(3)
+        );
+        // PNDM: three pseudo-RK4 warm-up steps of 4 NFE, then one NFE per step.
+        assert_eq!(Sampler::Pndm.nfe(10, false, &o), Some(19));
+        assert_eq!(Sampler::Pndm.steps_for_budget(15, false, &o), Some(6));
+        assert_eq!(Sampler::Pndm.steps_for_budget(5, false, &o), Some(1));
+        assert_eq!(Sampler::Plms.nfe(10, false, &o), Some(11));
+        // A final step to sigma = 0 is one NFE: EDM's 2N - 1.
+        assert_eq!(Sampler::EdmHeun.nfe(18, true, &o), Some(35));
+        assert_eq!(Sampler::Rk4.nfe(3, true, &o), Some(9));
+        assert_eq!(Sampler::Rk45.steps_for_budget(50, false, &o), None);
         let o = Options {
             denoise_final: true,
             ..o
         };
-        assert_eq!(Sampler::QuasiTaylor(3).steps_for_budget(10, &o), Some(9));
+        assert_eq!(
+            Sampler::QuasiTaylor(3).steps_for_budget(10, false, &o),
+            Some(9)
+        );
     }
 }

@@ -24,7 +24,7 @@
 use anyhow::Result;
 use candle_core::Tensor;
 
-use super::Ctx;
+use super::{Ctx, reaches_zero};
 use crate::ops::lincomb;
 use crate::schedule::Schedule;
 
@@ -67,6 +67,10 @@ pub fn sample_qit2(ctx: &mut Ctx, mut x: Tensor, ts: &[f64]) -> Result<Tensor> {
         let (t, s) = (ts[i], ts[i + 1]);
         ctx.begin_step(i, t);
         let d = ctx.denoise(&x, t)?;
+        if reaches_zero(ctx.schedule, s) {
+            x = d.x0;
+            continue;
+        }
         let c = qit2_coefficients(ctx.schedule, t, s);
         let xi1 = ctx.noise_like(&x)?;
         let xi2 = ctx.noise_like(&x)?;

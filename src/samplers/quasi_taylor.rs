@@ -30,8 +30,8 @@ use std::str::FromStr;
 use anyhow::{Result, bail};
 use candle_core::Tensor;
 
-use super::Ctx;
 use super::ddim::ddim_coefficients;
+use super::{Ctx, reaches_zero};
 use crate::ops::lincomb;
 use crate::schedule::Schedule;
 use crate::series::Series;
@@ -148,6 +148,10 @@ pub fn sample_qt(
         let (t, s) = (ts[i], ts[i + 1]);
         ctx.begin_step(i, t);
         let d = ctx.denoise(&x, t)?;
+        if reaches_zero(ctx.schedule, s) {
+            x = d.x0;
+            continue;
+        }
         let (a, b) = if i + 1 == n && last == LastStep::Ddim {
             ddim_coefficients(ctx.schedule, t, s)
         } else {

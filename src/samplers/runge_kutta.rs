@@ -14,14 +14,29 @@
 use anyhow::{Result, bail};
 use candle_core::{D, DType, Tensor};
 
-use super::Ctx;
+use super::{Ctx, reaches_zero};
 use crate::ops::{Coef, lincomb, lincomb_rows};
 
 /// `f(x, t)` as a tensor: `−½β x + β/(2σ) ε̂` (one NFE).
 fn drift(ctx: &mut Ctx, x: &Tensor, t: f64) -> Result<Tensor> {
     let d = ctx.denoise(x, t)?;
+    drift_of(ctx, x, t, &d.eps)
+}
+
+fn drift_of(ctx: &Ctx, x: &Tensor, t: f64, eps: &Tensor) -> Result<Tensor> {
     let (beta, sigma) = (ctx.schedule.beta(t), ctx.schedule.sigma(t));
-    lincomb(&[(-0.5 * beta, x), (beta / (2.0 * sigma), &d.eps)])
+    lincomb(&[(-0.5 * beta, x), (beta / (2.0 * sigma), eps)])
+}
+
+/// The first stage of a step; `None` when the step reaches σ = 0, where the drift is
+/// singular and the step returns x̂0 instead (one NFE).
+fn first_stage(ctx: &mut Ctx, x: &mut Tensor, t: f64, s: f64) -> Result<Option<Tensor>> {
+    let d = ctx.denoise(x, t)?;
+    if reaches_zero(ctx.schedule, s) {
+        *x = d.x0;
+        return Ok(None);
+    }
+    Ok(Some(drift_of(ctx, x, t, &d.eps)?))
 }
 
 /// Euler: `x_s = x_t + (s − t) f(x_t, t)`.
@@ -29,7 +44,9 @@ pub fn sample_euler(ctx: &mut Ctx, mut x: Tensor, ts: &[f64]) -> Result<Tensor> 
     for i in 0..ts.len() - 1 {
         let (t, s) = (ts[i], ts[i + 1]);
         ctx.begin_step(i, t);
-        let k1 = drift(ctx, &x, t)?;
+        let Some(k1) = first_stage(ctx, &mut x, t, s)? else {
+            continue;
+        };
         x = lincomb(&[(1.0, &x), (s - t, &k1)])?;
     }
     Ok(x)
@@ -41,7 +58,9 @@ pub fn sample_heun(ctx: &mut Ctx, mut x: Tensor, ts: &[f64]) -> Result<Tensor> {
         let (t, s) = (ts[i], ts[i + 1]);
         let h = s - t;
         ctx.begin_step(i, t);
-        let k1 = drift(ctx, &x, t)?;
+        let Some(k1) = first_stage(ctx, &mut x, t, s)? else {
+            continue;
+        };
         let x1 = lincomb(&[(1.0, &x), (h, &k1)])?;
         let k2 = drift(ctx, &x1, s)?;
         x = lincomb(&[(1.0, &x), (0.5 * h, &k1), (0.5 * h, &k2)])?;
@@ -55,7 +74,9 @@ pub fn sample_rk4(ctx: &mut Ctx, mut x: Tensor, ts: &[f64]) -> Result<Tensor> {
         let (t, s) = (ts[i], ts[i + 1]);
         let h = s - t;
         ctx.begin_step(i, t);
-        let k1 = drift(ctx, &x, t)?;
+        let Some(k1) = first_stage(ctx, &mut x, t, s)? else {
+            continue;
+        };
         let k2 = drift(ctx, &lincomb(&[(1.0, &x), (0.5 * h, &k1)])?, t + 0.5 * h)?;
         let k3 = drift(ctx, &lincomb(&[(1.0, &x), (0.5 * h, &k2)])?, t + 0.5 * h)?;
         let k4 = drift(ctx, &lincomb(&[(1.0, &x), (h, &k3)])?, s)?;
@@ -285,7 +306,13 @@ pub fn dopri5(
 /// Adaptive DOPRI5 on the probability-flow ODE in t, every sample with its own steps.
 /// Only the grid's end points are used.
 pub fn sample_rk45(ctx: &mut Ctx, x: Tensor, ts: &[f64], rtol: f64, atol: f64) -> Result<Tensor> {
-    let (t0, t1) = (ts[0], *ts.last().expect("non-empty grid"));
+    let n = ts.len() - 1;
+    let zero = reaches_zero(ctx.schedule, ts[n]);
+    // To σ = 0: integrate to the last positive grid time, then one NFE for x̂0.
+    let (t0, t1) = (ts[0], if zero { ts[n - 1] } else { ts[n] });
+    if zero && n == 1 {
+        return Ok(ctx.denoise(&x, t0)?.x0);
+    }
     ctx.begin_step(0, t0);
     let schedule = ctx.schedule;
     let mut field = |x: &Tensor, t: &[f64], active: usize| -> Result<Tensor> {
@@ -298,5 +325,9 @@ pub fn sample_rk45(ctx: &mut Ctx, x: Tensor, ts: &[f64], rtol: f64, atol: f64) -
         lincomb_rows(&[(Coef::Rows(cx), x), (Coef::Rows(ce), &d.eps)])
     };
     let sol = dopri5(&mut field, x, t0, t1, rtol, atol, 1_000_000)?;
+    if zero {
+        ctx.begin_step(n - 1, t1);
+        return Ok(ctx.denoise(&sol.y, t1)?.x0);
+    }
     Ok(sol.y)
 }

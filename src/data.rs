@@ -1,0 +1,228 @@
+//! Data sets on disk: the IDX format of MNIST / Fashion-MNIST (optionally gzipped) and
+//! `.npy` matrices. Errors name the file and what was expected.
+
+use std::io::Read;
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result, bail};
+use candle_core::DType;
+
+/// An IDX array of unsigned bytes: its dimensions and data (row-major).
+pub struct Idx {
+    pub dims: Vec<usize>,
+    pub data: Vec<u8>,
+}
+
+/// Reads an IDX file of type ubyte (`.gz` is decompressed). Checks the magic number, the
+/// dimensions and the data length.
+pub fn read_idx(path: &Path) -> Result<Idx> {
+    let raw =
+        std::fs::read(path).with_context(|| format!("cannot read IDX file {}", path.display()))?;
+    let bytes = if path.extension().is_some_and(|e| e == "gz") {
+        let mut out = Vec::new();
+        flate2::read::GzDecoder::new(&raw[..])
+            .read_to_end(&mut out)
+            .with_context(|| format!("{}: not a valid gzip stream", path.display()))?;
+        out
+    } else {
+        raw
+    };
+    parse_idx(&bytes).with_context(|| format!("{}: malformed IDX file", path.display()))
+}
+
+fn parse_idx(b: &[u8]) -> Result<Idx> {
+    if b.len() < 4 {
+        bail!(
+            "{} bytes, too short for the 4-byte IDX magic number",
+            b.len()
+        );
+    }
+    if b[0] != 0 || b[1] != 0 {
+        bail!(
+            "magic number starts with {:#04x} {:#04x}, expected 0x00 0x00",
+            b[0],
+            b[1]
+        );
+    }
+    if b[2] != 0x08 {
+        bail!(
+            "data type {:#04x} is not supported; expected 0x08 (unsigned byte)",
+            b[2]
+        );
+    }
+    let ndim = b[3] as usize;
+    if ndim == 0 {
+        bail!("zero dimensions");
+    }
+    let header = 4 + 4 * ndim;
+    if b.len() < header {
+        bail!("{} bytes, too short for {ndim} dimension sizes", b.len());
+    }
+    let dims: Vec<usize> = (0..ndim)
+        .map(|i| u32::from_be_bytes(b[4 + 4 * i..8 + 4 * i].try_into().expect("4 bytes")) as usize)
+        .collect();
+    let count: usize = dims.iter().product();
+    if b.len() - header != count {
+        bail!(
+            "dimensions {dims:?} need {count} data bytes, the file has {}",
+            b.len() - header
+        );
+    }
+    Ok(Idx {
+        dims,
+        data: b[header..].to_vec(),
+    })
+}
+
+/// Finds `name` or `name.gz` in a folder.
+pub fn find_idx(dir: &Path, name: &str) -> Result<PathBuf> {
+    for candidate in [dir.join(name), dir.join(format!("{name}.gz"))] {
+        if candidate.exists() {
+            return Ok(candidate);
+        }
+    }
+    bail!(
+        "{}: no {name} (or {name}.gz) in this folder; fetch MNIST with scripts/fetch-mnist.sh",
+        dir.display()
+    )
+}
+
+/// A data matrix: `rows` vectors of dimension `dim`, row-major f64.
+pub struct Matrix {
+    pub rows: usize,
+    pub dim: usize,
+    pub data: Vec<f64>,
+}
+
+/// Loads the first `limit` rows of a data set: a `.npy` array (N, d) of floats used as
+/// given, an IDX image file, or a folder holding `train-images-idx3-ubyte[.gz]`
+/// (`mnist` is `data/mnist`); IDX bytes are scaled to [−1, 1] and images flattened.
+pub fn load_matrix(spec: &str, limit: Option<usize>) -> Result<Matrix> {
+    let path = if spec == "mnist" {
+        PathBuf::from("data/mnist")
+    } else {
+        PathBuf::from(spec)
+    };
+    if !path.exists() {
+        if spec == "mnist" {
+            bail!("data/mnist does not exist; fetch MNIST with scripts/fetch-mnist.sh");
+        }
+        bail!(
+            "{}: no such file or folder (expected a .npy array, an IDX file or a folder with MNIST IDX files)",
+            path.display()
+        );
+    }
+    let m = if path.is_dir() {
+        idx_matrix(&find_idx(&path, "train-images-idx3-ubyte")?)?
+    } else if path.extension().is_some_and(|e| e == "npy") {
+        let t = crate::io::read_npy(&path, &[None, None])?;
+        let (rows, dim) = t.dims2()?;
+        Matrix {
+            rows,
+            dim,
+            data: t.to_dtype(DType::F64)?.flatten_all()?.to_vec1()?,
+        }
+    } else {
+        idx_matrix(&path)?
+    };
+    let rows = match limit {
+        Some(0) => bail!("{spec}: a data set of 0 rows was asked for"),
+        Some(n) if n > m.rows => bail!("{spec}: {n} rows asked for, the data set has {}", m.rows),
+        Some(n) => n,
+        None => m.rows,
+    };
+    Ok(Matrix {
+        rows,
+        dim: m.dim,
+        data: m.data[..rows * m.dim].to_vec(),
+    })
+}
+
+fn idx_matrix(path: &Path) -> Result<Matrix> {
+    let idx = read_idx(path)?;
+    if idx.dims.len() < 2 {
+        bail!(
+            "{}: IDX array of shape {:?} holds labels, expected images (N, H, W)",
+            path.display(),
+            idx.dims
+        );
+    }
+    let rows = idx.dims[0];
+    let dim = idx.dims[1..].iter().product();
+    Ok(Matrix {
+        rows,
+        dim,
+        data: idx.data.iter().map(|&v| v as f64 / 127.5 - 1.0).collect(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn idx_bytes(dims: &[u32], data: &[u8]) -> Vec<u8> {
+        let mut b = vec![0, 0, 8, dims.len() as u8];
+        for d in dims {
+            b.extend(d.to_be_bytes());
+        }
+        b.extend(data);
+        b
+    }
+
+    #[test]
+    fn idx_round_trips_and_scales_to_minus_one_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("train-images-idx3-ubyte");
+        std::fs::write(
+            &p,
+            idx_bytes(&[3, 2, 2], &[0, 255, 128, 1, 2, 3, 4, 5, 6, 7, 8, 9]),
+        )
+        .unwrap();
+        let m = load_matrix(dir.path().to_str().unwrap(), Some(2)).unwrap();
+        assert_eq!((m.rows, m.dim), (2, 4));
+        assert_eq!(m.data[0], -1.0);
+        assert_eq!(m.data[1], 1.0);
+        // gzip is read too
+        let gz = dir.path().join("g.gz");
+        let mut enc = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+        std::io::Write::write_all(&mut enc, &idx_bytes(&[1, 2], &[7, 9])).unwrap();
+        std::fs::write(&gz, enc.finish().unwrap()).unwrap();
+        assert_eq!(read_idx(&gz).unwrap().data, vec![7, 9]);
+    }
+
+    #[test]
+    fn malformed_idx_files_name_the_file_and_the_problem() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("bad");
+        for (bytes, needle) in [
+            (vec![0u8, 0], "too short"),
+            (vec![1, 0, 8, 1, 0, 0, 0, 0], "magic number"),
+            (vec![0, 0, 0x0d, 1, 0, 0, 0, 0], "not supported"),
+            (idx_bytes(&[4, 2], &[1, 2, 3]), "need 8 data bytes"),
+        ] {
+            std::fs::write(&p, bytes).unwrap();
+            let e = format!("{:#}", read_idx(&p).err().unwrap());
+            assert!(e.contains("bad") && e.contains(needle), "{e}");
+        }
+        let e = format!(
+            "{:#}",
+            load_matrix(dir.path().join("none.npy").to_str().unwrap(), None)
+                .err()
+                .unwrap()
+        );
+        assert!(e.contains("none.npy") && e.contains("no such file"), "{e}");
+        let e = format!(
+            "{:#}",
+            load_matrix(dir.path().to_str().unwrap(), None)
+                .err()
+                .unwrap()
+        );
+        assert!(e.contains("train-images-idx3-ubyte"), "{e}");
+        std::fs::write(&p, idx_bytes(&[4], &[1, 2, 3, 4])).unwrap();
+        let e = format!(
+            "{:#}",
+            load_matrix(p.to_str().unwrap(), None).err().unwrap()
+        );
+        assert!(e.contains("labels"), "{e}");
+    }
+}
