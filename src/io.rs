@@ -12,10 +12,19 @@ fn temp_in_dir_of(path: &Path) -> Result<tempfile::NamedTempFile> {
         Some(p) if !p.as_os_str().is_empty() => p,
         _ => Path::new("."),
     };
-    tempfile::Builder::new()
+    let tmp = tempfile::Builder::new()
         .prefix(".qtaylor-")
         .tempfile_in(dir)
-        .with_context(|| format!("cannot create a temporary file next to {}", path.display()))
+        .with_context(|| format!("cannot create a temporary file next to {}", path.display()))?;
+    // tempfile creates 0600; outputs are ordinary files (0644).
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        tmp.as_file()
+            .set_permissions(std::fs::Permissions::from_mode(0o644))
+            .with_context(|| format!("cannot set permissions next to {}", path.display()))?;
+    }
+    Ok(tmp)
 }
 
 /// Writes `bytes` to `path` atomically.
@@ -81,6 +90,52 @@ pub fn read_npy(path: &Path, expected: &[Option<usize>]) -> Result<Tensor> {
         );
     }
     Ok(t)
+}
+
+/// Writes a batch of images `(B, C, H, W)` with values in [−1, 1] (C = 1 or 3) as one PNG
+/// grid, ⌈√B⌉ columns with a 2-pixel gap, atomically. Values outside [−1, 1] are clipped.
+pub fn write_png_grid(path: &Path, images: &Tensor) -> Result<()> {
+    let (b, c, h, w) = images.dims4().map_err(|_| {
+        anyhow::anyhow!(
+            "{}: images of shape {:?}, expected (B, C, H, W)",
+            path.display(),
+            images.dims()
+        )
+    })?;
+    if c != 1 && c != 3 {
+        bail!(
+            "{}: {c} channels, expected 1 (grey) or 3 (RGB)",
+            path.display()
+        );
+    }
+    let data: Vec<f32> = images
+        .to_device(&Device::Cpu)?
+        .to_dtype(DType::F32)?
+        .flatten_all()?
+        .to_vec1()?;
+    let cols = (b as f64).sqrt().ceil() as usize;
+    let rows = b.div_ceil(cols);
+    let gap = 2;
+    let (gw, gh) = (cols * (w + gap) + gap, rows * (h + gap) + gap);
+    let mut img = image::RgbImage::from_pixel(gw as u32, gh as u32, image::Rgb([255, 255, 255]));
+    let to_u8 = |v: f32| ((v.clamp(-1.0, 1.0) + 1.0) * 127.5).round() as u8;
+    for i in 0..b {
+        let (ox, oy) = (gap + (i % cols) * (w + gap), gap + (i / cols) * (h + gap));
+        for y in 0..h {
+            for x in 0..w {
+                let px = |ch: usize| to_u8(data[((i * c + ch) * h + y) * w + x]);
+                let rgb = if c == 1 {
+                    [px(0); 3]
+                } else {
+                    [px(0), px(1), px(2)]
+                };
+                img.put_pixel((ox + x) as u32, (oy + y) as u32, image::Rgb(rgb));
+            }
+        }
+    }
+    let mut png = Vec::new();
+    img.write_to(&mut std::io::Cursor::new(&mut png), image::ImageFormat::Png)?;
+    write_atomic(path, &png)
 }
 
 #[cfg(test)]

@@ -10,6 +10,7 @@
 //! - [`ops`], [`rng`], [`io`], [`plot`]: fused tensor updates, per-sample noise, files, plots.
 
 pub mod bench;
+pub mod checkpoint;
 pub mod data;
 pub mod grid;
 pub mod io;
@@ -23,3 +24,4 @@ pub mod rng;
 pub mod samplers;
 pub mod schedule;
 pub mod series;
+pub mod unet;

@@ -36,15 +36,42 @@ enum Command {
     Bench(BenchArgs),
     /// List every sampler with its NFE per step.
     Samplers,
+    /// Throughput of a checkpoint: one network forward, and a full sample with a sampler.
+    Speed(SpeedArgs),
+}
+
+#[derive(Args)]
+struct SpeedArgs {
+    /// A diffusers checkpoint folder
+    #[arg(long)]
+    model: PathBuf,
+    /// Images per batch
+    #[arg(long, default_value_t = 8)]
+    batch: usize,
+    /// Timed repetitions (after one warm-up)
+    #[arg(long, default_value_t = 5)]
+    repeats: usize,
+    /// cpu | cuda
+    #[arg(long, default_value = "cpu")]
+    device: String,
+    /// f32 | f16 | bf16
+    #[arg(long, default_value = "f32")]
+    model_dtype: String,
+    /// Also time a full sample with this sampler ("none" to skip)
+    #[arg(long, default_value = "qt-3")]
+    sampler: String,
+    /// Steps of the timed sample
+    #[arg(long, default_value_t = 10)]
+    steps: usize,
 }
 
 /// Options shared by `sample` and `bench`.
 #[derive(Args)]
 struct Common {
-    /// gmm-demo (built in), a mixture FILE.json, or empirical:PATH[:N] (PATH: a .npy (N, d)
+    /// gmm-demo (default), a mixture FILE.json, or empirical:PATH[:N] (PATH: a .npy (N, d)
     /// array, an IDX file, a folder of MNIST IDX files, or mnist for data/mnist)
-    #[arg(long, default_value = "gmm-demo")]
-    problem: String,
+    #[arg(long)]
+    problem: Option<String>,
     /// vp-linear | cosine | scaled-linear | discrete
     #[arg(long, default_value = "vp-linear")]
     schedule: String,
@@ -70,11 +97,13 @@ struct Common {
     #[arg(long)]
     grid: Option<String>,
     /// Discrete schedule: diffusers timestep spacing leading | trailing | linspace
-    #[arg(long, default_value = "leading")]
-    spacing: String,
-    /// Discrete schedule: steps_offset added by the leading spacing
-    #[arg(long, default_value_t = 0)]
-    steps_offset: usize,
+    /// [default: the checkpoint's timestep_spacing, else leading]
+    #[arg(long)]
+    spacing: Option<String>,
+    /// Discrete schedule: steps_offset added by the leading spacing [default: the
+    /// checkpoint's, else 0]
+    #[arg(long)]
+    steps_offset: Option<usize>,
     /// Discrete schedule: end at zero (ᾱ = 1, returns x̂0) or at the last trained step
     #[arg(long, default_value = "zero")]
     r#final: String,
@@ -96,9 +125,10 @@ struct Common {
     /// Final step of the quasi-Taylor samplers: ddim (K → ∞ limit) | taylor
     #[arg(long, default_value = "ddim")]
     qt_last: String,
-    /// DDPM variance: beta-tilde (posterior) | beta
-    #[arg(long, default_value = "beta-tilde")]
-    ddpm_variance: String,
+    /// DDPM variance: beta-tilde (posterior) | beta [default: the checkpoint's variance_type,
+    /// else beta-tilde]
+    #[arg(long)]
+    ddpm_variance: Option<String>,
     /// Relative tolerance of the adaptive samplers [rk45: 1e-5; dpm-solver-12/23: 0.05]
     #[arg(long)]
     rtol: Option<f64>,
@@ -129,9 +159,15 @@ struct Common {
     /// Add one NFE at the end that returns x̂0 at the last time
     #[arg(long)]
     denoise_final: bool,
-    /// cpu (cuda arrives with the GPU build)
+    /// cpu | cuda (cuda needs a binary built with --features cuda)
     #[arg(long, default_value = "cpu")]
     device: String,
+}
+
+impl Common {
+    fn problem(&self) -> &str {
+        self.problem.as_deref().unwrap_or("gmm-demo")
+    }
 }
 
 #[derive(Args)]
@@ -151,15 +187,30 @@ struct SampleArgs {
     /// Number of samples [default: 16, or the rows of --x-init]
     #[arg(long)]
     batch: Option<usize>,
-    /// f32 | f64
+    /// f32 | f64: the sampler's state (its coefficients are always f64)
     #[arg(long, default_value = "f32")]
     dtype: String,
-    /// Start state at t_max, shape (B, d), used as given
+    /// Start state at the first time, shape (B, d) or (B, C, H, W) for --model, used as given
     #[arg(long)]
     x_init: Option<PathBuf>,
-    /// Output .npy, shape (B, d)
+    /// A diffusers checkpoint folder (unet/ + scheduler/, or flat) to sample instead of a problem
+    #[arg(long)]
+    model: Option<PathBuf>,
+    /// --model: the network's dtype f32 | f16 | bf16
+    #[arg(long, default_value = "f32")]
+    model_dtype: String,
+    /// --model: image size [default: the config's sample_size]
+    #[arg(long)]
+    image_size: Option<usize>,
+    /// --model: do not clip x̂0 even if the scheduler config says clip_sample
+    #[arg(long)]
+    no_clip: bool,
+    /// Output: .npy for problems; a PNG grid for --model
     #[arg(long)]
     out: PathBuf,
+    /// --model: also write the samples as .npy (B, C, H, W)
+    #[arg(long)]
+    save_npy: Option<PathBuf>,
 }
 
 #[derive(Args)]
@@ -207,73 +258,105 @@ fn parse_device(s: &str) -> Result<Device> {
     }
 }
 
-struct Setup {
-    schedule: Arc<dyn Schedule>,
-    grid: TimeGrid,
-    opts: Options,
-    device: Device,
+fn parse_timesteps(list: Option<&str>) -> Result<Option<Vec<usize>>> {
+    list.map(|list| {
+        list.split(',')
+            .map(|v| {
+                v.trim().parse::<usize>().map_err(|_| {
+                    anyhow::anyhow!("--timesteps: '{v}' is not a non-negative integer")
+                })
+            })
+            .collect::<Result<Vec<usize>>>()
+    })
+    .transpose()
 }
 
-fn setup(c: &Common, timesteps: Option<&str>) -> Result<Setup> {
-    let discrete = c.schedule == "discrete";
-    let schedule: Arc<dyn Schedule> = if discrete {
-        Arc::new(Tabulated::diffusers(
-            &c.beta_schedule,
-            c.beta_start,
-            c.beta_end,
-            c.train_steps,
-        )?)
-    } else {
-        schedule_by_name(&c.schedule, c.beta_min, c.beta_max)?.into()
-    };
-    let grid = if discrete {
-        for (flag, given) in [
-            ("--grid", c.grid.is_some()),
-            ("--t-min", c.t_min.is_some()),
-            ("--t-max", c.t_max.is_some()),
-        ] {
-            if given {
+/// Defaults a discrete grid takes from a checkpoint's scheduler config.
+struct DiscreteDefaults {
+    spacing: String,
+    offset: usize,
+    train_steps: usize,
+}
+
+/// The time grid: continuous (grid, t range) or discrete (spacing, offset, final).
+fn time_grid(
+    c: &Common,
+    schedule: &dyn Schedule,
+    discrete: Option<DiscreteDefaults>,
+    timesteps: Option<&str>,
+) -> Result<TimeGrid> {
+    match discrete {
+        Some(d) => {
+            for (flag, given) in [
+                ("--grid", c.grid.is_some()),
+                ("--t-min", c.t_min.is_some()),
+                ("--t-max", c.t_max.is_some()),
+            ] {
+                if given {
+                    bail!(
+                        "{flag} applies to continuous schedules; a discrete schedule takes --spacing, --steps-offset and --final"
+                    );
+                }
+            }
+            Ok(TimeGrid::Discrete {
+                spacing: c.spacing.as_deref().unwrap_or(&d.spacing).parse()?,
+                offset: c.steps_offset.unwrap_or(d.offset),
+                timesteps: parse_timesteps(timesteps)?,
+                train_steps: d.train_steps,
+                last: c.r#final.parse()?,
+            })
+        }
+        None => {
+            if timesteps.is_some() {
+                bail!("--timesteps needs a discrete schedule (--schedule discrete or --model)");
+            }
+            if c.spacing.is_some() || c.steps_offset.is_some() {
                 bail!(
-                    "{flag} applies to continuous schedules; a discrete schedule takes --spacing, --steps-offset and --final"
+                    "--spacing and --steps-offset apply to discrete schedules (--schedule discrete or --model)"
                 );
             }
-        }
-        let timesteps = timesteps
-            .map(|list| {
-                list.split(',')
-                    .map(|v| {
-                        v.trim().parse::<usize>().map_err(|_| {
-                            anyhow::anyhow!("--timesteps: '{v}' is not a non-negative integer")
-                        })
-                    })
-                    .collect::<Result<Vec<usize>>>()
+            let t_max = c.t_max.unwrap_or(schedule.t_end());
+            let t_min = c.t_min.unwrap_or(1e-3);
+            qtaylor::grid::check_interval(schedule, t_max, t_min)?;
+            Ok(TimeGrid::Continuous {
+                grid: c.grid.as_deref().unwrap_or("uniform").parse()?,
+                t_max,
+                t_min,
             })
-            .transpose()?;
-        TimeGrid::Discrete {
-            spacing: c.spacing.parse()?,
-            offset: c.steps_offset,
-            timesteps,
+        }
+    }
+}
+
+/// The schedule named by --schedule (and, for discrete, the grid defaults).
+fn schedule_of(c: &Common) -> Result<(Arc<dyn Schedule>, Option<DiscreteDefaults>)> {
+    if c.schedule == "discrete" {
+        let s = Tabulated::diffusers(&c.beta_schedule, c.beta_start, c.beta_end, c.train_steps)?;
+        let d = DiscreteDefaults {
+            spacing: "leading".into(),
+            offset: 0,
             train_steps: c.train_steps,
-            last: c.r#final.parse()?,
-        }
+        };
+        Ok((Arc::new(s), Some(d)))
     } else {
-        if timesteps.is_some() {
-            bail!("--timesteps needs --schedule discrete");
-        }
-        let t_max = c.t_max.unwrap_or(schedule.t_end());
-        let t_min = c.t_min.unwrap_or(1e-3);
-        qtaylor::grid::check_interval(schedule.as_ref(), t_max, t_min)?;
-        TimeGrid::Continuous {
-            grid: c.grid.as_deref().unwrap_or("uniform").parse()?,
-            t_max,
-            t_min,
-        }
+        Ok((
+            schedule_by_name(&c.schedule, c.beta_min, c.beta_max)?.into(),
+            None,
+        ))
+    }
+}
+
+/// Sampler options from the flags; `variance_type` is a checkpoint's default DDPM variance.
+fn options(c: &Common, variance_type: Option<&str>) -> Result<Options> {
+    let ddpm_variance = match (&c.ddpm_variance, variance_type) {
+        (Some(v), _) => v.parse()?,
+        (None, Some(v)) if v.starts_with("fixed_large") => samplers::DdpmVariance::Beta,
+        _ => samplers::DdpmVariance::BetaTilde,
     };
     let opts = Options {
         eta: c.eta,
         expand: c.expand.parse()?,
         qt_last: c.qt_last.parse()?,
-        ddpm_variance: c.ddpm_variance.parse()?,
+        ddpm_variance,
         rtol: c.rtol,
         atol: c.atol,
         lower_order_final: c.lower_order_final,
@@ -286,22 +369,106 @@ fn setup(c: &Common, timesteps: Option<&str>) -> Result<Setup> {
         denoise_final: c.denoise_final,
     };
     opts.validate()?;
-    Ok(Setup {
-        schedule,
-        grid,
-        opts,
-        device: parse_device(&c.device)?,
+    Ok(opts)
+}
+
+fn parse_model_dtype(s: &str) -> Result<DType> {
+    Ok(match s {
+        "f32" => DType::F32,
+        "f16" => DType::F16,
+        "bf16" => DType::BF16,
+        other => bail!("--model-dtype {other}: expected f32, f16 or bf16"),
     })
 }
 
 fn cmd_sample(a: &SampleArgs) -> Result<()> {
     let sampler: Sampler = a.sampler.parse()?;
-    let s = setup(&a.common, a.timesteps.as_deref())?;
     let dtype = parse_dtype(&a.dtype)?;
-    let ts = s.grid.times(s.schedule.as_ref(), a.steps.unwrap_or(0))?;
+    let device = parse_device(&a.common.device)?;
+    // What is sampled: a diffusers checkpoint, or an exact-score problem.
+    let checkpoint;
+    let problem;
+    let (model, schedule, item, name, grid, opts): (
+        &dyn qtaylor::model::Model,
+        Arc<dyn Schedule>,
+        Vec<usize>,
+        String,
+        TimeGrid,
+        Options,
+    ) = match &a.model {
+        Some(dir) => {
+            if a.common.problem.is_some() || a.common.schedule != "vp-linear" {
+                bail!("--model brings its own model and schedule: drop --problem/--schedule");
+            }
+            let ext = a.out.extension().and_then(|e| e.to_str()).unwrap_or("");
+            if !ext.eq_ignore_ascii_case("png") {
+                bail!(
+                    "--out {}: with --model the output is a PNG grid (use --save-npy for the array)",
+                    a.out.display()
+                );
+            }
+            let mut m = qtaylor::checkpoint::DiffusersModel::load(
+                dir,
+                parse_model_dtype(&a.model_dtype)?,
+                &device,
+            )?;
+            if a.no_clip {
+                m.clip = None;
+            }
+            let schedule: Arc<dyn Schedule> = m.schedule.clone();
+            let defaults = DiscreteDefaults {
+                spacing: m.scheduler.timestep_spacing.clone(),
+                offset: m.scheduler.steps_offset,
+                train_steps: m.scheduler.num_train_timesteps,
+            };
+            let grid = time_grid(
+                &a.common,
+                schedule.as_ref(),
+                Some(defaults),
+                a.timesteps.as_deref(),
+            )?;
+            let item = m.item_shape(a.image_size)?;
+            let opts = options(&a.common, Some(&m.scheduler.variance_type))?;
+            let name = format!(
+                "{} ({:.1} M parameters)",
+                dir.display(),
+                m.parameters as f64 / 1e6
+            );
+            checkpoint = m;
+            (
+                &checkpoint as &dyn qtaylor::model::Model,
+                schedule,
+                item,
+                name,
+                grid,
+                opts,
+            )
+        }
+        None => {
+            if a.image_size.is_some() || a.save_npy.is_some() || a.no_clip {
+                bail!("--image-size, --save-npy and --no-clip apply to --model");
+            }
+            let (schedule, discrete) = schedule_of(&a.common)?;
+            let grid = time_grid(
+                &a.common,
+                schedule.as_ref(),
+                discrete,
+                a.timesteps.as_deref(),
+            )?;
+            let opts = options(&a.common, None)?;
+            problem = load_problem(a.common.problem(), schedule.clone(), &device)?;
+            (
+                problem.model(),
+                schedule,
+                problem.item_shape(),
+                problem.name(),
+                grid,
+                opts,
+            )
+        }
+    };
+    let ts = grid.times(schedule.as_ref(), a.steps.unwrap_or(0))?;
     let steps = ts.len() - 1;
-    let problem = load_problem(&a.common.problem, s.schedule.clone(), &s.device)?;
-    let item = problem.item_shape();
     let (x, mut noise) = match &a.x_init {
         Some(path) => {
             let mut want = vec![None];
@@ -316,7 +483,7 @@ fn cmd_sample(a: &SampleArgs) -> Result<()> {
                     path.display()
                 );
             }
-            let x = x.to_dtype(dtype)?.to_device(&s.device)?;
+            let x = x.to_dtype(dtype)?.to_device(&device)?;
             // Consume the start draws, so that the sampler's own noise is the same as in a
             // run without --x-init: an x-init equal to the default start noise reproduces it.
             let mut noise = NoiseStreams::new(a.common.seed, 0, b);
@@ -329,7 +496,7 @@ fn cmd_sample(a: &SampleArgs) -> Result<()> {
                 bail!("--batch 0: at least one sample is needed");
             }
             let mut noise = NoiseStreams::new(a.common.seed, 0, b);
-            (noise.normal(&item, dtype, &s.device)?, noise)
+            (noise.normal(&item, dtype, &device)?, noise)
         }
     };
     let pb = ProgressBar::new(steps as u64);
@@ -339,23 +506,28 @@ fn cmd_sample(a: &SampleArgs) -> Result<()> {
     );
     let start = Instant::now();
     let run = samplers::sample(
-        problem.model(),
-        s.schedule.as_ref(),
+        model,
+        schedule.as_ref(),
         sampler,
-        &s.opts,
+        &opts,
         &ts,
         x,
         &mut noise,
         Some(&pb),
     )?;
     pb.finish_and_clear();
-    qtaylor::io::write_npy(&a.out, &run.x)?;
+    if a.model.is_some() {
+        qtaylor::io::write_png_grid(&a.out, &run.x)?;
+        if let Some(npy) = &a.save_npy {
+            qtaylor::io::write_npy(npy, &run.x)?;
+        }
+    } else {
+        qtaylor::io::write_npy(&a.out, &run.x)?;
+    }
     eprintln!(
-        "{} samples of {} with {sampler}, {} steps on the {} grid, {:.0} NFE, {:.2} s -> {}",
+        "{} samples of {name} with {sampler}, {steps} steps ({}), {:.0} NFE, {:.2} s -> {}",
         run.x.dims()[0],
-        problem.name(),
-        steps,
-        s.grid.describe(),
+        grid.describe(),
         run.nfe,
         start.elapsed().as_secs_f64(),
         a.out.display()
@@ -364,7 +536,10 @@ fn cmd_sample(a: &SampleArgs) -> Result<()> {
 }
 
 fn cmd_bench(a: &BenchArgs) -> Result<()> {
-    let s = setup(&a.common, None)?;
+    let device = parse_device(&a.common.device)?;
+    let (schedule, discrete) = schedule_of(&a.common)?;
+    let grid = time_grid(&a.common, schedule.as_ref(), discrete, None)?;
+    let opts = options(&a.common, None)?;
     let samplers = if a.samplers == "all" {
         samplers::all_samplers()
     } else {
@@ -387,20 +562,20 @@ fn cmd_bench(a: &BenchArgs) -> Result<()> {
     if a.batch == 0 {
         bail!("--batch 0: at least one sample is needed");
     }
-    let problem = load_problem(&a.common.problem, s.schedule.clone(), &s.device)?;
+    let problem = load_problem(a.common.problem(), schedule.clone(), &device)?;
     let cfg = BenchConfig {
         samplers,
         budgets,
-        grid: s.grid,
+        grid,
         batch: a.batch,
         seed: a.common.seed,
         dtype: parse_dtype(&a.dtype)?,
-        opts: s.opts,
+        opts,
         ref_tol: a.ref_tol,
         projections: 128,
     };
     let start = Instant::now();
-    let report = run_bench(problem.as_ref(), s.schedule.as_ref(), &s.device, &cfg, true)?;
+    let report = run_bench(problem.as_ref(), schedule.as_ref(), &device, &cfg, true)?;
     report.write(&a.out)?;
     println!("{}", report.markdown());
     eprintln!(
@@ -408,6 +583,107 @@ fn cmd_bench(a: &BenchArgs) -> Result<()> {
         start.elapsed().as_secs_f64(),
         a.out.display()
     );
+    Ok(())
+}
+
+/// Median of timings in seconds.
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+/// Peak resident memory of this process (Linux `VmHWM`), in MiB.
+fn peak_rss_mib() -> Option<f64> {
+    let s = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = s.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kb: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb / 1024.0)
+}
+
+fn cmd_speed(a: &SpeedArgs) -> Result<()> {
+    if a.batch == 0 || a.repeats == 0 {
+        bail!("--batch and --repeats must be positive");
+    }
+    let device = parse_device(&a.device)?;
+    let m = qtaylor::checkpoint::DiffusersModel::load(
+        &a.model,
+        parse_model_dtype(&a.model_dtype)?,
+        &device,
+    )?;
+    let item = m.item_shape(None)?;
+    let mut noise = NoiseStreams::new(0, 0, a.batch);
+    let x = noise.normal(&item, DType::F32, &device)?;
+    let time = |f: &mut dyn FnMut() -> Result<()>| -> Result<f64> {
+        f()?; // warm-up
+        device.synchronize()?;
+        let mut v = Vec::with_capacity(a.repeats);
+        for _ in 0..a.repeats {
+            let t0 = Instant::now();
+            f()?;
+            device.synchronize()?;
+            v.push(t0.elapsed().as_secs_f64());
+        }
+        Ok(median(v))
+    };
+    let fwd = time(&mut || {
+        m.unet.forward(&x, &[500.0])?;
+        Ok(())
+    })?;
+    println!(
+        "model {} ({:.2} M parameters), {:?}, dtype {}, batch {}",
+        a.model.display(),
+        m.parameters as f64 / 1e6,
+        item,
+        a.model_dtype,
+        a.batch
+    );
+    println!(
+        "forward: {:.4} s per batch, {:.1} images/s (median of {})",
+        fwd,
+        a.batch as f64 / fwd,
+        a.repeats
+    );
+    if a.sampler != "none" {
+        let sampler: Sampler = a.sampler.parse()?;
+        let opts = Options::default();
+        let grid = TimeGrid::Discrete {
+            spacing: m.scheduler.timestep_spacing.parse()?,
+            offset: m.scheduler.steps_offset,
+            timesteps: None,
+            train_steps: m.scheduler.num_train_timesteps,
+            last: qtaylor::grid::Final::Zero,
+        };
+        let ts = grid.times(m.schedule.as_ref(), a.steps)?;
+        let mut nfe = 0.0;
+        let full = time(&mut || {
+            let mut noise = NoiseStreams::new(0, 0, a.batch);
+            let x = noise.normal(&item, DType::F32, &device)?;
+            let run = samplers::sample(
+                &m,
+                m.schedule.as_ref(),
+                sampler,
+                &opts,
+                &ts,
+                x,
+                &mut noise,
+                None,
+            )?;
+            nfe = run.nfe;
+            run.x.to_device(&Device::Cpu)?;
+            Ok(())
+        })?;
+        let overhead = (full - nfe * fwd) / (nfe * fwd);
+        println!(
+            "sample {sampler}, {} steps ({nfe:.0} NFE): {:.4} s per batch, {:.1} images/s; time outside the network {:+.1} % of the network's",
+            a.steps,
+            full,
+            a.batch as f64 / full,
+            100.0 * overhead
+        );
+    }
+    if let Some(p) = peak_rss_mib() {
+        println!("peak resident memory: {p:.0} MiB");
+    }
     Ok(())
 }
 
@@ -423,6 +699,7 @@ fn main() -> ExitCode {
     let result = match &cli.command {
         Command::Sample(a) => cmd_sample(a),
         Command::Bench(a) => cmd_bench(a),
+        Command::Speed(a) => cmd_speed(a),
         Command::Samplers => {
             cmd_samplers();
             Ok(())

@@ -71,12 +71,26 @@ impl Problem for GmmProblem {
     }
 }
 
-/// Loads `--problem`: `gmm-demo` or a mixture JSON file.
+/// Loads `--problem`: `gmm-demo`, a mixture JSON file, or `empirical:PATH[:N]` (a `.npy`
+/// (N, d) array, an IDX image file, a folder of MNIST IDX files, or `mnist` for
+/// `data/mnist`; the optional N keeps the first N rows).
 pub fn load_problem(
     spec: &str,
     schedule: Arc<dyn Schedule>,
     device: &Device,
 ) -> Result<Box<dyn Problem>> {
+    if let Some(rest) = spec.strip_prefix("empirical:") {
+        let (path, limit) = match rest.rsplit_once(':') {
+            Some((p, n)) if !n.is_empty() && n.chars().all(|c| c.is_ascii_digit()) => {
+                (p, Some(n.parse::<usize>()?))
+            }
+            _ => (rest, None),
+        };
+        let m = crate::data::load_matrix(path, limit)?;
+        return Ok(Box::new(empirical::EmpiricalProblem::new(
+            spec, &m, schedule, device,
+        )?));
+    }
     if spec == "gmm-demo" {
         return Ok(Box::new(GmmProblem::new(
             spec,

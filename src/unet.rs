@@ -1,0 +1,916 @@
+//! diffusers' `UNet2DModel` in candle: the DDPM-style UNet with `DownBlock2D`,
+//! `AttnDownBlock2D`, `UpBlock2D`, `AttnUpBlock2D` and the `UNetMidBlock2D`, configured from
+//! diffusers' `config.json` and loaded from its safetensors weights (current attention key
+//! names `to_q/to_k/to_v/to_out.0` or the legacy `query/key/value/proj_attn`).
+//!
+//! The forward pass follows diffusers 0.42 (`models/unets/unet_2d.py`): positional timestep
+//! embedding (computed with PyTorch's float32 steps), `TimestepEmbedding` (linear, SiLU,
+//! linear), ResNet blocks `(x + conv2(act(norm2(conv1(act(norm1(x))) + proj(act(temb))))))/s`
+//! (or scale-shift), single- or multi-head self-attention with a residual, stride-2 conv
+//! downsampling (asymmetric right/bottom padding when `downsample_padding = 0`), nearest ×2
+//! upsampling followed by a conv, skip connections concatenated as `[h, skip]`.
+
+use std::collections::{HashMap, HashSet};
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+
+use anyhow::{Context, Result, bail};
+use candle_core::{DType, Device, Module, Tensor};
+use candle_nn::{Conv2d, Conv2dConfig, GroupNorm, Linear};
+use serde::Deserialize;
+
+fn d_in() -> usize {
+    3
+}
+fn d_true() -> bool {
+    true
+}
+fn d_positional() -> String {
+    "positional".into()
+}
+fn d_down() -> Vec<String> {
+    [
+        "DownBlock2D",
+        "AttnDownBlock2D",
+        "AttnDownBlock2D",
+        "AttnDownBlock2D",
+    ]
+    .map(String::from)
+    .to_vec()
+}
+fn d_up() -> Vec<String> {
+    [
+        "AttnUpBlock2D",
+        "AttnUpBlock2D",
+        "AttnUpBlock2D",
+        "UpBlock2D",
+    ]
+    .map(String::from)
+    .to_vec()
+}
+fn d_mid() -> Option<String> {
+    Some("UNetMidBlock2D".into())
+}
+fn d_channels() -> Vec<usize> {
+    vec![224, 448, 672, 896]
+}
+fn d_two() -> usize {
+    2
+}
+fn d_one_f() -> f64 {
+    1.0
+}
+fn d_one() -> usize {
+    1
+}
+fn d_conv() -> String {
+    "conv".into()
+}
+fn d_silu() -> String {
+    "silu".into()
+}
+fn d_head() -> Option<usize> {
+    Some(8)
+}
+fn d_groups() -> Option<usize> {
+    Some(32)
+}
+fn d_eps() -> f64 {
+    1e-5
+}
+fn d_default() -> String {
+    "default".into()
+}
+
+/// `config.json` of a diffusers `UNet2DModel`. A missing key takes diffusers' `__init__`
+/// default; an explicit `null` for `attention_head_dim` means one head of full width.
+#[derive(Clone, Debug, Deserialize)]
+pub struct UNet2DConfig {
+    #[serde(default = "d_in")]
+    pub in_channels: usize,
+    #[serde(default = "d_in")]
+    pub out_channels: usize,
+    #[serde(default)]
+    pub center_input_sample: bool,
+    #[serde(default = "d_positional")]
+    pub time_embedding_type: String,
+    #[serde(default)]
+    pub time_embedding_dim: Option<usize>,
+    #[serde(default)]
+    pub freq_shift: f64,
+    #[serde(default = "d_true")]
+    pub flip_sin_to_cos: bool,
+    #[serde(default = "d_down")]
+    pub down_block_types: Vec<String>,
+    #[serde(default = "d_mid")]
+    pub mid_block_type: Option<String>,
+    #[serde(default = "d_up")]
+    pub up_block_types: Vec<String>,
+    #[serde(default = "d_channels")]
+    pub block_out_channels: Vec<usize>,
+    #[serde(default = "d_two")]
+    pub layers_per_block: usize,
+    #[serde(default = "d_one_f")]
+    pub mid_block_scale_factor: f64,
+    #[serde(default = "d_one")]
+    pub downsample_padding: usize,
+    #[serde(default = "d_conv")]
+    pub downsample_type: String,
+    #[serde(default = "d_conv")]
+    pub upsample_type: String,
+    #[serde(default = "d_silu")]
+    pub act_fn: String,
+    #[serde(default = "d_head")]
+    pub attention_head_dim: Option<usize>,
+    #[serde(default = "d_groups")]
+    pub norm_num_groups: Option<usize>,
+    #[serde(default)]
+    pub attn_norm_num_groups: Option<usize>,
+    #[serde(default = "d_eps")]
+    pub norm_eps: f64,
+    #[serde(default = "d_default")]
+    pub resnet_time_scale_shift: String,
+    #[serde(default = "d_true")]
+    pub add_attention: bool,
+    #[serde(default)]
+    pub class_embed_type: Option<String>,
+    #[serde(default)]
+    pub num_class_embeds: Option<usize>,
+    #[serde(default)]
+    pub sample_size: Option<serde_json::Value>,
+}
+
+impl UNet2DConfig {
+    /// Parses and checks that every option is one this port implements.
+    pub fn from_json(text: &str, file: &Path) -> Result<Self> {
+        let c: UNet2DConfig = serde_json::from_str(text)
+            .with_context(|| format!("{}: malformed UNet2DModel config", file.display()))?;
+        c.validate()
+            .with_context(|| format!("{}: unsupported UNet2DModel config", file.display()))?;
+        Ok(c)
+    }
+
+    fn validate(&self) -> Result<()> {
+        let n = self.block_out_channels.len();
+        if n == 0 {
+            bail!("key 'block_out_channels' is empty");
+        }
+        if self.down_block_types.len() != n || self.up_block_types.len() != n {
+            bail!(
+                "keys 'down_block_types' ({}) and 'up_block_types' ({}) must have one entry per block_out_channels ({n})",
+                self.down_block_types.len(),
+                self.up_block_types.len()
+            );
+        }
+        for t in &self.down_block_types {
+            if t != "DownBlock2D" && t != "AttnDownBlock2D" {
+                bail!(
+                    "key 'down_block_types': block type '{t}' is not supported; expected DownBlock2D or AttnDownBlock2D"
+                );
+            }
+        }
+        for t in &self.up_block_types {
+            if t != "UpBlock2D" && t != "AttnUpBlock2D" {
+                bail!(
+                    "key 'up_block_types': block type '{t}' is not supported; expected UpBlock2D or AttnUpBlock2D"
+                );
+            }
+        }
+        if let Some(m) = &self.mid_block_type
+            && m != "UNetMidBlock2D"
+        {
+            bail!("key 'mid_block_type': '{m}' is not supported; expected UNetMidBlock2D or null");
+        }
+        if self.time_embedding_type != "positional" {
+            bail!(
+                "key 'time_embedding_type': '{}' is not supported; expected positional",
+                self.time_embedding_type
+            );
+        }
+        if self.downsample_type != "conv" || self.upsample_type != "conv" {
+            bail!(
+                "keys 'downsample_type'/'upsample_type': '{}'/'{}' are not supported; expected conv",
+                self.downsample_type,
+                self.upsample_type
+            );
+        }
+        if self.downsample_padding > 1 {
+            bail!(
+                "key 'downsample_padding': {} is not supported; expected 0 or 1",
+                self.downsample_padding
+            );
+        }
+        if self.resnet_time_scale_shift != "default"
+            && self.resnet_time_scale_shift != "scale_shift"
+        {
+            bail!(
+                "key 'resnet_time_scale_shift': '{}' is not supported; expected default or scale_shift",
+                self.resnet_time_scale_shift
+            );
+        }
+        if self.class_embed_type.is_some() || self.num_class_embeds.is_some() {
+            bail!(
+                "keys 'class_embed_type'/'num_class_embeds': class-conditional UNets are not supported"
+            );
+        }
+        act(&self.act_fn)?;
+        let g = self
+            .norm_num_groups
+            .ok_or_else(|| anyhow::anyhow!("key 'norm_num_groups': null is not supported"))?;
+        if g == 0 {
+            bail!("key 'norm_num_groups': 0 groups");
+        }
+        for &c in &self.block_out_channels {
+            if c % g != 0 {
+                bail!("key 'norm_num_groups': {g} groups do not divide {c} channels");
+            }
+            if let Some(h) = self.attention_head_dim
+                && (h == 0 || c % h != 0)
+            {
+                bail!("key 'attention_head_dim': {h} does not divide {c} channels");
+            }
+        }
+        if !self.block_out_channels[0].is_multiple_of(2) {
+            bail!(
+                "key 'block_out_channels': the first width must be even for the timestep embedding"
+            );
+        }
+        Ok(())
+    }
+
+    /// The factor H and W must be divisible by: 2^(blocks − 1).
+    pub fn downsample_factor(&self) -> usize {
+        1 << (self.block_out_channels.len() - 1)
+    }
+}
+
+#[derive(Clone, Copy, Debug)]
+enum Act {
+    Silu,
+    Mish,
+    Gelu,
+    Relu,
+}
+
+fn act(name: &str) -> Result<Act> {
+    Ok(match name {
+        "silu" | "swish" => Act::Silu,
+        "mish" => Act::Mish,
+        "gelu" => Act::Gelu,
+        "relu" => Act::Relu,
+        other => {
+            bail!("key 'act_fn': '{other}' is not supported; expected silu, mish, gelu or relu")
+        }
+    })
+}
+
+fn apply(a: Act, x: &Tensor) -> candle_core::Result<Tensor> {
+    match a {
+        Act::Silu => candle_nn::ops::silu(x),
+        Act::Mish => x * ((x.exp()? + 1.0)?.log()?.tanh()?),
+        Act::Gelu => x.gelu_erf(),
+        Act::Relu => x.relu(),
+    }
+}
+
+/// The tensors of a safetensors file, checked one by one as the model asks for them.
+pub struct Weights {
+    file: PathBuf,
+    tensors: HashMap<String, Tensor>,
+    used: Mutex<HashSet<String>>,
+    /// Synthetic weights: any tensor asked for is made up (seeded normal, std 0.05), and the
+    /// count of parameters handed out is kept. For architecture tests without a file.
+    synthetic: Option<(u64, Mutex<usize>)>,
+    dtype: DType,
+    device: Device,
+}
+
+impl Weights {
+    /// Reads and validates a safetensors file (a truncated or corrupt file is an error that
+    /// names it).
+    pub fn load(file: &Path, dtype: DType, device: &Device) -> Result<Self> {
+        let bytes = std::fs::read(file)
+            .with_context(|| format!("cannot read weights file {}", file.display()))?;
+        let st = safetensors::SafeTensors::deserialize(&bytes).map_err(|e| {
+            anyhow::anyhow!(
+                "{}: not a valid safetensors file (truncated or corrupt?): {e}",
+                file.display()
+            )
+        })?;
+        let mut tensors = HashMap::new();
+        for (name, view) in st.tensors() {
+            let t = candle_core::safetensors::Load::load(&view, &Device::Cpu)
+                .with_context(|| format!("{}: cannot read tensor '{name}'", file.display()))?;
+            tensors.insert(name, t);
+        }
+        Ok(Weights {
+            file: file.to_path_buf(),
+            tensors,
+            used: Mutex::new(HashSet::new()),
+            synthetic: None,
+            dtype,
+            device: device.clone(),
+        })
+    }
+
+    /// Made-up weights of whatever shape the model asks for (see the `synthetic` field).
+    pub fn synthetic(seed: u64, dtype: DType, device: &Device) -> Self {
+        Weights {
+            file: PathBuf::from("<synthetic>"),
+            tensors: HashMap::new(),
+            used: Mutex::new(HashSet::new()),
+            synthetic: Some((seed, Mutex::new(0))),
+            dtype,
+            device: device.clone(),
+        }
+    }
+
+    fn has(&self, name: &str) -> bool {
+        self.tensors.contains_key(name)
+    }
+
+    /// The tensor `name` of shape `shape`, in the model dtype on the model device.
+    pub fn get(&self, name: &str, shape: &[usize]) -> Result<Tensor> {
+        if let Some((seed, count)) = &self.synthetic {
+            use rand::SeedableRng;
+            use rand_distr::Distribution;
+            let n: usize = shape.iter().product();
+            *count.lock().expect("weights lock") += n;
+            let h = name.bytes().fold(*seed, |h, b| {
+                h.wrapping_mul(0x100000001b3).wrapping_add(b as u64)
+            });
+            let mut rng = rand_chacha::ChaCha12Rng::seed_from_u64(h);
+            let data: Vec<f32> = (0..n)
+                .map(|_| 0.05 * Distribution::<f32>::sample(&rand_distr::StandardNormal, &mut rng))
+                .collect();
+            return Ok(Tensor::from_vec(data, shape, &self.device)?.to_dtype(self.dtype)?);
+        }
+        let t = self.tensors.get(name).ok_or_else(|| {
+            anyhow::anyhow!(
+                "{}: tensor '{name}' is missing (expected shape {shape:?})",
+                self.file.display()
+            )
+        })?;
+        if t.dims() != shape {
+            bail!(
+                "{}: tensor '{name}' has shape {:?}, expected {shape:?}",
+                self.file.display(),
+                t.dims()
+            );
+        }
+        self.used
+            .lock()
+            .expect("weights lock")
+            .insert(name.to_string());
+        Ok(t.to_dtype(self.dtype)?.to_device(&self.device)?)
+    }
+
+    /// Names in the file that no module asked for.
+    pub fn unused(&self) -> Vec<String> {
+        let used = self.used.lock().expect("weights lock");
+        let mut v: Vec<String> = self
+            .tensors
+            .keys()
+            .filter(|k| !used.contains(*k))
+            .cloned()
+            .collect();
+        v.sort();
+        v
+    }
+
+    /// Total number of parameters in the file (synthetic: handed out so far).
+    pub fn parameter_count(&self) -> usize {
+        match &self.synthetic {
+            Some((_, count)) => *count.lock().expect("weights lock"),
+            None => self.tensors.values().map(|t| t.elem_count()).sum(),
+        }
+    }
+
+    fn conv(
+        &self,
+        p: &str,
+        cin: usize,
+        cout: usize,
+        k: usize,
+        stride: usize,
+        padding: usize,
+    ) -> Result<Conv> {
+        let w = self.get(&format!("{p}.weight"), &[cout, cin, k, k])?;
+        let b = self.get(&format!("{p}.bias"), &[cout])?;
+        if self.device.is_cpu() && k == 3 && stride == 1 && padding == 1 {
+            return Ok(Conv::Im2col {
+                w2: w.reshape((cout, cin * 9))?,
+                bias: b,
+                out_c: cout,
+            });
+        }
+        Ok(Conv::Candle(Conv2d::new(
+            w,
+            Some(b),
+            Conv2dConfig {
+                padding,
+                stride,
+                ..Default::default()
+            },
+        )))
+    }
+
+    fn linear(&self, p: &str, cin: usize, cout: usize) -> Result<Linear> {
+        Ok(Linear::new(
+            self.get(&format!("{p}.weight"), &[cout, cin])?,
+            Some(self.get(&format!("{p}.bias"), &[cout])?),
+        ))
+    }
+
+    fn group_norm(&self, p: &str, groups: usize, c: usize, eps: f64) -> Result<GroupNorm> {
+        if !c.is_multiple_of(groups) {
+            bail!("{p}: {groups} groups do not divide {c} channels");
+        }
+        Ok(GroupNorm::new(
+            self.get(&format!("{p}.weight"), &[c])?,
+            self.get(&format!("{p}.bias"), &[c])?,
+            c,
+            groups,
+            eps,
+        )?)
+    }
+}
+
+/// A convolution. 3×3 / stride 1 / padding 1 convolutions on the CPU (most of the UNet)
+/// run as one batched matrix product over an im2col matrix built from nine shifted views
+/// of the padded input: the weight `(out, in, 3, 3)` is already the `(out, in·9)` matrix, so
+/// nothing is reordered per call. candle's own CPU conv2d reorders the weight and converts
+/// the input to NHWC on every call and scatters its im2col tile; this path was measured
+/// faster (BENCHMARKS.md). Other shapes and devices use candle's conv2d.
+enum Conv {
+    Candle(Conv2d),
+    Im2col {
+        w2: Tensor,
+        bias: Tensor,
+        out_c: usize,
+    },
+}
+
+impl Conv {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        match self {
+            Conv::Candle(c) => Ok(c.forward(x)?),
+            Conv::Im2col { w2, bias, out_c } => {
+                let (b, c, h, w) = x.dims4()?;
+                let xp = x.pad_with_zeros(2, 1, 1)?.pad_with_zeros(3, 1, 1)?;
+                let mut views = Vec::with_capacity(9);
+                for ky in 0..3 {
+                    for kx in 0..3 {
+                        views.push(xp.narrow(2, ky, h)?.narrow(3, kx, w)?);
+                    }
+                }
+                // (B, C, 9, H, W): row c·9 + ky·3 + kx matches the weight's (c, ky, kx) order.
+                let col = Tensor::stack(&views, 2)?.reshape((b, c * 9, h * w))?;
+                let out = w2.broadcast_left(b)?.matmul(&col)?;
+                Ok(out
+                    .reshape((b, *out_c, h, w))?
+                    .broadcast_add(&bias.reshape((1, *out_c, 1, 1))?)?)
+            }
+        }
+    }
+}
+
+struct Resnet {
+    norm1: GroupNorm,
+    conv1: Conv,
+    time_proj: Linear,
+    norm2: GroupNorm,
+    conv2: Conv,
+    shortcut: Option<Conv>,
+    scale_shift: bool,
+    out_scale: f64,
+    act: Act,
+}
+
+impl Resnet {
+    fn new(
+        w: &Weights,
+        p: &str,
+        cin: usize,
+        cout: usize,
+        temb: usize,
+        c: &UNet2DConfig,
+        out_scale: f64,
+    ) -> Result<Self> {
+        let g = c.norm_num_groups.expect("validated");
+        let scale_shift = c.resnet_time_scale_shift == "scale_shift";
+        Ok(Resnet {
+            norm1: w.group_norm(&format!("{p}.norm1"), g, cin, c.norm_eps)?,
+            conv1: w.conv(&format!("{p}.conv1"), cin, cout, 3, 1, 1)?,
+            time_proj: w.linear(
+                &format!("{p}.time_emb_proj"),
+                temb,
+                if scale_shift { 2 * cout } else { cout },
+            )?,
+            norm2: w.group_norm(&format!("{p}.norm2"), g, cout, c.norm_eps)?,
+            conv2: w.conv(&format!("{p}.conv2"), cout, cout, 3, 1, 1)?,
+            shortcut: if cin != cout {
+                Some(w.conv(&format!("{p}.conv_shortcut"), cin, cout, 1, 1, 0)?)
+            } else {
+                None
+            },
+            scale_shift,
+            out_scale,
+            act: act(&c.act_fn)?,
+        })
+    }
+
+    fn forward(&self, x: &Tensor, temb: &Tensor) -> Result<Tensor> {
+        let h = self
+            .conv1
+            .forward(&apply(self.act, &self.norm1.forward(x)?)?)?;
+        let tp = self
+            .time_proj
+            .forward(&apply(self.act, temb)?)?
+            .unsqueeze(2)?
+            .unsqueeze(3)?;
+        let h = if self.scale_shift {
+            let c = tp.dim(1)? / 2;
+            let (scale, shift) = (tp.narrow(1, 0, c)?, tp.narrow(1, c, c)?);
+            self.norm2
+                .forward(&h)?
+                .broadcast_mul(&(scale + 1.0)?)?
+                .broadcast_add(&shift)?
+        } else {
+            self.norm2.forward(&h.broadcast_add(&tp)?)?
+        };
+        let h = self.conv2.forward(&apply(self.act, &h)?)?;
+        let x = match &self.shortcut {
+            Some(s) => s.forward(x)?,
+            None => x.clone(),
+        };
+        let out = (x + h)?;
+        Ok(if self.out_scale != 1.0 {
+            (out / self.out_scale)?
+        } else {
+            out
+        })
+    }
+}
+
+struct Attention {
+    norm: Option<GroupNorm>,
+    q: Linear,
+    k: Linear,
+    v: Linear,
+    out: Linear,
+    heads: usize,
+    rescale: f64,
+}
+
+impl Attention {
+    fn new(
+        w: &Weights,
+        p: &str,
+        c: usize,
+        head_dim: Option<usize>,
+        groups: Option<usize>,
+        eps: f64,
+        rescale: f64,
+    ) -> Result<Self> {
+        let hd = head_dim.unwrap_or(c);
+        // Current key names, or the legacy AttentionBlock ones (diffusers renames on load).
+        let name = |new: &str, old: &str| {
+            if w.has(&format!("{p}.{new}.weight")) || !w.has(&format!("{p}.{old}.weight")) {
+                format!("{p}.{new}")
+            } else {
+                format!("{p}.{old}")
+            }
+        };
+        Ok(Attention {
+            norm: match groups {
+                Some(g) => Some(w.group_norm(&format!("{p}.group_norm"), g, c, eps)?),
+                None => None,
+            },
+            q: w.linear(&name("to_q", "query"), c, c)?,
+            k: w.linear(&name("to_k", "key"), c, c)?,
+            v: w.linear(&name("to_v", "value"), c, c)?,
+            out: w.linear(&name("to_out.0", "proj_attn"), c, c)?,
+            heads: c / hd,
+            rescale,
+        })
+    }
+
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let (b, c, h, w) = x.dims4()?;
+        let d = c / self.heads;
+        let hn = match &self.norm {
+            Some(n) => n.forward(x)?,
+            None => x.clone(),
+        };
+        let tokens = hn.reshape((b, c, h * w))?.transpose(1, 2)?.contiguous()?; // (B, HW, C)
+        let split = |t: Tensor| -> candle_core::Result<Tensor> {
+            t.reshape((b, h * w, self.heads, d))?
+                .transpose(1, 2)?
+                .contiguous()
+        };
+        let q = split(self.q.forward(&tokens)?)?;
+        let k = split(self.k.forward(&tokens)?)?;
+        let v = split(self.v.forward(&tokens)?)?;
+        let dtype = q.dtype();
+        // Scores and softmax in f32 whatever the model dtype.
+        let scores = (q
+            .to_dtype(DType::F32)?
+            .matmul(&k.to_dtype(DType::F32)?.t()?)?
+            / (d as f64).sqrt())?;
+        let probs = candle_nn::ops::softmax_last_dim(&scores)?.to_dtype(dtype)?;
+        let o = probs.matmul(&v)?.transpose(1, 2)?.reshape((b, h * w, c))?;
+        let o = self
+            .out
+            .forward(&o)?
+            .transpose(1, 2)?
+            .reshape((b, c, h, w))?;
+        let out = (o + x)?;
+        Ok(if self.rescale != 1.0 {
+            (out / self.rescale)?
+        } else {
+            out
+        })
+    }
+}
+
+struct DownBlock {
+    resnets: Vec<Resnet>,
+    attentions: Vec<Attention>,
+    down: Option<(Conv, bool)>, // (conv, asymmetric padding)
+}
+
+struct UpBlock {
+    resnets: Vec<Resnet>,
+    attentions: Vec<Attention>,
+    up: Option<Conv>,
+}
+
+struct Mid {
+    r0: Resnet,
+    attn: Option<Attention>,
+    r1: Resnet,
+}
+
+/// diffusers' `UNet2DModel`.
+pub struct UNet2D {
+    pub config: UNet2DConfig,
+    conv_in: Conv,
+    lin1: Linear,
+    lin2: Linear,
+    down: Vec<DownBlock>,
+    mid: Option<Mid>,
+    up: Vec<UpBlock>,
+    norm_out: GroupNorm,
+    conv_out: Conv,
+    dtype: DType,
+}
+
+impl UNet2D {
+    /// Builds the network from its config and weights.
+    pub fn new(config: UNet2DConfig, w: &Weights) -> Result<Self> {
+        let c = &config;
+        let ch = &c.block_out_channels;
+        let n = ch.len();
+        let l = c.layers_per_block;
+        let g = c.norm_num_groups.expect("validated");
+        let temb = c.time_embedding_dim.unwrap_or(4 * ch[0]);
+        let head = |cc: usize| Some(c.attention_head_dim.unwrap_or(cc));
+        let mut down = Vec::with_capacity(n);
+        for i in 0..n {
+            let cin = if i == 0 { ch[0] } else { ch[i - 1] };
+            let p = format!("down_blocks.{i}");
+            let attn = c.down_block_types[i] == "AttnDownBlock2D";
+            let mut resnets = Vec::new();
+            let mut attentions = Vec::new();
+            for j in 0..l {
+                resnets.push(Resnet::new(
+                    w,
+                    &format!("{p}.resnets.{j}"),
+                    if j == 0 { cin } else { ch[i] },
+                    ch[i],
+                    temb,
+                    c,
+                    1.0,
+                )?);
+                if attn {
+                    attentions.push(Attention::new(
+                        w,
+                        &format!("{p}.attentions.{j}"),
+                        ch[i],
+                        head(ch[i]),
+                        Some(g),
+                        c.norm_eps,
+                        1.0,
+                    )?);
+                }
+            }
+            let down_conv = if i + 1 < n {
+                let pad = c.downsample_padding;
+                Some((
+                    w.conv(&format!("{p}.downsamplers.0.conv"), ch[i], ch[i], 3, 2, pad)?,
+                    pad == 0,
+                ))
+            } else {
+                None
+            };
+            down.push(DownBlock {
+                resnets,
+                attentions,
+                down: down_conv,
+            });
+        }
+        let cm = ch[n - 1];
+        let s = c.mid_block_scale_factor;
+        let mid = match &c.mid_block_type {
+            None => None,
+            Some(_) => {
+                let attn_groups =
+                    c.attn_norm_num_groups
+                        .or(if c.resnet_time_scale_shift == "default" {
+                            Some(g)
+                        } else {
+                            None
+                        });
+                Some(Mid {
+                    r0: Resnet::new(w, "mid_block.resnets.0", cm, cm, temb, c, s)?,
+                    attn: if c.add_attention {
+                        Some(Attention::new(
+                            w,
+                            "mid_block.attentions.0",
+                            cm,
+                            head(cm),
+                            attn_groups,
+                            c.norm_eps,
+                            s,
+                        )?)
+                    } else {
+                        None
+                    },
+                    r1: Resnet::new(w, "mid_block.resnets.1", cm, cm, temb, c, s)?,
+                })
+            }
+        };
+        let rev: Vec<usize> = ch.iter().rev().copied().collect();
+        let mut up = Vec::with_capacity(n);
+        for i in 0..n {
+            let out = rev[i];
+            let prev = if i == 0 { rev[0] } else { rev[i - 1] };
+            let skip_in = rev[(i + 1).min(n - 1)];
+            let p = format!("up_blocks.{i}");
+            let attn = c.up_block_types[i] == "AttnUpBlock2D";
+            let mut resnets = Vec::new();
+            let mut attentions = Vec::new();
+            for j in 0..=l {
+                let cin = (if j == 0 { prev } else { out }) + (if j == l { skip_in } else { out });
+                resnets.push(Resnet::new(
+                    w,
+                    &format!("{p}.resnets.{j}"),
+                    cin,
+                    out,
+                    temb,
+                    c,
+                    1.0,
+                )?);
+                if attn {
+                    attentions.push(Attention::new(
+                        w,
+                        &format!("{p}.attentions.{j}"),
+                        out,
+                        head(out),
+                        Some(g),
+                        c.norm_eps,
+                        1.0,
+                    )?);
+                }
+            }
+            let up_conv = if i + 1 < n {
+                Some(w.conv(&format!("{p}.upsamplers.0.conv"), out, out, 3, 1, 1)?)
+            } else {
+                None
+            };
+            up.push(UpBlock {
+                resnets,
+                attentions,
+                up: up_conv,
+            });
+        }
+        Ok(UNet2D {
+            conv_in: w.conv("conv_in", c.in_channels, ch[0], 3, 1, 1)?,
+            lin1: w.linear("time_embedding.linear_1", ch[0], temb)?,
+            lin2: w.linear("time_embedding.linear_2", temb, temb)?,
+            down,
+            mid,
+            up,
+            norm_out: w.group_norm("conv_norm_out", g, ch[0], c.norm_eps)?,
+            conv_out: w.conv("conv_out", ch[0], c.out_channels, 3, 1, 1)?,
+            dtype: w.dtype,
+            config,
+        })
+    }
+
+    /// The positional timestep embedding `(B, C0)`, computed with PyTorch's float32 steps:
+    /// `freq_i = exp(−ln(10000)·i/(half − shift))`, `arg = t·freq` (f32), `[sin, cos]`
+    /// (swapped when `flip_sin_to_cos`).
+    pub fn timestep_embedding(&self, timesteps: &[f64], device: &Device) -> Result<Tensor> {
+        let dim = self.config.block_out_channels[0];
+        let half = dim / 2;
+        let shift = self.config.freq_shift as f32;
+        let ln = -(10000f64.ln() as f32);
+        let freq: Vec<f32> = (0..half)
+            .map(|i| ((ln * i as f32) / (half as f32 - shift)) as f64)
+            .map(|e| e.exp() as f32)
+            .collect();
+        let mut data = Vec::with_capacity(timesteps.len() * dim);
+        for &t in timesteps {
+            let args: Vec<f32> = freq.iter().map(|&f| t as f32 * f).collect();
+            let sin = args.iter().map(|&a| (a as f64).sin() as f32);
+            let cos = args.iter().map(|&a| (a as f64).cos() as f32);
+            if self.config.flip_sin_to_cos {
+                data.extend(cos.chain(sin));
+            } else {
+                data.extend(sin.chain(cos));
+            }
+        }
+        Ok(Tensor::from_vec(data, (timesteps.len(), dim), device)?)
+    }
+
+    /// The network output for images `x` (B, C, H, W) at float timesteps (one per row, or
+    /// one shared); computed in the weights' dtype, returned in x's dtype.
+    pub fn forward(&self, x: &Tensor, timesteps: &[f64]) -> Result<Tensor> {
+        let (b, c, h, w) = x
+            .dims4()
+            .context("the UNet expects images of shape (B, C, H, W)")?;
+        let cfg = &self.config;
+        if c != cfg.in_channels {
+            bail!("the UNet takes {} input channels, got {c}", cfg.in_channels);
+        }
+        let f = cfg.downsample_factor();
+        if h % f != 0 || w % f != 0 {
+            bail!(
+                "image size {h}x{w} cannot go through {} downsamplings: height and width must be multiples of {f}",
+                cfg.block_out_channels.len() - 1
+            );
+        }
+        let ts: Vec<f64> = if timesteps.len() == 1 {
+            vec![timesteps[0]; b]
+        } else {
+            timesteps.to_vec()
+        };
+        if ts.len() != b {
+            bail!("{} timesteps for a batch of {b}", ts.len());
+        }
+        let in_dtype = x.dtype();
+        let mut x = x.to_dtype(self.dtype)?;
+        if cfg.center_input_sample {
+            x = x.affine(2.0, -1.0)?;
+        }
+        let emb = self
+            .timestep_embedding(&ts, x.device())?
+            .to_dtype(self.dtype)?;
+        let temb = self
+            .lin2
+            .forward(&candle_nn::ops::silu(&self.lin1.forward(&emb)?)?)?;
+        let mut h = self.conv_in.forward(&x)?;
+        let mut skips = vec![h.clone()];
+        for blk in &self.down {
+            for (j, r) in blk.resnets.iter().enumerate() {
+                h = r.forward(&h, &temb)?;
+                if let Some(a) = blk.attentions.get(j) {
+                    h = a.forward(&h)?;
+                }
+                skips.push(h.clone());
+            }
+            if let Some((conv, asym)) = &blk.down {
+                if *asym {
+                    h = h.pad_with_zeros(3, 0, 1)?.pad_with_zeros(2, 0, 1)?;
+                }
+                h = conv.forward(&h)?;
+                skips.push(h.clone());
+            }
+        }
+        if let Some(m) = &self.mid {
+            h = m.r0.forward(&h, &temb)?;
+            if let Some(a) = &m.attn {
+                h = a.forward(&h)?;
+            }
+            h = m.r1.forward(&h, &temb)?;
+        }
+        for blk in &self.up {
+            for (j, r) in blk.resnets.iter().enumerate() {
+                let skip = skips.pop().context("UNet skip stack underflow")?;
+                h = r.forward(&Tensor::cat(&[&h, &skip], 1)?, &temb)?;
+                if let Some(a) = blk.attentions.get(j) {
+                    h = a.forward(&h)?;
+                }
+            }
+            if let Some(conv) = &blk.up {
+                let (_, _, hh, ww) = h.dims4()?;
+                h = conv.forward(&h.upsample_nearest2d(2 * hh, 2 * ww)?)?;
+            }
+        }
+        let h = candle_nn::ops::silu(&self.norm_out.forward(&h)?)?;
+        let out = self.conv_out.forward(&h)?;
+        Ok(out.to_dtype(in_dtype)?)
+    }
+}
