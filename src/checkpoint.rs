@@ -330,3 +330,74 @@ impl Model for DiffusersModel {
 pub fn schedule_of(m: &DiffusersModel) -> Arc<dyn Schedule> {
     m.schedule.clone()
 }
+
+/// google/ddpm-cifar10-32's UNet2DModel config (as diffusers 0.42 saves it).
+pub const CIFAR10_DDPM_CONFIG: &str = r#"{
+  "_class_name": "UNet2DModel",
+  "act_fn": "silu",
+  "add_attention": true,
+  "attention_head_dim": null,
+  "block_out_channels": [128, 256, 256, 256],
+  "center_input_sample": false,
+  "down_block_types": ["DownBlock2D", "AttnDownBlock2D", "DownBlock2D", "DownBlock2D"],
+  "downsample_padding": 0,
+  "flip_sin_to_cos": false,
+  "freq_shift": 1,
+  "in_channels": 3,
+  "layers_per_block": 2,
+  "mid_block_scale_factor": 1,
+  "norm_eps": 1e-06,
+  "norm_num_groups": 32,
+  "out_channels": 3,
+  "resnet_time_scale_shift": "default",
+  "sample_size": 32,
+  "time_embedding_type": "positional",
+  "up_block_types": ["UpBlock2D", "UpBlock2D", "AttnUpBlock2D", "UpBlock2D"]
+}
+"#;
+
+/// diffusers' DDPMScheduler defaults (linear β 1e-4 … 0.02 over 1000 steps).
+pub const DDPM_SCHEDULER_CONFIG: &str = r#"{
+  "_class_name": "DDPMScheduler",
+  "beta_end": 0.02,
+  "beta_schedule": "linear",
+  "beta_start": 0.0001,
+  "clip_sample": true,
+  "clip_sample_range": 1.0,
+  "num_train_timesteps": 1000,
+  "prediction_type": "epsilon",
+  "steps_offset": 0,
+  "timestep_spacing": "leading",
+  "trained_betas": null,
+  "variance_type": "fixed_small"
+}
+"#;
+
+/// Writes a checkpoint folder (`unet/config.json`, `unet/diffusion_pytorch_model.safetensors`,
+/// `scheduler/scheduler_config.json`) with random weights drawn like PyTorch's default init
+/// (conv and linear weights uniform in ±1/√fan_in, biases 0, norms 1/0). Returns the number
+/// of parameters. Files are written atomically.
+pub fn write_random_checkpoint(
+    dir: &Path,
+    config: &str,
+    scheduler: &str,
+    seed: u64,
+) -> Result<usize> {
+    let cfg = UNet2DConfig::from_json(config, Path::new("config.json"))?;
+    let w = Weights::synthetic(seed, DType::F32, &Device::Cpu);
+    UNet2D::new(cfg, &w)?;
+    let tensors = w.synthetic_tensors();
+    std::fs::create_dir_all(dir.join("unet"))
+        .and_then(|_| std::fs::create_dir_all(dir.join("scheduler")))
+        .with_context(|| format!("cannot create {}", dir.display()))?;
+    let weights = dir.join("unet/diffusion_pytorch_model.safetensors");
+    crate::io::write_atomic_with(&weights, |tmp| {
+        Ok(candle_core::safetensors::save(&tensors, tmp)?)
+    })?;
+    crate::io::write_atomic(&dir.join("unet/config.json"), config.as_bytes())?;
+    crate::io::write_atomic(
+        &dir.join("scheduler/scheduler_config.json"),
+        scheduler.as_bytes(),
+    )?;
+    Ok(tensors.values().map(|t| t.elem_count()).sum())
+}

@@ -1,7 +1,6 @@
 //! Files in and out: numpy `.npy` arrays, and atomic writes (temp file in the target
 //! folder, then rename), so a failed run never leaves a half-written output.
 
-use std::io::Write;
 use std::path::Path;
 
 use anyhow::{Context, Result, bail};
@@ -29,10 +28,13 @@ fn temp_in_dir_of(path: &Path) -> Result<tempfile::NamedTempFile> {
 
 /// Writes `bytes` to `path` atomically.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    let mut tmp = temp_in_dir_of(path)?;
-    tmp.write_all(bytes)
-        .and_then(|_| tmp.flush())
-        .with_context(|| format!("cannot write {}", path.display()))?;
+    write_atomic_with(path, |tmp| Ok(std::fs::write(tmp, bytes)?))
+}
+
+/// Writes `path` atomically through a writer that fills a temporary path next to it.
+pub fn write_atomic_with(path: &Path, fill: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
+    let tmp = temp_in_dir_of(path)?;
+    fill(tmp.path()).with_context(|| format!("cannot write {}", path.display()))?;
     tmp.persist(path).with_context(|| {
         format!(
             "cannot move the finished file into place at {}",
@@ -44,17 +46,8 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
 
 /// Writes a tensor as `.npy` (its own dtype) atomically.
 pub fn write_npy(path: &Path, t: &Tensor) -> Result<()> {
-    let tmp = temp_in_dir_of(path)?;
-    t.to_device(&Device::Cpu)?
-        .write_npy(tmp.path())
-        .with_context(|| format!("cannot write {}", path.display()))?;
-    tmp.persist(path).with_context(|| {
-        format!(
-            "cannot move the finished file into place at {}",
-            path.display()
-        )
-    })?;
-    Ok(())
+    let t = t.to_device(&Device::Cpu)?;
+    write_atomic_with(path, |tmp| Ok(t.write_npy(tmp)?))
 }
 
 /// Reads a float32/float64 `.npy` array and checks its shape: `expected` gives each

@@ -38,6 +38,41 @@ enum Command {
     Samplers,
     /// Throughput of a checkpoint: one network forward, and a full sample with a sampler.
     Speed(SpeedArgs),
+    /// Write a UNet2DModel checkpoint with random weights (PyTorch's default init) in the
+    /// diffusers layout, for benchmarks: --preset cifar10-ddpm is google/ddpm-cifar10-32's
+    /// architecture (35.7 M parameters).
+    InitModel(InitArgs),
+    /// Compare a fixture model's outputs with the diffusers reference stored next to it
+    /// (reference.safetensors written by scripts/make-parity-fixtures.py).
+    Parity(ParityArgs),
+}
+
+#[derive(Args)]
+struct ParityArgs {
+    /// Fixture folder (unet/, scheduler/, reference.safetensors)
+    #[arg(long)]
+    model: PathBuf,
+    /// cpu | cuda
+    #[arg(long, default_value = "cpu")]
+    device: String,
+    /// f32 | f16 | bf16
+    #[arg(long, default_value = "f32")]
+    model_dtype: String,
+    /// Largest accepted max|Δ|/max|reference|
+    #[arg(long, default_value_t = 1e-4)]
+    tol: f64,
+}
+
+#[derive(Args)]
+struct InitArgs {
+    /// cifar10-ddpm
+    #[arg(long, default_value = "cifar10-ddpm")]
+    preset: String,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Output folder (unet/ and scheduler/ are created in it)
+    #[arg(long)]
+    out: PathBuf,
 }
 
 #[derive(Args)]
@@ -251,6 +286,9 @@ fn parse_dtype(s: &str) -> Result<DType> {
 fn parse_device(s: &str) -> Result<Device> {
     match s {
         "cpu" => Ok(Device::Cpu),
+        "cuda" if cfg!(feature = "cuda") => Device::new_cuda(0).map_err(|e| {
+            anyhow::anyhow!("--device cuda: no usable CUDA device ({e}); run on a machine with an NVIDIA GPU and driver, or use --device cpu")
+        }),
         "cuda" => bail!(
             "--device cuda: this binary was built without CUDA support; build it with scripts/build-cuda.sh"
         ),
@@ -687,6 +725,63 @@ fn cmd_speed(a: &SpeedArgs) -> Result<()> {
     Ok(())
 }
 
+fn cmd_init_model(a: &InitArgs) -> Result<()> {
+    let (config, scheduler) = match a.preset.as_str() {
+        "cifar10-ddpm" => (
+            qtaylor::checkpoint::CIFAR10_DDPM_CONFIG,
+            qtaylor::checkpoint::DDPM_SCHEDULER_CONFIG,
+        ),
+        other => bail!("--preset {other}: expected cifar10-ddpm"),
+    };
+    let n = qtaylor::checkpoint::write_random_checkpoint(&a.out, config, scheduler, a.seed)?;
+    eprintln!(
+        "wrote {} ({:.2} M parameters, random weights, seed {})",
+        a.out.display(),
+        n as f64 / 1e6,
+        a.seed
+    );
+    Ok(())
+}
+
+fn cmd_parity(a: &ParityArgs) -> Result<()> {
+    let device = parse_device(&a.device)?;
+    let m = qtaylor::checkpoint::DiffusersModel::load(
+        &a.model,
+        parse_model_dtype(&a.model_dtype)?,
+        &device,
+    )?;
+    let file = a.model.join("reference.safetensors");
+    let r = candle_core::safetensors::load(&file, &device)
+        .map_err(|e| anyhow::anyhow!("{}: cannot read the reference ({e})", file.display()))?;
+    let get = |k: &str| {
+        r.get(k)
+            .ok_or_else(|| anyhow::anyhow!("{}: tensor '{k}' is missing", file.display()))
+    };
+    let x = get("x")?;
+    let mut worst = 0.0f64;
+    for (key, t) in [
+        ("out", vec![3.0, 999.0]),
+        ("out_t500", vec![500.0]),
+        ("out_t37_5", vec![37.5]),
+    ] {
+        let want = get(key)?.to_dtype(DType::F64)?;
+        let got = m.unet.forward(x, &t)?.to_dtype(DType::F64)?;
+        let d = (got - &want)?.abs()?.max_all()?.to_scalar::<f64>()?;
+        let e = d / want.abs()?.max_all()?.to_scalar::<f64>()?;
+        println!(
+            "{} {key} on {} ({}): max relative error {e:.2e}",
+            a.model.display(),
+            a.device,
+            a.model_dtype
+        );
+        worst = worst.max(e);
+    }
+    if worst > a.tol {
+        bail!("max relative error {worst:.2e} exceeds --tol {:.1e}", a.tol);
+    }
+    Ok(())
+}
+
 fn cmd_samplers() {
     println!("{:<10} {:>9}  description", "sampler", "NFE/step");
     for e in samplers::catalog() {
@@ -700,6 +795,8 @@ fn main() -> ExitCode {
         Command::Sample(a) => cmd_sample(a),
         Command::Bench(a) => cmd_bench(a),
         Command::Speed(a) => cmd_speed(a),
+        Command::InitModel(a) => cmd_init_model(a),
+        Command::Parity(a) => cmd_parity(a),
         Command::Samplers => {
             cmd_samplers();
             Ok(())

@@ -257,6 +257,34 @@ mod tests {
     }
 
     #[test]
+    fn the_generic_path_used_off_the_cpu_agrees_with_the_fused_one() {
+        // f16 tensors take the candle-ops path (the one CUDA tensors take).
+        let dev = Device::Cpu;
+        let x = Tensor::arange(0f32, 12f32, &dev)
+            .unwrap()
+            .reshape((3, 4))
+            .unwrap();
+        let y = (x.sqr().unwrap() * 0.1).unwrap();
+        let terms = |a: &Tensor, b: &Tensor| {
+            lincomb_rows(&[(Coef::Rows(vec![1.0, -2.0, 0.5]), a), (Coef::All(0.25), b)]).unwrap()
+        };
+        let fused = rows_f64(&terms(&x, &y)).unwrap();
+        let generic = rows_f64(&terms(
+            &x.to_dtype(DType::F16).unwrap(),
+            &y.to_dtype(DType::F16).unwrap(),
+        ))
+        .unwrap();
+        for (a, b) in fused.iter().flatten().zip(generic.iter().flatten()) {
+            assert!((a - b).abs() <= 1e-2 * (1.0 + a.abs()), "{a} vs {b}");
+        }
+        let h = Tensor::new(&[1.0f32, f32::INFINITY], &dev)
+            .unwrap()
+            .to_dtype(DType::F16)
+            .unwrap();
+        assert!(!all_finite(&h).unwrap());
+    }
+
+    #[test]
     fn non_finite_values_are_detected() {
         let t = Tensor::new(&[1.0f32, f32::NAN], &Device::Cpu).unwrap();
         assert!(!all_finite(&t).unwrap());

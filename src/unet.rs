@@ -278,9 +278,10 @@ pub struct Weights {
     file: PathBuf,
     tensors: HashMap<String, Tensor>,
     used: Mutex<HashSet<String>>,
-    /// Synthetic weights: any tensor asked for is made up (seeded normal, std 0.05), and the
-    /// count of parameters handed out is kept. For architecture tests without a file.
-    synthetic: Option<(u64, Mutex<usize>)>,
+    /// Synthetic weights: any tensor asked for is made up like PyTorch's default init
+    /// (weights uniform in ±1/√fan_in, biases 0, norm scales 1) from a seed and its name, and
+    /// kept (for counting and saving). For architecture tests and benchmark models.
+    synthetic: Option<(u64, Mutex<HashMap<String, Tensor>>)>,
     dtype: DType,
     device: Device,
 }
@@ -319,7 +320,7 @@ impl Weights {
             file: PathBuf::from("<synthetic>"),
             tensors: HashMap::new(),
             used: Mutex::new(HashSet::new()),
-            synthetic: Some((seed, Mutex::new(0))),
+            synthetic: Some((seed, Mutex::new(HashMap::new()))),
             dtype,
             device: device.clone(),
         }
@@ -331,19 +332,28 @@ impl Weights {
 
     /// The tensor `name` of shape `shape`, in the model dtype on the model device.
     pub fn get(&self, name: &str, shape: &[usize]) -> Result<Tensor> {
-        if let Some((seed, count)) = &self.synthetic {
+        if let Some((seed, made)) = &self.synthetic {
             use rand::SeedableRng;
             use rand_distr::Distribution;
             let n: usize = shape.iter().product();
-            *count.lock().expect("weights lock") += n;
             let h = name.bytes().fold(*seed, |h, b| {
                 h.wrapping_mul(0x100000001b3).wrapping_add(b as u64)
             });
             let mut rng = rand_chacha::ChaCha12Rng::seed_from_u64(h);
-            let data: Vec<f32> = (0..n)
-                .map(|_| 0.05 * Distribution::<f32>::sample(&rand_distr::StandardNormal, &mut rng))
-                .collect();
-            return Ok(Tensor::from_vec(data, shape, &self.device)?.to_dtype(self.dtype)?);
+            let data: Vec<f32> = if name.ends_with(".bias") {
+                vec![0.0; n]
+            } else if name.contains("norm") {
+                vec![1.0; n]
+            } else {
+                let bound = 1.0 / (shape[1..].iter().product::<usize>() as f32).sqrt();
+                let u = rand_distr::Uniform::new(-bound, bound).expect("valid bound");
+                (0..n).map(|_| u.sample(&mut rng)).collect()
+            };
+            let t = Tensor::from_vec(data, shape, &Device::Cpu)?;
+            made.lock()
+                .expect("weights lock")
+                .insert(name.to_string(), t.clone());
+            return Ok(t.to_dtype(self.dtype)?.to_device(&self.device)?);
         }
         let t = self.tensors.get(name).ok_or_else(|| {
             anyhow::anyhow!(
@@ -381,8 +391,21 @@ impl Weights {
     /// Total number of parameters in the file (synthetic: handed out so far).
     pub fn parameter_count(&self) -> usize {
         match &self.synthetic {
-            Some((_, count)) => *count.lock().expect("weights lock"),
+            Some((_, made)) => made
+                .lock()
+                .expect("weights lock")
+                .values()
+                .map(|t| t.elem_count())
+                .sum(),
             None => self.tensors.values().map(|t| t.elem_count()).sum(),
+        }
+    }
+
+    /// The tensors a synthetic set has made so far (f32, CPU).
+    pub fn synthetic_tensors(&self) -> HashMap<String, Tensor> {
+        match &self.synthetic {
+            Some((_, made)) => made.lock().expect("weights lock").clone(),
+            None => HashMap::new(),
         }
     }
 

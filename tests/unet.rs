@@ -353,3 +353,47 @@ fn sample_with_a_fixture_model_writes_a_non_constant_png_grid() {
     let x = qtaylor::io::read_npy(&npy, &[Some(5), Some(3), Some(8), Some(8)]).unwrap();
     assert!(qtaylor::ops::all_finite(&x).unwrap());
 }
+
+#[test]
+fn the_parity_command_checks_a_fixture_and_fails_beyond_its_tolerance() {
+    let run = |tol: &str| {
+        Command::new(env!("CARGO_BIN_EXE_qtaylor"))
+            .args([
+                "parity",
+                "--model",
+                fixture("scale_shift").to_str().unwrap(),
+                "--tol",
+                tol,
+            ])
+            .output()
+            .unwrap()
+    };
+    let ok = run("1e-4");
+    assert!(
+        ok.status.success(),
+        "{}",
+        String::from_utf8_lossy(&ok.stderr)
+    );
+    assert!(String::from_utf8_lossy(&ok.stdout).contains("out_t37_5"));
+    let strict = run("1e-12");
+    assert!(!strict.status.success());
+    assert!(String::from_utf8_lossy(&strict.stderr).contains("exceeds --tol"));
+}
+
+#[test]
+fn init_model_writes_a_loadable_checkpoint_with_the_cifar10_parameter_count() {
+    let d = tempfile::tempdir().unwrap();
+    let o = Command::new(env!("CARGO_BIN_EXE_qtaylor"))
+        .args([
+            "init-model",
+            "--preset",
+            "cifar10-ddpm",
+            "--out",
+            d.path().to_str().unwrap(),
+        ])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let m = DiffusersModel::load(d.path(), DType::F32, &Device::Cpu).unwrap();
+    assert_eq!(m.parameters, 35_746_307);
+}
