@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Everything the GPU issue measures, in one command on the GPU machine (run from the repository
 # root, with dist/cuda/qtaylor built by scripts/build-cuda.sh). Prints a short report; writes
-# its files under ${OUT:-/tmp/qtaylor-gpu}.
+# its files under ${WORK:-/tmp/qtaylor-gpu}.
 #   1. device and versions
 #   2. correctness: UNet parity fixtures on the GPU (f32, f16, bf16) against diffusers'
 #      outputs; the same sampler run on GPU and CPU (exact-score GMM in f64, fixture UNet in f32)
@@ -12,12 +12,14 @@
 #      max_memory_allocated
 set -uo pipefail
 Q=${Q:-dist/cuda/qtaylor}
-OUT=${OUT:-/tmp/qtaylor-gpu}
+WORK=${WORK:-/tmp/qtaylor-gpu}
 BATCH=${BATCH:-256}
+DEV=${DEV:-cuda}   # DEV=cpu BATCH=2 dry-runs the script's logic on a machine without a GPU
 export LD_LIBRARY_PATH=/opt/torch/.venv/lib/python3.12/site-packages/nvidia/cu13/lib:${LD_LIBRARY_PATH:-}
+PY_SET=${PY:-}
 PY=${PY:-$(command -v python3)}
-[ -x /opt/torch/.venv/bin/python ] && PY=/opt/torch/.venv/bin/python
-mkdir -p "$OUT"
+[ -z "${PY_SET:-}" ] && [ -x /opt/torch/.venv/bin/python ] && PY=/opt/torch/.venv/bin/python
+mkdir -p "$WORK"
 fail=0
 say() { echo; echo "### $*"; }
 
@@ -29,52 +31,56 @@ ldd "$Q" | grep -E 'libcuda|libcublas\.' | sed 's/^/  /'
 say "parity on the GPU (max relative error to diffusers)"
 for f in tests/fixtures/unet2d/*/; do
   for dt in f32:1e-4 f16:1e-2 bf16:5e-2; do
-    "$Q" parity --model "$f" --device cuda --model-dtype "${dt%%:*}" --tol "${dt##*:}" | sed 's/^/  /' || fail=1
+    "$Q" parity --model "$f" --device $DEV --model-dtype "${dt%%:*}" --tol "${dt##*:}" | sed 's/^/  /' || fail=1
   done
 done
 
 say "the same run on GPU and CPU"
-for dev in cpu cuda; do
-  "$Q" sample --problem gmm-demo --sampler dpmpp-3m --steps 12 --grid logsnr --batch 64 --dtype f64 --device $dev --out "$OUT/gmm-$dev.npy" 2>/dev/null || fail=1
-  "$Q" sample --model tests/fixtures/unet2d/multihead --sampler unipc-3 --steps 8 --batch 8 --device $dev --out "$OUT/fix-$dev.png" --save-npy "$OUT/fix-$dev.npy" 2>/dev/null || fail=1
-  "$Q" sample --problem gmm-demo --sampler qit-2 --steps 12 --batch 64 --dtype f64 --device $dev --out "$OUT/sde-$dev.npy" 2>/dev/null || fail=1
+for dev in cpu $DEV; do
+  "$Q" sample --problem gmm-demo --sampler dpmpp-3m --steps 12 --grid logsnr --batch 64 --dtype f64 --device $dev --out "$WORK/gmm-$dev.npy" 2>/dev/null || fail=1
+  "$Q" sample --model tests/fixtures/unet2d/multihead --sampler unipc-3 --steps 8 --batch 8 --device $dev --out "$WORK/fix-$dev.png" --save-npy "$WORK/fix-$dev.npy" 2>/dev/null || fail=1
+  "$Q" sample --problem gmm-demo --sampler qit-2 --steps 12 --batch 64 --dtype f64 --device $dev --out "$WORK/sde-$dev.npy" 2>/dev/null || fail=1
 done
-"$PY" -c "import numpy as np; np.save('$OUT/points.npy', np.random.default_rng(0).uniform(-1, 1, (2000, 64)))"
-for dev in cpu cuda; do
-  "$Q" sample --problem "empirical:$OUT/points.npy" --sampler unipc-2 --steps 10 --grid logsnr --batch 32 --dtype f64 --device $dev --out "$OUT/emp-$dev.npy" 2>/dev/null || fail=1
+"$PY" -c "import numpy as np; np.save('$WORK/points.npy', np.random.default_rng(0).uniform(-1, 1, (2000, 64)))"
+for dev in cpu $DEV; do
+  "$Q" sample --problem "empirical:$WORK/points.npy" --sampler unipc-2 --steps 10 --grid logsnr --batch 32 --dtype f64 --device $dev --out "$WORK/emp-$dev.npy" 2>/dev/null || fail=1
 done
-"$PY" - "$OUT" <<'EOF' || fail=1
+"$PY" - "$WORK" "$DEV" <<'EOF' || fail=1
 import sys, numpy as np
 d = sys.argv[1]
 for name, tol in [("gmm", 1e-10), ("sde", 1e-10), ("emp", 1e-8), ("fix", 1e-4)]:
-    a, b = np.load(f"{d}/{name}-cpu.npy"), np.load(f"{d}/{name}-cuda.npy")
+    a, b = np.load(f"{d}/{name}-cpu.npy"), np.load(f"{d}/{name}-{sys.argv[2]}.npy")
     e = np.abs(a - b).max() / np.abs(a).max()
     print(f"  {name}: GPU vs CPU max relative difference {e:.2e} (tolerance {tol:.0e}) {'ok' if e <= tol else 'FAIL'}")
     if e > tol:
         sys.exit(1)
 EOF
 
+say "no GPU visible: a clear error, no crash"
+CUDA_VISIBLE_DEVICES= "$Q" sample --problem gmm-demo --sampler ddim --steps 2 --device $DEV --out "$WORK/none.npy" 2>&1 | sed 's/^/  /'
+[ -e "$WORK/none.npy" ] && { echo "  wrote output without a device"; [ "$DEV" = cuda ] && fail=1; }
+
 say "bench on the GPU (exact-score problems computed there)"
-"$Q" bench --problem gmm-demo --samplers qt-3,dpmpp-2m,unipc-3,rk45 --nfe 10,20 --grid logsnr --device cuda --out "$OUT/bench-gmm" | grep -E '^\| (qt-3|dpmpp-2m|unipc-3) ' | head -3 | sed 's/^/  /' || fail=1
-"$Q" bench --problem "empirical:$OUT/points.npy" --samplers ddim,dpmpp-2m --nfe 10 --grid logsnr --batch 64 --device cuda --out "$OUT/bench-emp" | grep -E '^\| (ddim|dpmpp-2m) ' | head -2 | sed 's/^/  /' || fail=1
+"$Q" bench --problem gmm-demo --samplers qt-3,dpmpp-2m,unipc-3 --nfe 10,20 --batch 256 --grid logsnr --device $DEV --out "$WORK/bench-gmm" | grep -E '^\| (qt-3|dpmpp-2m|unipc-3) ' | head -3 | sed 's/^/  /' || fail=1
+"$Q" bench --problem "empirical:$WORK/points.npy" --samplers ddim,dpmpp-2m --nfe 10 --grid logsnr --batch 64 --device $DEV --out "$WORK/bench-emp" | grep -E '^\| (ddim|dpmpp-2m) ' | head -2 | sed 's/^/  /' || fail=1
 
 say "throughput and memory, CIFAR-10 DDPM architecture, batch $BATCH"
-[ -d "$OUT/cifar10" ] || "$Q" init-model --preset cifar10-ddpm --out "$OUT/cifar10" || fail=1
+[ -d "$WORK/cifar10" ] || "$Q" init-model --preset cifar10-ddpm --out "$WORK/cifar10" || fail=1
 peak() {  # peak nvidia-smi memory.used (MiB) while "$@" runs, minus the idle level
   local idle; idle=$(nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits | head -1)
-  nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits -lms 50 > "$OUT/mem.log" &
+  nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits -lms 50 > "$WORK/mem.log" &
   local pid=$!
   "$@"
   local rc=$?
   kill $pid 2>/dev/null; wait $pid 2>/dev/null
-  echo "  peak device memory (nvidia-smi, above idle): $(( $(sort -n "$OUT/mem.log" | tail -1) - idle )) MiB"
+  echo "  peak device memory (nvidia-smi, above idle): $(( $(sort -n "$WORK/mem.log" | tail -1) - idle )) MiB"
   return $rc
 }
 for dt in f32 bf16; do
   echo "qtaylor candle-CUDA $dt:"
-  peak "$Q" speed --model "$OUT/cifar10" --device cuda --model-dtype $dt --batch "$BATCH" --repeats 5 --sampler qt-3 --steps 10 | sed 's/^/  /' || fail=1
+  peak "$Q" speed --model "$WORK/cifar10" --device $DEV --model-dtype $dt --batch "$BATCH" --repeats 5 --sampler qt-3 --steps 10 | sed 's/^/  /' || fail=1
   echo "PyTorch eager $dt:"
-  peak "$PY" scripts/torch_unet.py --model "$OUT/cifar10" --device cuda --dtype $dt --batch "$BATCH" --repeats 5 --steps 10 | sed 's/^/  /' || fail=1
+  peak "$PY" scripts/torch_unet.py --model "$WORK/cifar10" --device $DEV --dtype $dt --batch "$BATCH" --repeats 5 --steps 10 | sed 's/^/  /' || fail=1
 done
 
 say "result"

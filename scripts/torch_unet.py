@@ -174,6 +174,7 @@ def main():
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--dtype", default="f32", choices=["f32", "bf16", "f16"])
+    ap.add_argument("--profile", action="store_true", help="print torch.profiler's top operators")
     a = ap.parse_args()
     if a.check:
         worst = max(check(f) for f in a.check)
@@ -221,6 +222,15 @@ def main():
     print(f"sample, {a.steps} network calls: {s:.4f} s per batch, {a.batch / s:.1f} images/s")
     if cuda:
         print(f"peak device memory (torch.cuda.max_memory_allocated): {torch.cuda.max_memory_allocated() / 2**20:.0f} MiB")
+        print(f"TF32: matmul {torch.backends.cuda.matmul.allow_tf32}, cudnn {torch.backends.cudnn.allow_tf32}")
+    if a.profile:
+        from torch.profiler import ProfilerActivity, profile
+        acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+        with profile(activities=acts) as prof:
+            fwd()
+            sync()
+        key = "cuda_time_total" if cuda else "cpu_time_total"
+        print(prof.key_averages().table(sort_by=key, row_limit=12))
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ pub mod checkpoint;
 pub mod data;
 pub mod grid;
 pub mod io;
+pub mod kernels;
 pub mod metrics;
 pub mod model;
 pub mod ops;

@@ -11,6 +11,11 @@ use clap::{Args, Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
 
 use qtaylor::bench::{BenchConfig, run_bench};
+
+/// mimalloc keeps freed memory for reuse: with the system allocator every large activation
+/// is a fresh mmap, and page faults cost the CPU UNet 45 % of its time (BENCHMARKS.md).
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 use qtaylor::grid::TimeGrid;
 use qtaylor::problems::load_problem;
 use qtaylor::rng::NoiseStreams;
@@ -286,9 +291,18 @@ fn parse_dtype(s: &str) -> Result<DType> {
 fn parse_device(s: &str) -> Result<Device> {
     match s {
         "cpu" => Ok(Device::Cpu),
-        "cuda" if cfg!(feature = "cuda") => Device::new_cuda(0).map_err(|e| {
-            anyhow::anyhow!("--device cuda: no usable CUDA device ({e}); run on a machine with an NVIDIA GPU and driver, or use --device cpu")
-        }),
+        "cuda" if cfg!(feature = "cuda") => {
+            #[cfg(feature = "cuda")]
+            if std::env::var_os("QTAYLOR_TF32").is_some() {
+                // TF32 tensor cores for f32 matrix products (PyTorch's allow_tf32).
+                candle_core::cuda_backend::set_gemm_reduced_precision_f32(true);
+            }
+            Device::new_cuda(0).map_err(|e| {
+            // candle's error text carries a backtrace after its first line
+            let first = e.to_string().lines().next().unwrap_or_default().to_string();
+            anyhow::anyhow!("--device cuda: no usable CUDA device ({first}); run on a machine with an NVIDIA GPU and driver, or use --device cpu")
+            })
+        }
         "cuda" => bail!(
             "--device cuda: this binary was built without CUDA support; build it with scripts/build-cuda.sh"
         ),
@@ -721,6 +735,18 @@ fn cmd_speed(a: &SpeedArgs) -> Result<()> {
     }
     if let Some(p) = peak_rss_mib() {
         println!("peak resident memory: {p:.0} MiB");
+    }
+    let profile = qtaylor::unet::profile_report();
+    if !profile.is_empty() {
+        let total: f64 = profile.iter().map(|p| p.1).sum();
+        println!("profile (QTAYLOR_PROFILE, device synchronized around each operation):");
+        for (name, secs, calls) in profile {
+            println!(
+                "  {name:<20} {:>8.1} ms {:>5.1} %  ({calls} calls)",
+                1e3 * secs,
+                100.0 * secs / total
+            );
+        }
     }
     Ok(())
 }

@@ -16,7 +16,7 @@ use std::sync::Mutex;
 
 use anyhow::{Context, Result, bail};
 use candle_core::{DType, Device, Module, Tensor};
-use candle_nn::{Conv2d, Conv2dConfig, GroupNorm, Linear};
+use candle_nn::{Conv2d, Conv2dConfig, Linear};
 use serde::Deserialize;
 
 fn d_in() -> usize {
@@ -244,6 +244,51 @@ impl UNet2DConfig {
     }
 }
 
+/// Per-operation timing of the forward pass, on when the environment variable
+/// `QTAYLOR_PROFILE` is set: each timed operation synchronizes the device before and after
+/// (so it slows the pass down) and adds its wall time to a table read by [`profile_report`].
+type ProfileTable = Mutex<HashMap<&'static str, (f64, usize)>>;
+static PROFILE: std::sync::OnceLock<Option<ProfileTable>> = std::sync::OnceLock::new();
+
+fn profiler() -> Option<&'static ProfileTable> {
+    PROFILE
+        .get_or_init(|| std::env::var_os("QTAYLOR_PROFILE").map(|_| Mutex::new(HashMap::new())))
+        .as_ref()
+}
+
+/// Runs `f`, timing it under `name` when profiling is on.
+fn timed<T>(name: &'static str, device: &Device, f: impl FnOnce() -> Result<T>) -> Result<T> {
+    match profiler() {
+        None => f(),
+        Some(table) => {
+            device.synchronize()?;
+            let t0 = std::time::Instant::now();
+            let out = f()?;
+            device.synchronize()?;
+            let mut t = table.lock().expect("profile lock");
+            let e = t.entry(name).or_insert((0.0, 0));
+            e.0 += t0.elapsed().as_secs_f64();
+            e.1 += 1;
+            Ok(out)
+        }
+    }
+}
+
+/// The profile table (operation, total seconds, calls), largest first; empty when off.
+pub fn profile_report() -> Vec<(&'static str, f64, usize)> {
+    let Some(table) = profiler() else {
+        return Vec::new();
+    };
+    let mut v: Vec<_> = table
+        .lock()
+        .expect("profile lock")
+        .iter()
+        .map(|(k, (s, n))| (*k, *s, *n))
+        .collect();
+    v.sort_by(|a, b| b.1.total_cmp(&a.1));
+    v
+}
+
 #[derive(Clone, Copy, Debug)]
 enum Act {
     Silu,
@@ -449,13 +494,12 @@ impl Weights {
         if !c.is_multiple_of(groups) {
             bail!("{p}: {groups} groups do not divide {c} channels");
         }
-        Ok(GroupNorm::new(
-            self.get(&format!("{p}.weight"), &[c])?,
-            self.get(&format!("{p}.bias"), &[c])?,
-            c,
+        Ok(GroupNorm {
+            weight: self.get(&format!("{p}.weight"), &[c])?,
+            bias: self.get(&format!("{p}.bias"), &[c])?,
             groups,
             eps,
-        )?)
+        })
     }
 }
 
@@ -474,9 +518,46 @@ enum Conv {
     },
 }
 
+/// The cuDNN forward algorithm for convolutions (builds with the `cudnn` feature): cuDNN's
+/// heuristic by default, or the one named by `QTAYLOR_CUDNN_ALGO` (implicit-gemm,
+/// implicit-precomp-gemm, gemm, direct, fft, fft-tiling, winograd, winograd-nonfused).
+fn cudnn_algo() -> Option<candle_core::conv::CudnnFwdAlgo> {
+    use candle_core::conv::CudnnFwdAlgo as A;
+    static ALGO: std::sync::OnceLock<Option<A>> = std::sync::OnceLock::new();
+    *ALGO.get_or_init(|| {
+        let v = std::env::var("QTAYLOR_CUDNN_ALGO").ok()?;
+        Some(match v.as_str() {
+            "implicit-gemm" => A::ImplicitGemm,
+            "implicit-precomp-gemm" => A::ImplicitPrecompGemm,
+            "gemm" => A::Gemm,
+            "direct" => A::Direct,
+            "fft" => A::Fft,
+            "fft-tiling" => A::FftTiling,
+            "winograd" => A::Winograd,
+            "winograd-nonfused" => A::WinogradNonFused,
+            _ => return None,
+        })
+    })
+}
+
 impl Conv {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let name = match self {
+            Conv::Candle(c) if c.weight().dim(2)? == 1 => "conv 1x1",
+            _ => "conv 3x3",
+        };
+        timed(name, x.device(), || self.forward_inner(x))
+    }
+
+    fn forward_inner(&self, x: &Tensor) -> Result<Tensor> {
         match self {
+            Conv::Candle(c) if x.device().is_cuda() && cudnn_algo().is_some() => {
+                let cfg = c.config();
+                let y =
+                    x.conv2d_with_algo(c.weight(), cfg.padding, cfg.stride, 1, 1, cudnn_algo())?;
+                let b = c.bias().expect("convolutions here have a bias");
+                Ok(y.broadcast_add(&b.reshape((1, b.dim(0)?, 1, 1))?)?)
+            }
             Conv::Candle(c) => Ok(c.forward(x)?),
             Conv::Im2col { w2, bias, out_c } => {
                 let (b, c, h, w) = x.dims4()?;
@@ -496,6 +577,24 @@ impl Conv {
             }
         }
     }
+}
+
+/// GroupNorm with a per-channel affine, run by the fused kernel of [`crate::kernels`].
+struct GroupNorm {
+    weight: Tensor,
+    bias: Tensor,
+    groups: usize,
+    eps: f64,
+}
+
+fn norm(n: &GroupNorm, x: &Tensor) -> Result<Tensor> {
+    timed("group_norm", x.device(), || {
+        crate::kernels::group_norm(x, &n.weight, &n.bias, n.groups, n.eps).map_err(Into::into)
+    })
+}
+
+fn act_t(a: Act, x: &Tensor) -> Result<Tensor> {
+    timed("activation", x.device(), || Ok(apply(a, x)?))
 }
 
 struct Resnet {
@@ -544,34 +643,40 @@ impl Resnet {
     }
 
     fn forward(&self, x: &Tensor, temb: &Tensor) -> Result<Tensor> {
+        let dev = x.device();
         let h = self
             .conv1
-            .forward(&apply(self.act, &self.norm1.forward(x)?)?)?;
-        let tp = self
-            .time_proj
-            .forward(&apply(self.act, temb)?)?
-            .unsqueeze(2)?
-            .unsqueeze(3)?;
+            .forward(&act_t(self.act, &norm(&self.norm1, x)?)?)?;
+        let tp = timed("time projection", dev, || {
+            Ok(self
+                .time_proj
+                .forward(&apply(self.act, temb)?)?
+                .unsqueeze(2)?
+                .unsqueeze(3)?)
+        })?;
         let h = if self.scale_shift {
             let c = tp.dim(1)? / 2;
             let (scale, shift) = (tp.narrow(1, 0, c)?, tp.narrow(1, c, c)?);
-            self.norm2
-                .forward(&h)?
-                .broadcast_mul(&(scale + 1.0)?)?
-                .broadcast_add(&shift)?
+            let n = norm(&self.norm2, &h)?;
+            timed("elementwise", dev, || {
+                Ok(n.broadcast_mul(&(scale + 1.0)?)?.broadcast_add(&shift)?)
+            })?
         } else {
-            self.norm2.forward(&h.broadcast_add(&tp)?)?
+            let sum = timed("elementwise", dev, || Ok(h.broadcast_add(&tp)?))?;
+            norm(&self.norm2, &sum)?
         };
-        let h = self.conv2.forward(&apply(self.act, &h)?)?;
+        let h = self.conv2.forward(&act_t(self.act, &h)?)?;
         let x = match &self.shortcut {
             Some(s) => s.forward(x)?,
             None => x.clone(),
         };
-        let out = (x + h)?;
-        Ok(if self.out_scale != 1.0 {
-            (out / self.out_scale)?
-        } else {
-            out
+        timed("elementwise", dev, || {
+            let out = (x + h)?;
+            Ok(if self.out_scale != 1.0 {
+                (out / self.out_scale)?
+            } else {
+                out
+            })
         })
     }
 }
@@ -620,10 +725,14 @@ impl Attention {
     }
 
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        timed("attention", x.device(), || self.forward_inner(x))
+    }
+
+    fn forward_inner(&self, x: &Tensor) -> Result<Tensor> {
         let (b, c, h, w) = x.dims4()?;
         let d = c / self.heads;
         let hn = match &self.norm {
-            Some(n) => n.forward(x)?,
+            Some(n) => norm(n, x)?,
             None => x.clone(),
         };
         let tokens = hn.reshape((b, c, h * w))?.transpose(1, 2)?.contiguous()?; // (B, HW, C)
@@ -906,7 +1015,9 @@ impl UNet2D {
             }
             if let Some((conv, asym)) = &blk.down {
                 if *asym {
-                    h = h.pad_with_zeros(3, 0, 1)?.pad_with_zeros(2, 0, 1)?;
+                    h = timed("pad, cat, upsample", h.device(), || {
+                        Ok(h.pad_with_zeros(3, 0, 1)?.pad_with_zeros(2, 0, 1)?)
+                    })?;
                 }
                 h = conv.forward(&h)?;
                 skips.push(h.clone());
@@ -922,17 +1033,23 @@ impl UNet2D {
         for blk in &self.up {
             for (j, r) in blk.resnets.iter().enumerate() {
                 let skip = skips.pop().context("UNet skip stack underflow")?;
-                h = r.forward(&Tensor::cat(&[&h, &skip], 1)?, &temb)?;
+                let joined = timed("pad, cat, upsample", h.device(), || {
+                    Ok(Tensor::cat(&[&h, &skip], 1)?)
+                })?;
+                h = r.forward(&joined, &temb)?;
                 if let Some(a) = blk.attentions.get(j) {
                     h = a.forward(&h)?;
                 }
             }
             if let Some(conv) = &blk.up {
                 let (_, _, hh, ww) = h.dims4()?;
-                h = conv.forward(&h.upsample_nearest2d(2 * hh, 2 * ww)?)?;
+                let up = timed("pad, cat, upsample", h.device(), || {
+                    Ok(h.upsample_nearest2d(2 * hh, 2 * ww)?)
+                })?;
+                h = conv.forward(&up)?;
             }
         }
-        let h = candle_nn::ops::silu(&self.norm_out.forward(&h)?)?;
+        let h = act_t(Act::Silu, &norm(&self.norm_out, &h)?)?;
         let out = self.conv_out.forward(&h)?;
         Ok(out.to_dtype(in_dtype)?)
     }
