@@ -15,7 +15,8 @@ Q=${Q:-dist/cuda/qtaylor}
 WORK=${WORK:-/tmp/qtaylor-gpu}
 BATCH=${BATCH:-256}
 DEV=${DEV:-cuda}   # DEV=cpu BATCH=2 dry-runs the script's logic on a machine without a GPU
-export LD_LIBRARY_PATH=/opt/torch/.venv/lib/python3.12/site-packages/nvidia/cu13/lib:${LD_LIBRARY_PATH:-}
+NV=/opt/torch/.venv/lib/python3.12/site-packages/nvidia
+export LD_LIBRARY_PATH=$NV/cu13/lib:$NV/cudnn/lib:${LD_LIBRARY_PATH:-}
 PY_SET=${PY:-}
 PY=${PY:-$(command -v python3)}
 [ -z "${PY_SET:-}" ] && [ -x /opt/torch/.venv/bin/python ] && PY=/opt/torch/.venv/bin/python

@@ -12,24 +12,28 @@ use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor, W
 
 /// `GroupNorm(groups, eps)` with per-channel affine `weight`, `bias` (shape `(C,)`), for a
 /// contiguous input `(B, C, …)` of dtype f32, f64, f16 or bf16; weight/bias in the same dtype.
+/// With `silu`, the output is `SiLU(GroupNorm(x))` in the same pass (the UNet's
+/// norm → activation pairs).
 pub fn group_norm(
     x: &Tensor,
     weight: &Tensor,
     bias: &Tensor,
     groups: usize,
     eps: f64,
+    silu: bool,
 ) -> Result<Tensor> {
     let x = x.contiguous()?;
     x.apply_op3_no_bwd(
         &weight.contiguous()?,
         &bias.contiguous()?,
-        &GroupNormOp { groups, eps },
+        &GroupNormOp { groups, eps, silu },
     )
 }
 
 struct GroupNormOp {
     groups: usize,
     eps: f64,
+    silu: bool,
 }
 
 /// (batch, channels, spatial size) of a group-norm input, checked against the affine.
@@ -51,6 +55,9 @@ fn slice<'a, T: WithDType>(s: &'a CpuStorage, l: &Layout) -> Result<&'a [T]> {
     Ok(&s.as_slice::<T>()?[a..b])
 }
 
+/// One (sample, group) chunk: mean and variance (two passes, f64 totals of 256-element
+/// blocks), then `y = x·scale_c + shift_c` per channel (and SiLU).
+#[allow(clippy::too_many_arguments)]
 fn cpu<T: WithDType>(
     x: &[T],
     w: &[T],
@@ -58,9 +65,11 @@ fn cpu<T: WithDType>(
     (bs, c, hw): (usize, usize, usize),
     groups: usize,
     eps: f64,
+    silu: bool,
 ) -> Vec<T> {
     use rayon::prelude::*;
-    let per = c / groups * hw;
+    let cpg = c / groups;
+    let per = cpg * hw;
     let mut y = vec![T::from_f64(0.0); bs * c * hw];
     y.par_chunks_mut(per)
         .zip(x.par_chunks(per))
@@ -68,12 +77,72 @@ fn cpu<T: WithDType>(
         .for_each(|(bg, (yo, xi))| {
             let g = bg % groups;
             let n = per as f64;
-            let mean = xi.iter().map(|v| v.to_f64()).sum::<f64>() / n;
-            let var = xi.iter().map(|v| (v.to_f64() - mean).powi(2)).sum::<f64>() / n;
+            let block_sum = |f: &dyn Fn(f64) -> f64| -> f64 {
+                xi.chunks(256)
+                    .map(|blk| blk.iter().map(|v| f(v.to_f64())).sum::<f64>())
+                    .sum()
+            };
+            let mean = block_sum(&|v| v) / n;
+            let var = block_sum(&|v| (v - mean) * (v - mean)) / n;
             let rstd = 1.0 / (var + eps).sqrt();
-            for (i, (o, v)) in yo.iter_mut().zip(xi).enumerate() {
-                let ch = g * (c / groups) + i / hw;
-                *o = T::from_f64((v.to_f64() - mean) * rstd * w[ch].to_f64() + b[ch].to_f64());
+            for (k, (yc, xc)) in yo.chunks_mut(hw).zip(xi.chunks(hw)).enumerate() {
+                let ch = g * cpg + k;
+                let scale = rstd * w[ch].to_f64();
+                let shift = b[ch].to_f64() - mean * scale;
+                for (o, v) in yc.iter_mut().zip(xc) {
+                    let z = v.to_f64() * scale + shift;
+                    *o = T::from_f64(if silu { z / (1.0 + (-z).exp()) } else { z });
+                }
+            }
+        });
+    y
+}
+
+/// The f32 case of [`cpu`], in f32 arithmetic the compiler vectorises (block totals in f64).
+#[allow(clippy::too_many_arguments)]
+fn cpu_f32(
+    x: &[f32],
+    w: &[f32],
+    b: &[f32],
+    (bs, c, hw): (usize, usize, usize),
+    groups: usize,
+    eps: f64,
+    silu: bool,
+) -> Vec<f32> {
+    use rayon::prelude::*;
+    let cpg = c / groups;
+    let per = cpg * hw;
+    let mut y = vec![0f32; bs * c * hw];
+    y.par_chunks_mut(per)
+        .zip(x.par_chunks(per))
+        .enumerate()
+        .for_each(|(bg, (yo, xi))| {
+            let g = bg % groups;
+            let n = per as f64;
+            let mean = xi
+                .chunks(256)
+                .map(|blk| blk.iter().sum::<f32>() as f64)
+                .sum::<f64>()
+                / n;
+            let m = mean as f32;
+            let var = xi
+                .chunks(256)
+                .map(|blk| blk.iter().map(|v| (v - m) * (v - m)).sum::<f32>() as f64)
+                .sum::<f64>()
+                / n;
+            let rstd = 1.0 / (var + eps).sqrt();
+            for (k, (yc, xc)) in yo.chunks_mut(hw).zip(xi.chunks(hw)).enumerate() {
+                let ch = g * cpg + k;
+                let scale = (rstd * w[ch] as f64) as f32;
+                let shift = (b[ch] as f64 - mean * rstd * w[ch] as f64) as f32;
+                for (o, v) in yc.iter_mut().zip(xc) {
+                    *o = v * scale + shift;
+                }
+                if silu {
+                    for o in yc.iter_mut() {
+                        *o /= 1.0 + (-*o).exp();
+                    }
+                }
             }
         });
     y
@@ -94,20 +163,44 @@ impl CustomOp3 for GroupNormOp {
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let d = dims(l1, l2, self.groups)?;
-        let (g, e) = (self.groups, self.eps);
+        let (g, e, a) = (self.groups, self.eps, self.silu);
         let out = match s1.dtype() {
-            DType::F32 => {
-                CpuStorage::F32(cpu(slice(s1, l1)?, slice(s2, l2)?, slice(s3, l3)?, d, g, e))
-            }
-            DType::F64 => {
-                CpuStorage::F64(cpu(slice(s1, l1)?, slice(s2, l2)?, slice(s3, l3)?, d, g, e))
-            }
-            DType::F16 => {
-                CpuStorage::F16(cpu(slice(s1, l1)?, slice(s2, l2)?, slice(s3, l3)?, d, g, e))
-            }
-            DType::BF16 => {
-                CpuStorage::BF16(cpu(slice(s1, l1)?, slice(s2, l2)?, slice(s3, l3)?, d, g, e))
-            }
+            DType::F32 => CpuStorage::F32(cpu_f32(
+                slice(s1, l1)?,
+                slice(s2, l2)?,
+                slice(s3, l3)?,
+                d,
+                g,
+                e,
+                a,
+            )),
+            DType::F64 => CpuStorage::F64(cpu(
+                slice(s1, l1)?,
+                slice(s2, l2)?,
+                slice(s3, l3)?,
+                d,
+                g,
+                e,
+                a,
+            )),
+            DType::F16 => CpuStorage::F16(cpu(
+                slice(s1, l1)?,
+                slice(s2, l2)?,
+                slice(s3, l3)?,
+                d,
+                g,
+                e,
+                a,
+            )),
+            DType::BF16 => CpuStorage::BF16(cpu(
+                slice(s1, l1)?,
+                slice(s2, l2)?,
+                slice(s3, l3)?,
+                d,
+                g,
+                e,
+                a,
+            )),
             dt => candle_core::bail!("group_norm: dtype {dt:?} is not supported"),
         };
         Ok((out, l1.shape().clone()))
@@ -123,7 +216,17 @@ impl CustomOp3 for GroupNormOp {
         s3: &candle_core::CudaStorage,
         l3: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        cuda::group_norm(s1, l1, s2, l2, s3, l3, self.groups, self.eps as f32)
+        cuda::group_norm(
+            s1,
+            l1,
+            s2,
+            l2,
+            s3,
+            l3,
+            self.groups,
+            self.eps as f32,
+            self.silu,
+        )
     }
 }
 
@@ -160,7 +263,7 @@ __device__ float block_sum(float v, float* sh) {
 }
 
 #define GROUP_NORM(NAME, T, LD, ST) \
-extern "C" __global__ void NAME(const T* x, const T* w, const T* b, T* y, int n, int cpg, int hw, int groups, float eps) { \
+extern "C" __global__ void NAME(const T* x, const T* w, const T* b, T* y, int n, int cpg, int hw, int groups, float eps, int silu) { \
     __shared__ float sh[32]; \
     int bg = blockIdx.x; int g = bg % groups; \
     const T* xp = x + (size_t)bg * n; T* yp = y + (size_t)bg * n; \
@@ -172,7 +275,8 @@ extern "C" __global__ void NAME(const T* x, const T* w, const T* b, T* y, int n,
     float rstd = rsqrtf(block_sum(v, sh) / n + eps); \
     for (int i = threadIdx.x; i < n; i += blockDim.x) { \
         int c = g * cpg + i / hw; \
-        yp[i] = ST((LD(xp[i]) - mean) * rstd * LD(w[c]) + LD(b[c])); \
+        float z = (LD(xp[i]) - mean) * rstd * LD(w[c]) + LD(b[c]); \
+        yp[i] = ST(silu ? z / (1.0f + __expf(-z)) : z); \
     } \
 }
 GROUP_NORM(group_norm_f32, float, ld_f32, st_f32)
@@ -211,6 +315,7 @@ GROUP_NORM(group_norm_bf16, unsigned short, ld_bf16, st_bf16)
         (b, c, hw): (usize, usize, usize),
         groups: usize,
         eps: f32,
+        silu: bool,
     ) -> Result<CudaStorage> {
         let dev = s[0].0.device().clone();
         let (x, w, bias) = (view::<T>(s[0])?, view::<T>(s[1])?, view::<T>(s[2])?);
@@ -238,6 +343,8 @@ GROUP_NORM(group_norm_bf16, unsigned short, ld_bf16, st_bf16)
         builder.arg(&hw_i);
         builder.arg(&g);
         builder.arg(&eps);
+        let silu = i32::from(silu);
+        builder.arg(&silu);
         unsafe { builder.launch(cfg) }.w()?;
         drop(builder);
         Ok(CudaStorage::wrap_cuda_slice(y, dev))
@@ -253,17 +360,95 @@ GROUP_NORM(group_norm_bf16, unsigned short, ld_bf16, st_bf16)
         l3: &Layout,
         groups: usize,
         eps: f32,
+        silu: bool,
     ) -> Result<(CudaStorage, Shape)> {
         let d = super::dims(l1, l2, groups)?;
         let s = [(s1, l1), (s2, l2), (s3, l3)];
         let out = match s1.dtype() {
-            DType::F32 => launch::<f32>("group_norm_f32", s, d, groups, eps)?,
-            DType::F16 => launch::<half::f16>("group_norm_f16", s, d, groups, eps)?,
-            DType::BF16 => launch::<half::bf16>("group_norm_bf16", s, d, groups, eps)?,
+            DType::F32 => launch::<f32>("group_norm_f32", s, d, groups, eps, silu)?,
+            DType::F16 => launch::<half::f16>("group_norm_f16", s, d, groups, eps, silu)?,
+            DType::BF16 => launch::<half::bf16>("group_norm_bf16", s, d, groups, eps, silu)?,
             dt => candle_core::bail!("group_norm on CUDA: dtype {dt:?} is not supported"),
         };
         Ok((out, l1.shape().clone()))
     }
+}
+
+/// A 3×3, stride 1, padding 1 convolution of a contiguous f32 CPU input `(B, C, H, W)` with
+/// weights `w2 = (Cout, C·9)` (the PyTorch weight reshaped) and bias `(Cout,)`. Images are
+/// taken in tiles of about 2 M im2col entries (so the buffer stays in cache-friendly sizes and
+/// is reused): per tile an im2col matrix `(C·9, tile·H·W)` built row by row from shifted,
+/// zero-padded copies, one matrix product (N = tile·H·W stays large at the 4×4 level), and
+/// the `(Cout, tile, H·W)` result written back as `(B, Cout, H, W)` with the bias added.
+pub fn conv3x3_cpu_f32(x: &Tensor, w2: &Tensor, bias: &Tensor) -> Result<Tensor> {
+    use rayon::prelude::*;
+    let (b, c, h, w) = x.dims4()?;
+    let cout = w2.dim(0)?;
+    let hw = h * w;
+    let (storage, layout) = x.storage_and_layout();
+    let candle_core::Storage::Cpu(cpu) = &*storage else {
+        candle_core::bail!("conv3x3_cpu_f32 on a non-CPU tensor");
+    };
+    let (start, end) = layout
+        .contiguous_offsets()
+        .ok_or_else(|| candle_core::Error::Msg("conv3x3_cpu_f32: non-contiguous input".into()))?;
+    let xs = &cpu.as_slice::<f32>()?[start..end];
+    let bias: Vec<f32> = bias.to_vec1()?;
+    let tile = (2_000_000 / (c * 9 * hw)).clamp(1, b);
+    let mut col = vec![0f32; c * 9 * tile * hw];
+    let mut out = vec![0f32; b * cout * hw];
+    for b0 in (0..b).step_by(tile) {
+        let nb = tile.min(b - b0);
+        let n = nb * hw;
+        let colv = &mut col[..c * 9 * n];
+        colv.par_chunks_mut(n).enumerate().for_each(|(row, dst)| {
+            let (ci, k) = (row / 9, row % 9);
+            let (dy, dx) = (k as isize / 3 - 1, k as isize % 3 - 1);
+            let (x0, x1) = (
+                (-dx).max(0) as usize,
+                (w as isize - dx).min(w as isize) as usize,
+            );
+            for bi in 0..nb {
+                let src = &xs[((b0 + bi) * c + ci) * hw..((b0 + bi) * c + ci + 1) * hw];
+                let o = &mut dst[bi * hw..(bi + 1) * hw];
+                for y in 0..h {
+                    let sy = y as isize + dy;
+                    let row_out = &mut o[y * w..(y + 1) * w];
+                    if sy < 0 || sy >= h as isize {
+                        row_out.fill(0.0);
+                        continue;
+                    }
+                    let s0 = sy as usize * w;
+                    row_out[..x0].fill(0.0);
+                    row_out[x1..].fill(0.0);
+                    let (a, z) = ((x0 as isize + dx) as usize, (x1 as isize + dx) as usize);
+                    row_out[x0..x1].copy_from_slice(&src[s0 + a..s0 + z]);
+                }
+            }
+        });
+        let colt = Tensor::from_slice(colv, (c * 9, n), &candle_core::Device::Cpu)?;
+        let prod = w2.matmul(&colt)?; // (Cout, nb·HW)
+        let (ps, pl) = prod.storage_and_layout();
+        let candle_core::Storage::Cpu(pc) = &*ps else {
+            candle_core::bail!("conv3x3_cpu_f32: product not on the CPU");
+        };
+        let (pa, pz) = pl
+            .contiguous_offsets()
+            .expect("a fresh product is contiguous");
+        let prod = &pc.as_slice::<f32>()?[pa..pz];
+        out[b0 * cout * hw..(b0 + nb) * cout * hw]
+            .par_chunks_mut(hw)
+            .enumerate()
+            .for_each(|(i, dst)| {
+                let (bi, co) = (i / cout, i % cout);
+                let src = &prod[co * n + bi * hw..co * n + (bi + 1) * hw];
+                for (d, s) in dst.iter_mut().zip(src) {
+                    *d = s + bias[co];
+                }
+            });
+    }
+    drop(storage);
+    Tensor::from_vec(out, (b, cout, h, w), &candle_core::Device::Cpu)
 }
 
 #[cfg(test)]
@@ -281,7 +466,18 @@ mod tests {
             .unwrap()
             .forward(&x)
             .unwrap();
-        let got = group_norm(&x, &w, &b, 4, 1e-6).unwrap();
+        let got = group_norm(&x, &w, &b, 4, 1e-6, false).unwrap();
+        let fused = group_norm(&x, &w, &b, 4, 1e-6, true).unwrap();
+        let silu = candle_nn::ops::silu(&want).unwrap();
+        let d = (silu - fused)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        assert!(d < 1e-5, "fused SiLU: {d}");
         let d = (want - got)
             .unwrap()
             .abs()

@@ -292,11 +292,6 @@ fn parse_device(s: &str) -> Result<Device> {
     match s {
         "cpu" => Ok(Device::Cpu),
         "cuda" if cfg!(feature = "cuda") => {
-            #[cfg(feature = "cuda")]
-            if std::env::var_os("QTAYLOR_TF32").is_some() {
-                // TF32 tensor cores for f32 matrix products (PyTorch's allow_tf32).
-                candle_core::cuda_backend::set_gemm_reduced_precision_f32(true);
-            }
             Device::new_cuda(0).map_err(|e| {
             // candle's error text carries a backtrace after its first line
             let first = e.to_string().lines().next().unwrap_or_default().to_string();

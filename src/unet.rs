@@ -465,6 +465,12 @@ impl Weights {
     ) -> Result<Conv> {
         let w = self.get(&format!("{p}.weight"), &[cout, cin, k, k])?;
         let b = self.get(&format!("{p}.bias"), &[cout])?;
+        if self.device.is_cuda() && k == 1 && stride == 1 && padding == 0 {
+            return Ok(Conv::Pointwise {
+                w: w.reshape((cout, cin))?,
+                bias: b,
+            });
+        }
         if self.device.is_cpu() && k == 3 && stride == 1 && padding == 1 {
             return Ok(Conv::Im2col {
                 w2: w.reshape((cout, cin * 9))?,
@@ -511,6 +517,12 @@ impl Weights {
 /// faster (BENCHMARKS.md). Other shapes and devices use candle's conv2d.
 enum Conv {
     Candle(Conv2d),
+    /// 1×1 convolution on CUDA as a batched cuBLAS product `(Cout, Cin) @ (Cin, H·W)`:
+    /// cuDNN's per-call cost dominated these small convolutions (BENCHMARKS.md).
+    Pointwise {
+        w: Tensor,
+        bias: Tensor,
+    },
     Im2col {
         w2: Tensor,
         bias: Tensor,
@@ -525,7 +537,9 @@ fn cudnn_algo() -> Option<candle_core::conv::CudnnFwdAlgo> {
     use candle_core::conv::CudnnFwdAlgo as A;
     static ALGO: std::sync::OnceLock<Option<A>> = std::sync::OnceLock::new();
     *ALGO.get_or_init(|| {
-        let v = std::env::var("QTAYLOR_CUDNN_ALGO").ok()?;
+        // Default: implicit precomputed GEMM, measured fastest on the H100 (BENCHMARKS.md).
+        let v =
+            std::env::var("QTAYLOR_CUDNN_ALGO").unwrap_or_else(|_| "implicit-precomp-gemm".into());
         Some(match v.as_str() {
             "implicit-gemm" => A::ImplicitGemm,
             "implicit-precomp-gemm" => A::ImplicitPrecompGemm,
@@ -544,6 +558,7 @@ impl Conv {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let name = match self {
             Conv::Candle(c) if c.weight().dim(2)? == 1 => "conv 1x1",
+            Conv::Pointwise { .. } => "conv 1x1",
             _ => "conv 3x3",
         };
         timed(name, x.device(), || self.forward_inner(x))
@@ -559,6 +574,18 @@ impl Conv {
                 Ok(y.broadcast_add(&b.reshape((1, b.dim(0)?, 1, 1))?)?)
             }
             Conv::Candle(c) => Ok(c.forward(x)?),
+            Conv::Pointwise { w, bias } => {
+                let (b, c, h, wd) = x.dims4()?;
+                let co = w.dim(0)?;
+                let y = w
+                    .broadcast_left(b)?
+                    .matmul(&x.reshape((b, c, h * wd))?)?
+                    .broadcast_add(&bias.reshape((1, co, 1))?)?;
+                Ok(y.reshape((b, co, h, wd))?)
+            }
+            Conv::Im2col { w2, bias, .. } if x.dtype() == DType::F32 => {
+                Ok(crate::kernels::conv3x3_cpu_f32(&x.contiguous()?, w2, bias)?)
+            }
             Conv::Im2col { w2, bias, out_c } => {
                 let (b, c, h, w) = x.dims4()?;
                 let xp = x.pad_with_zeros(2, 1, 1)?.pad_with_zeros(3, 1, 1)?;
@@ -589,8 +616,20 @@ struct GroupNorm {
 
 fn norm(n: &GroupNorm, x: &Tensor) -> Result<Tensor> {
     timed("group_norm", x.device(), || {
-        crate::kernels::group_norm(x, &n.weight, &n.bias, n.groups, n.eps).map_err(Into::into)
+        crate::kernels::group_norm(x, &n.weight, &n.bias, n.groups, n.eps, false)
+            .map_err(Into::into)
     })
+}
+
+/// `act(norm(x))`, fused into the group-norm pass for SiLU.
+fn norm_act(n: &GroupNorm, a: Act, x: &Tensor) -> Result<Tensor> {
+    match a {
+        Act::Silu => timed("group_norm", x.device(), || {
+            crate::kernels::group_norm(x, &n.weight, &n.bias, n.groups, n.eps, true)
+                .map_err(Into::into)
+        }),
+        _ => act_t(a, &norm(n, x)?),
+    }
 }
 
 fn act_t(a: Act, x: &Tensor) -> Result<Tensor> {
@@ -644,9 +683,7 @@ impl Resnet {
 
     fn forward(&self, x: &Tensor, temb: &Tensor) -> Result<Tensor> {
         let dev = x.device();
-        let h = self
-            .conv1
-            .forward(&act_t(self.act, &norm(&self.norm1, x)?)?)?;
+        let h = self.conv1.forward(&norm_act(&self.norm1, self.act, x)?)?;
         let tp = timed("time projection", dev, || {
             Ok(self
                 .time_proj
@@ -658,14 +695,15 @@ impl Resnet {
             let c = tp.dim(1)? / 2;
             let (scale, shift) = (tp.narrow(1, 0, c)?, tp.narrow(1, c, c)?);
             let n = norm(&self.norm2, &h)?;
-            timed("elementwise", dev, || {
+            let h = timed("elementwise", dev, || {
                 Ok(n.broadcast_mul(&(scale + 1.0)?)?.broadcast_add(&shift)?)
-            })?
+            })?;
+            act_t(self.act, &h)?
         } else {
             let sum = timed("elementwise", dev, || Ok(h.broadcast_add(&tp)?))?;
-            norm(&self.norm2, &sum)?
+            norm_act(&self.norm2, self.act, &sum)?
         };
-        let h = self.conv2.forward(&act_t(self.act, &h)?)?;
+        let h = self.conv2.forward(&h)?;
         let x = match &self.shortcut {
             Some(s) => s.forward(x)?,
             None => x.clone(),
@@ -745,11 +783,9 @@ impl Attention {
         let k = split(self.k.forward(&tokens)?)?;
         let v = split(self.v.forward(&tokens)?)?;
         let dtype = q.dtype();
-        // Scores and softmax in f32 whatever the model dtype.
-        let scores = (q
-            .to_dtype(DType::F32)?
-            .matmul(&k.to_dtype(DType::F32)?.t()?)?
-            / (d as f64).sqrt())?;
+        // Scores from the model-dtype product (f32 accumulation in cuBLAS/gemm), softmax in
+        // f32 whatever the model dtype.
+        let scores = (q.matmul(&k.t()?)?.to_dtype(DType::F32)? / (d as f64).sqrt())?;
         let probs = candle_nn::ops::softmax_last_dim(&scores)?.to_dtype(dtype)?;
         let o = probs.matmul(&v)?.transpose(1, 2)?.reshape((b, h * w, c))?;
         let o = self
@@ -1049,7 +1085,7 @@ impl UNet2D {
                 h = conv.forward(&up)?;
             }
         }
-        let h = act_t(Act::Silu, &norm(&self.norm_out, &h)?)?;
+        let h = norm_act(&self.norm_out, Act::Silu, &h)?;
         let out = self.conv_out.forward(&h)?;
         Ok(out.to_dtype(in_dtype)?)
     }
