@@ -77,7 +77,7 @@ fn log_bounds(values: impl Iterator<Item = f64>) -> Option<(f64, f64)> {
 /// Draws the panels side by side into a PNG at `path` (written atomically).
 pub fn loglog_png(path: &Path, panels: &[Panel]) -> Result<()> {
     register_font();
-    let (w, h) = (720 * panels.len() as u32, 560u32);
+    let (w, h) = (880 * panels.len() as u32, 600u32);
     let mut buf = vec![0u8; (w * h * 3) as usize];
     {
         let root = BitMapBackend::with_buffer(&mut buf, (w, h)).into_drawing_area();
@@ -102,17 +102,33 @@ where
     DB::ErrorType: 'static,
 {
     let err = |e: DrawingAreaErrorKind<DB::ErrorType>| anyhow!("plot: {e:?}");
+    // The legend gets its own column on the right, so it never hides a line.
+    let (aw, _) = area.dim_in_pixel();
+    let (area, legend) = area.split_horizontally(aw.saturating_sub(170));
+    let area = &area;
     let xs = p.lines.iter().flat_map(|l| l.points.iter().map(|q| q.0));
     let ys = p
         .lines
         .iter()
         .flat_map(|l| l.points.iter().map(|q| q.1))
         .chain(p.floor.as_ref().map(|f| f.0));
-    let (Some((x0, x1)), Some((y0, y1))) = (log_bounds(xs), log_bounds(ys)) else {
+    let (Some((x0, x1)), Some((y0, mut y1))) = (log_bounds(xs), log_bounds(ys)) else {
         area.titled(&format!("{} (no data)", p.title), ("sans-serif", 22))
             .map_err(err)?;
         return Ok(());
     };
+    // Diverging runs (errors of 1e2 at 5 NFE) would flatten everything else: cap the axis
+    // at 100× the median value; those points leave the top of the chart.
+    let mut all: Vec<f64> = p
+        .lines
+        .iter()
+        .flat_map(|l| l.points.iter().map(|q| q.1))
+        .filter(|v| v.is_finite() && *v > 0.0)
+        .collect();
+    all.sort_by(f64::total_cmp);
+    if let Some(&med) = all.get(all.len() / 2) {
+        y1 = y1.min(100.0 * med).max(y0 * 10.0);
+    }
     let mut chart = ChartBuilder::on(area)
         .caption(&p.title, ("sans-serif", 22))
         .margin(12)
@@ -130,15 +146,15 @@ where
         .y_label_formatter(&|v| format!("{v:.0e}"))
         .draw()
         .map_err(err)?;
+    let mut entries: Vec<(String, Option<(RGBColor, usize)>)> = Vec::new();
     if let Some((level, label)) = &p.floor {
         chart
             .draw_series(LineSeries::new(
                 [(x0, *level), (x1, *level)],
                 ShapeStyle::from(&BLACK.mix(0.5)).stroke_width(1),
             ))
-            .map_err(err)?
-            .label(label.as_str())
-            .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 18, y)], BLACK.mix(0.5)));
+            .map_err(err)?;
+        entries.push((label.clone(), None));
     }
     for (i, line) in p.lines.iter().enumerate() {
         let color = palette(i);
@@ -148,31 +164,44 @@ where
             .copied()
             .filter(|(x, y)| x.is_finite() && y.is_finite() && *x > 0.0 && *y > 0.0)
             .collect();
+        // 10 colours × 4 marker shapes keep up to 40 lines apart.
         let shape = (i / 10) % 4;
         chart
             .draw_series(LineSeries::new(pts.clone(), color.stroke_width(2)))
-            .map_err(err)?
-            .label(line.label.as_str())
-            .legend(move |(x, y)| {
-                EmptyElement::at((x, y))
-                    + PathElement::new(vec![(0, 0), (18, 0)], color.stroke_width(2))
-                    + marker((9, 0), shape, color)
-            });
-        // 10 colours × 4 marker shapes keep up to 40 lines apart.
+            .map_err(err)?;
         chart
             .draw_series(
                 pts.iter()
                     .map(|&q| EmptyElement::at(q) + marker((0, 0), shape, color)),
             )
             .map_err(err)?;
+        entries.push((line.label.clone(), Some((color, shape))));
     }
-    chart
-        .configure_series_labels()
-        .position(SeriesLabelPosition::UpperRight)
-        .background_style(WHITE.mix(0.85))
-        .border_style(BLACK.mix(0.3))
-        .label_font(("sans-serif", 14))
-        .draw()
-        .map_err(err)?;
+    let step = ((legend.dim_in_pixel().1 as i32 - 60) / entries.len().max(1) as i32).clamp(8, 18);
+    let font = ("sans-serif", (step - 3).clamp(10, 14));
+    for (k, (label, style)) in entries.iter().enumerate() {
+        let y = 50 + k as i32 * step;
+        match style {
+            Some((color, shape)) => {
+                legend
+                    .draw(&PathElement::new(
+                        vec![(4, y), (26, y)],
+                        color.stroke_width(2),
+                    ))
+                    .map_err(err)?;
+                legend
+                    .draw(&(EmptyElement::at((15, y)) + marker((0, 0), *shape, *color)))
+                    .map_err(err)?;
+            }
+            None => {
+                legend
+                    .draw(&PathElement::new(vec![(4, y), (26, y)], BLACK.mix(0.5)))
+                    .map_err(err)?;
+            }
+        }
+        legend
+            .draw(&Text::new(label.clone(), (32, y - step / 2 + 2), font))
+            .map_err(err)?;
+    }
     Ok(())
 }
