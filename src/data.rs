@@ -87,6 +87,105 @@ pub fn find_idx(dir: &Path, name: &str) -> Result<PathBuf> {
     )
 }
 
+/// The two halves of an IDX image data set.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Split {
+    /// `train-images-idx3-ubyte` + `train-labels-idx1-ubyte`
+    Train,
+    /// `t10k-images-idx3-ubyte` + `t10k-labels-idx1-ubyte`
+    Test,
+}
+
+/// Labelled grey-scale images as stored in IDX files: `n` images of `h × w` bytes.
+#[derive(Clone)]
+pub struct ImageSet {
+    pub n: usize,
+    pub h: usize,
+    pub w: usize,
+    pub images: Vec<u8>,
+    pub labels: Vec<u8>,
+}
+
+impl ImageSet {
+    /// Image `i` as floats in [−1, 1] (`b / 127.5 − 1`, the scaling the diffusion models use).
+    pub fn image_f32(&self, i: usize) -> impl Iterator<Item = f32> + '_ {
+        let d = self.h * self.w;
+        self.images[i * d..(i + 1) * d]
+            .iter()
+            .map(|&b| b as f32 / 127.5 - 1.0)
+    }
+}
+
+/// The folder of a named data set (`mnist` → `data/mnist`, `fashion-mnist` →
+/// `data/fashion-mnist`) or the given path, with the script that fetches it.
+pub fn dataset_dir(spec: &str) -> (PathBuf, Option<&'static str>) {
+    match spec {
+        "mnist" => (PathBuf::from("data/mnist"), Some("scripts/fetch-mnist.sh")),
+        "fashion-mnist" => (
+            PathBuf::from("data/fashion-mnist"),
+            Some("scripts/fetch-fashion-mnist.sh"),
+        ),
+        other => (PathBuf::from(other), None),
+    }
+}
+
+/// Loads one split of an IDX image data set (`mnist`, `fashion-mnist` or a folder holding
+/// the four IDX files, `.gz` or not). Errors name the folder or file and what is wrong.
+pub fn load_image_set(spec: &str, split: Split) -> Result<ImageSet> {
+    let (dir, fetch) = dataset_dir(spec);
+    let hint = fetch
+        .map(|s| format!("; fetch it with {s}"))
+        .unwrap_or_default();
+    if !dir.is_dir() {
+        bail!(
+            "{}: no such folder (expected the IDX files of an image data set){hint}",
+            dir.display()
+        );
+    }
+    let prefix = match split {
+        Split::Train => "train",
+        Split::Test => "t10k",
+    };
+    let find = |name: String| {
+        find_idx(&dir, &name).map_err(|_| {
+            anyhow::anyhow!(
+                "{}: no {name} (or {name}.gz) in this folder, so it holds no IDX data set{hint}",
+                dir.display()
+            )
+        })
+    };
+    let img_path = find(format!("{prefix}-images-idx3-ubyte"))?;
+    let lab_path = find(format!("{prefix}-labels-idx1-ubyte"))?;
+    let img = read_idx(&img_path)?;
+    let lab = read_idx(&lab_path)?;
+    if img.dims.len() != 3 {
+        bail!(
+            "{}: IDX array of shape {:?}, expected images (N, H, W)",
+            img_path.display(),
+            img.dims
+        );
+    }
+    if lab.dims.len() != 1 || lab.dims[0] != img.dims[0] {
+        bail!(
+            "{}: labels of shape {:?}, expected ({}) to match {}",
+            lab_path.display(),
+            lab.dims,
+            img.dims[0],
+            img_path.display()
+        );
+    }
+    if img.dims[0] == 0 {
+        bail!("{}: holds no images", img_path.display());
+    }
+    Ok(ImageSet {
+        n: img.dims[0],
+        h: img.dims[1],
+        w: img.dims[2],
+        images: img.data,
+        labels: lab.data,
+    })
+}
+
 /// A data matrix: `rows` vectors of dimension `dim`, row-major f64.
 pub struct Matrix {
     pub rows: usize,
@@ -188,6 +287,48 @@ mod tests {
         std::io::Write::write_all(&mut enc, &idx_bytes(&[1, 2], &[7, 9])).unwrap();
         std::fs::write(&gz, enc.finish().unwrap()).unwrap();
         assert_eq!(read_idx(&gz).unwrap().data, vec![7, 9]);
+    }
+
+    #[test]
+    fn image_sets_load_with_labels_and_missing_or_mismatched_files_are_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        let spec = d.to_str().unwrap();
+        let e = format!("{:#}", load_image_set(spec, Split::Train).err().unwrap());
+        assert!(
+            e.contains("train-images-idx3-ubyte") && e.contains("no IDX"),
+            "{e}"
+        );
+        std::fs::write(
+            d.join("train-images-idx3-ubyte"),
+            idx_bytes(&[2, 1, 2], &[0, 255, 10, 20]),
+        )
+        .unwrap();
+        std::fs::write(
+            d.join("train-labels-idx1-ubyte"),
+            idx_bytes(&[3], &[1, 2, 3]),
+        )
+        .unwrap();
+        let e = format!("{:#}", load_image_set(spec, Split::Train).err().unwrap());
+        assert!(
+            e.contains("train-labels-idx1-ubyte") && e.contains("[3]"),
+            "{e}"
+        );
+        std::fs::write(d.join("train-labels-idx1-ubyte"), idx_bytes(&[2], &[7, 9])).unwrap();
+        let s = load_image_set(spec, Split::Train).unwrap();
+        assert_eq!((s.n, s.h, s.w), (2, 1, 2));
+        assert_eq!(s.labels, vec![7, 9]);
+        assert_eq!(s.image_f32(0).collect::<Vec<_>>(), vec![-1.0, 1.0]);
+        let e = format!("{:#}", load_image_set(spec, Split::Test).err().unwrap());
+        assert!(e.contains("t10k-images-idx3-ubyte"), "{e}");
+        let e = format!(
+            "{:#}",
+            load_image_set("/nonexistent/x", Split::Test).err().unwrap()
+        );
+        assert!(
+            e.contains("/nonexistent/x") && e.contains("no such folder"),
+            "{e}"
+        );
     }
 
     #[test]
