@@ -71,7 +71,8 @@ pub struct SchedulerConfig {
 }
 
 impl SchedulerConfig {
-    fn from_json(text: &str, file: &Path) -> Result<Self> {
+    /// Parses and checks a `scheduler_config.json`; `file` names it in errors.
+    pub fn from_json(text: &str, file: &Path) -> Result<Self> {
         let c: SchedulerConfig = serde_json::from_str(text)
             .with_context(|| format!("{}: malformed scheduler config", file.display()))?;
         let bad = |key: &str, v: &str, want: &str| {

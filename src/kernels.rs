@@ -22,12 +22,46 @@ pub fn group_norm(
     eps: f64,
     silu: bool,
 ) -> Result<Tensor> {
+    if x.track_op() || weight.track_op() || bias.track_op() {
+        return group_norm_autograd(x, weight, bias, groups, eps, silu);
+    }
     let x = x.contiguous()?;
     x.apply_op3_no_bwd(
         &weight.contiguous()?,
         &bias.contiguous()?,
         &GroupNormOp { groups, eps, silu },
     )
+}
+
+/// The same GroupNorm composed of candle operations, so that gradients flow (training):
+/// [`group_norm`] takes this path whenever an argument is part of an autograd graph.
+/// Population variance over each (sample, group), as PyTorch's `group_norm`.
+pub fn group_norm_autograd(
+    x: &Tensor,
+    weight: &Tensor,
+    bias: &Tensor,
+    groups: usize,
+    eps: f64,
+    silu: bool,
+) -> Result<Tensor> {
+    let dims = x.dims().to_vec();
+    if dims.len() < 2 || groups == 0 || !dims[1].is_multiple_of(groups) {
+        candle_core::bail!("group norm: {groups} groups for an input of shape {dims:?}");
+    }
+    let (b, c) = (dims[0], dims[1]);
+    let xg = x.reshape((b, groups, ()))?;
+    let mean = xg.mean_keepdim(2)?;
+    let xc = xg.broadcast_sub(&mean)?;
+    let var = xc.sqr()?.mean_keepdim(2)?;
+    let xn = xc
+        .broadcast_div(&(var + eps)?.sqrt()?)?
+        .reshape(dims.as_slice())?;
+    let mut affine = vec![1usize; dims.len()];
+    affine[1] = c;
+    let y = xn
+        .broadcast_mul(&weight.reshape(affine.as_slice())?)?
+        .broadcast_add(&bias.reshape(affine.as_slice())?)?;
+    if silu { y.silu() } else { Ok(y) }
 }
 
 struct GroupNormOp {
@@ -401,31 +435,7 @@ pub fn conv3x3_cpu_f32(x: &Tensor, w2: &Tensor, bias: &Tensor) -> Result<Tensor>
         let nb = tile.min(b - b0);
         let n = nb * hw;
         let colv = &mut col[..c * 9 * n];
-        colv.par_chunks_mut(n).enumerate().for_each(|(row, dst)| {
-            let (ci, k) = (row / 9, row % 9);
-            let (dy, dx) = (k as isize / 3 - 1, k as isize % 3 - 1);
-            let (x0, x1) = (
-                (-dx).max(0) as usize,
-                (w as isize - dx).min(w as isize) as usize,
-            );
-            for bi in 0..nb {
-                let src = &xs[((b0 + bi) * c + ci) * hw..((b0 + bi) * c + ci + 1) * hw];
-                let o = &mut dst[bi * hw..(bi + 1) * hw];
-                for y in 0..h {
-                    let sy = y as isize + dy;
-                    let row_out = &mut o[y * w..(y + 1) * w];
-                    if sy < 0 || sy >= h as isize {
-                        row_out.fill(0.0);
-                        continue;
-                    }
-                    let s0 = sy as usize * w;
-                    row_out[..x0].fill(0.0);
-                    row_out[x1..].fill(0.0);
-                    let (a, z) = ((x0 as isize + dx) as usize, (x1 as isize + dx) as usize);
-                    row_out[x0..x1].copy_from_slice(&src[s0 + a..s0 + z]);
-                }
-            }
-        });
+        fill_im2col(xs, (c, h, w), b0, nb, colv);
         let colt = Tensor::from_slice(colv, (c * 9, n), &candle_core::Device::Cpu)?;
         let prod = w2.matmul(&colt)?; // (Cout, nb·HW)
         let (ps, pl) = prod.storage_and_layout();
@@ -451,10 +461,267 @@ pub fn conv3x3_cpu_f32(x: &Tensor, w2: &Tensor, bias: &Tensor) -> Result<Tensor>
     Tensor::from_vec(out, (b, cout, h, w), &candle_core::Device::Cpu)
 }
 
+/// Fills `dst` (`C·9` rows of `nb·H·W`) with the im2col matrix of images `b0 .. b0 + nb` of
+/// a contiguous f32 batch `xs` of shape `(·, C, H, W)`: row `c·9 + ky·3 + kx`, column
+/// `bi·H·W + y·W + x` holds `x[b0 + bi, c, y + ky − 1, x + kx − 1]` (zero outside).
+fn fill_im2col(
+    xs: &[f32],
+    (c, h, w): (usize, usize, usize),
+    b0: usize,
+    nb: usize,
+    dst: &mut [f32],
+) {
+    use rayon::prelude::*;
+    let hw = h * w;
+    let n = nb * hw;
+    dst[..c * 9 * n]
+        .par_chunks_mut(n)
+        .enumerate()
+        .for_each(|(row, dst)| {
+            let (ci, k) = (row / 9, row % 9);
+            let (dy, dx) = (k as isize / 3 - 1, k as isize % 3 - 1);
+            let (x0, x1) = (
+                (-dx).max(0) as usize,
+                (w as isize - dx).min(w as isize) as usize,
+            );
+            for bi in 0..nb {
+                let src = &xs[((b0 + bi) * c + ci) * hw..((b0 + bi) * c + ci + 1) * hw];
+                let o = &mut dst[bi * hw..(bi + 1) * hw];
+                for y in 0..h {
+                    let sy = y as isize + dy;
+                    let row_out = &mut o[y * w..(y + 1) * w];
+                    if sy < 0 || sy >= h as isize {
+                        row_out.fill(0.0);
+                        continue;
+                    }
+                    let s0 = sy as usize * w;
+                    row_out[..x0].fill(0.0);
+                    row_out[x1..].fill(0.0);
+                    let (a, z) = ((x0 as isize + dx) as usize, (x1 as isize + dx) as usize);
+                    row_out[x0..x1].copy_from_slice(&src[s0 + a..s0 + z]);
+                }
+            }
+        });
+}
+
+/// The im2col matrix `(C·9, B·H·W)` of a batch `(B, C, H, W)` (3×3 window, padding 1; the
+/// row and column order of [`fill_im2col`]).
+fn im2col3x3(x: &Tensor) -> Result<Tensor> {
+    let (b, c, h, w) = x.dims4()?;
+    if x.device().is_cpu() && x.dtype() == DType::F32 {
+        let x = x.contiguous()?;
+        let (storage, layout) = x.storage_and_layout();
+        let candle_core::Storage::Cpu(cpu) = &*storage else {
+            candle_core::bail!("im2col3x3: CPU tensor expected");
+        };
+        let (start, end) = layout
+            .contiguous_offsets()
+            .ok_or_else(|| candle_core::Error::Msg("im2col3x3: non-contiguous".into()))?;
+        let mut col = vec![0f32; c * 9 * b * h * w];
+        fill_im2col(
+            &cpu.as_slice::<f32>()?[start..end],
+            (c, h, w),
+            0,
+            b,
+            &mut col,
+        );
+        drop(storage);
+        return Tensor::from_vec(col, (c * 9, b * h * w), x.device());
+    }
+    let xp = x.pad_with_zeros(2, 1, 1)?.pad_with_zeros(3, 1, 1)?;
+    let mut views = Vec::with_capacity(9);
+    for ky in 0..3 {
+        for kx in 0..3 {
+            views.push(xp.narrow(2, ky, h)?.narrow(3, kx, w)?);
+        }
+    }
+    // (B, C, 9, H, W) → (C, 9, B, H, W)
+    Tensor::stack(&views, 2)?
+        .permute((1, 2, 0, 3, 4))?
+        .contiguous()?
+        .reshape((c * 9, b * h * w))
+}
+
+/// The cuDNN forward algorithm for convolutions (builds with the `cudnn` feature): the one
+/// named by `QTAYLOR_CUDNN_ALGO` (implicit-gemm, implicit-precomp-gemm, gemm, direct, fft,
+/// fft-tiling, winograd, winograd-nonfused, or `heuristic` for cuDNN's own choice),
+/// implicit precomputed GEMM by default (measured fastest on the H100, BENCHMARKS.md).
+pub fn cudnn_algo() -> Option<candle_core::conv::CudnnFwdAlgo> {
+    use candle_core::conv::CudnnFwdAlgo as A;
+    static ALGO: std::sync::OnceLock<Option<A>> = std::sync::OnceLock::new();
+    *ALGO.get_or_init(|| {
+        let v =
+            std::env::var("QTAYLOR_CUDNN_ALGO").unwrap_or_else(|_| "implicit-precomp-gemm".into());
+        Some(match v.as_str() {
+            "implicit-gemm" => A::ImplicitGemm,
+            "implicit-precomp-gemm" => A::ImplicitPrecompGemm,
+            "gemm" => A::Gemm,
+            "direct" => A::Direct,
+            "fft" => A::Fft,
+            "fft-tiling" => A::FftTiling,
+            "winograd" => A::Winograd,
+            "winograd-nonfused" => A::WinogradNonFused,
+            _ => return None,
+        })
+    })
+}
+
+/// 3×3 convolution, stride 1, padding 1, no bias, by the fast path of the device (the tiled
+/// im2col kernel for CPU f32, cuDNN otherwise); keeps no autograd graph.
+fn conv3x3_fast(x: &Tensor, w: &Tensor) -> Result<Tensor> {
+    let (cout, cin, _, _) = w.dims4()?;
+    if x.device().is_cpu() && x.dtype() == DType::F32 {
+        let zero = Tensor::zeros(cout, DType::F32, x.device())?;
+        conv3x3_cpu_f32(&x.contiguous()?, &w.reshape((cout, cin * 9))?, &zero)
+    } else if x.device().is_cuda() {
+        x.conv2d_with_algo(w, 1, 1, 1, 1, cudnn_algo())
+    } else {
+        x.conv2d(w, 1, 1, 1, 1)
+    }
+}
+
+/// 3×3 convolution (stride 1, padding 1, no bias) for training: the forward pass is the fast
+/// path of the device, and the gradients are
+/// `∂L/∂x = conv(∂L/∂y, W̃)` with `W̃[ci, co, ky, kx] = W[co, ci, 2 − ky, 2 − kx]` (the
+/// transposed convolution of a stride-1 "same" convolution is a convolution with the
+/// flipped, transposed kernel), and `∂L/∂W = ∂L/∂Y · col(x)ᵀ` with `∂L/∂Y` as a
+/// `(Cout, B·H·W)` matrix and `col(x)` the `(Cin·9, B·H·W)` im2col matrix. candle's own
+/// conv2d backward runs a direct transposed-convolution loop instead.
+pub fn conv3x3_train(x: &Tensor, w: &Tensor) -> Result<Tensor> {
+    let y = conv3x3_fast(&x.detach(), &w.detach())?;
+    x.apply_op3(w, &y, Conv3x3Grad)
+}
+
+/// Returns its third argument (the convolution computed outside the graph) and supplies the
+/// convolution's gradients for the first two.
+struct Conv3x3Grad;
+
+fn fresh_copy<S: BackendStorage>(s: &S, l: &Layout) -> Result<(S, Shape)> {
+    match l.contiguous_offsets() {
+        Some((0, end)) if end == l.shape().elem_count() => Ok((s.try_clone(l)?, l.shape().clone())),
+        _ => candle_core::bail!(
+            "conv3x3-train: the forward result must be a fresh contiguous tensor"
+        ),
+    }
+}
+
+impl CustomOp3 for Conv3x3Grad {
+    fn name(&self) -> &'static str {
+        "conv3x3-train"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+        y: &CpuStorage,
+        ly: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        fresh_copy(y, ly)
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        _: &candle_core::CudaStorage,
+        _: &Layout,
+        _: &candle_core::CudaStorage,
+        _: &Layout,
+        y: &candle_core::CudaStorage,
+        ly: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        fresh_copy(y, ly)
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _y: &Tensor,
+        _res: &Tensor,
+        g: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (x, w, g) = (x.detach(), w.detach(), g.detach());
+        let (cout, cin, _, _) = w.dims4()?;
+        let (b, _, h, wd) = x.dims4()?;
+        let w_t = w.flip(&[2, 3])?.transpose(0, 1)?.contiguous()?;
+        let gx = conv3x3_fast(&g, &w_t)?;
+        // ∂L/∂W in batch tiles of about 8 M im2col entries (bounded memory).
+        let tile = (8_000_000 / (cin * 9 * h * wd)).clamp(1, b);
+        let mut gw: Option<Tensor> = None;
+        for b0 in (0..b).step_by(tile) {
+            let nb = tile.min(b - b0);
+            let col = im2col3x3(&x.narrow(0, b0, nb)?)?;
+            let gm = g
+                .narrow(0, b0, nb)?
+                .transpose(0, 1)?
+                .contiguous()?
+                .reshape((cout, nb * h * wd))?;
+            let part = gm.matmul(&col.t()?)?;
+            gw = Some(match gw {
+                None => part,
+                Some(a) => (a + part)?,
+            });
+        }
+        let gw = gw.expect("a non-empty batch").reshape((cout, cin, 3, 3))?;
+        Ok((Some(gx), Some(gw), None))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use candle_core::{Device, Module};
+
+    #[test]
+    fn training_conv_equals_candle_conv2d_in_value_and_gradients() {
+        let dev = Device::Cpu;
+        let x = Tensor::randn(0f32, 1.0, (3, 5, 6, 7), &dev).unwrap();
+        let w = Tensor::randn(0f32, 0.3, (4, 5, 3, 3), &dev).unwrap();
+        let probe = Tensor::randn(0f32, 1.0, (3, 4, 6, 7), &dev).unwrap();
+        let grads = |ours: bool| {
+            let (xv, wv) = (
+                candle_core::Var::from_tensor(&x).unwrap(),
+                candle_core::Var::from_tensor(&w).unwrap(),
+            );
+            let y = if ours {
+                conv3x3_train(xv.as_tensor(), wv.as_tensor()).unwrap()
+            } else {
+                xv.as_tensor().conv2d(wv.as_tensor(), 1, 1, 1, 1).unwrap()
+            };
+            let loss = (&y * &probe).unwrap().sum_all().unwrap();
+            let g = loss.backward().unwrap();
+            (
+                y,
+                g.get(xv.as_tensor()).unwrap().clone(),
+                g.get(wv.as_tensor()).unwrap().clone(),
+            )
+        };
+        let (y0, gx0, gw0) = grads(false);
+        let (y1, gx1, gw1) = grads(true);
+        for (a, b) in [(y0, y1), (gx0, gx1), (gw0, gw1)] {
+            let d = (a - &b).unwrap().abs().unwrap().max_all().unwrap();
+            let m = b.abs().unwrap().max_all().unwrap();
+            let rel = d.to_scalar::<f32>().unwrap() / m.to_scalar::<f32>().unwrap();
+            assert!(rel < 1e-5, "relative difference {rel}");
+        }
+    }
+
+    #[test]
+    fn composed_group_norm_equals_the_fused_kernel() {
+        let dev = Device::Cpu;
+        let x = Tensor::randn(0f32, 2.0, (2, 8, 3, 5), &dev).unwrap();
+        let w = Tensor::randn(1f32, 0.3, 8, &dev).unwrap();
+        let b = Tensor::randn(0f32, 0.3, 8, &dev).unwrap();
+        for silu in [false, true] {
+            let a = group_norm(&x, &w, &b, 4, 1e-5, silu).unwrap();
+            let c = group_norm_autograd(&x, &w, &b, 4, 1e-5, silu).unwrap();
+            let d = (a - c).unwrap().abs().unwrap().max_all().unwrap();
+            assert!(d.to_scalar::<f32>().unwrap() < 1e-5);
+        }
+    }
 
     #[test]
     fn fused_group_norm_equals_candle_nns() {

@@ -25,4 +25,5 @@ pub mod rng;
 pub mod samplers;
 pub mod schedule;
 pub mod series;
+pub mod train;
 pub mod unet;

@@ -359,6 +359,24 @@ impl Weights {
         })
     }
 
+    /// Weights held in memory (for example candle `Var`s being trained); `label` names
+    /// them in errors.
+    pub fn from_tensors(
+        label: &str,
+        tensors: HashMap<String, Tensor>,
+        dtype: DType,
+        device: &Device,
+    ) -> Self {
+        Weights {
+            file: PathBuf::from(label),
+            tensors,
+            used: Mutex::new(HashSet::new()),
+            synthetic: None,
+            dtype,
+            device: device.clone(),
+        }
+    }
+
     /// Made-up weights of whatever shape the model asks for (see the `synthetic` field).
     pub fn synthetic(seed: u64, dtype: DType, device: &Device) -> Self {
         Weights {
@@ -465,11 +483,18 @@ impl Weights {
     ) -> Result<Conv> {
         let w = self.get(&format!("{p}.weight"), &[cout, cin, k, k])?;
         let b = self.get(&format!("{p}.bias"), &[cout])?;
-        if self.device.is_cuda() && k == 1 && stride == 1 && padding == 0 {
+        // Trainable weights (candle `Var`s) take the matrix-product paths on every device:
+        // their backward is matrix products too, where candle's conv2d backward runs a
+        // direct transposed convolution.
+        let trainable = w.track_op();
+        if (self.device.is_cuda() || trainable) && k == 1 && stride == 1 && padding == 0 {
             return Ok(Conv::Pointwise {
                 w: w.reshape((cout, cin))?,
                 bias: b,
             });
+        }
+        if trainable && k == 3 && stride == 1 && padding == 1 {
+            return Ok(Conv::Train3x3 { w, bias: b });
         }
         if self.device.is_cpu() && k == 3 && stride == 1 && padding == 1 {
             return Ok(Conv::Im2col {
@@ -528,31 +553,15 @@ enum Conv {
         bias: Tensor,
         out_c: usize,
     },
+    /// 3×3 / stride 1 / padding 1 with trainable weights: [`crate::kernels::conv3x3_train`]
+    /// (the device's fast forward, gradients as matrix products) plus the bias.
+    Train3x3 {
+        w: Tensor,
+        bias: Tensor,
+    },
 }
 
-/// The cuDNN forward algorithm for convolutions (builds with the `cudnn` feature): cuDNN's
-/// heuristic by default, or the one named by `QTAYLOR_CUDNN_ALGO` (implicit-gemm,
-/// implicit-precomp-gemm, gemm, direct, fft, fft-tiling, winograd, winograd-nonfused).
-fn cudnn_algo() -> Option<candle_core::conv::CudnnFwdAlgo> {
-    use candle_core::conv::CudnnFwdAlgo as A;
-    static ALGO: std::sync::OnceLock<Option<A>> = std::sync::OnceLock::new();
-    *ALGO.get_or_init(|| {
-        // Default: implicit precomputed GEMM, measured fastest on the H100 (BENCHMARKS.md).
-        let v =
-            std::env::var("QTAYLOR_CUDNN_ALGO").unwrap_or_else(|_| "implicit-precomp-gemm".into());
-        Some(match v.as_str() {
-            "implicit-gemm" => A::ImplicitGemm,
-            "implicit-precomp-gemm" => A::ImplicitPrecompGemm,
-            "gemm" => A::Gemm,
-            "direct" => A::Direct,
-            "fft" => A::Fft,
-            "fft-tiling" => A::FftTiling,
-            "winograd" => A::Winograd,
-            "winograd-nonfused" => A::WinogradNonFused,
-            _ => return None,
-        })
-    })
-}
+use crate::kernels::cudnn_algo;
 
 impl Conv {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
@@ -574,6 +583,10 @@ impl Conv {
                 Ok(y.broadcast_add(&b.reshape((1, b.dim(0)?, 1, 1))?)?)
             }
             Conv::Candle(c) => Ok(c.forward(x)?),
+            Conv::Train3x3 { w, bias } => {
+                let y = crate::kernels::conv3x3_train(x, w)?;
+                Ok(y.broadcast_add(&bias.reshape((1, bias.dim(0)?, 1, 1))?)?)
+            }
             Conv::Pointwise { w, bias } => {
                 let (b, c, h, wd) = x.dims4()?;
                 let co = w.dim(0)?;
@@ -583,7 +596,10 @@ impl Conv {
                     .broadcast_add(&bias.reshape((1, co, 1))?)?;
                 Ok(y.reshape((b, co, h, wd))?)
             }
-            Conv::Im2col { w2, bias, .. } if x.dtype() == DType::F32 => {
+            // The fused kernel keeps no autograd graph: training takes the tensor path.
+            Conv::Im2col { w2, bias, .. }
+                if x.dtype() == DType::F32 && !x.track_op() && !w2.track_op() =>
+            {
                 Ok(crate::kernels::conv3x3_cpu_f32(&x.contiguous()?, w2, bias)?)
             }
             Conv::Im2col { w2, bias, out_c } => {
@@ -786,7 +802,13 @@ impl Attention {
         // Scores from the model-dtype product (f32 accumulation in cuBLAS/gemm), softmax in
         // f32 whatever the model dtype.
         let scores = (q.matmul(&k.t()?)?.to_dtype(DType::F32)? / (d as f64).sqrt())?;
-        let probs = candle_nn::ops::softmax_last_dim(&scores)?.to_dtype(dtype)?;
+        // softmax_last_dim is one fused pass without a backward; training composes it.
+        let probs = if scores.track_op() {
+            candle_nn::ops::softmax(&scores, candle_core::D::Minus1)?
+        } else {
+            candle_nn::ops::softmax_last_dim(&scores)?
+        }
+        .to_dtype(dtype)?;
         let o = probs.matmul(&v)?.transpose(1, 2)?.reshape((b, h * w, c))?;
         let o = self
             .out

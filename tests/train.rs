@@ -1,0 +1,311 @@
+//! `qtaylor train`: the loss falls, checkpoints reload and resume exactly, bad input fails
+//! cleanly without touching existing checkpoints.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use candle_core::{DType, Device, Tensor};
+use qtaylor::checkpoint::DiffusersModel;
+use qtaylor::train::{TrainOptions, train};
+
+const TINY_CONFIG: &str = r#"{
+  "block_out_channels": [8, 16],
+  "layers_per_block": 1,
+  "down_block_types": ["DownBlock2D", "AttnDownBlock2D"],
+  "up_block_types": ["AttnUpBlock2D", "UpBlock2D"],
+  "norm_num_groups": 4,
+  "attention_head_dim": null,
+  "in_channels": 1,
+  "out_channels": 1
+}"#;
+
+fn idx(dims: &[u32], data: &[u8]) -> Vec<u8> {
+    let mut b = vec![0, 0, 8, dims.len() as u8];
+    for d in dims {
+        b.extend(d.to_be_bytes());
+    }
+    b.extend(data);
+    b
+}
+
+/// 64 images 8×8 of two kinds (bright top half / bright bottom half) with a little texture.
+fn tiny_data(dir: &Path) -> PathBuf {
+    let d = dir.join("tiny");
+    std::fs::create_dir_all(&d).unwrap();
+    let (n, s) = (64usize, 8usize);
+    let mut img = Vec::with_capacity(n * s * s);
+    let mut lab = Vec::with_capacity(n);
+    for i in 0..n {
+        let top = i % 2 == 0;
+        lab.push(top as u8);
+        for y in 0..s {
+            for x in 0..s {
+                let bright = (y < s / 2) == top;
+                let tex = ((i * 7 + y * 3 + x * 5) % 11) as u8 * 4;
+                img.push(if bright { 215 + tex } else { tex });
+            }
+        }
+    }
+    std::fs::write(
+        d.join("train-images-idx3-ubyte"),
+        idx(&[n as u32, 8, 8], &img),
+    )
+    .unwrap();
+    std::fs::write(d.join("train-labels-idx1-ubyte"), idx(&[n as u32], &lab)).unwrap();
+    d
+}
+
+fn opts(data: &Path, out: &Path, steps: usize) -> TrainOptions {
+    let mut o = TrainOptions::new(data.to_str().unwrap(), out);
+    o.config = TINY_CONFIG.to_string();
+    o.steps = steps;
+    o.batch = 16;
+    o.lr = 3e-3;
+    o.warmup = 5;
+    o.ema = 0.9;
+    o.save_every = 1000;
+    o
+}
+
+fn tensors(file: &Path) -> std::collections::HashMap<String, Tensor> {
+    candle_core::safetensors::load(file, &Device::Cpu).unwrap()
+}
+
+fn max_abs_diff(a: &Tensor, b: &Tensor) -> f64 {
+    (a.to_dtype(DType::F64).unwrap() - b.to_dtype(DType::F64).unwrap())
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f64>()
+        .unwrap()
+}
+
+/// The ε-prediction loss of a saved model on a fixed batch (fixed timesteps and noise).
+fn fixed_loss(model_dir: &Path) -> f64 {
+    let m = DiffusersModel::load(model_dir, DType::F32, &Device::Cpu).unwrap();
+    let dev = Device::Cpu;
+    let x0 = Tensor::from_vec(
+        (0..16 * 64)
+            .map(|i| {
+                let (img, y) = (i / 64, (i % 64) / 8);
+                if (y < 4) == (img % 2 == 0) {
+                    0.8f32
+                } else {
+                    -0.9
+                }
+            })
+            .collect::<Vec<_>>(),
+        (16, 1, 8, 8),
+        &dev,
+    )
+    .unwrap();
+    // The same pseudo-noise for every model.
+    let eps = Tensor::from_vec(
+        (0..16 * 64)
+            .map(|i| ((i * 2654435761usize % 1000) as f32 / 500.0 - 1.0) * 1.7)
+            .collect::<Vec<_>>(),
+        (16, 1, 8, 8),
+        &dev,
+    )
+    .unwrap();
+    let betas = qtaylor::schedule::diffusers_betas("linear", 1e-4, 0.02, 1000).unwrap();
+    let abars = qtaylor::schedule::diffusers_alphas_cumprod(&betas);
+    let (mut total, mut count) = (0.0, 0.0);
+    for n in [50usize, 200, 400, 700] {
+        let abar = abars[n];
+        let xt = ((&x0 * abar.sqrt()).unwrap() + (&eps * (1.0 - abar).sqrt()).unwrap()).unwrap();
+        let pred = m.unet.forward(&xt, &[n as f64]).unwrap();
+        let l = (pred - &eps)
+            .unwrap()
+            .sqr()
+            .unwrap()
+            .mean_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap() as f64;
+        total += l;
+        count += 1.0;
+    }
+    total / count
+}
+
+#[test]
+fn training_on_a_tiny_data_set_lowers_the_loss() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = tiny_data(dir.path());
+    let early = dir.path().join("early");
+    let late = dir.path().join("late");
+    train(&opts(&data, &early, 2), &Device::Cpu).unwrap();
+    let r = train(&opts(&data, &late, 120), &Device::Cpu).unwrap();
+    let (before, after) = (fixed_loss(&early), fixed_loss(&late));
+    eprintln!("fixed-batch loss: {before:.4} after 2 steps, {after:.4} after 120");
+    assert!(
+        after < 0.6 * before,
+        "fixed-batch loss {before:.4} after 2 steps, {after:.4} after 120"
+    );
+    assert!(r.last_loss < r.first_loss, "{r:?}");
+}
+
+#[test]
+fn a_saved_checkpoint_reloads_to_identical_outputs() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = tiny_data(dir.path());
+    let out = dir.path().join("run");
+    let o = opts(&data, &out, 6);
+    train(&o, &Device::Cpu).unwrap();
+    // The diffusers files hold the EMA weights, bit for bit those of the training state.
+    let model = tensors(&out.join("diffusion_pytorch_model.safetensors"));
+    let state = tensors(&out.join("train_state.safetensors"));
+    for (name, t) in &model {
+        let e = &state[&format!("ema/{name}")];
+        assert_eq!(max_abs_diff(t, e), 0.0, "{name}");
+    }
+    let in_memory = qtaylor::train::load_ema_unet(&out, &o, &Device::Cpu).unwrap();
+    let loaded = DiffusersModel::load(&out, DType::F32, &Device::Cpu).unwrap();
+    let x = Tensor::randn(0f32, 1.0, (3, 1, 8, 8), &Device::Cpu).unwrap();
+    let a = in_memory.forward(&x, &[10.0, 500.0, 990.0]).unwrap();
+    let b = loaded.unet.forward(&x, &[10.0, 500.0, 990.0]).unwrap();
+    assert_eq!(max_abs_diff(&a, &b), 0.0);
+    let cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("config.json")).unwrap()).unwrap();
+    assert_eq!(cfg["_class_name"], "UNet2DModel");
+    assert_eq!(cfg["sample_size"], 8);
+    let log = std::fs::read_to_string(out.join("train_log.csv")).unwrap();
+    assert_eq!(log.lines().count(), 7, "{log}");
+}
+
+#[test]
+fn resume_continues_the_same_optimizer_state() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = tiny_data(dir.path());
+    let straight = dir.path().join("straight");
+    let split = dir.path().join("split");
+    train(&opts(&data, &straight, 8), &Device::Cpu).unwrap();
+    train(&opts(&data, &split, 3), &Device::Cpu).unwrap();
+    let mut o = opts(&data, &split, 8);
+    o.resume = Some(split.clone());
+    let r = train(&o, &Device::Cpu).unwrap();
+    assert_eq!((r.start_step, r.end_step), (3, 8));
+    let a = tensors(&straight.join("train_state.safetensors"));
+    let b = tensors(&split.join("train_state.safetensors"));
+    assert_eq!(a.len(), b.len());
+    for (k, t) in &a {
+        assert_eq!(max_abs_diff(t, &b[k]), 0.0, "{k} differs after resume");
+    }
+    assert_eq!(
+        std::fs::read_to_string(straight.join("train_log.csv")).unwrap(),
+        std::fs::read_to_string(split.join("train_log.csv")).unwrap()
+    );
+}
+
+fn qtaylor(args: &[&str]) -> (bool, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_qtaylor"))
+        .args(args)
+        .output()
+        .unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn bad_data_or_a_foreign_resume_folder_is_a_clear_error_and_overwrites_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = tiny_data(dir.path());
+    let cfg = dir.path().join("tiny.json");
+    std::fs::write(&cfg, TINY_CONFIG).unwrap();
+    let run = dir.path().join("run");
+    let base = |out: &Path, data: &Path| {
+        vec![
+            "train".to_string(),
+            "--data".into(),
+            data.display().to_string(),
+            "--out".into(),
+            out.display().to_string(),
+            "--config".into(),
+            cfg.display().to_string(),
+        ]
+    };
+    let run_with = |mut a: Vec<String>, extra: &[&str]| {
+        a.extend(extra.iter().map(|s| s.to_string()));
+        qtaylor(&a.iter().map(String::as_str).collect::<Vec<_>>())
+    };
+    // A folder without IDX files.
+    let empty = dir.path().join("empty");
+    std::fs::create_dir_all(&empty).unwrap();
+    let (ok, err) = run_with(base(&run, &empty), &["--steps", "2", "--batch", "8"]);
+    assert!(
+        !ok && err.contains("train-images-idx3-ubyte") && err.contains("empty"),
+        "{err}"
+    );
+    assert!(!run.exists());
+    // A corrupt IDX header.
+    let bad = dir.path().join("bad");
+    std::fs::create_dir_all(&bad).unwrap();
+    std::fs::write(bad.join("train-images-idx3-ubyte"), [1u8, 2, 3, 4, 5, 6]).unwrap();
+    std::fs::copy(
+        data.join("train-labels-idx1-ubyte"),
+        bad.join("train-labels-idx1-ubyte"),
+    )
+    .unwrap();
+    let (ok, err) = run_with(base(&run, &bad), &["--steps", "2", "--batch", "8"]);
+    assert!(
+        !ok && err.contains("train-images-idx3-ubyte") && err.contains("magic number"),
+        "{err}"
+    );
+    assert!(!run.exists());
+    // A good run, then a resume with another config: refused, nothing rewritten.
+    let (ok, err) = run_with(base(&run, &data), &["--steps", "2", "--batch", "8"]);
+    assert!(ok, "{err}");
+    let before: Vec<(PathBuf, Vec<u8>)> = std::fs::read_dir(&run)
+        .unwrap()
+        .map(|e| {
+            let p = e.unwrap().path();
+            let b = std::fs::read(&p).unwrap();
+            (p, b)
+        })
+        .collect();
+    let other = dir.path().join("other.json");
+    std::fs::write(&other, TINY_CONFIG.replace("[8, 16]", "[8, 8]")).unwrap();
+    let mut a = base(&run, &data);
+    a[6] = other.display().to_string();
+    let (ok, err) = run_with(
+        a,
+        &[
+            "--steps",
+            "4",
+            "--batch",
+            "8",
+            "--resume",
+            run.to_str().unwrap(),
+        ],
+    );
+    assert!(
+        !ok && err.contains("block_out_channels") && err.contains("[8,16]"),
+        "{err}"
+    );
+    // Another batch size, and training into a folder that holds a run without --resume.
+    let (ok, err) = run_with(
+        base(&run, &data),
+        &[
+            "--steps",
+            "4",
+            "--batch",
+            "4",
+            "--resume",
+            run.to_str().unwrap(),
+        ],
+    );
+    assert!(
+        !ok && err.contains("batch: 8 in the folder, 4 asked for"),
+        "{err}"
+    );
+    let (ok, err) = run_with(base(&run, &data), &["--steps", "4", "--batch", "8"]);
+    assert!(!ok && err.contains("already holds a training run"), "{err}");
+    for (p, b) in before {
+        assert_eq!(std::fs::read(&p).unwrap(), b, "{} changed", p.display());
+    }
+}
