@@ -77,7 +77,7 @@ pub const TRAIN_SCHEDULER_CONFIG: &str = r#"{
   "num_train_timesteps": 1000,
   "prediction_type": "epsilon",
   "steps_offset": 0,
-  "timestep_spacing": "leading",
+  "timestep_spacing": "trailing",
   "trained_betas": null,
   "variance_type": "fixed_small"
 }
