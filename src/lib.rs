@@ -7,11 +7,15 @@
 //! - [`samplers`]: one file per sampler family, one shared signature;
 //! - [`problems`], [`reference`], [`metrics`], [`bench`]: exact-score problems, reference
 //!   solutions and the error-vs-NFE bench;
+//! - [`feature_metrics`], [`classifier`]: FID, KID and improved precision/recall on feature
+//!   vectors, and the small CNN whose features they use on MNIST-like images;
 //! - [`ops`], [`rng`], [`io`], [`plot`]: fused tensor updates, per-sample noise, files, plots.
 
 pub mod bench;
 pub mod checkpoint;
+pub mod classifier;
 pub mod data;
+pub mod feature_metrics;
 pub mod grid;
 pub mod io;
 pub mod kernels;

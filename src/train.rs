@@ -604,6 +604,9 @@ fn train_step(
             Some(t) => t.clone(),
             None => var.as_tensor().zeros_like()?,
         };
+        // Detached: a gradient that still carried its graph would chain every step's
+        // activations into the moments (a leak of one step's graph per step).
+        let gi = gi.detach();
         sq = (sq + gi.sqr()?.sum_all()?)?;
         g.push(gi);
     }
