@@ -35,6 +35,13 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
 pub fn write_atomic_with(path: &Path, fill: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
     let tmp = temp_in_dir_of(path)?;
     fill(tmp.path()).with_context(|| format!("cannot write {}", path.display()))?;
+    // A writer may have replaced the temporary file (safetensors does): permissions again.
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(tmp.path(), std::fs::Permissions::from_mode(0o644))
+            .with_context(|| format!("cannot set permissions next to {}", path.display()))?;
+    }
     tmp.persist(path).with_context(|| {
         format!(
             "cannot move the finished file into place at {}",

@@ -5,7 +5,7 @@ use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Instant;
 
-use anyhow::{Result, bail};
+use anyhow::{Context, Result, bail};
 use candle_core::{DType, Device};
 use clap::{Args, Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
@@ -35,7 +35,9 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Draw samples from an exact-score problem with one sampler; writes a .npy array.
+    /// Draw samples with one sampler: from the MNIST model embedded in the binary (default;
+    /// writes a PNG grid), a diffusers checkpoint (--model; PNG) or an exact-score problem
+    /// (--problem; writes a .npy array).
     Sample(SampleArgs),
     /// Error vs NFE of several samplers against a high-accuracy reference.
     Bench(BenchArgs),
@@ -53,6 +55,91 @@ enum Command {
     /// Train a UNet2DModel (ε-prediction, 1000-step linear β) on an IDX image data set;
     /// writes resumable checkpoints in the diffusers layout.
     Train(TrainArgs),
+    /// Train the small CNN classifier whose 128-d features `eval` uses for MNIST-feature
+    /// FID / KID / precision-recall (writes model.safetensors + classifier.json).
+    TrainClassifier(TrainClassifierArgs),
+    /// Sample quality vs NFE of a trained 28×28 model: MNIST-feature FID (not comparable to
+    /// Inception FID), KID, precision/recall and classifier confidence per sampler and NFE,
+    /// with a 1000-step DDPM reference row; writes CSV, JSON, Markdown, a plot and grids.
+    Eval(EvalArgs),
+}
+
+#[derive(Args)]
+struct EvalArgs {
+    /// A diffusers checkpoint folder (e.g. from `qtaylor train`)
+    #[arg(long, required_unless_present = "render_only")]
+    model: Option<PathBuf>,
+    /// Comma-separated sampler names (see `qtaylor samplers`)
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "qt-1,qt-2,qt-3,qt-4,qit-1,qit-2,ddim,ddpm,heun,dpmpp-2m,unipc-3"
+    )]
+    samplers: Vec<String>,
+    /// Comma-separated NFE budgets
+    #[arg(long, value_delimiter = ',', default_value = "5,10,20,50,100")]
+    nfe: Vec<usize>,
+    /// Comma-separated tolerances (rtol = atol) for the adaptive samplers (rk45, dpm-solver-12/23)
+    #[arg(long, value_delimiter = ',', default_value = "0.1,0.01,0.001")]
+    tolerances: Vec<f64>,
+    /// Samples per row
+    #[arg(long, default_value_t = 10000)]
+    n: usize,
+    /// Samples per network batch (results do not depend on it)
+    #[arg(long, default_value_t = 500)]
+    batch: usize,
+    /// Sample i draws its noise from stream (seed, i)
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Output folder
+    #[arg(long)]
+    out: PathBuf,
+    /// Only re-render results.csv, report.md and fid_vs_nfe.png of --out from its results.json
+    #[arg(long)]
+    render_only: bool,
+    /// Reference data set: its test split is compared against (mnist | fashion-mnist | DIR)
+    #[arg(long, default_value = "mnist")]
+    data: String,
+    /// Classifier folder [default: assets/classifier-fashion-mnist for fashion-mnist, else assets/classifier-mnist]
+    #[arg(long)]
+    classifier: Option<PathBuf>,
+    /// Steps of the DDPM ancestral reference row (0: none)
+    #[arg(long, default_value_t = 1000)]
+    reference_steps: usize,
+    /// NFE budget whose first 64 samples are saved as grid-<sampler>-nfe<N>.png
+    #[arg(long, default_value_t = 10)]
+    grid_nfe: usize,
+    /// Start no new row after this many seconds (rows done are written)
+    #[arg(long)]
+    max_seconds: Option<f64>,
+    /// cpu | cuda
+    #[arg(long, default_value = "cpu")]
+    device: String,
+}
+
+#[derive(Args)]
+struct TrainClassifierArgs {
+    /// mnist | fashion-mnist | a folder with the train and t10k IDX files
+    #[arg(long)]
+    data: String,
+    /// Output folder (model.safetensors, classifier.json)
+    #[arg(long)]
+    out: PathBuf,
+    /// Passes over the training set
+    #[arg(long, default_value_t = 3)]
+    epochs: usize,
+    /// Images per step
+    #[arg(long, default_value_t = 128)]
+    batch: usize,
+    /// Peak AdamW learning rate (cosine decay to 0)
+    #[arg(long, default_value_t = 1e-3)]
+    lr: f64,
+    /// Seed of the initial weights and the batch order
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// cpu | cuda
+    #[arg(long, default_value = "cpu")]
+    device: String,
 }
 
 #[derive(Args)]
@@ -160,8 +247,9 @@ struct SpeedArgs {
 /// Options shared by `sample` and `bench`.
 #[derive(Args)]
 struct Common {
-    /// gmm-demo (default), a mixture FILE.json, or empirical:PATH[:N] (PATH: a .npy (N, d)
-    /// array, an IDX file, a folder of MNIST IDX files, or mnist for data/mnist)
+    /// gmm-demo (bench's default), a mixture FILE.json, or empirical:PATH[:N] (PATH: a .npy
+    /// (N, d) array, an IDX file, a folder of MNIST IDX files, or mnist for data/mnist).
+    /// `sample` without --problem and --model uses the embedded MNIST model
     #[arg(long)]
     problem: Option<String>,
     /// vp-linear | cosine | scaled-linear | discrete
@@ -285,7 +373,8 @@ struct SampleArgs {
     /// Start state at the first time, shape (B, d) or (B, C, H, W) for --model, used as given
     #[arg(long)]
     x_init: Option<PathBuf>,
-    /// A diffusers checkpoint folder (unet/ + scheduler/, or flat) to sample instead of a problem
+    /// A diffusers checkpoint folder (unet/ + scheduler/, or flat) [default without --problem:
+    /// the embedded MNIST model, assets/mnist-unet]
     #[arg(long)]
     model: Option<PathBuf>,
     /// --model: the network's dtype f32 | f16 | bf16
@@ -494,8 +583,10 @@ fn cmd_sample(a: &SampleArgs) -> Result<()> {
         String,
         TimeGrid,
         Options,
-    ) = match &a.model {
-        Some(dir) => {
+    ) = match (&a.model, &a.common.problem) {
+        (Some(_), _) | (None, None) => {
+            // Without --model and --problem: the MNIST model embedded in the binary.
+            let dir = a.model.as_ref();
             if a.common.problem.is_some() || a.common.schedule != "vp-linear" {
                 bail!("--model brings its own model and schedule: drop --problem/--schedule");
             }
@@ -506,11 +597,11 @@ fn cmd_sample(a: &SampleArgs) -> Result<()> {
                     a.out.display()
                 );
             }
-            let mut m = qtaylor::checkpoint::DiffusersModel::load(
-                dir,
-                parse_model_dtype(&a.model_dtype)?,
-                &device,
-            )?;
+            let dtype = parse_model_dtype(&a.model_dtype)?;
+            let mut m = match dir {
+                Some(dir) => qtaylor::checkpoint::DiffusersModel::load(dir, dtype, &device)?,
+                None => qtaylor::checkpoint::DiffusersModel::embedded_mnist(dtype, &device)?,
+            };
             if a.no_clip {
                 m.clip = None;
             }
@@ -530,7 +621,9 @@ fn cmd_sample(a: &SampleArgs) -> Result<()> {
             let opts = options(&a.common, Some(&m.scheduler.variance_type))?;
             let name = format!(
                 "{} ({:.1} M parameters)",
-                dir.display(),
+                dir.map_or("the embedded MNIST model".into(), |d| d
+                    .display()
+                    .to_string()),
                 m.parameters as f64 / 1e6
             );
             checkpoint = m;
@@ -543,7 +636,7 @@ fn cmd_sample(a: &SampleArgs) -> Result<()> {
                 opts,
             )
         }
-        None => {
+        (None, Some(_)) => {
             if a.image_size.is_some() || a.save_npy.is_some() || a.no_clip {
                 bail!("--image-size, --save-npy and --no-clip apply to --model");
             }
@@ -615,7 +708,7 @@ fn cmd_sample(a: &SampleArgs) -> Result<()> {
         Some(&pb),
     )?;
     pb.finish_and_clear();
-    if a.model.is_some() {
+    if a.model.is_some() || a.common.problem.is_none() {
         qtaylor::io::write_png_grid(&a.out, &run.x)?;
         if let Some(npy) = &a.save_npy {
             qtaylor::io::write_npy(npy, &run.x)?;
@@ -893,6 +986,66 @@ fn cmd_train(a: &TrainArgs) -> Result<()> {
     Ok(())
 }
 
+fn cmd_eval(a: &EvalArgs) -> Result<()> {
+    if a.render_only {
+        let report = qtaylor::eval::render(&a.out)?;
+        println!("{}", qtaylor::eval::markdown(&report));
+        return Ok(());
+    }
+    let device = parse_device(&a.device)?;
+    let model = a.model.as_ref().context("--model is required")?;
+    let names: Vec<&str> = a.samplers.iter().map(|s| s.trim()).collect();
+    let mut o = qtaylor::eval::EvalOptions::new(model, &names, &a.out);
+    o.nfe = a.nfe.clone();
+    o.tolerances = a.tolerances.clone();
+    o.n = a.n;
+    o.batch = a.batch;
+    o.seed = a.seed;
+    o.data = a.data.clone();
+    o.classifier = a.classifier.clone().unwrap_or_else(|| {
+        PathBuf::from(if a.data == "fashion-mnist" {
+            "assets/classifier-fashion-mnist"
+        } else {
+            "assets/classifier-mnist"
+        })
+    });
+    o.reference_steps = a.reference_steps;
+    o.grid_nfe = a.grid_nfe;
+    o.max_seconds = a.max_seconds;
+    let report = qtaylor::eval::eval(&o, &device)?;
+    println!("{}", qtaylor::eval::markdown(&report));
+    eprintln!("wrote {}", a.out.display());
+    Ok(())
+}
+
+fn cmd_train_classifier(a: &TrainClassifierArgs) -> Result<()> {
+    let device = parse_device(&a.device)?;
+    let opts = qtaylor::classifier::ClassifierTrainOptions {
+        epochs: a.epochs,
+        batch: a.batch,
+        lr: a.lr,
+        seed: a.seed,
+        command: Some(format!(
+            "qtaylor train-classifier --data {} --out {} --epochs {} --batch {} --lr {} --seed {} --device {}",
+            a.data,
+            a.out.display(),
+            a.epochs,
+            a.batch,
+            a.lr,
+            a.seed,
+            a.device
+        )),
+    };
+    let acc = qtaylor::classifier::train_and_save(&a.data, &a.out, &opts, &device)?;
+    println!(
+        "test accuracy {:.2} % on the {} test split; wrote {}",
+        100.0 * acc,
+        a.data,
+        a.out.display()
+    );
+    Ok(())
+}
+
 fn cmd_samplers() {
     println!("{:<10} {:>9}  description", "sampler", "NFE/step");
     for e in samplers::catalog() {
@@ -909,6 +1062,8 @@ fn main() -> ExitCode {
         Command::InitModel(a) => cmd_init_model(a),
         Command::Parity(a) => cmd_parity(a),
         Command::Train(a) => cmd_train(a),
+        Command::TrainClassifier(a) => cmd_train_classifier(a),
+        Command::Eval(a) => cmd_eval(a),
         Command::Samplers => {
             cmd_samplers();
             Ok(())
