@@ -226,10 +226,48 @@ impl DiffusersModel {
         let files = find_files(dir)?;
         let cfg_text = std::fs::read_to_string(&files.config)
             .with_context(|| format!("cannot read {}", files.config.display()))?;
-        let config = UNet2DConfig::from_json(&cfg_text, &files.config)?;
         let sch_text = std::fs::read_to_string(&files.scheduler)
             .with_context(|| format!("cannot read {}", files.scheduler.display()))?;
-        let scheduler = SchedulerConfig::from_json(&sch_text, &files.scheduler)?;
+        let bytes = std::fs::read(&files.weights)
+            .with_context(|| format!("cannot read weights file {}", files.weights.display()))?;
+        Self::from_parts(&files, &cfg_text, &sch_text, &bytes, dtype, device)
+    }
+
+    /// The model shipped inside the binary (`assets/mnist-unet/`, trained by `qtaylor train`
+    /// on MNIST; see `assets/mnist-unet/TRAINING.md`), in the given dtype.
+    pub fn embedded_mnist(dtype: DType, device: &Device) -> Result<Self> {
+        let files = CheckpointFiles {
+            config: PathBuf::from("<embedded>/assets/mnist-unet/config.json"),
+            scheduler: PathBuf::from("<embedded>/assets/mnist-unet/scheduler_config.json"),
+            weights: PathBuf::from(
+                "<embedded>/assets/mnist-unet/diffusion_pytorch_model.safetensors",
+            ),
+        };
+        Self::from_parts(
+            &files,
+            include_str!("../assets/mnist-unet/config.json"),
+            include_str!("../assets/mnist-unet/scheduler_config.json"),
+            include_bytes!("../assets/mnist-unet/diffusion_pytorch_model.safetensors"),
+            dtype,
+            device,
+        )
+    }
+
+    fn from_parts(
+        files: &CheckpointFiles,
+        cfg_text: &str,
+        sch_text: &str,
+        weight_bytes: &[u8],
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Self> {
+        if dtype == DType::BF16 && device.is_cpu() {
+            bail!(
+                "--model-dtype bf16 needs --device cuda: candle's CPU matrix products have no bf16 (use f16 or f32 on the CPU)"
+            );
+        }
+        let config = UNet2DConfig::from_json(cfg_text, &files.config)?;
+        let scheduler = SchedulerConfig::from_json(sch_text, &files.scheduler)?;
         let learned = scheduler.variance_type.starts_with("learned");
         let want_out = if learned {
             2 * config.in_channels
@@ -245,7 +283,7 @@ impl DiffusersModel {
                 config.in_channels
             );
         }
-        let weights = Weights::load(&files.weights, dtype, device)?;
+        let weights = Weights::from_bytes(&files.weights, weight_bytes, dtype, device)?;
         let unet = UNet2D::new(config, &weights)?;
         let unused = weights.unused();
         if !unused.is_empty() {

@@ -15,6 +15,7 @@ pub mod bench;
 pub mod checkpoint;
 pub mod classifier;
 pub mod data;
+pub mod eval;
 pub mod feature_metrics;
 pub mod grid;
 pub mod io;

@@ -750,6 +750,52 @@ mod tests {
     }
 
     #[test]
+    fn optimizer_state_carries_no_autograd_graph_between_steps() {
+        // Regression: gradients of the 3×3 convolutions carried their graph, and the AdamW
+        // moments chained every step's activations (OOM on the GPU after ~30 steps).
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path().join("data");
+        std::fs::create_dir_all(&d).unwrap();
+        let n = 8usize;
+        let mut b = vec![0, 0, 8, 3];
+        for v in [n as u32, 8, 8] {
+            b.extend(v.to_be_bytes());
+        }
+        b.extend((0..n * 64).map(|i| (i * 37 % 256) as u8));
+        std::fs::write(d.join("train-images-idx3-ubyte"), b).unwrap();
+        let mut l = vec![0, 0, 8, 1];
+        l.extend((n as u32).to_be_bytes());
+        l.extend(vec![0u8; n]);
+        std::fs::write(d.join("train-labels-idx1-ubyte"), l).unwrap();
+        let mut o = TrainOptions::new(d.to_str().unwrap(), &dir.path().join("out"));
+        o.config = r#"{"block_out_channels": [8, 16], "layers_per_block": 1,
+            "down_block_types": ["DownBlock2D", "AttnDownBlock2D"],
+            "up_block_types": ["AttnUpBlock2D", "UpBlock2D"], "norm_num_groups": 4,
+            "attention_head_dim": null, "in_channels": 1, "out_channels": 1}"#
+            .into();
+        o.batch = 4;
+        let dev = Device::Cpu;
+        let p = prepare(&o).unwrap();
+        let mut s = init_state(&p, 0, &dev).unwrap();
+        let mut batcher = Batcher {
+            data: &p.data,
+            seed: 0,
+            batch: o.batch,
+            cached: None,
+        };
+        for _ in 0..2 {
+            train_step(&mut s, &p, &mut batcher, &o, &dev).unwrap();
+        }
+        for t in s.m.iter().chain(&s.v).chain(&s.ema) {
+            assert!(
+                !t.track_op(),
+                "optimizer state of shape {:?} holds a graph",
+                t.shape()
+            );
+        }
+    }
+
+    #[test]
     fn learning_rate_warms_up_linearly_then_stays() {
         let mut o = TrainOptions::new("mnist", Path::new("x"));
         o.lr = 1e-3;

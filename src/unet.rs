@@ -337,7 +337,12 @@ impl Weights {
     pub fn load(file: &Path, dtype: DType, device: &Device) -> Result<Self> {
         let bytes = std::fs::read(file)
             .with_context(|| format!("cannot read weights file {}", file.display()))?;
-        let st = safetensors::SafeTensors::deserialize(&bytes).map_err(|e| {
+        Self::from_bytes(file, &bytes, dtype, device)
+    }
+
+    /// Reads safetensors bytes (e.g. embedded in the binary); `file` names them in errors.
+    pub fn from_bytes(file: &Path, bytes: &[u8], dtype: DType, device: &Device) -> Result<Self> {
+        let st = safetensors::SafeTensors::deserialize(bytes).map_err(|e| {
             anyhow::anyhow!(
                 "{}: not a valid safetensors file (truncated or corrupt?): {e}",
                 file.display()

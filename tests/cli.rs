@@ -49,6 +49,8 @@ fn sample_writes_the_requested_batch_in_the_requested_dtype() {
         let out = dir.path().join(format!("s-{dtype}.npy"));
         let o = qtaylor(&[
             "sample",
+            "--problem",
+            "gmm-demo",
             "--sampler",
             "qt-3",
             "--steps",
@@ -87,6 +89,8 @@ fn x_init_equal_to_the_default_start_noise_reproduces_the_default_run() {
         let (a, b) = (dir.path().join("a.npy"), dir.path().join("b.npy"));
         let common = [
             "sample",
+            "--problem",
+            "gmm-demo",
             "--sampler",
             sampler,
             "--steps",
@@ -114,6 +118,8 @@ fn output_bits_do_not_depend_on_the_thread_count() {
             .env("RAYON_NUM_THREADS", threads)
             .args([
                 "sample",
+                "--problem",
+                "gmm-demo",
                 "--sampler",
                 "qit-2",
                 "--steps",
@@ -174,6 +180,9 @@ fn fails(extra: &[&str], needles: &[&str]) {
     let dir = tempfile::tempdir().unwrap();
     let out: PathBuf = dir.path().join("out.npy");
     let mut args = vec!["sample", "--out", p(&out)];
+    if !extra.contains(&"--problem") && !extra.contains(&"--model") {
+        args.extend(["--problem", "gmm-demo"]);
+    }
     if !extra.contains(&"--sampler") {
         args.extend(["--sampler", "qt-2"]);
     }
@@ -295,8 +304,8 @@ fn every_readme_command_runs() {
     let lines: Vec<&str> = readme.lines().filter(|l| l.starts_with(prefix)).collect();
     assert!(lines.len() >= 2, "README lost its commands");
     assert!(
-        lines[0].starts_with("cargo run --release -- bench"),
-        "the first command is the main job"
+        lines[0].starts_with("cargo run --release -- sample --sampler qt-"),
+        "the first command is the main job: digits from the embedded model, quasi-Taylor"
     );
     for (i, line) in lines.iter().enumerate() {
         let dir = tempfile::tempdir().unwrap();
@@ -317,6 +326,10 @@ fn every_readme_command_runs() {
         assert!(o.status.success(), "{line}: {}", stderr(&o));
         assert!(target.exists(), "{line} wrote nothing");
         if i == 0 {
+            let png = std::fs::read(&target).unwrap();
+            assert_eq!(&png[..8], b"\x89PNG\r\n\x1a\n");
+        }
+        if line.contains(" bench ") && line.contains("gmm-demo") {
             let stdout = String::from_utf8_lossy(&o.stdout);
             assert!(
                 stdout.contains("| qt-3 |") && stdout.contains("| ddim |"),
