@@ -306,8 +306,23 @@ impl Classifier {
             .broadcast_add(self.param(7))?)
     }
 
+    /// Features `(B, 128)` and logits `(B, 10)` computed one image at a time, so that an
+    /// image's values do not depend on the batch it came in (a batched matrix product's
+    /// rounding can depend on its size). What the feature metrics use.
+    pub fn features_and_logits_by_image(&self, x: &Tensor) -> Result<(Tensor, Tensor)> {
+        let mut fs = Vec::with_capacity(x.dim(0)?);
+        let mut ls = Vec::with_capacity(x.dim(0)?);
+        for i in 0..x.dim(0)? {
+            let f = self.features(&x.narrow(0, i, 1)?)?;
+            ls.push(self.logits_of_features(&f)?);
+            fs.push(f);
+        }
+        Ok((Tensor::cat(&fs, 0)?, Tensor::cat(&ls, 0)?))
+    }
+
     /// Features of images `first..first+count` of a set as rows of f64 (for
-    /// [`crate::feature_metrics`]), computed in batches of 500.
+    /// [`crate::feature_metrics`]), one image at a time
+    /// ([`Classifier::features_and_logits_by_image`]) in batches of 500.
     pub fn features_of_set(&self, set: &ImageSet, count: usize) -> Result<Vec<Vec<f64>>> {
         check_image_set(set)?;
         if count > set.n {
@@ -316,7 +331,8 @@ impl Classifier {
         let mut rows = Vec::with_capacity(count);
         for start in (0..count).step_by(500) {
             let idx: Vec<usize> = (start..(start + 500).min(count)).collect();
-            let f = self.features(&image_batch(set, &idx, &self.device)?)?;
+            let (f, _) =
+                self.features_and_logits_by_image(&image_batch(set, &idx, &self.device)?)?;
             rows.extend(f.to_dtype(DType::F64)?.to_vec2::<f64>()?);
         }
         Ok(rows)

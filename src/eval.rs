@@ -158,9 +158,8 @@ fn quantise(x: &Tensor) -> Result<Tensor> {
 
 /// Classifier features (rows) and top-1 confidences of a batch of images.
 fn features_and_confidence(c: &Classifier, x: &Tensor) -> Result<(Vec<Vec<f64>>, Vec<f64>)> {
-    let x = quantise(x)?;
-    let f = c.features(&x)?;
-    let probs = candle_nn::ops::softmax_last_dim(&c.logits(&x)?)?;
+    let (f, logits) = c.features_and_logits_by_image(&quantise(x)?)?;
+    let probs = candle_nn::ops::softmax_last_dim(&logits)?;
     let conf = probs.max(1)?.to_dtype(DType::F64)?.to_vec1::<f64>()?;
     Ok((f.to_dtype(DType::F64)?.to_vec2::<f64>()?, conf))
 }

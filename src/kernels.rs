@@ -428,16 +428,20 @@ pub fn conv3x3_cpu_f32(x: &Tensor, w2: &Tensor, bias: &Tensor) -> Result<Tensor>
         .ok_or_else(|| candle_core::Error::Msg("conv3x3_cpu_f32: non-contiguous input".into()))?;
     let xs = &cpu.as_slice::<f32>()?[start..end];
     let bias: Vec<f32> = bias.to_vec1()?;
-    let tile = (2_000_000 / (c * 9 * hw)).clamp(1, b);
-    let mut col = vec![0f32; c * 9 * tile * hw];
+    // Tiles of a fixed number of images (from the layer's shape, not the batch); a last,
+    // partial tile is padded (its spare columns hold stale values and are discarded). Every
+    // image thus goes through a product of the same shape at the same column offset whatever
+    // the batch, so its result does not depend on the batch (a matrix product's rounding can
+    // depend on its column count).
+    let tile = (2_000_000 / (c * 9 * hw)).max(1);
+    let n = tile * hw;
+    let mut col = vec![0f32; c * 9 * n];
     let mut out = vec![0f32; b * cout * hw];
     for b0 in (0..b).step_by(tile) {
         let nb = tile.min(b - b0);
-        let n = nb * hw;
-        let colv = &mut col[..c * 9 * n];
-        fill_im2col(xs, (c, h, w), b0, nb, colv);
-        let colt = Tensor::from_slice(colv, (c * 9, n), &candle_core::Device::Cpu)?;
-        let prod = w2.matmul(&colt)?; // (Cout, nb·HW)
+        fill_im2col(xs, (c, h, w), b0, nb, n, &mut col);
+        let colt = Tensor::from_slice(&col, (c * 9, n), &candle_core::Device::Cpu)?;
+        let prod = w2.matmul(&colt)?; // (Cout, tile·HW)
         let (ps, pl) = prod.storage_and_layout();
         let candle_core::Storage::Cpu(pc) = &*ps else {
             candle_core::bail!("conv3x3_cpu_f32: product not on the CPU");
@@ -461,21 +465,23 @@ pub fn conv3x3_cpu_f32(x: &Tensor, w2: &Tensor, bias: &Tensor) -> Result<Tensor>
     Tensor::from_vec(out, (b, cout, h, w), &candle_core::Device::Cpu)
 }
 
-/// Fills `dst` (`C·9` rows of `nb·H·W`) with the im2col matrix of images `b0 .. b0 + nb` of
-/// a contiguous f32 batch `xs` of shape `(·, C, H, W)`: row `c·9 + ky·3 + kx`, column
-/// `bi·H·W + y·W + x` holds `x[b0 + bi, c, y + ky − 1, x + kx − 1]` (zero outside).
+/// Fills `dst` (`C·9` rows of `stride ≥ nb·H·W` entries) with the im2col matrix of images
+/// `b0 .. b0 + nb` of a contiguous f32 batch `xs` of shape `(·, C, H, W)`: row
+/// `c·9 + ky·3 + kx`, column `bi·H·W + y·W + x` holds `x[b0 + bi, c, y + ky − 1, x + kx − 1]`
+/// (zero outside); columns from `nb·H·W` on are left as they are.
 fn fill_im2col(
     xs: &[f32],
     (c, h, w): (usize, usize, usize),
     b0: usize,
     nb: usize,
+    stride: usize,
     dst: &mut [f32],
 ) {
     use rayon::prelude::*;
     let hw = h * w;
-    let n = nb * hw;
-    dst[..c * 9 * n]
-        .par_chunks_mut(n)
+    debug_assert!(stride >= nb * hw);
+    dst[..c * 9 * stride]
+        .par_chunks_mut(stride)
         .enumerate()
         .for_each(|(row, dst)| {
             let (ci, k) = (row / 9, row % 9);
@@ -523,6 +529,7 @@ fn im2col3x3(x: &Tensor) -> Result<Tensor> {
             (c, h, w),
             0,
             b,
+            b * h * w,
             &mut col,
         );
         drop(storage);

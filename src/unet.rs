@@ -627,6 +627,32 @@ impl Conv {
     }
 }
 
+/// The time embedding: one row per sample (training), or one row per distinct timestep
+/// and the row each sample uses (inference).
+struct Temb {
+    rows: Tensor,
+    index: Option<Tensor>,
+}
+
+impl Temb {
+    /// `lin(act(temb))` for every sample, `(B, out)`.
+    fn apply(&self, lin: &Linear, act: Act) -> Result<Tensor> {
+        let a = apply(act, &self.rows)?;
+        match &self.index {
+            None => Ok(lin.forward(&a)?),
+            Some(idx) => Ok(by_row(lin, &a, |y| Ok(y.clone()))?.index_select(idx, 0)?),
+        }
+    }
+}
+
+/// `post(lin(x_i))` for each row `x_i` of `x` separately (a product with one row), stacked.
+fn by_row(lin: &Linear, x: &Tensor, post: impl Fn(&Tensor) -> Result<Tensor>) -> Result<Tensor> {
+    let rows = (0..x.dim(0)?)
+        .map(|i| post(&lin.forward(&x.narrow(0, i, 1)?)?))
+        .collect::<Result<Vec<_>>>()?;
+    Ok(Tensor::cat(&rows, 0)?)
+}
+
 /// GroupNorm with a per-channel affine, run by the fused kernel of [`crate::kernels`].
 struct GroupNorm {
     weight: Tensor,
@@ -702,13 +728,12 @@ impl Resnet {
         })
     }
 
-    fn forward(&self, x: &Tensor, temb: &Tensor) -> Result<Tensor> {
+    fn forward(&self, x: &Tensor, temb: &Temb) -> Result<Tensor> {
         let dev = x.device();
         let h = self.conv1.forward(&norm_act(&self.norm1, self.act, x)?)?;
         let tp = timed("time projection", dev, || {
-            Ok(self
-                .time_proj
-                .forward(&apply(self.act, temb)?)?
+            Ok(temb
+                .apply(&self.time_proj, self.act)?
                 .unsqueeze(2)?
                 .unsqueeze(3)?)
         })?;
@@ -1060,12 +1085,40 @@ impl UNet2D {
         if cfg.center_input_sample {
             x = x.affine(2.0, -1.0)?;
         }
-        let emb = self
-            .timestep_embedding(&ts, x.device())?
-            .to_dtype(self.dtype)?;
-        let temb = self
-            .lin2
-            .forward(&candle_nn::ops::silu(&self.lin1.forward(&emb)?)?)?;
+        let temb = if x.track_op() || self.lin1.weight().track_op() {
+            // Training: one batched product per layer (each row has its own timestep).
+            let emb = self
+                .timestep_embedding(&ts, x.device())?
+                .to_dtype(self.dtype)?;
+            let rows = self
+                .lin2
+                .forward(&candle_nn::ops::silu(&self.lin1.forward(&emb)?)?)?;
+            Temb { rows, index: None }
+        } else {
+            // Inference: the embedding MLP and every projection of it run once per distinct
+            // timestep, one row at a time, so a sample's result does not depend on the batch
+            // (a matrix product's rounding can depend on its row count).
+            let mut uniq: Vec<f64> = Vec::new();
+            let idx: Vec<u32> = ts
+                .iter()
+                .map(|t| {
+                    let i = uniq.iter().position(|u| u.to_bits() == t.to_bits());
+                    i.unwrap_or_else(|| {
+                        uniq.push(*t);
+                        uniq.len() - 1
+                    }) as u32
+                })
+                .collect();
+            let emb = self
+                .timestep_embedding(&uniq, x.device())?
+                .to_dtype(self.dtype)?;
+            let rows = by_row(&self.lin1, &emb, |y| Ok(candle_nn::ops::silu(y)?))?;
+            let rows = by_row(&self.lin2, &rows, |y| Ok(y.clone()))?;
+            Temb {
+                rows,
+                index: Some(Tensor::from_vec(idx, b, x.device())?),
+            }
+        };
         let mut h = self.conv_in.forward(&x)?;
         let mut skips = vec![h.clone()];
         for blk in &self.down {
