@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
-# Runs scripts/compare-diffusers.py (qtaylor vs diffusers' schedulers on the same GMM) in a
-# virtual environment with pinned versions, creating it on first use. Run by hand, not by CI.
+# Runs scripts/diffusers-load-check.py (diffusers loads the checkpoint `qtaylor train` wrote,
+# assets/mnist-unet, and its outputs equal ours) and scripts/compare-diffusers.py (qtaylor vs
+# diffusers' schedulers on the same GMM) in a virtual environment with pinned versions,
+# creating it on first use. Run by hand, not by CI.
 #
 # Usage: scripts/compare-diffusers.sh [compare-diffusers.py options]   (e.g. --steps 10,25 -v)
 # Environment: VENV   where the environment lives (default: target/compare-diffusers-venv)
@@ -26,4 +28,5 @@ if ! "$py" -c 'import diffusers, torch, numpy' >/dev/null 2>&1; then
   fi
   "$py" -m pip install --quiet "$DIFFUSERS" "$NUMPY"
 fi
+"$py" "$repo/scripts/diffusers-load-check.py"
 exec "$py" "$repo/scripts/compare-diffusers.py" "$@"
