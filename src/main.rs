@@ -1053,7 +1053,16 @@ fn cmd_samplers() {
     }
 }
 
+/// `mi_option_purge_delay` in mimalloc's `mi_option_t` (index 15 in both v2 and v3 headers;
+/// libmimalloc-sys exports no constant for it).
+const MI_OPTION_PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
+
 fn main() -> ExitCode {
+    // Never hand freed memory back to the OS: the next step's activations of the same sizes
+    // then reuse it instead of faulting fresh pages in (BENCHMARKS.md §5.2: CPU training
+    // 1.2× faster, sampling ≈ 8 %; the peak memory is the same).
+    // SAFETY: sets a process-wide allocator option; mimalloc allows it at any time.
+    unsafe { libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DELAY, -1) };
     let cli = Cli::parse();
     let result = match &cli.command {
         Command::Sample(a) => cmd_sample(a),
