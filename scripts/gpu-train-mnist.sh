@@ -11,12 +11,7 @@
 set -euo pipefail
 OUT=${OUT:-/tmp/qtaylor-train}
 DATA=${DATA:-data/mnist-gz}
-NV=/opt/torch/.venv/lib/python3.12/site-packages/nvidia
-export LD_LIBRARY_PATH=$NV/cu13/lib:$NV/cudnn/lib:${LD_LIBRARY_PATH:-}
-Q=dist/cuda/qtaylor
-if [ ! -x "$Q" ]; then gunzip -c dist/cuda/qtaylor.gz > /tmp/qtaylor; chmod +x /tmp/qtaylor; Q=/tmp/qtaylor; fi
-mkdir -p "$OUT"
-nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
+. "$(dirname "$0")/gpu-env.sh"
 echo "== smoke: 30 steps"
 "$Q" train --data "$DATA" --out /tmp/smoke --steps 30 --batch "${BATCH:-256}" --device cuda
 echo "== training"

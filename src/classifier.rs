@@ -632,6 +632,16 @@ mod tests {
         }
     }
 
+    /// The features of `x` as one flat vector.
+    fn feature_vec(c: &Classifier, x: &Tensor) -> Vec<f32> {
+        c.features(x)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap()
+    }
+
     fn rel_diff(a: &[f32], b: &[f32]) -> f64 {
         let scale = b.iter().fold(0f32, |m, v| m.max(v.abs())).max(1e-30) as f64;
         a.iter()
@@ -670,32 +680,14 @@ mod tests {
         let set = halves(8, 1);
         let idx: Vec<usize> = (0..8).collect();
         let x = image_batch(&set, &idx, &dev).unwrap();
-        let f1: Vec<f32> = c
-            .features(&x)
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .to_vec1()
-            .unwrap();
-        let f2: Vec<f32> = c
-            .features(&x)
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .to_vec1()
-            .unwrap();
+        let f1 = feature_vec(&c, &x);
+        let f2 = feature_vec(&c, &x);
         assert_eq!(f1.len(), 8 * FEATURE_DIM);
         assert!(f1.iter().zip(&f2).all(|(a, b)| a.to_bits() == b.to_bits()));
         assert!(f1.iter().any(|&v| v > 0.0), "all features are zero");
         for i in [0, 5] {
             let alone = image_batch(&set, &[i], &dev).unwrap();
-            let fi: Vec<f32> = c
-                .features(&alone)
-                .unwrap()
-                .flatten_all()
-                .unwrap()
-                .to_vec1()
-                .unwrap();
+            let fi = feature_vec(&c, &alone);
             let row = &f1[i * FEATURE_DIM..(i + 1) * FEATURE_DIM];
             assert!(
                 rel_diff(&fi, row) < 1e-6,
@@ -755,20 +747,7 @@ mod tests {
         assert_eq!(back.info, c.info);
         back.verify().unwrap();
         let x = image_batch(&halves(4, 2), &[0, 1, 2, 3], &dev).unwrap();
-        let a: Vec<f32> = c
-            .features(&x)
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .to_vec1()
-            .unwrap();
-        let b: Vec<f32> = back
-            .features(&x)
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .to_vec1()
-            .unwrap();
+        let (a, b) = (feature_vec(&c, &x), feature_vec(&back, &x));
         assert!(a.iter().zip(&b).all(|(u, v)| u.to_bits() == v.to_bits()));
         // a classifier with other weights fails the recorded check value
         let other = Classifier::new_random(8, &dev).unwrap();

@@ -309,7 +309,7 @@ pub fn eval(o: &EvalOptions, device: &Device) -> Result<Report> {
     let t0 = Instant::now();
     let train = load_image_set(&o.data, Split::Train)?;
     report.rows.push(data_row(o, &c, &reference, &train, t0)?);
-    write_outputs(o, &report)?;
+    write_report(&o.out, &report)?;
 
     let grid = TimeGrid::Discrete {
         spacing: m.scheduler.timestep_spacing.parse()?,
@@ -426,7 +426,7 @@ pub fn eval(o: &EvalOptions, device: &Device) -> Result<Report> {
             crate::io::write_png_grid(&o.out.join(format!("grid-ddpm-{steps}steps.png")), &first)?;
         }
         report.rows.push(row);
-        write_outputs(o, &report)?;
+        write_report(&o.out, &report)?;
     }
     Ok(report)
 }
@@ -597,10 +597,6 @@ pub fn render(dir: &Path) -> Result<Report> {
     })?;
     write_report(dir, &report)?;
     Ok(report)
-}
-
-fn write_outputs(o: &EvalOptions, report: &Report) -> Result<()> {
-    write_report(&o.out, report)
 }
 
 fn write_report(dir: &Path, report: &Report) -> Result<()> {

@@ -640,16 +640,16 @@ impl Temb {
         let a = apply(act, &self.rows)?;
         match &self.index {
             None => Ok(lin.forward(&a)?),
-            Some(idx) => Ok(by_row(lin, &a, |y| Ok(y.clone()))?.index_select(idx, 0)?),
+            Some(idx) => Ok(by_row(lin, &a)?.index_select(idx, 0)?),
         }
     }
 }
 
-/// `post(lin(x_i))` for each row `x_i` of `x` separately (a product with one row), stacked.
-fn by_row(lin: &Linear, x: &Tensor, post: impl Fn(&Tensor) -> Result<Tensor>) -> Result<Tensor> {
+/// `lin(x_i)` for each row `x_i` of `x` separately (a product with one row), stacked.
+fn by_row(lin: &Linear, x: &Tensor) -> Result<Tensor> {
     let rows = (0..x.dim(0)?)
-        .map(|i| post(&lin.forward(&x.narrow(0, i, 1)?)?))
-        .collect::<Result<Vec<_>>>()?;
+        .map(|i| lin.forward(&x.narrow(0, i, 1)?))
+        .collect::<candle_core::Result<Vec<_>>>()?;
     Ok(Tensor::cat(&rows, 0)?)
 }
 
@@ -1112,8 +1112,10 @@ impl UNet2D {
             let emb = self
                 .timestep_embedding(&uniq, x.device())?
                 .to_dtype(self.dtype)?;
-            let rows = by_row(&self.lin1, &emb, |y| Ok(candle_nn::ops::silu(y)?))?;
-            let rows = by_row(&self.lin2, &rows, |y| Ok(y.clone()))?;
+            let rows = by_row(
+                &self.lin2,
+                &candle_nn::ops::silu(&by_row(&self.lin1, &emb)?)?,
+            )?;
             Temb {
                 rows,
                 index: Some(Tensor::from_vec(idx, b, x.device())?),

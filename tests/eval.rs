@@ -8,14 +8,8 @@ use candle_core::{DType, Device};
 use qtaylor::checkpoint::DiffusersModel;
 use qtaylor::eval::{EvalOptions, FID_LABEL, eval};
 
-fn idx(dims: &[u32], data: &[u8]) -> Vec<u8> {
-    let mut b = vec![0, 0, 8, dims.len() as u8];
-    for d in dims {
-        b.extend(d.to_be_bytes());
-    }
-    b.extend(data);
-    b
-}
+mod common;
+use common::idx;
 
 /// 24 strokes per split: vertical bars ("1"-like) and rings ("0"-like) at varying offsets.
 fn strokes(dir: &Path) -> PathBuf {
@@ -55,6 +49,17 @@ fn strokes(dir: &Path) -> PathBuf {
         .unwrap();
     }
     d
+}
+
+fn max_abs_diff(a: &candle_core::Tensor, b: &candle_core::Tensor) -> f32 {
+    (a - b)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap()
 }
 
 fn embedded_model(dir: &Path) -> PathBuf {
@@ -169,14 +174,7 @@ fn the_embedded_model_equals_its_checkpoint_folder() {
     let x = candle_core::Tensor::randn(0f32, 1.0, (2, 1, 28, 28), &dev).unwrap();
     let ya = a.unet.forward(&x, &[10.0, 700.0]).unwrap();
     let yb = b.unet.forward(&x, &[10.0, 700.0]).unwrap();
-    let d = (ya - yb)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .max_all()
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap();
+    let d = max_abs_diff(&ya, &yb);
     assert_eq!(d, 0.0);
     assert!(a.parameters > 1_000_000);
 }
@@ -196,14 +194,7 @@ fn a_sample_network_output_does_not_depend_on_the_batch_it_is_in() {
             .forward(&x.narrow(0, start, len).unwrap(), &ts[start..start + len])
             .unwrap();
         let same = full.narrow(0, start, len).unwrap();
-        let d = (part - same)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
+        let d = max_abs_diff(&part, &same);
         assert_eq!(d, 0.0, "rows {start}..{}", start + len);
     }
 }

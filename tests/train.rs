@@ -19,14 +19,8 @@ const TINY_CONFIG: &str = r#"{
   "out_channels": 1
 }"#;
 
-fn idx(dims: &[u32], data: &[u8]) -> Vec<u8> {
-    let mut b = vec![0, 0, 8, dims.len() as u8];
-    for d in dims {
-        b.extend(d.to_be_bytes());
-    }
-    b.extend(data);
-    b
-}
+mod common;
+use common::idx;
 
 /// 64 images 8×8 of two kinds (bright top half / bright bottom half) with a little texture.
 fn tiny_data(dir: &Path) -> PathBuf {

@@ -1,4 +1,4 @@
-//! Shared pieces of the property tests: problems with known solutions.
+//! Shared pieces of the integration tests: problems with known solutions, IDX files.
 #![allow(dead_code)]
 
 use std::sync::Arc;
@@ -153,4 +153,14 @@ pub fn run(
 /// Mean per-sample RMSE.
 pub fn err(a: &[Vec<f64>], b: &[Vec<f64>]) -> f64 {
     qtaylor::metrics::mean(&qtaylor::metrics::rmse_per_sample(a, b))
+}
+
+/// The bytes of an IDX file of unsigned bytes (magic 0x0000_08_NDIMS, big-endian dimensions).
+pub fn idx(dims: &[u32], data: &[u8]) -> Vec<u8> {
+    let mut b = vec![0, 0, 8, dims.len() as u8];
+    for d in dims {
+        b.extend(d.to_be_bytes());
+    }
+    b.extend(data);
+    b
 }
