@@ -7,32 +7,29 @@
 #      outputs; the same sampler run on GPU and CPU (exact-score GMM in f64, fixture UNet in f32)
 #   3. throughput on the CIFAR-10 DDPM architecture (random weights written by
 #      `qtaylor init-model`), batch 256: one forward and a 10-NFE qt-3 sample, qtaylor candle-CUDA
-#      f32/bf16 vs PyTorch eager f32/bf16 (scripts/torch_unet.py) on the same weights
+#      f32 / f32 with --tf32 / bf16 vs PyTorch eager f32 with TF32 convolutions off / on (its
+#      default) / bf16 (scripts/torch_unet.py) on the same weights
 #   4. memory: peak device memory of each run (nvidia-smi, 50 ms polling) and torch's
 #      max_memory_allocated
 set -uo pipefail
-Q=${Q:-dist/cuda/qtaylor}
 WORK=${WORK:-/tmp/qtaylor-gpu}
+: "${OUT:=$WORK}"
 BATCH=${BATCH:-256}
-DEV=${DEV:-cuda}   # DEV=cpu BATCH=2 dry-runs the script's logic on a machine without a GPU
-NV=/opt/torch/.venv/lib/python3.12/site-packages/nvidia
-export LD_LIBRARY_PATH=$NV/cu13/lib:$NV/cudnn/lib:${LD_LIBRARY_PATH:-}
-PY_SET=${PY:-}
-PY=${PY:-$(command -v python3)}
-[ -z "${PY_SET:-}" ] && [ -x /opt/torch/.venv/bin/python ] && PY=/opt/torch/.venv/bin/python
+DEV=${DEV:-cuda}   # DEV=cpu BATCH=2 Q=target/release/qtaylor dry-runs the logic without a GPU
+echo; echo "### device"
+. "$(dirname "$0")/gpu-env.sh"   # LD_LIBRARY_PATH, Q, PY; prints the card
 mkdir -p "$WORK"
 fail=0
 say() { echo; echo "### $*"; }
 
-say "device"
-nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
 "$PY" -c 'import torch; print("torch", torch.__version__, "cuda", torch.version.cuda)'
 ldd "$Q" | grep -E 'libcuda|libcublas\.' | sed 's/^/  /'
 
 say "parity on the GPU (max relative error to diffusers)"
 for f in tests/fixtures/unet2d/*/; do
-  for dt in f32:1e-4 f16:1e-2 bf16:5e-2; do
-    "$Q" parity --model "$f" --device $DEV --model-dtype "${dt%%:*}" --tol "${dt##*:}" | sed 's/^/  /' || fail=1
+  for dt in f32:1e-4: f32:1e-2:--tf32 f16:1e-2: bf16:5e-2:; do
+    IFS=: read -r d tol flag <<<"$dt"
+    "$Q" parity --model "$f" --device $DEV --model-dtype "$d" --tol "$tol" $flag | sed "s/^/  $flag /" || fail=1
   done
 done
 
@@ -77,11 +74,14 @@ peak() {  # peak nvidia-smi memory.used (MiB) while "$@" runs, minus the idle le
   echo "  peak device memory (nvidia-smi, above idle): $(( $(sort -n "$WORK/mem.log" | tail -1) - idle )) MiB"
   return $rc
 }
-for dt in f32 bf16; do
-  echo "qtaylor candle-CUDA $dt:"
-  peak "$Q" speed --model "$WORK/cifar10" --device $DEV --model-dtype $dt --batch "$BATCH" --repeats 5 --sampler qt-3 --steps 10 | sed 's/^/  /' || fail=1
-  echo "PyTorch eager $dt:"
-  peak "$PY" scripts/torch_unet.py --model "$WORK/cifar10" --device $DEV --dtype $dt --batch "$BATCH" --repeats 5 --steps 10 | sed 's/^/  /' || fail=1
+# Like for like: exact f32 against PyTorch with TF32 convolutions off; --tf32 against PyTorch's
+# default (TF32 convolutions on); bf16 against bf16.
+for v in "f32::off" "f32:--tf32:on" "bf16::default"; do
+  IFS=: read -r dt flag tf <<<"$v"
+  echo "qtaylor candle-CUDA $dt $flag:"
+  peak "$Q" speed --model "$WORK/cifar10" --device $DEV --model-dtype $dt $flag --batch "$BATCH" --repeats 5 --sampler qt-3 --steps 10 | sed 's/^/  /' || fail=1
+  echo "PyTorch eager $dt (TF32 convolutions: $tf):"
+  peak "$PY" scripts/torch_unet.py --model "$WORK/cifar10" --device $DEV --dtype $dt --tf32 $tf --batch "$BATCH" --repeats 5 --steps 10 | sed 's/^/  /' || fail=1
 done
 
 say "result"

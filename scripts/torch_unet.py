@@ -175,7 +175,11 @@ def main():
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--dtype", default="f32", choices=["f32", "bf16", "f16"])
     ap.add_argument("--profile", action="store_true", help="print torch.profiler's top operators")
+    ap.add_argument("--tf32", choices=["default", "on", "off"], default="default",
+                    help="torch.backends.cudnn.allow_tf32 (PyTorch's default: on for convolutions)")
     a = ap.parse_args()
+    if a.tf32 != "default":
+        torch.backends.cudnn.allow_tf32 = a.tf32 == "on"
     if a.check:
         worst = max(check(f) for f in a.check)
         raise SystemExit(0 if worst < 1e-4 else 1)
@@ -230,7 +234,7 @@ def main():
             fwd()
             sync()
         key = "cuda_time_total" if cuda else "cpu_time_total"
-        print(prof.key_averages().table(sort_by=key, row_limit=12))
+        print(prof.key_averages().table(sort_by=key, row_limit=30))
 
 
 if __name__ == "__main__":

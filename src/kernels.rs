@@ -265,7 +265,7 @@ impl CustomOp3 for GroupNormOp {
 }
 
 #[cfg(feature = "cuda")]
-mod cuda {
+pub(crate) mod cuda {
     use std::sync::OnceLock;
 
     use candle_core::backend::BackendStorage;
@@ -296,26 +296,63 @@ __device__ float block_sum(float v, float* sh) {
     return r;
 }
 
+// One block per (sample, group) chunk of n elements. With `cached`, the chunk is read from
+// global memory once and kept in (dynamic) shared memory for the variance and output passes.
 #define GROUP_NORM(NAME, T, LD, ST) \
-extern "C" __global__ void NAME(const T* x, const T* w, const T* b, T* y, int n, int cpg, int hw, int groups, float eps, int silu) { \
+extern "C" __global__ void NAME(const T* x, const T* w, const T* b, T* y, int n, int cpg, int hw, int groups, float eps, int silu, int cached) { \
     __shared__ float sh[32]; \
+    extern __shared__ __align__(16) unsigned char qt_cache[]; \
+    T* cache = (T*)qt_cache; \
     int bg = blockIdx.x; int g = bg % groups; \
     const T* xp = x + (size_t)bg * n; T* yp = y + (size_t)bg * n; \
     float s = 0.0f; \
-    for (int i = threadIdx.x; i < n; i += blockDim.x) s += LD(xp[i]); \
+    for (int i = threadIdx.x; i < n; i += blockDim.x) { T v = xp[i]; if (cached) cache[i] = v; s += LD(v); } \
     float mean = block_sum(s, sh) / n; \
+    const T* src = cached ? (const T*)cache : xp; \
     float v = 0.0f; \
-    for (int i = threadIdx.x; i < n; i += blockDim.x) { float d = LD(xp[i]) - mean; v += d * d; } \
+    for (int i = threadIdx.x; i < n; i += blockDim.x) { float d = LD(src[i]) - mean; v += d * d; } \
     float rstd = rsqrtf(block_sum(v, sh) / n + eps); \
     for (int i = threadIdx.x; i < n; i += blockDim.x) { \
         int c = g * cpg + i / hw; \
-        float z = (LD(xp[i]) - mean) * rstd * LD(w[c]) + LD(b[c]); \
+        float z = (LD(src[i]) - mean) * rstd * LD(w[c]) + LD(b[c]); \
         yp[i] = ST(silu ? z / (1.0f + __expf(-z)) : z); \
     } \
 }
 GROUP_NORM(group_norm_f32, float, ld_f32, st_f32)
 GROUP_NORM(group_norm_f16, unsigned short, ld_f16, st_f16)
 GROUP_NORM(group_norm_bf16, unsigned short, ld_bf16, st_bf16)
+
+#define EPILOGUE(NAME, T, LD, ST) \
+extern "C" __global__ void NAME(T* y, const T* b, const T* r, long long total, int k, int hw, int per_sample, int has_r, float scale) { \
+    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < total; i += (long long)gridDim.x * blockDim.x) { \
+        long long nk = i / hw; \
+        float v = LD(y[i]) + LD(b[per_sample ? nk : nk % k]); \
+        if (has_r) v += LD(r[i]); \
+        y[i] = ST(v * scale); \
+    } \
+}
+EPILOGUE(epilogue_f32, float, ld_f32, st_f32)
+EPILOGUE(epilogue_f16, unsigned short, ld_f16, st_f16)
+EPILOGUE(epilogue_bf16, unsigned short, ld_bf16, st_bf16)
+
+#define SOFTMAX(NAME, T, LD, ST) \
+extern "C" __global__ void NAME(T* x, int n, long long rows, float scale) { \
+    long long row = ((long long)blockIdx.x * blockDim.x + threadIdx.x) >> 5; \
+    int lane = threadIdx.x & 31; \
+    if (row >= rows) return; \
+    T* r = x + row * n; \
+    float m = -__int_as_float(0x7f800000); \
+    for (int i = lane; i < n; i += 32) m = fmaxf(m, LD(r[i])); \
+    for (int o = 16; o > 0; o >>= 1) m = fmaxf(m, __shfl_xor_sync(0xffffffff, m, o)); \
+    float s = 0.0f; \
+    for (int i = lane; i < n; i += 32) s += expf((LD(r[i]) - m) * scale); \
+    for (int o = 16; o > 0; o >>= 1) s += __shfl_xor_sync(0xffffffff, s, o); \
+    float inv = 1.0f / s; \
+    for (int i = lane; i < n; i += 32) r[i] = ST(expf((LD(r[i]) - m) * scale) * inv); \
+}
+SOFTMAX(softmax_f32, float, ld_f32, st_f32)
+SOFTMAX(softmax_f16, unsigned short, ld_f16, st_f16)
+SOFTMAX(softmax_bf16, unsigned short, ld_bf16, st_bf16)
 "#;
 
     fn ptx() -> Result<&'static str> {
@@ -327,19 +364,23 @@ GROUP_NORM(group_norm_bf16, unsigned short, ld_bf16, st_bf16)
             };
             compile_ptx_with_opts(SRC, opts)
                 .map(|p| p.to_src())
-                .map_err(|e| format!("NVRTC could not compile the group-norm kernel: {e:?}"))
+                .map_err(|e| format!("NVRTC could not compile the fused kernels: {e:?}"))
         })
         .as_ref()
         .map(|s| s.as_str())
         .map_err(|e| candle_core::Error::Msg(e.clone()))
     }
 
-    fn view<'a, T: CudaDType>(
+    /// The elements of a contiguous CUDA tensor as a typed view.
+    pub(crate) fn view<'a, T: CudaDType>(
         (st, l): (&'a CudaStorage, &Layout),
     ) -> Result<candle_core::cuda_backend::cudarc::driver::CudaView<'a, T>> {
-        let (a, z) = l
-            .contiguous_offsets()
-            .ok_or_else(|| candle_core::Error::Msg("group_norm: non-contiguous input".into()))?;
+        let (a, z) = l.contiguous_offsets().ok_or_else(|| {
+            candle_core::Error::Msg(format!(
+                "a fused kernel got a non-contiguous input {:?}",
+                l.dims()
+            ))
+        })?;
         Ok(st.as_cuda_slice::<T>()?.slice(a..z))
     }
 
@@ -355,6 +396,11 @@ GROUP_NORM(group_norm_bf16, unsigned short, ld_bf16, st_bf16)
         let (x, w, bias) = (view::<T>(s[0])?, view::<T>(s[1])?, view::<T>(s[2])?);
         let total = b * c * hw;
         let mut y = unsafe { dev.alloc::<T>(total)? };
+        let chunk = c / groups * hw;
+        let smem = chunk * std::mem::size_of::<T>();
+        // 48 KiB of shared memory per block without opting in, less the kernel's own 128 B.
+        let cached = smem <= 48 * 1024 - 256;
+        let smem = if cached { smem as u32 } else { 0 };
         let func = dev.get_or_load_custom_func(name, "qtaylor_group_norm", ptx()?)?;
         let (n, cpg, hw_i, g) = (
             (c / groups * hw) as i32,
@@ -365,7 +411,7 @@ GROUP_NORM(group_norm_bf16, unsigned short, ld_bf16, st_bf16)
         let cfg = LaunchConfig {
             grid_dim: ((b * groups) as u32, 1, 1),
             block_dim: (256, 1, 1),
-            shared_mem_bytes: 0,
+            shared_mem_bytes: smem,
         };
         let mut builder = func.builder();
         builder.arg(&x);
@@ -379,13 +425,15 @@ GROUP_NORM(group_norm_bf16, unsigned short, ld_bf16, st_bf16)
         builder.arg(&eps);
         let silu = i32::from(silu);
         builder.arg(&silu);
+        let cached = i32::from(cached);
+        builder.arg(&cached);
         unsafe { builder.launch(cfg) }.w()?;
         drop(builder);
         Ok(CudaStorage::wrap_cuda_slice(y, dev))
     }
 
     #[allow(clippy::too_many_arguments)]
-    pub fn group_norm(
+    pub(crate) fn group_norm(
         s1: &CudaStorage,
         l1: &Layout,
         s2: &CudaStorage,
@@ -405,6 +453,311 @@ GROUP_NORM(group_norm_bf16, unsigned short, ld_bf16, st_bf16)
             dt => candle_core::bail!("group_norm on CUDA: dtype {dt:?} is not supported"),
         };
         Ok((out, l1.shape().clone()))
+    }
+
+    fn view_mut<'a, T: CudaDType>(
+        st: &'a mut CudaStorage,
+        l: &Layout,
+    ) -> Result<candle_core::cuda_backend::cudarc::driver::CudaViewMut<'a, T>> {
+        let (a, z) = l.contiguous_offsets().ok_or_else(|| {
+            candle_core::Error::Msg("conv epilogue: non-contiguous output".into())
+        })?;
+        Ok(st.as_cuda_slice_mut::<T>()?.slice_mut(a..z))
+    }
+
+    fn launch_epilogue<T: CudaDType + candle_core::cuda_backend::cudarc::driver::DeviceRepr>(
+        name: &str,
+        y: (&mut CudaStorage, &Layout),
+        b: (&CudaStorage, &Layout),
+        r: Option<(&CudaStorage, &Layout)>,
+        d: super::EpilogueDims,
+        scale: f32,
+    ) -> Result<()> {
+        let dev = b.0.device().clone();
+        let bv = view::<T>(b)?;
+        let rv = r.map(view::<T>).transpose()?;
+        let mut yv = view_mut::<T>(y.0, y.1)?;
+        let func = dev.get_or_load_custom_func(name, "qtaylor_group_norm", ptx()?)?;
+        let total = (d.n * d.k * d.hw) as i64;
+        let cfg = LaunchConfig {
+            grid_dim: (((total + 255) / 256).min(65_535 * 8) as u32, 1, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let (k, hw) = (d.k as i32, d.hw as i32);
+        let (per_sample, has_r) = (i32::from(d.per_sample), i32::from(rv.is_some()));
+        let mut builder = func.builder();
+        builder.arg(&mut yv);
+        builder.arg(&bv);
+        match &rv {
+            Some(r) => builder.arg(r),
+            None => builder.arg(&bv),
+        };
+        builder.arg(&total);
+        builder.arg(&k);
+        builder.arg(&hw);
+        builder.arg(&per_sample);
+        builder.arg(&has_r);
+        builder.arg(&scale);
+        unsafe { builder.launch(cfg) }.w()?;
+        Ok(())
+    }
+
+    pub(crate) fn epilogue(
+        y: (&mut CudaStorage, &Layout),
+        b: (&CudaStorage, &Layout),
+        r: Option<(&CudaStorage, &Layout)>,
+        d: super::EpilogueDims,
+        scale: f32,
+    ) -> Result<()> {
+        match b.0.dtype() {
+            DType::F32 => launch_epilogue::<f32>("epilogue_f32", y, b, r, d, scale),
+            DType::F16 => launch_epilogue::<half::f16>("epilogue_f16", y, b, r, d, scale),
+            DType::BF16 => launch_epilogue::<half::bf16>("epilogue_bf16", y, b, r, d, scale),
+            dt => candle_core::bail!("conv epilogue on CUDA: dtype {dt:?} is not supported"),
+        }
+    }
+
+    fn launch_softmax<T: CudaDType + candle_core::cuda_backend::cudarc::driver::DeviceRepr>(
+        name: &str,
+        x: (&mut CudaStorage, &Layout),
+        n: usize,
+        scale: f32,
+    ) -> Result<()> {
+        let dev = x.0.device().clone();
+        let rows = (x.1.shape().elem_count() / n) as i64;
+        let mut xv = view_mut::<T>(x.0, x.1)?;
+        let func = dev.get_or_load_custom_func(name, "qtaylor_group_norm", ptx()?)?;
+        let cfg = LaunchConfig {
+            grid_dim: (((rows + 7) / 8) as u32, 1, 1), // 8 rows (warps) per block
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let n = n as i32;
+        let mut builder = func.builder();
+        builder.arg(&mut xv);
+        builder.arg(&n);
+        builder.arg(&rows);
+        builder.arg(&scale);
+        unsafe { builder.launch(cfg) }.w()?;
+        Ok(())
+    }
+
+    pub(crate) fn softmax(x: (&mut CudaStorage, &Layout), n: usize, scale: f32) -> Result<()> {
+        match x.0.dtype() {
+            DType::F32 => launch_softmax::<f32>("softmax_f32", x, n, scale),
+            DType::F16 => launch_softmax::<half::f16>("softmax_f16", x, n, scale),
+            DType::BF16 => launch_softmax::<half::bf16>("softmax_bf16", x, n, scale),
+            dt => candle_core::bail!("softmax on CUDA: dtype {dt:?} is not supported"),
+        }
+    }
+}
+
+/// `x ← softmax(scale·x)` along the last dimension, in place on a fresh contiguous tensor:
+/// maximum, sum of exponentials and the normalized values in f32 whatever the dtype (one
+/// warp per row on CUDA). Candle's softmax keeps the exponentials in the tensor's dtype and
+/// needs a separate pass for the scale. `x` must not share its storage with another tensor.
+pub fn softmax_last_dim_inplace(x: &Tensor, scale: f64) -> Result<()> {
+    x.inplace_op1(&SoftmaxOp {
+        scale: scale as f32,
+    })
+}
+
+struct SoftmaxOp {
+    scale: f32,
+}
+
+fn softmax_cpu<T: WithDType>(x: &mut [T], n: usize, scale: f32) {
+    for row in x.chunks_mut(n) {
+        let m = row
+            .iter()
+            .fold(f32::NEG_INFINITY, |m, v| m.max(v.to_f64() as f32));
+        let s: f32 = row
+            .iter()
+            .map(|v| ((v.to_f64() as f32 - m) * scale).exp())
+            .sum();
+        for v in row.iter_mut() {
+            *v = T::from_f64((((v.to_f64() as f32 - m) * scale).exp() / s) as f64);
+        }
+    }
+}
+
+impl candle_core::InplaceOp1 for SoftmaxOp {
+    fn name(&self) -> &'static str {
+        "softmax-inplace"
+    }
+
+    fn cpu_fwd(&self, x: &mut CpuStorage, l: &Layout) -> Result<()> {
+        let n = *l.dims().last().unwrap_or(&1);
+        let Some((a, z)) = l.contiguous_offsets() else {
+            candle_core::bail!("softmax-inplace: non-contiguous input {:?}", l.dims());
+        };
+        match x {
+            CpuStorage::F32(v) => softmax_cpu(&mut v[a..z], n, self.scale),
+            CpuStorage::F64(v) => softmax_cpu(&mut v[a..z], n, self.scale),
+            CpuStorage::F16(v) => softmax_cpu(&mut v[a..z], n, self.scale),
+            CpuStorage::BF16(v) => softmax_cpu(&mut v[a..z], n, self.scale),
+            _ => candle_core::bail!("softmax-inplace: dtype {:?} is not supported", x.dtype()),
+        }
+        Ok(())
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(&self, x: &mut candle_core::CudaStorage, l: &Layout) -> Result<()> {
+        let n = *l.dims().last().unwrap_or(&1);
+        if !l.is_contiguous() || n == 0 {
+            candle_core::bail!(
+                "softmax-inplace: non-contiguous or empty input {:?}",
+                l.dims()
+            );
+        }
+        cuda::softmax((x, l), n, self.scale)
+    }
+}
+
+/// The epilogue of a convolution, in place on its fresh contiguous output `y: (N, K, …)`:
+/// `y ← (y + b + r)·scale`, with `b` the bias `(K,)` or a per-sample bias `(N, K)` (a ResNet
+/// block's conv bias plus its time embedding) and `r` an optional residual shaped like `y`
+/// (the block's shortcut). One pass where composing candle operations takes two to four,
+/// each allocating a new tensor. `y` must not share its storage with another tensor.
+pub fn conv_epilogue(
+    y: &Tensor,
+    bias: &Tensor,
+    residual: Option<&Tensor>,
+    scale: f64,
+) -> Result<()> {
+    let op = Epilogue {
+        scale: scale as f32,
+    };
+    let bias = bias.contiguous()?;
+    match residual {
+        Some(r) => y.inplace_op3(&bias, &r.contiguous()?, &op),
+        None => y.inplace_op2(&bias, &op),
+    }
+}
+
+struct Epilogue {
+    scale: f32,
+}
+
+#[derive(Clone, Copy)]
+pub(crate) struct EpilogueDims {
+    n: usize,
+    k: usize,
+    hw: usize,
+    per_sample: bool,
+}
+
+fn epilogue_dims(ly: &Layout, lb: &Layout, lr: Option<&Layout>) -> Result<EpilogueDims> {
+    let d = ly.dims();
+    let ok_b = |b: &[usize]| d.len() >= 2 && (b == [d[1]] || b == [d[0], d[1]]);
+    if !ok_b(lb.dims()) || lr.is_some_and(|l| l.dims() != d) || !ly.is_contiguous() {
+        candle_core::bail!(
+            "conv epilogue: output {d:?} (contiguous {}), bias {:?}, residual {:?}",
+            ly.is_contiguous(),
+            lb.dims(),
+            lr.map(|l| l.dims())
+        );
+    }
+    Ok(EpilogueDims {
+        n: d[0],
+        k: d[1],
+        hw: d[2..].iter().product(),
+        per_sample: lb.dims().len() == 2,
+    })
+}
+
+fn epilogue_cpu<T: WithDType>(y: &mut [T], b: &[T], r: Option<&[T]>, d: EpilogueDims, scale: f32) {
+    for (i, v) in y.iter_mut().enumerate().take(d.n * d.k * d.hw) {
+        let nk = i / d.hw;
+        let mut s = v.to_f64() as f32 + b[if d.per_sample { nk } else { nk % d.k }].to_f64() as f32;
+        if let Some(r) = r {
+            s += r[i].to_f64() as f32;
+        }
+        *v = T::from_f64((s * scale) as f64);
+    }
+}
+
+fn epilogue_cpu_storage(
+    y: &mut CpuStorage,
+    ly: &Layout,
+    b: &CpuStorage,
+    lb: &Layout,
+    r: Option<(&CpuStorage, &Layout)>,
+    scale: f32,
+) -> Result<()> {
+    let d = epilogue_dims(ly, lb, r.map(|r| r.1))?;
+    let (a, z) = ly.contiguous_offsets().expect("checked contiguous");
+    macro_rules! go {
+        ($v:ident, $t:ty) => {{
+            let r = match r {
+                Some(r) => Some(slice::<$t>(r.0, r.1)?),
+                None => None,
+            };
+            epilogue_cpu(&mut $v[a..z], slice::<$t>(b, lb)?, r, d, scale)
+        }};
+    }
+    match y {
+        CpuStorage::F32(v) => go!(v, f32),
+        CpuStorage::F64(v) => go!(v, f64),
+        CpuStorage::F16(v) => go!(v, half::f16),
+        CpuStorage::BF16(v) => go!(v, half::bf16),
+        _ => candle_core::bail!("conv epilogue: dtype {:?} is not supported", y.dtype()),
+    }
+    Ok(())
+}
+
+impl candle_core::InplaceOp2 for Epilogue {
+    fn name(&self) -> &'static str {
+        "conv-epilogue"
+    }
+
+    fn cpu_fwd(&self, y: &mut CpuStorage, ly: &Layout, b: &CpuStorage, lb: &Layout) -> Result<()> {
+        epilogue_cpu_storage(y, ly, b, lb, None, self.scale)
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        y: &mut candle_core::CudaStorage,
+        ly: &Layout,
+        b: &candle_core::CudaStorage,
+        lb: &Layout,
+    ) -> Result<()> {
+        let d = epilogue_dims(ly, lb, None)?;
+        cuda::epilogue((y, ly), (b, lb), None, d, self.scale)
+    }
+}
+
+impl candle_core::InplaceOp3 for Epilogue {
+    fn name(&self) -> &'static str {
+        "conv-epilogue"
+    }
+
+    fn cpu_fwd(
+        &self,
+        y: &mut CpuStorage,
+        ly: &Layout,
+        b: &CpuStorage,
+        lb: &Layout,
+        r: &CpuStorage,
+        lr: &Layout,
+    ) -> Result<()> {
+        epilogue_cpu_storage(y, ly, b, lb, Some((r, lr)), self.scale)
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        y: &mut candle_core::CudaStorage,
+        ly: &Layout,
+        b: &candle_core::CudaStorage,
+        lb: &Layout,
+        r: &candle_core::CudaStorage,
+        lr: &Layout,
+    ) -> Result<()> {
+        let d = epilogue_dims(ly, lb, Some(lr))?;
+        cuda::epilogue((y, ly), (b, lb), Some((r, lr)), d, self.scale)
     }
 }
 
@@ -549,41 +902,115 @@ fn im2col3x3(x: &Tensor) -> Result<Tensor> {
         .reshape((c * 9, b * h * w))
 }
 
-/// The cuDNN forward algorithm for convolutions (builds with the `cudnn` feature): the one
-/// named by `QTAYLOR_CUDNN_ALGO` (implicit-gemm, implicit-precomp-gemm, gemm, direct, fft,
-/// fft-tiling, winograd, winograd-nonfused, or `heuristic` for cuDNN's own choice),
-/// implicit precomputed GEMM by default (measured fastest on the H100, BENCHMARKS.md).
-pub fn cudnn_algo() -> Option<candle_core::conv::CudnnFwdAlgo> {
-    use candle_core::conv::CudnnFwdAlgo as A;
-    static ALGO: std::sync::OnceLock<Option<A>> = std::sync::OnceLock::new();
-    *ALGO.get_or_init(|| {
-        let v =
-            std::env::var("QTAYLOR_CUDNN_ALGO").unwrap_or_else(|_| "implicit-precomp-gemm".into());
-        Some(match v.as_str() {
-            "implicit-gemm" => A::ImplicitGemm,
-            "implicit-precomp-gemm" => A::ImplicitPrecompGemm,
-            "gemm" => A::Gemm,
-            "direct" => A::Direct,
-            "fft" => A::Fft,
-            "fft-tiling" => A::FftTiling,
-            "winograd" => A::Winograd,
-            "winograd-nonfused" => A::WinogradNonFused,
-            _ => return None,
-        })
+/// Opens CUDA device `ordinal` with memory freed back to the stream-ordered pool kept there
+/// (release threshold ∞), as PyTorch's caching allocator keeps it: by default the driver
+/// returns it at every synchronization and the next pass maps it again (measured 4–8 % of a
+/// batch-256 forward on the H200, BENCHMARKS.md §4.2). `QTAYLOR_CUDA_POOL=release` keeps the
+/// driver's default.
+#[cfg(feature = "cuda")]
+pub fn open_cuda(ordinal: usize) -> Result<candle_core::Device> {
+    use candle_core::cuda_backend::cudarc::driver::sys;
+    let dev = candle_core::Device::new_cuda(ordinal)?;
+    let candle_core::Device::Cuda(d) = &dev else {
+        unreachable!("new_cuda returns a CUDA device")
+    };
+    if std::env::var("QTAYLOR_CUDA_POOL").map_or(true, |v| v != "release") {
+        let ctx = d.cuda_stream().context().clone();
+        let mut pool = std::ptr::null_mut();
+        let mut keep = u64::MAX;
+        // SAFETY: the device's default pool; the attribute takes a u64.
+        unsafe {
+            sys::cuDeviceGetDefaultMemPool(&mut pool, ctx.cu_device())
+                .result()
+                .map_err(candle_core::Error::wrap)?;
+            sys::cuMemPoolSetAttribute(
+                pool,
+                sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD,
+                &mut keep as *mut u64 as *mut std::ffi::c_void,
+            )
+            .result()
+            .map_err(candle_core::Error::wrap)?;
+        }
+    }
+    Ok(dev)
+}
+
+/// Without CUDA support: `Device::new_cuda`'s error.
+#[cfg(not(feature = "cuda"))]
+pub fn open_cuda(ordinal: usize) -> Result<candle_core::Device> {
+    candle_core::Device::new_cuda(ordinal)
+}
+
+static TF32: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Lets f32 convolutions on CUDA's cuDNN path use TF32 tensor cores (10-bit mantissa
+/// products, f32 accumulation), as PyTorch does by default (`torch.backends.cudnn.allow_tf32`).
+/// Off by default: f32 convolutions are then exact f32 and match diffusers to about 1e-6.
+pub fn set_tf32(on: bool) {
+    TF32.store(on, std::sync::atomic::Ordering::Relaxed);
+}
+
+/// Whether f32 convolutions may use TF32 ([`set_tf32`]).
+pub fn tf32() -> bool {
+    TF32.load(std::sync::atomic::Ordering::Relaxed)
+}
+
+/// The convolution path a device uses, in words (printed by `qtaylor speed`).
+pub fn conv_path(device: &candle_core::Device) -> String {
+    if !device.is_cuda() {
+        return "candle / tiled im2col (CPU)".into();
+    }
+    #[cfg(feature = "cudnn")]
+    if own_cudnn_conv() {
+        return format!(
+            "cuDNN, cached plans, algorithm {}, f32 {}",
+            crate::conv_cudnn::algo_setting(),
+            if tf32() { "TF32" } else { "exact" }
+        );
+    }
+    if cfg!(feature = "cudnn") {
+        "candle conv2d (cuDNN implicit precomputed GEMM)".into()
+    } else {
+        "candle conv2d (im2col + cuBLAS)".into()
+    }
+}
+
+/// Whether CUDA convolutions take qtaylor's cached-plan cuDNN path ([`crate::conv_cudnn`]):
+/// yes in builds with the `cudnn` feature unless `QTAYLOR_CONV=candle`, which selects
+/// candle's conv2d (cuDNN's implicit precomputed GEMM with per-call descriptors), kept for
+/// comparison (BENCHMARKS.md §4).
+pub fn own_cudnn_conv() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| {
+        cfg!(feature = "cudnn") && std::env::var("QTAYLOR_CONV").map_or(true, |v| v != "candle")
     })
 }
 
+/// A convolution without bias (dilation 1) on the device's fast path, keeping no autograd
+/// graph: [`crate::conv_cudnn::conv2d`] or candle's conv2d on CUDA (see [`own_cudnn_conv`]),
+/// candle's conv2d elsewhere.
+pub fn conv2d_fast(x: &Tensor, w: &Tensor, padding: usize, stride: usize) -> Result<Tensor> {
+    if !x.device().is_cuda() {
+        return x.conv2d(w, padding, stride, 1, 1);
+    }
+    #[cfg(feature = "cudnn")]
+    if own_cudnn_conv() {
+        return crate::conv_cudnn::conv2d(&x.detach(), &w.detach(), padding, stride);
+    }
+    let algo = candle_core::conv::CudnnFwdAlgo::ImplicitPrecompGemm;
+    x.detach()
+        .conv2d_with_algo(&w.detach(), padding, stride, 1, 1, Some(algo))
+}
+
 /// 3×3 convolution, stride 1, padding 1, no bias, by the fast path of the device (the tiled
-/// im2col kernel for CPU f32, cuDNN otherwise); keeps no autograd graph.
+/// im2col kernel for CPU f32, [`conv2d_fast`] otherwise); keeps no autograd graph.
 fn conv3x3_fast(x: &Tensor, w: &Tensor) -> Result<Tensor> {
     let (cout, cin, _, _) = w.dims4()?;
     if x.device().is_cpu() && x.dtype() == DType::F32 {
         let zero = Tensor::zeros(cout, DType::F32, x.device())?;
         conv3x3_cpu_f32(&x.contiguous()?, &w.reshape((cout, cin * 9))?, &zero)
-    } else if x.device().is_cuda() {
-        x.conv2d_with_algo(w, 1, 1, 1, 1, cudnn_algo())
     } else {
-        x.conv2d(w, 1, 1, 1, 1)
+        conv2d_fast(x, w, 1, 1)
     }
 }
 
@@ -592,8 +1019,9 @@ fn conv3x3_fast(x: &Tensor, w: &Tensor) -> Result<Tensor> {
 /// `∂L/∂x = conv(∂L/∂y, W̃)` with `W̃[ci, co, ky, kx] = W[co, ci, 2 − ky, 2 − kx]` (the
 /// transposed convolution of a stride-1 "same" convolution is a convolution with the
 /// flipped, transposed kernel), and `∂L/∂W = ∂L/∂Y · col(x)ᵀ` with `∂L/∂Y` as a
-/// `(Cout, B·H·W)` matrix and `col(x)` the `(Cin·9, B·H·W)` im2col matrix. candle's own
-/// conv2d backward runs a direct transposed-convolution loop instead.
+/// `(Cout, B·H·W)` matrix and `col(x)` the `(Cin·9, B·H·W)` im2col matrix (on CUDA's cuDNN
+/// path: `cudnnConvolutionBackwardFilter`, [`crate::conv_cudnn::conv2d_backward_filter`]).
+/// candle's own conv2d backward runs a direct transposed-convolution loop instead.
 pub fn conv3x3_train(x: &Tensor, w: &Tensor) -> Result<Tensor> {
     let y = conv3x3_fast(&x.detach(), &w.detach())?;
     x.apply_op3(w, &y, Conv3x3Grad)
@@ -655,6 +1083,11 @@ impl CustomOp3 for Conv3x3Grad {
         let (b, _, h, wd) = x.dims4()?;
         let w_t = w.flip(&[2, 3])?.transpose(0, 1)?.contiguous()?;
         let gx = conv3x3_fast(&g, &w_t)?;
+        #[cfg(feature = "cudnn")]
+        if x.device().is_cuda() && own_cudnn_conv() {
+            let gw = crate::conv_cudnn::conv2d_backward_filter(&x, &g, (3, 3), 1, 1)?;
+            return Ok((Some(gx), Some(gw), None));
+        }
         // ∂L/∂W in batch tiles of about 8 M im2col entries (bounded memory).
         let tile = (8_000_000 / (cin * 9 * h * wd)).clamp(1, b);
         let mut gw: Option<Tensor> = None;
@@ -717,6 +1150,62 @@ mod tests {
     }
 
     #[test]
+    fn conv_epilogue_equals_bias_time_embedding_residual_and_scale_composed() {
+        let dev = Device::Cpu;
+        let y = Tensor::randn(0f32, 1.0, (3, 4, 5, 2), &dev).unwrap();
+        let b = Tensor::randn(0f32, 1.0, 4, &dev).unwrap();
+        let tb = Tensor::randn(0f32, 1.0, (3, 4), &dev).unwrap();
+        let r = Tensor::randn(0f32, 1.0, (3, 4, 5, 2), &dev).unwrap();
+        let close = |a: &Tensor, b: &Tensor| crate::ops::max_abs_diff(a, b).unwrap() < 1e-6;
+        // bias only
+        let got = y.copy().unwrap();
+        conv_epilogue(&got, &b, None, 1.0).unwrap();
+        let want = y.broadcast_add(&b.reshape((1, 4, 1, 1)).unwrap()).unwrap();
+        assert!(close(&got, &want));
+        // per-sample bias (bias + time embedding), no residual
+        let per = tb.broadcast_add(&b.unsqueeze(0).unwrap()).unwrap();
+        let got = y.copy().unwrap();
+        conv_epilogue(&got, &per, None, 1.0).unwrap();
+        let want = want
+            .broadcast_add(&tb.reshape((3, 4, 1, 1)).unwrap())
+            .unwrap();
+        assert!(close(&got, &want));
+        // bias, residual and output scale
+        let got = y.copy().unwrap();
+        conv_epilogue(&got, &b, Some(&r), 0.5).unwrap();
+        let want = ((y.broadcast_add(&b.reshape((1, 4, 1, 1)).unwrap()).unwrap() + &r).unwrap()
+            / 2.0)
+            .unwrap();
+        assert!(close(&got, &want));
+        // a bias of the wrong length is an error naming the shapes, nothing written
+        let before = y.copy().unwrap();
+        let e = conv_epilogue(&y, &Tensor::zeros(5, DType::F32, &dev).unwrap(), None, 1.0)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("bias [5]"), "{e}");
+        assert!(close(&y, &before));
+    }
+
+    #[test]
+    fn in_place_softmax_equals_candles_softmax_of_the_scaled_scores() {
+        let dev = Device::Cpu;
+        let x = Tensor::randn(0f32, 3.0, (2, 5, 7), &dev).unwrap();
+        let want = candle_nn::ops::softmax_last_dim(&(&x * 0.25).unwrap()).unwrap();
+        let got = x.copy().unwrap();
+        softmax_last_dim_inplace(&got, 0.25).unwrap();
+        let d = crate::ops::max_abs_diff(&want, &got).unwrap() as f32;
+        assert!(d < 1e-6, "{d}");
+        let rows = got
+            .sum(2)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
+        assert!(rows.iter().all(|s| (s - 1.0).abs() < 1e-5));
+    }
+
+    #[test]
     fn composed_group_norm_equals_the_fused_kernel() {
         let dev = Device::Cpu;
         let x = Tensor::randn(0f32, 2.0, (2, 8, 3, 5), &dev).unwrap();
@@ -725,8 +1214,7 @@ mod tests {
         for silu in [false, true] {
             let a = group_norm(&x, &w, &b, 4, 1e-5, silu).unwrap();
             let c = group_norm_autograd(&x, &w, &b, 4, 1e-5, silu).unwrap();
-            let d = (a - c).unwrap().abs().unwrap().max_all().unwrap();
-            assert!(d.to_scalar::<f32>().unwrap() < 1e-5);
+            assert!(crate::ops::max_abs_diff(&a, &c).unwrap() < 1e-5);
         }
     }
 
@@ -743,23 +1231,9 @@ mod tests {
         let got = group_norm(&x, &w, &b, 4, 1e-6, false).unwrap();
         let fused = group_norm(&x, &w, &b, 4, 1e-6, true).unwrap();
         let silu = candle_nn::ops::silu(&want).unwrap();
-        let d = (silu - fused)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
+        let d = crate::ops::max_abs_diff(&silu, &fused).unwrap() as f32;
         assert!(d < 1e-5, "fused SiLU: {d}");
-        let d = (want - got)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
+        let d = crate::ops::max_abs_diff(&want, &got).unwrap() as f32;
         assert!(d < 1e-5, "{d}");
     }
 }

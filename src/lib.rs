@@ -14,6 +14,8 @@
 pub mod bench;
 pub mod checkpoint;
 pub mod classifier;
+#[cfg(feature = "cudnn")]
+pub mod conv_cudnn;
 pub mod data;
 pub mod eval;
 pub mod feature_metrics;

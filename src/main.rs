@@ -31,6 +31,10 @@ use qtaylor::schedule::{Schedule, Tabulated, schedule_by_name};
 struct Cli {
     #[command(subcommand)]
     command: Command,
+    /// CUDA with cuDNN: let f32 convolutions use TF32 tensor cores, as PyTorch does by default
+    /// (torch.backends.cudnn.allow_tf32); without it f32 convolutions are exact f32
+    #[arg(long, global = true)]
+    tf32: bool,
 }
 
 #[derive(Subcommand)]
@@ -433,7 +437,7 @@ fn parse_device(s: &str) -> Result<Device> {
     match s {
         "cpu" => Ok(Device::Cpu),
         "cuda" if cfg!(feature = "cuda") => {
-            Device::new_cuda(0).map_err(|e| {
+            qtaylor::kernels::open_cuda(0).map_err(|e| {
             // candle's error text carries a backtrace after its first line
             let first = e.to_string().lines().next().unwrap_or_default().to_string();
             anyhow::anyhow!("--device cuda: no usable CUDA device ({first}); run on a machine with an NVIDIA GPU and driver, or use --device cpu")
@@ -806,8 +810,9 @@ fn cmd_speed(a: &SpeedArgs) -> Result<()> {
     let mut noise = NoiseStreams::new(0, 0, a.batch);
     let x = noise.normal(&item, DType::F32, &device)?;
     let time = |f: &mut dyn FnMut() -> Result<()>| -> Result<f64> {
-        f()?; // warm-up
+        f()?; // warm-up (plans, kernels and allocations are made here)
         device.synchronize()?;
+        qtaylor::unet::profile_reset()?;
         let mut v = Vec::with_capacity(a.repeats);
         for _ in 0..a.repeats {
             let t0 = Instant::now();
@@ -817,17 +822,24 @@ fn cmd_speed(a: &SpeedArgs) -> Result<()> {
         }
         Ok(median(v))
     };
+    let mut enqueue = Vec::with_capacity(a.repeats + 1);
     let fwd = time(&mut || {
+        let t0 = Instant::now();
         m.unet.forward(&x, &[500.0])?;
+        enqueue.push(t0.elapsed().as_secs_f64());
         Ok(())
     })?;
+    // On CUDA the host returns once every kernel is queued: if that takes about as long as
+    // the pass, the pass is bound by the host's launch overhead, not by the GPU.
+    let enqueue = median(enqueue.split_off(1));
     println!(
-        "model {} ({:.2} M parameters), {:?}, dtype {}, batch {}",
+        "model {} ({:.2} M parameters), {:?}, dtype {}, batch {}; convolutions: {}",
         a.model.display(),
         m.parameters as f64 / 1e6,
         item,
         a.model_dtype,
-        a.batch
+        a.batch,
+        qtaylor::kernels::conv_path(&device)
     );
     println!(
         "forward: {:.4} s per batch, {:.1} images/s (median of {})",
@@ -835,6 +847,9 @@ fn cmd_speed(a: &SpeedArgs) -> Result<()> {
         a.batch as f64 / fwd,
         a.repeats
     );
+    if device.is_cuda() {
+        println!("  host time to queue one forward: {enqueue:.4} s");
+    }
     if a.sampler != "none" {
         let sampler: Sampler = a.sampler.parse()?;
         let opts = Options::default();
@@ -864,22 +879,40 @@ fn cmd_speed(a: &SpeedArgs) -> Result<()> {
             run.x.to_device(&Device::Cpu)?;
             Ok(())
         })?;
-        let overhead = (full - nfe * fwd) / (nfe * fwd);
+        // The sampler's share: the sample against the same number of forward passes queued
+        // back to back (as the sampler queues them, without a synchronization in between).
+        let n = (nfe.round() as usize).max(1);
+        let chained = time(&mut || {
+            for _ in 0..n {
+                m.unet.forward(&x, &[500.0])?;
+            }
+            Ok(())
+        })? / n as f64;
+        let overhead = (full - nfe * chained) / (nfe * chained);
         println!(
-            "sample {sampler}, {} steps ({nfe:.0} NFE): {:.4} s per batch, {:.1} images/s; time outside the network {:+.1} % of the network's",
+            "sample {sampler}, {} steps ({nfe:.0} NFE): {:.4} s per batch, {:.1} images/s; time outside the network {:+.1} % of the network's ({n} forwards queued back to back: {:.4} s each)",
             a.steps,
             full,
             a.batch as f64 / full,
-            100.0 * overhead
+            100.0 * overhead,
+            chained
         );
     }
     if let Some(p) = peak_rss_mib() {
         println!("peak resident memory: {p:.0} MiB");
     }
-    let profile = qtaylor::unet::profile_report();
+    let profile = qtaylor::unet::profile_report()?;
     if !profile.is_empty() {
         let total: f64 = profile.iter().map(|p| p.1).sum();
-        println!("profile (QTAYLOR_PROFILE, device synchronized around each operation):");
+        println!(
+            "profile (QTAYLOR_PROFILE; {}; after the warm-up, {} timed passes):",
+            if device.is_cuda() {
+                "GPU time between CUDA events"
+            } else {
+                "wall time, device synchronized around each operation"
+            },
+            a.repeats
+        );
         for (name, secs, calls) in profile {
             println!(
                 "  {name:<20} {:>8.1} ms {:>5.1} %  ({calls} calls)",
@@ -1064,6 +1097,7 @@ fn main() -> ExitCode {
     // SAFETY: sets a process-wide allocator option; mimalloc allows it at any time.
     unsafe { libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DELAY, -1) };
     let cli = Cli::parse();
+    qtaylor::kernels::set_tf32(cli.tf32);
     let result = match &cli.command {
         Command::Sample(a) => cmd_sample(a),
         Command::Bench(a) => cmd_bench(a),

@@ -218,6 +218,15 @@ pub fn all_finite(t: &Tensor) -> Result<bool> {
     Ok(s.is_finite())
 }
 
+/// `max |a − b|` over all elements, in f64 (for tests and parity checks).
+pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> Result<f64> {
+    Ok((a - b)?
+        .abs()?
+        .max_all()?
+        .to_dtype(DType::F64)?
+        .to_scalar::<f64>()?)
+}
+
 /// Row-wise values of a `(B, …)` tensor as f64 vectors (for metrics and tests).
 pub fn rows_f64(t: &Tensor) -> Result<Vec<Vec<f64>>> {
     let b = t.dims().first().copied().unwrap_or(1);
@@ -238,14 +247,7 @@ mod tests {
         let y = (x.sqr().unwrap() * 0.1).unwrap();
         let z = lincomb(&[(2.0, &x), (-0.5, &y)]).unwrap();
         let want = ((&x * 2.0).unwrap() - (&y * 0.5).unwrap()).unwrap();
-        let d = (z - want)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
+        let d = max_abs_diff(&z, &want).unwrap();
         assert!(d < 1e-5);
         let r = lincomb_rows(&[(Coef::Rows(vec![1.0, 2.0, 3.0]), &x)]).unwrap();
         let rows = rows_f64(&r).unwrap();

@@ -245,48 +245,96 @@ impl UNet2DConfig {
 }
 
 /// Per-operation timing of the forward pass, on when the environment variable
-/// `QTAYLOR_PROFILE` is set: each timed operation synchronizes the device before and after
-/// (so it slows the pass down) and adds its wall time to a table read by [`profile_report`].
-type ProfileTable = Mutex<HashMap<&'static str, (f64, usize)>>;
-static PROFILE: std::sync::OnceLock<Option<ProfileTable>> = std::sync::OnceLock::new();
+/// `QTAYLOR_PROFILE` is set. On CUDA each timed operation is bracketed by two events recorded
+/// on the device's stream, so the table holds GPU time and the pass is not slowed by
+/// synchronizations; elsewhere the device is synchronized around the operation and its wall
+/// time is taken. Nested operations count in both rows (attention includes its group norm).
+/// [`profile_report`] reads the table, [`profile_reset`] empties it (after a warm-up).
+#[derive(Default)]
+struct ProfileTable {
+    totals: HashMap<&'static str, (f64, usize)>,
+    #[cfg(feature = "cuda")]
+    pending: Vec<(
+        &'static str,
+        candle_core::cuda_backend::cudarc::driver::CudaEvent,
+        candle_core::cuda_backend::cudarc::driver::CudaEvent,
+    )>,
+}
 
-fn profiler() -> Option<&'static ProfileTable> {
+static PROFILE: std::sync::OnceLock<Option<Mutex<ProfileTable>>> = std::sync::OnceLock::new();
+
+fn profiler() -> Option<&'static Mutex<ProfileTable>> {
     PROFILE
-        .get_or_init(|| std::env::var_os("QTAYLOR_PROFILE").map(|_| Mutex::new(HashMap::new())))
+        .get_or_init(|| std::env::var_os("QTAYLOR_PROFILE").map(|_| Mutex::default()))
         .as_ref()
+}
+
+fn add(t: &mut ProfileTable, name: &'static str, secs: f64) {
+    let e = t.totals.entry(name).or_insert((0.0, 0));
+    e.0 += secs;
+    e.1 += 1;
 }
 
 /// Runs `f`, timing it under `name` when profiling is on.
 fn timed<T>(name: &'static str, device: &Device, f: impl FnOnce() -> Result<T>) -> Result<T> {
-    match profiler() {
-        None => f(),
-        Some(table) => {
-            device.synchronize()?;
-            let t0 = std::time::Instant::now();
-            let out = f()?;
-            device.synchronize()?;
-            let mut t = table.lock().expect("profile lock");
-            let e = t.entry(name).or_insert((0.0, 0));
-            e.0 += t0.elapsed().as_secs_f64();
-            e.1 += 1;
-            Ok(out)
-        }
+    let Some(table) = profiler() else {
+        return f();
+    };
+    #[cfg(feature = "cuda")]
+    if let Device::Cuda(d) = device {
+        use candle_core::cuda_backend::cudarc::driver::sys::CUevent_flags;
+        let stream = d.cuda_stream();
+        let event = || stream.record_event(Some(CUevent_flags::CU_EVENT_DEFAULT));
+        let start = event().map_err(candle_core::Error::wrap)?;
+        let out = f()?;
+        let end = event().map_err(candle_core::Error::wrap)?;
+        table
+            .lock()
+            .expect("profile lock")
+            .pending
+            .push((name, start, end));
+        return Ok(out);
     }
+    device.synchronize()?;
+    let t0 = std::time::Instant::now();
+    let out = f()?;
+    device.synchronize()?;
+    add(
+        &mut table.lock().expect("profile lock"),
+        name,
+        t0.elapsed().as_secs_f64(),
+    );
+    Ok(out)
+}
+
+/// Empties the profile table (call after a warm-up pass).
+pub fn profile_reset() -> Result<()> {
+    if let Some(table) = profiler() {
+        let mut t = table.lock().expect("profile lock");
+        t.totals.clear();
+        #[cfg(feature = "cuda")]
+        t.pending.clear();
+    }
+    Ok(())
 }
 
 /// The profile table (operation, total seconds, calls), largest first; empty when off.
-pub fn profile_report() -> Vec<(&'static str, f64, usize)> {
+/// On CUDA it waits for the recorded events.
+pub fn profile_report() -> Result<Vec<(&'static str, f64, usize)>> {
     let Some(table) = profiler() else {
-        return Vec::new();
+        return Ok(Vec::new());
     };
-    let mut v: Vec<_> = table
-        .lock()
-        .expect("profile lock")
-        .iter()
-        .map(|(k, (s, n))| (*k, *s, *n))
-        .collect();
+    #[cfg_attr(not(feature = "cuda"), allow(unused_mut))]
+    let mut t = table.lock().expect("profile lock");
+    #[cfg(feature = "cuda")]
+    for (name, start, end) in std::mem::take(&mut t.pending) {
+        end.synchronize().map_err(candle_core::Error::wrap)?;
+        let ms = start.elapsed_ms(&end).map_err(candle_core::Error::wrap)?;
+        add(&mut t, name, f64::from(ms) / 1e3);
+    }
+    let mut v: Vec<_> = t.totals.iter().map(|(k, (s, n))| (*k, *s, *n)).collect();
     v.sort_by(|a, b| b.1.total_cmp(&a.1));
-    v
+    Ok(v)
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -492,7 +540,13 @@ impl Weights {
         // their backward is matrix products too, where candle's conv2d backward runs a
         // direct transposed convolution.
         let trainable = w.track_op();
-        if (self.device.is_cuda() || trainable) && k == 1 && stride == 1 && padding == 0 {
+        // 1×1 convolutions on CUDA: cuBLAS products, or the cached cuDNN plans with --tf32 (so
+        // that they use TF32 too) or QTAYLOR_CONV1X1=cudnn (BENCHMARKS.md §4.2).
+        let cudnn_1x1 = crate::kernels::own_cudnn_conv()
+            && (crate::kernels::tf32()
+                || std::env::var("QTAYLOR_CONV1X1").is_ok_and(|v| v == "cudnn"));
+        let cuda_1x1 = self.device.is_cuda() && !cudnn_1x1;
+        if (cuda_1x1 || trainable) && k == 1 && stride == 1 && padding == 0 {
             return Ok(Conv::Pointwise {
                 w: w.reshape((cout, cin))?,
                 bias: b,
@@ -566,9 +620,76 @@ enum Conv {
     },
 }
 
-use crate::kernels::cudnn_algo;
-
 impl Conv {
+    /// `(conv(x) + bias + per_sample + residual) / out_scale` with `per_sample: (B, Cout)`
+    /// broadcast over the image and `residual` shaped like the output. On CUDA's cuDNN path
+    /// ([`crate::kernels::own_cudnn_conv`]) the bias, per-sample term, residual and scale
+    /// are one fused in-place pass ([`crate::kernels::conv_epilogue`]); elsewhere candle
+    /// operations in the order diffusers uses.
+    fn forward_fused(
+        &self,
+        x: &Tensor,
+        per_sample: Option<&Tensor>,
+        residual: Option<&Tensor>,
+        out_scale: f64,
+    ) -> Result<Tensor> {
+        let dev = x.device();
+        if let Conv::Candle(c) = self
+            && dev.is_cuda()
+            && crate::kernels::own_cudnn_conv()
+            && !x.track_op()
+            && !c.weight().track_op()
+        {
+            let cfg = c.config();
+            let name = if c.weight().dim(2)? == 1 {
+                "conv 1x1"
+            } else {
+                "conv 3x3"
+            };
+            let y = timed(name, dev, || {
+                Ok(crate::kernels::conv2d_fast(
+                    x,
+                    c.weight(),
+                    cfg.padding,
+                    cfg.stride,
+                )?)
+            })?;
+            let b = c.bias().expect("convolutions here have a bias");
+            let bias = match per_sample {
+                Some(t) => t.broadcast_add(&b.unsqueeze(0)?)?,
+                None => b.clone(),
+            };
+            timed("conv epilogue", dev, || {
+                Ok(crate::kernels::conv_epilogue(
+                    &y,
+                    &bias,
+                    residual,
+                    1.0 / out_scale,
+                )?)
+            })?;
+            return Ok(y);
+        }
+        let y = self.forward(x)?;
+        let y = match per_sample {
+            Some(t) => timed("elementwise", dev, || {
+                Ok(y.broadcast_add(&t.unsqueeze(2)?.unsqueeze(3)?)?)
+            })?,
+            None => y,
+        };
+        match residual {
+            Some(r) => timed("elementwise", dev, || {
+                let out = (r + y)?;
+                Ok(if out_scale != 1.0 {
+                    (out / out_scale)?
+                } else {
+                    out
+                })
+            }),
+            None if out_scale != 1.0 => Ok((y / out_scale)?),
+            None => Ok(y),
+        }
+    }
+
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let name = match self {
             Conv::Candle(c) if c.weight().dim(2)? == 1 => "conv 1x1",
@@ -580,10 +701,9 @@ impl Conv {
 
     fn forward_inner(&self, x: &Tensor) -> Result<Tensor> {
         match self {
-            Conv::Candle(c) if x.device().is_cuda() && cudnn_algo().is_some() => {
+            Conv::Candle(c) if x.device().is_cuda() && !x.track_op() && !c.weight().track_op() => {
                 let cfg = c.config();
-                let y =
-                    x.conv2d_with_algo(c.weight(), cfg.padding, cfg.stride, 1, 1, cudnn_algo())?;
+                let y = crate::kernels::conv2d_fast(x, c.weight(), cfg.padding, cfg.stride)?;
                 let b = c.bias().expect("convolutions here have a bias");
                 Ok(y.broadcast_add(&b.reshape((1, b.dim(0)?, 1, 1))?)?)
             }
@@ -730,38 +850,31 @@ impl Resnet {
 
     fn forward(&self, x: &Tensor, temb: &Temb) -> Result<Tensor> {
         let dev = x.device();
-        let h = self.conv1.forward(&norm_act(&self.norm1, self.act, x)?)?;
         let tp = timed("time projection", dev, || {
-            Ok(temb
-                .apply(&self.time_proj, self.act)?
-                .unsqueeze(2)?
-                .unsqueeze(3)?)
-        })?;
+            temb.apply(&self.time_proj, self.act)
+        })?; // (B, Cout), or (B, 2·Cout) for scale-shift
+        let xn = norm_act(&self.norm1, self.act, x)?;
         let h = if self.scale_shift {
+            let h = self.conv1.forward(&xn)?;
             let c = tp.dim(1)? / 2;
-            let (scale, shift) = (tp.narrow(1, 0, c)?, tp.narrow(1, c, c)?);
+            let image = |t: Tensor| t.unsqueeze(2)?.unsqueeze(3);
+            let (scale, shift) = (image(tp.narrow(1, 0, c)?)?, image(tp.narrow(1, c, c)?)?);
             let n = norm(&self.norm2, &h)?;
             let h = timed("elementwise", dev, || {
                 Ok(n.broadcast_mul(&(scale + 1.0)?)?.broadcast_add(&shift)?)
             })?;
             act_t(self.act, &h)?
         } else {
-            let sum = timed("elementwise", dev, || Ok(h.broadcast_add(&tp)?))?;
-            norm_act(&self.norm2, self.act, &sum)?
+            // h = conv1(x) + temb, then norm2 and the activation (diffusers' order).
+            let h = self.conv1.forward_fused(&xn, Some(&tp), None, 1.0)?;
+            norm_act(&self.norm2, self.act, &h)?
         };
-        let h = self.conv2.forward(&h)?;
         let x = match &self.shortcut {
             Some(s) => s.forward(x)?,
             None => x.clone(),
         };
-        timed("elementwise", dev, || {
-            let out = (x + h)?;
-            Ok(if self.out_scale != 1.0 {
-                (out / self.out_scale)?
-            } else {
-                out
-            })
-        })
+        // (shortcut + conv2(h)) / output_scale_factor
+        self.conv2.forward_fused(&h, None, Some(&x), self.out_scale)
     }
 }
 
@@ -773,6 +886,27 @@ struct Attention {
     out: Linear,
     heads: usize,
     rescale: f64,
+    /// The projections stacked for the channels-first inference path (frozen weights only).
+    qkv: Option<(Tensor, Tensor)>,
+}
+
+/// The q, k, v weights `(C, C)` and biases `(C,)` stacked into one `(3C, C)` matrix and
+/// `(3C,)` bias whose rows run head by head as `[q_h; k_h; v_h]` (`d = C/heads` rows each),
+/// so that one product gives every head's q, k and v as consecutive row blocks.
+fn stack_qkv(q: &Linear, k: &Linear, v: &Linear, heads: usize) -> Result<(Tensor, Tensor)> {
+    let d = q.weight().dim(0)? / heads;
+    let (mut w, mut b) = (Vec::new(), Vec::new());
+    for h in 0..heads {
+        for l in [q, k, v] {
+            w.push(l.weight().narrow(0, h * d, d)?);
+            b.push(
+                l.bias()
+                    .expect("attention projections have a bias")
+                    .narrow(0, h * d, d)?,
+            );
+        }
+    }
+    Ok((Tensor::cat(&w, 0)?, Tensor::cat(&b, 0)?))
 }
 
 impl Attention {
@@ -794,22 +928,79 @@ impl Attention {
                 format!("{p}.{old}")
             }
         };
+        let (q, k, v) = (
+            w.linear(&name("to_q", "query"), c, c)?,
+            w.linear(&name("to_k", "key"), c, c)?,
+            w.linear(&name("to_v", "value"), c, c)?,
+        );
+        let heads = c / hd;
+        let qkv = if q.weight().track_op() {
+            None // trainable: the stacked copy would go stale
+        } else {
+            Some(stack_qkv(&q, &k, &v, heads)?)
+        };
         Ok(Attention {
             norm: match groups {
                 Some(g) => Some(w.group_norm(&format!("{p}.group_norm"), g, c, eps)?),
                 None => None,
             },
-            q: w.linear(&name("to_q", "query"), c, c)?,
-            k: w.linear(&name("to_k", "key"), c, c)?,
-            v: w.linear(&name("to_v", "value"), c, c)?,
+            q,
+            k,
+            v,
             out: w.linear(&name("to_out.0", "proj_attn"), c, c)?,
-            heads: c / hd,
+            heads,
             rescale,
+            qkv,
         })
     }
 
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        timed("attention", x.device(), || self.forward_inner(x))
+        timed("attention", x.device(), || match &self.qkv {
+            Some(qkv) if x.device().is_cuda() && !x.track_op() => {
+                self.forward_channels_first(x, qkv)
+            }
+            _ => self.forward_inner(x),
+        })
+    }
+
+    /// Attention without moving the activations out of `(B, C, H·W)` (inference on CUDA):
+    /// `[q; k; v] = W_qkv·x + b` as one batched product `(3C, C)·(C, H·W)` (head by head,
+    /// [`stack_qkv`]), `S = qᵀk` per head `(H·W, H·W)`, `P = softmax(S/√d)` in place (f32
+    /// arithmetic), `o = v·Pᵀ` `(d, H·W)`, `y = (W_o·o + b_o + x)/rescale` with the bias,
+    /// residual and scale in one fused pass. Every transpose is a cuBLAS operand flag, so no
+    /// activation is copied; the token-major path ([`Attention::forward_inner`], diffusers'
+    /// order) copies the activations to `(B, H·W, C)` and back and splits heads with copies.
+    fn forward_channels_first(
+        &self,
+        x: &Tensor,
+        (w_qkv, b_qkv): &(Tensor, Tensor),
+    ) -> Result<Tensor> {
+        let (b, c, h, w) = x.dims4()?;
+        let (heads, d, hw) = (self.heads, c / self.heads, h * w);
+        let hn = match &self.norm {
+            Some(n) => norm(n, x)?,
+            None => x.clone(),
+        };
+        let qkv = w_qkv.broadcast_left(b)?.matmul(&hn.reshape((b, c, hw))?)?; // (B, 3C, HW)
+        crate::kernels::conv_epilogue(&qkv, b_qkv, None, 1.0)?;
+        let qkv = qkv.reshape((b * heads, 3 * d, hw))?;
+        let (q, k, v) = (
+            qkv.narrow(1, 0, d)?,
+            qkv.narrow(1, d, d)?,
+            qkv.narrow(1, 2 * d, d)?,
+        );
+        let scores = q.transpose(1, 2)?.matmul(&k)?; // (B·heads, HW_q, HW_k)
+        crate::kernels::softmax_last_dim_inplace(&scores, 1.0 / (d as f64).sqrt())?;
+        let o = v.matmul(&scores.transpose(1, 2)?)?; // (B·heads, d, HW_q)
+        let y = self
+            .out
+            .weight()
+            .broadcast_left(b)?
+            .matmul(&o.reshape((b, c, hw))?)?
+            .reshape((b, c, h, w))?;
+        let bias = self.out.bias().expect("attention projections have a bias");
+        crate::kernels::conv_epilogue(&y, bias, Some(x), 1.0 / self.rescale)?;
+        Ok(y)
     }
 
     fn forward_inner(&self, x: &Tensor) -> Result<Tensor> {
@@ -884,6 +1075,9 @@ pub struct UNet2D {
     norm_out: GroupNorm,
     conv_out: Conv,
     dtype: DType,
+    /// The embedding's frequencies `(1, half)` on a GPU, uploaded once (see
+    /// [`UNet2D::timestep_embedding_on_device`]).
+    freq: std::sync::OnceLock<Tensor>,
 }
 
 impl UNet2D {
@@ -1025,7 +1219,41 @@ impl UNet2D {
             norm_out: w.group_norm("conv_norm_out", g, ch[0], c.norm_eps)?,
             conv_out: w.conv("conv_out", ch[0], c.out_channels, 3, 1, 1)?,
             dtype: w.dtype,
+            freq: std::sync::OnceLock::new(),
             config,
+        })
+    }
+
+    fn frequencies(&self) -> Vec<f32> {
+        let half = self.config.block_out_channels[0] / 2;
+        let shift = self.config.freq_shift as f32;
+        let ln = -(10000f64.ln() as f32);
+        (0..half)
+            .map(|i| ((ln * i as f32) / (half as f32 - shift)) as f64)
+            .map(|e| e.exp() as f32)
+            .collect()
+    }
+
+    /// [`UNet2D::timestep_embedding`] of one timestep computed on a GPU from the cached
+    /// frequencies, with `t` passed as a kernel argument: no host-to-device copy, which from
+    /// pageable memory would synchronize the stream at the start of every network pass.
+    /// `t·freq` is the same f32 product; sin and cos are f32 (the host path rounds f64 ones).
+    fn timestep_embedding_on_device(&self, t: f64, device: &Device) -> Result<Tensor> {
+        let freq = match self.freq.get() {
+            Some(f) => f,
+            None => {
+                let f = self.frequencies();
+                let n = f.len();
+                let f = Tensor::from_vec(f, (1, n), device)?;
+                self.freq.get_or_init(|| f)
+            }
+        };
+        let args = freq.affine(t as f32 as f64, 0.0)?;
+        let (sin, cos) = (args.sin()?, args.cos()?);
+        Ok(if self.config.flip_sin_to_cos {
+            Tensor::cat(&[cos, sin], 1)?
+        } else {
+            Tensor::cat(&[sin, cos], 1)?
         })
     }
 
@@ -1034,13 +1262,7 @@ impl UNet2D {
     /// (swapped when `flip_sin_to_cos`).
     pub fn timestep_embedding(&self, timesteps: &[f64], device: &Device) -> Result<Tensor> {
         let dim = self.config.block_out_channels[0];
-        let half = dim / 2;
-        let shift = self.config.freq_shift as f32;
-        let ln = -(10000f64.ln() as f32);
-        let freq: Vec<f32> = (0..half)
-            .map(|i| ((ln * i as f32) / (half as f32 - shift)) as f64)
-            .map(|e| e.exp() as f32)
-            .collect();
+        let freq = self.frequencies();
         let mut data = Vec::with_capacity(timesteps.len() * dim);
         for &t in timesteps {
             let args: Vec<f32> = freq.iter().map(|&f| t as f32 * f).collect();
@@ -1109,16 +1331,27 @@ impl UNet2D {
                     }) as u32
                 })
                 .collect();
-            let emb = self
-                .timestep_embedding(&uniq, x.device())?
-                .to_dtype(self.dtype)?;
+            // One timestep on a GPU (every fixed-grid sampler's call): nothing is copied from
+            // the host, so queuing this pass does not wait for the previous one.
+            let on_device = x.device().is_cuda() && uniq.len() == 1;
+            let emb = if on_device {
+                self.timestep_embedding_on_device(uniq[0], x.device())?
+            } else {
+                self.timestep_embedding(&uniq, x.device())?
+            }
+            .to_dtype(self.dtype)?;
             let rows = by_row(
                 &self.lin2,
                 &candle_nn::ops::silu(&by_row(&self.lin1, &emb)?)?,
             )?;
+            let index = if on_device {
+                Tensor::zeros(b, DType::U32, x.device())?
+            } else {
+                Tensor::from_vec(idx, b, x.device())?
+            };
             Temb {
                 rows,
-                index: Some(Tensor::from_vec(idx, b, x.device())?),
+                index: Some(index),
             }
         };
         let mut h = self.conv_in.forward(&x)?;
@@ -1170,5 +1403,67 @@ impl UNet2D {
         let h = norm_act(&self.norm_out, Act::Silu, &h)?;
         let out = self.conv_out.forward(&h)?;
         Ok(out.to_dtype(in_dtype)?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn lin(c: usize, seed: f64) -> Linear {
+        let dev = Device::Cpu;
+        Linear::new(
+            Tensor::randn(0f32, 0.2, (c, c), &dev).unwrap(),
+            Some(Tensor::randn(seed as f32, 0.2, c, &dev).unwrap()),
+        )
+    }
+
+    #[test]
+    fn channels_first_attention_equals_the_token_major_path() {
+        let dev = Device::Cpu;
+        let c = 8;
+        for heads in [1, 2, 4] {
+            let (q, k, v) = (lin(c, 0.1), lin(c, -0.2), lin(c, 0.3));
+            let qkv = stack_qkv(&q, &k, &v, heads).unwrap();
+            let att = Attention {
+                norm: Some(GroupNorm {
+                    weight: Tensor::randn(1f32, 0.1, c, &dev).unwrap(),
+                    bias: Tensor::randn(0f32, 0.1, c, &dev).unwrap(),
+                    groups: 4,
+                    eps: 1e-6,
+                }),
+                q,
+                k,
+                v,
+                out: lin(c, 0.05),
+                heads,
+                rescale: 2.0,
+                qkv: None,
+            };
+            let x = Tensor::randn(0f32, 1.0, (3, c, 3, 5), &dev).unwrap();
+            let want = att.forward_inner(&x).unwrap();
+            let got = att.forward_channels_first(&x, &qkv).unwrap();
+            let d = crate::ops::max_abs_diff(&want, &got).unwrap() as f32;
+            assert!(d < 1e-5, "{heads} heads: max difference {d}");
+        }
+    }
+
+    #[test]
+    fn device_timestep_embedding_equals_the_host_formula() {
+        let m = crate::checkpoint::DiffusersModel::load(
+            std::path::Path::new("tests/fixtures/unet2d/multihead"),
+            DType::F32,
+            &Device::Cpu,
+        )
+        .unwrap();
+        for t in [0.0, 37.5, 999.0] {
+            let host = m.unet.timestep_embedding(&[t], &Device::Cpu).unwrap();
+            let dev = m
+                .unet
+                .timestep_embedding_on_device(t, &Device::Cpu)
+                .unwrap();
+            let d = crate::ops::max_abs_diff(&host, &dev).unwrap() as f32;
+            assert!(d < 1e-6, "t = {t}: {d}");
+        }
     }
 }

@@ -295,6 +295,34 @@ fn a_non_finite_model_output_stops_sampling_naming_step_time_and_sampler() {
 }
 
 #[test]
+fn deferred_finiteness_checks_report_the_first_non_finite_call() {
+    // Fixed-grid samplers read their finiteness checks back once at the end: the error must
+    // still name the first call whose output was not finite.
+    let s = VpLinear::default();
+    let ts = Grid::Uniform.times(&s, 6, 1.0, 1e-3).unwrap();
+    let first = ts.iter().position(|&t| t < 0.5).unwrap();
+    let mut noise = NoiseStreams::new(0, 0, 2);
+    let x = noise.normal(&[3], DType::F32, &Device::Cpu).unwrap();
+    let e = sample(
+        &NanBelowHalf,
+        &s,
+        "qt-3".parse().unwrap(),
+        &Options::default(),
+        &ts,
+        x,
+        &mut noise,
+        None,
+    )
+    .err()
+    .expect("qt-3 did not stop")
+    .to_string();
+    assert!(
+        e.contains(&format!("step {first} (t = {})", ts[first])),
+        "{e}"
+    );
+}
+
+#[test]
 fn schedules_other_than_linear_sample_consistently_with_their_reference() {
     // A smoke check of the whole path on the cosine schedule: 50-step rk4 lands on the
     // reference solution.
