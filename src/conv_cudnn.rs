@@ -211,8 +211,10 @@ impl CustomOp2 for ConvOp {
                 let tensor_cores = xs.dtype() != DType::F32 || crate::kernels::tf32();
                 match choice()? {
                     Choice::Auto if tensor_cores && self.filter.is_none() => Choice::Graph,
-                    Choice::Graph | Choice::GraphFind if tensor_cores && self.filter.is_none() => {
-                        choice()?
+                    c @ (Choice::Graph | Choice::GraphFind)
+                        if tensor_cores && self.filter.is_none() =>
+                    {
+                        c
                     }
                     Choice::Auto if tensor_cores => Choice::Heuristic,
                     Choice::Auto | Choice::Graph | Choice::GraphFind => Choice::Find,
@@ -252,7 +254,7 @@ struct Key {
 enum Algo {
     Forward(sys::cudnnConvolutionFwdAlgo_t),
     Filter(sys::cudnnConvolutionBwdFilterAlgo_t),
-    /// A finalized execution plan of cuDNN's graph API (index into `Plan::backend`).
+    /// A finalized execution plan of cuDNN's graph API (owned through `Plan::backend`).
     Graph(sys::cudnnBackendDescriptor_t),
 }
 
