@@ -218,12 +218,12 @@ pub fn all_finite(t: &Tensor) -> Result<bool> {
     Ok(s.is_finite())
 }
 
-/// `max |a − b|` over all elements, in f64 (for tests and parity checks).
+/// `max |a − b|` over all elements, computed in f64 (exact for f32/f16/bf16 inputs; for
+/// tests and parity checks).
 pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> Result<f64> {
-    Ok((a - b)?
+    Ok((a.to_dtype(DType::F64)? - b.to_dtype(DType::F64)?)?
         .abs()?
         .max_all()?
-        .to_dtype(DType::F64)?
         .to_scalar::<f64>()?)
 }
 

@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 use candle_core::{DType, Device};
 use qtaylor::checkpoint::DiffusersModel;
 use qtaylor::eval::{EvalOptions, FID_LABEL, eval};
+use qtaylor::ops::max_abs_diff;
 
 mod common;
 use common::idx;
@@ -49,17 +50,6 @@ fn strokes(dir: &Path) -> PathBuf {
         .unwrap();
     }
     d
-}
-
-fn max_abs_diff(a: &candle_core::Tensor, b: &candle_core::Tensor) -> f32 {
-    (a - b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .max_all()
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap()
 }
 
 fn embedded_model(dir: &Path) -> PathBuf {
@@ -174,7 +164,7 @@ fn the_embedded_model_equals_its_checkpoint_folder() {
     let x = candle_core::Tensor::randn(0f32, 1.0, (2, 1, 28, 28), &dev).unwrap();
     let ya = a.unet.forward(&x, &[10.0, 700.0]).unwrap();
     let yb = b.unet.forward(&x, &[10.0, 700.0]).unwrap();
-    let d = max_abs_diff(&ya, &yb);
+    let d = max_abs_diff(&ya, &yb).unwrap();
     assert_eq!(d, 0.0);
     assert!(a.parameters > 1_000_000);
 }
@@ -194,7 +184,7 @@ fn a_sample_network_output_does_not_depend_on_the_batch_it_is_in() {
             .forward(&x.narrow(0, start, len).unwrap(), &ts[start..start + len])
             .unwrap();
         let same = full.narrow(0, start, len).unwrap();
-        let d = max_abs_diff(&part, &same);
+        let d = max_abs_diff(&part, &same).unwrap();
         assert_eq!(d, 0.0, "rows {start}..{}", start + len);
     }
 }

@@ -6,6 +6,7 @@ use std::process::Command;
 
 use candle_core::{DType, Device, Tensor};
 use qtaylor::checkpoint::DiffusersModel;
+use qtaylor::ops::max_abs_diff;
 use qtaylor::train::{TrainOptions, train};
 
 const TINY_CONFIG: &str = r#"{
@@ -63,17 +64,6 @@ fn opts(data: &Path, out: &Path, steps: usize) -> TrainOptions {
 
 fn tensors(file: &Path) -> std::collections::HashMap<String, Tensor> {
     candle_core::safetensors::load(file, &Device::Cpu).unwrap()
-}
-
-fn max_abs_diff(a: &Tensor, b: &Tensor) -> f64 {
-    (a.to_dtype(DType::F64).unwrap() - b.to_dtype(DType::F64).unwrap())
-        .unwrap()
-        .abs()
-        .unwrap()
-        .max_all()
-        .unwrap()
-        .to_scalar::<f64>()
-        .unwrap()
 }
 
 /// The ε-prediction loss of a saved model on a fixed batch (fixed timesteps and noise).
@@ -154,14 +144,14 @@ fn a_saved_checkpoint_reloads_to_identical_outputs() {
     let state = tensors(&out.join("train_state.safetensors"));
     for (name, t) in &model {
         let e = &state[&format!("ema/{name}")];
-        assert_eq!(max_abs_diff(t, e), 0.0, "{name}");
+        assert_eq!(max_abs_diff(t, e).unwrap(), 0.0, "{name}");
     }
     let in_memory = qtaylor::train::load_ema_unet(&out, &o, &Device::Cpu).unwrap();
     let loaded = DiffusersModel::load(&out, DType::F32, &Device::Cpu).unwrap();
     let x = Tensor::randn(0f32, 1.0, (3, 1, 8, 8), &Device::Cpu).unwrap();
     let a = in_memory.forward(&x, &[10.0, 500.0, 990.0]).unwrap();
     let b = loaded.unet.forward(&x, &[10.0, 500.0, 990.0]).unwrap();
-    assert_eq!(max_abs_diff(&a, &b), 0.0);
+    assert_eq!(max_abs_diff(&a, &b).unwrap(), 0.0);
     let cfg: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(out.join("config.json")).unwrap()).unwrap();
     assert_eq!(cfg["_class_name"], "UNet2DModel");
@@ -186,7 +176,11 @@ fn resume_continues_the_same_optimizer_state() {
     let b = tensors(&split.join("train_state.safetensors"));
     assert_eq!(a.len(), b.len());
     for (k, t) in &a {
-        assert_eq!(max_abs_diff(t, &b[k]), 0.0, "{k} differs after resume");
+        assert_eq!(
+            max_abs_diff(t, &b[k]).unwrap(),
+            0.0,
+            "{k} differs after resume"
+        );
     }
     assert_eq!(
         std::fs::read_to_string(straight.join("train_log.csv")).unwrap(),
