@@ -67,9 +67,19 @@ pub fn algo_setting() -> String {
     std::env::var("QTAYLOR_CUDNN_ALGO").unwrap_or_else(|_| "auto".into())
 }
 
+/// The parsed `QTAYLOR_CUDNN_ALGO`, read once (this runs on every convolution call).
 fn choice() -> Result<Choice> {
+    static CHOICE: std::sync::OnceLock<std::result::Result<Choice, String>> =
+        std::sync::OnceLock::new();
+    CHOICE
+        .get_or_init(|| parse_choice(&algo_setting()))
+        .clone()
+        .map_err(candle_core::Error::Msg)
+}
+
+fn parse_choice(setting: &str) -> std::result::Result<Choice, String> {
     use sys::cudnnConvolutionFwdAlgo_t as A;
-    Ok(match algo_setting().as_str() {
+    Ok(match setting {
         "auto" => Choice::Auto,
         "graph" => Choice::Graph,
         "graph-find" => Choice::GraphFind,
@@ -85,10 +95,12 @@ fn choice() -> Result<Choice> {
         "fft-tiling" => Choice::Fixed(A::CUDNN_CONVOLUTION_FWD_ALGO_FFT_TILING),
         "winograd" => Choice::Fixed(A::CUDNN_CONVOLUTION_FWD_ALGO_WINOGRAD),
         "winograd-nonfused" => Choice::Fixed(A::CUDNN_CONVOLUTION_FWD_ALGO_WINOGRAD_NONFUSED),
-        other => candle_core::bail!(
-            "QTAYLOR_CUDNN_ALGO={other:?}: expected auto, graph, graph-find, heuristic, find, implicit-gemm, \
-             implicit-precomp-gemm, gemm, direct, fft, fft-tiling, winograd or winograd-nonfused"
-        ),
+        other => {
+            return Err(format!(
+                "QTAYLOR_CUDNN_ALGO={other:?}: expected auto, graph, graph-find, heuristic, find, implicit-gemm, \
+                 implicit-precomp-gemm, gemm, direct, fft, fft-tiling, winograd or winograd-nonfused"
+            ));
+        }
     })
 }
 

@@ -641,12 +641,7 @@ impl Conv {
             && !c.weight().track_op()
         {
             let cfg = c.config();
-            let name = if c.weight().dim(2)? == 1 {
-                "conv 1x1"
-            } else {
-                "conv 3x3"
-            };
-            let y = timed(name, dev, || {
+            let y = timed(self.label()?, dev, || {
                 Ok(crate::kernels::conv2d_fast(
                     x,
                     c.weight(),
@@ -690,13 +685,17 @@ impl Conv {
         }
     }
 
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let name = match self {
+    /// The profile row this convolution counts in.
+    fn label(&self) -> Result<&'static str> {
+        Ok(match self {
             Conv::Candle(c) if c.weight().dim(2)? == 1 => "conv 1x1",
             Conv::Pointwise { .. } => "conv 1x1",
             _ => "conv 3x3",
-        };
-        timed(name, x.device(), || self.forward_inner(x))
+        })
+    }
+
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        timed(self.label()?, x.device(), || self.forward_inner(x))
     }
 
     fn forward_inner(&self, x: &Tensor) -> Result<Tensor> {
