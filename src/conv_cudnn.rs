@@ -35,7 +35,9 @@
 //!
 //! Training's filter gradient `∂L/∂W = Σ_n x_n ⋆ ∂L/∂y_n` runs the same way
 //! ([`conv2d_backward_filter`], `cudnnConvolutionBackwardFilter`), restricted to cuDNN's
-//! deterministic algorithms so that a seed fixes a training run.
+//! deterministic algorithms so that a seed fixes a training run; so does the transposed
+//! convolution ([`conv_transpose2d`], the data gradient `cudnnConvolutionBackwardData`, chosen
+//! by measurement among the deterministic algorithms), which the UNet's upsamplers use.
 //!
 //! `QTAYLOR_CONV_LOG=1` prints each plan as it is made (and, for `find`, every candidate's
 //! measured time) to stderr.
@@ -121,7 +123,27 @@ pub fn conv2d(x: &Tensor, w: &Tensor, padding: usize, stride: usize) -> Result<T
         &ConvOp {
             padding,
             stride,
-            filter: None,
+            op: Op::Forward,
+        },
+    )
+}
+
+/// The transposed convolution of `x: (N, K, H', W')` with `w: (K, C, R, S)` (PyTorch's
+/// `conv_transpose2d` weight layout: input channels first), symmetric `padding`, `stride`,
+/// no output padding: the output `(N, C, (H'−1)·stride − 2·padding + R, …)` is the data
+/// gradient of the forward convolution with the same filter (`cudnnConvolutionBackwardData`,
+/// deterministic algorithms only). f32, f16, bf16 on CUDA (elsewhere candle's
+/// conv_transpose2d). Keeps no autograd graph.
+pub fn conv_transpose2d(x: &Tensor, w: &Tensor, padding: usize, stride: usize) -> Result<Tensor> {
+    if !matches!(x.dtype(), DType::F32 | DType::F16 | DType::BF16) || !x.device().is_cuda() {
+        return x.conv_transpose2d(w, padding, 0, stride, 1);
+    }
+    x.contiguous()?.apply_op2_no_bwd(
+        &w.contiguous()?,
+        &ConvOp {
+            padding,
+            stride,
+            op: Op::DataGrad,
         },
     )
 }
@@ -141,17 +163,26 @@ pub fn conv2d_backward_filter(
         &ConvOp {
             padding,
             stride,
-            filter: Some((r, s)),
+            op: Op::FilterGrad(r, s),
         },
     )
 }
 
-/// The forward convolution (`filter: None`; operands x, w) or its filter gradient
-/// (`filter: Some((R, S))`; operands x, dy).
+/// Which of the convolution's three products a [`ConvOp`] computes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+enum Op {
+    /// `y = conv(x, w)`; operands x, w.
+    Forward,
+    /// `∂L/∂W` of an `R×S` filter; operands x, dy.
+    FilterGrad(usize, usize),
+    /// `∂L/∂x` (the transposed convolution); operands dy, w.
+    DataGrad,
+}
+
 struct ConvOp {
     padding: usize,
     stride: usize,
-    filter: Option<(usize, usize)>,
+    op: Op,
 }
 
 impl CustomOp2 for ConvOp {
@@ -171,41 +202,59 @@ impl CustomOp2 for ConvOp {
 
     fn cuda_fwd(
         &self,
-        xs: &CudaStorage,
-        xl: &Layout,
+        s1: &CudaStorage,
+        l1: &Layout,
         s2: &CudaStorage,
         l2: &Layout,
     ) -> Result<(CudaStorage, Shape)> {
-        let (n, c, h, wd) = xl.shape().dims4()?;
         let (p, st) = (self.padding, self.stride);
-        let (k, r, s) = match self.filter {
-            None => {
+        if st == 0 {
+            candle_core::bail!("cudnn-conv2d: stride 0");
+        }
+        let misfit = || {
+            candle_core::Error::Msg(format!(
+                "cudnn-conv2d ({:?}, padding {p}, stride {st}): operands {:?} and {:?} do not fit",
+                self.op,
+                l1.dims(),
+                l2.dims()
+            ))
+        };
+        // The forward convolution's shapes: input (n, c, h, wd), filter (k, c, r, s), output
+        // (n, k, oh, ow).
+        let (n, c, h, wd, k, r, s) = match self.op {
+            Op::Forward => {
+                let (n, c, h, wd) = l1.shape().dims4()?;
                 let (k, c2, r, s) = l2.shape().dims4()?;
                 if c2 != c {
-                    candle_core::bail!(
-                        "cudnn-conv2d: input {:?} and filter {:?} do not fit",
-                        xl.dims(),
-                        l2.dims()
-                    );
+                    return Err(misfit());
                 }
-                (k, r, s)
+                (n, c, h, wd, k, r, s)
             }
-            Some((r, s)) => (l2.dim(1)?, r, s),
+            Op::FilterGrad(r, s) => {
+                let (n, c, h, wd) = l1.shape().dims4()?;
+                (n, c, h, wd, l2.dim(1)?, r, s)
+            }
+            Op::DataGrad => {
+                let (n, k, oh, ow) = l1.shape().dims4()?;
+                let (k2, c, r, s) = l2.shape().dims4()?;
+                let (h, wd) = ((oh.max(1) - 1) * st + r, (ow.max(1) - 1) * st + s);
+                if k2 != k || oh == 0 || ow == 0 || h <= 2 * p || wd <= 2 * p {
+                    return Err(misfit());
+                }
+                (n, c, h - 2 * p, wd - 2 * p, k, r, s)
+            }
         };
-        if h + 2 * p < r || wd + 2 * p < s || st == 0 {
-            candle_core::bail!(
-                "cudnn-conv2d: input {:?} and a {r}×{s} filter (padding {p}, stride {st}) do not fit",
-                xl.dims()
-            );
+        if h + 2 * p < r || wd + 2 * p < s {
+            return Err(misfit());
         }
         let (oh, ow) = ((h + 2 * p - r) / st + 1, (wd + 2 * p - s) / st + 1);
-        if self.filter.is_some() && l2.dims() != [n, k, oh, ow] {
-            candle_core::bail!(
-                "cudnn-conv2d filter gradient: input {:?}, output gradient {:?}, expected {:?}",
-                xl.dims(),
-                l2.dims(),
-                [n, k, oh, ow]
-            );
+        let dy_dims = match self.op {
+            Op::FilterGrad(..) => Some(l2.dims()),
+            Op::DataGrad => Some(l1.dims()),
+            Op::Forward => None,
+        };
+        if dy_dims.is_some_and(|d| d != [n, k, oh, ow]) {
+            return Err(misfit());
         }
         let i = |v: usize| v as i32;
         let key = Key {
@@ -213,36 +262,35 @@ impl CustomOp2 for ConvOp {
             w: [i(k), i(c), i(r), i(s)],
             pad: i(p),
             stride: i(st),
-            dtype: xs.dtype(),
+            dtype: s1.dtype(),
             tf32: crate::kernels::tf32(),
             // `auto`: the graph API for forward convolutions with tensor-core math (bf16, f16,
             // TF32), the legacy heuristic for their filter gradients, the measured legacy
-            // choice for exact f32. The graph API plans only forward convolutions with
-            // tensor-core math; elsewhere `graph` and `graph-find` mean `find`.
+            // choice for exact f32 and for every data gradient. The graph API plans only
+            // forward convolutions with tensor-core math; elsewhere `graph` and `graph-find`
+            // mean `find`.
             choice: {
-                let tensor_cores = xs.dtype() != DType::F32 || crate::kernels::tf32();
+                let tensor_cores = s1.dtype() != DType::F32 || crate::kernels::tf32();
+                let forward = self.op == Op::Forward;
                 match choice()? {
-                    Choice::Auto if tensor_cores && self.filter.is_none() => Choice::Graph,
-                    c @ (Choice::Graph | Choice::GraphFind)
-                        if tensor_cores && self.filter.is_none() =>
-                    {
-                        c
-                    }
-                    Choice::Auto if tensor_cores => Choice::Heuristic,
+                    Choice::Auto if tensor_cores && forward => Choice::Graph,
+                    c @ (Choice::Graph | Choice::GraphFind) if tensor_cores && forward => c,
+                    Choice::Auto if tensor_cores && self.op != Op::DataGrad => Choice::Heuristic,
                     Choice::Auto | Choice::Graph | Choice::GraphFind => Choice::Find,
                     c => c,
                 }
             },
-            filter_grad: self.filter.is_some(),
+            op: self.op,
         };
-        let (len, shape) = match self.filter {
-            None => (n * k * oh * ow, Shape::from((n, k, oh, ow))),
-            Some(_) => (k * c * r * s, Shape::from((k, c, r, s))),
+        let (len, shape) = match self.op {
+            Op::Forward => (n * k * oh * ow, Shape::from((n, k, oh, ow))),
+            Op::FilterGrad(..) => (k * c * r * s, Shape::from((k, c, r, s))),
+            Op::DataGrad => (n * c * h * wd, Shape::from((n, c, h, wd))),
         };
-        let out = match xs.dtype() {
-            DType::F32 => run::<f32>(&key, xs, xl, s2, l2, len)?,
-            DType::F16 => run::<half::f16>(&key, xs, xl, s2, l2, len)?,
-            DType::BF16 => run::<half::bf16>(&key, xs, xl, s2, l2, len)?,
+        let out = match s1.dtype() {
+            DType::F32 => run::<f32>(&key, s1, l1, s2, l2, len)?,
+            DType::F16 => run::<half::f16>(&key, s1, l1, s2, l2, len)?,
+            DType::BF16 => run::<half::bf16>(&key, s1, l1, s2, l2, len)?,
             dt => candle_core::bail!("cudnn-conv2d: dtype {dt:?} is not supported"),
         };
         Ok((out, shape))
@@ -258,14 +306,14 @@ struct Key {
     dtype: DType,
     tf32: bool,
     choice: Choice,
-    /// The filter gradient instead of the forward convolution.
-    filter_grad: bool,
+    op: Op,
 }
 
 #[derive(Clone, Copy, Debug)]
 enum Algo {
     Forward(sys::cudnnConvolutionFwdAlgo_t),
     Filter(sys::cudnnConvolutionBwdFilterAlgo_t),
+    Data(sys::cudnnConvolutionBwdDataAlgo_t),
     /// A finalized execution plan of cuDNN's graph API (owned through `Plan::backend`).
     Graph(sys::cudnnBackendDescriptor_t),
 }
@@ -321,10 +369,10 @@ fn err(what: &str, key: &Key, e: impl std::fmt::Debug) -> candle_core::Error {
     candle_core::Error::Msg(format!(
         "cuDNN {what} failed for a convolution{} of input {:?} with filter {:?} (padding {}, \
          stride {}, {:?}): {e:?}",
-        if key.filter_grad {
-            " filter gradient"
-        } else {
-            ""
+        match key.op {
+            Op::Forward => "",
+            Op::FilterGrad(..) => " filter gradient",
+            Op::DataGrad => " data gradient",
         },
         key.x,
         key.w,
@@ -358,6 +406,7 @@ fn algo_name(a: Algo) -> String {
         }
         .into(),
         Algo::Filter(a) => format!("{a:?}"),
+        Algo::Data(a) => format!("{a:?}"),
         Algo::Graph(_) => "graph-api engine".into(),
     }
 }
@@ -476,9 +525,9 @@ impl Plan {
             Choice::Graph | Choice::GraphFind | Choice::Auto => Choice::Heuristic,
             c => c,
         };
-        let (algo, algo_math) = match (legacy, key.filter_grad) {
-            (Choice::Fixed(a), false) => (Algo::Forward(a), math),
-            (choice, filter_grad) => {
+        let (algo, algo_math) = match (legacy, key.op) {
+            (Choice::Fixed(a), Op::Forward) => (Algo::Forward(a), math),
+            (choice, op) => {
                 let find = choice == Choice::Find;
                 let mut count = 0;
                 // The legacy search (Find measures, Get…_v7 ranks): same signature for both.
@@ -503,8 +552,8 @@ impl Plan {
                 }
                 // SAFETY: the perf structs are plain data; cuDNN writes at most 8 of them.
                 let found = unsafe {
-                    if !filter_grad {
-                        search!(
+                    match op {
+                        Op::Forward => search!(
                             sys::cudnnConvolutionFwdAlgoPerf_t,
                             sys::cudnnFindConvolutionForwardAlgorithm,
                             sys::cudnnGetConvolutionForwardAlgorithm_v7,
@@ -512,9 +561,8 @@ impl Plan {
                             plan.w,
                             plan.y,
                             Forward
-                        )
-                    } else {
-                        search!(
+                        ),
+                        Op::FilterGrad(..) => search!(
                             sys::cudnnConvolutionBwdFilterAlgoPerf_t,
                             sys::cudnnFindConvolutionBackwardFilterAlgorithm,
                             sys::cudnnGetConvolutionBackwardFilterAlgorithm_v7,
@@ -522,7 +570,16 @@ impl Plan {
                             plan.y,
                             plan.w,
                             Filter
-                        )
+                        ),
+                        Op::DataGrad => search!(
+                            sys::cudnnConvolutionBwdDataAlgoPerf_t,
+                            sys::cudnnFindConvolutionBackwardDataAlgorithm,
+                            sys::cudnnGetConvolutionBackwardDataAlgorithm_v7,
+                            plan.w,
+                            plan.y,
+                            plan.x,
+                            Data
+                        ),
                     }
                 };
                 if log_on() && find {
@@ -545,7 +602,7 @@ impl Plan {
                     .find(|p| {
                         p.ok && p.memory <= MAX_WORKSPACE
                             && (!strict || p.math == M::CUDNN_FMA_MATH)
-                            && (!filter_grad || p.deterministic)
+                            && (op == Op::Forward || p.deterministic)
                     })
                     .ok_or_else(|| {
                         err("algorithm choice", key, "no usable algorithm within 1 GiB")
@@ -565,6 +622,9 @@ impl Plan {
                 Algo::Filter(a) => cr::get_convolution_backward_filter_workspace_size(
                     handle, plan.x, plan.y, plan.conv, plan.w, a,
                 ),
+                Algo::Data(a) => cr::get_convolution_backward_data_workspace_size(
+                    handle, plan.w, plan.y, plan.conv, plan.x, a,
+                ),
             }
             .map_err(e("workspace size"))?
         };
@@ -572,10 +632,10 @@ impl Plan {
         if log_on() {
             eprintln!(
                 "conv plan{}: input {:?} filter {:?} pad {} stride {} {:?}{}: {} ({:?}), workspace {} B",
-                if key.filter_grad {
-                    " (filter gradient)"
-                } else {
-                    ""
+                match key.op {
+                    Op::Forward => "",
+                    Op::FilterGrad(..) => " (filter gradient)",
+                    Op::DataGrad => " (data gradient)",
                 },
                 key.x,
                 key.w,
@@ -721,6 +781,22 @@ fn run<T: CudaDType + candle_core::cuda_backend::cudarc::driver::DeviceRepr>(
                     plan.workspace,
                     beta,
                     plan.w,
+                    op as *mut _,
+                ),
+                // Operands (dy, w): the first is the output gradient, the result is dx.
+                Algo::Data(a) => cr::convolution_backward_data(
+                    state.handle,
+                    alpha,
+                    plan.w,
+                    sp as *const _,
+                    plan.y,
+                    xp as *const _,
+                    plan.conv,
+                    a,
+                    bp as *mut _,
+                    plan.workspace,
+                    beta,
+                    plan.x,
                     op as *mut _,
                 ),
             }

@@ -322,10 +322,52 @@ GROUP_NORM(group_norm_f32, float, ld_f32, st_f32)
 GROUP_NORM(group_norm_f16, unsigned short, ld_f16, st_f16)
 GROUP_NORM(group_norm_bf16, unsigned short, ld_bf16, st_bf16)
 
+// Vector form of the same: 16-byte loads and stores (4 f32 or 8 f16/bf16 values), for hw a
+// multiple of the vector width and a 16-byte aligned x (every chunk then starts aligned).
+#define GROUP_NORM_VEC(NAME, T, LD, ST) \
+extern "C" __global__ void NAME(const T* x, const T* w, const T* b, T* y, int n, int cpg, int hw, int groups, float eps, int silu, int cached) { \
+    const int V = 16 / sizeof(T); \
+    __shared__ float sh[32]; \
+    extern __shared__ __align__(16) unsigned char qt_cache[]; \
+    uint4* cache = (uint4*)qt_cache; \
+    int bg = blockIdx.x; int g = bg % groups; \
+    int nv = n / V, hwv = hw / V; \
+    const uint4* xp = (const uint4*)(x + (size_t)bg * n); uint4* yp = (uint4*)(y + (size_t)bg * n); \
+    float s = 0.0f; \
+    for (int i = threadIdx.x; i < nv; i += blockDim.x) { \
+        uint4 v = xp[i]; if (cached) cache[i] = v; \
+        const T* e = (const T*)&v; \
+        _Pragma("unroll") for (int j = 0; j < V; j++) s += LD(e[j]); \
+    } \
+    float mean = block_sum(s, sh) / n; \
+    const uint4* src = cached ? (const uint4*)cache : xp; \
+    float q = 0.0f; \
+    for (int i = threadIdx.x; i < nv; i += blockDim.x) { \
+        uint4 v = src[i]; const T* e = (const T*)&v; \
+        _Pragma("unroll") for (int j = 0; j < V; j++) { float d = LD(e[j]) - mean; q += d * d; } \
+    } \
+    float rstd = rsqrtf(block_sum(q, sh) / n + eps); \
+    for (int i = threadIdx.x; i < nv; i += blockDim.x) { \
+        int c = g * cpg + i / hwv; \
+        float wc = LD(w[c]), bc = LD(b[c]); \
+        uint4 v = src[i]; T* e = (T*)&v; \
+        _Pragma("unroll") for (int j = 0; j < V; j++) { \
+            float z = (LD(e[j]) - mean) * rstd * wc + bc; \
+            e[j] = ST(silu ? z / (1.0f + __expf(-z)) : z); \
+        } \
+        yp[i] = v; \
+    } \
+}
+GROUP_NORM_VEC(group_norm_vec_f32, float, ld_f32, st_f32)
+GROUP_NORM_VEC(group_norm_vec_f16, unsigned short, ld_f16, st_f16)
+GROUP_NORM_VEC(group_norm_vec_bf16, unsigned short, ld_bf16, st_bf16)
+
+// Scalar form: any size and alignment (32-bit indices suffice: the launcher checks that the
+// element count fits).
 #define EPILOGUE(NAME, T, LD, ST) \
-extern "C" __global__ void NAME(T* y, const T* b, const T* r, long long total, int k, int hw, int per_sample, int has_r, float scale) { \
-    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < total; i += (long long)gridDim.x * blockDim.x) { \
-        long long nk = i / hw; \
+extern "C" __global__ void NAME(T* y, const T* b, const T* r, unsigned int total, unsigned int k, unsigned int hw, int per_sample, int has_r, float scale) { \
+    for (unsigned int i = blockIdx.x * blockDim.x + threadIdx.x; i < total; i += gridDim.x * blockDim.x) { \
+        unsigned int nk = i / hw; \
         float v = LD(y[i]) + LD(b[per_sample ? nk : nk % k]); \
         if (has_r) v += LD(r[i]); \
         y[i] = ST(v * scale); \
@@ -334,6 +376,30 @@ extern "C" __global__ void NAME(T* y, const T* b, const T* r, long long total, i
 EPILOGUE(epilogue_f32, float, ld_f32, st_f32)
 EPILOGUE(epilogue_f16, unsigned short, ld_f16, st_f16)
 EPILOGUE(epilogue_bf16, unsigned short, ld_bf16, st_bf16)
+
+// Vector form: each thread moves 16 bytes (4 f32 or 8 f16/bf16 values) of one image plane;
+// needs hw a multiple of the vector width and 16-byte aligned y and r. `hwv` = hw / width.
+#define EPILOGUE_VEC(NAME, T, LD, ST) \
+extern "C" __global__ void NAME(T* y, const T* b, const T* r, unsigned int nvec, unsigned int k, unsigned int hwv, int per_sample, int has_r, float scale) { \
+    const int V = 16 / sizeof(T); \
+    for (unsigned int i = blockIdx.x * blockDim.x + threadIdx.x; i < nvec; i += gridDim.x * blockDim.x) { \
+        unsigned int nk = i / hwv; \
+        float bias = LD(b[per_sample ? nk : nk % k]); \
+        uint4 yv = ((const uint4*)y)[i]; \
+        uint4 rv = has_r ? ((const uint4*)r)[i] : make_uint4(0u, 0u, 0u, 0u); \
+        T* ye = (T*)&yv; \
+        const T* re = (const T*)&rv; \
+        _Pragma("unroll") for (int j = 0; j < V; j++) { \
+            float v = LD(ye[j]) + bias; \
+            if (has_r) v += LD(re[j]); \
+            ye[j] = ST(v * scale); \
+        } \
+        ((uint4*)y)[i] = yv; \
+    } \
+}
+EPILOGUE_VEC(epilogue_vec_f32, float, ld_f32, st_f32)
+EPILOGUE_VEC(epilogue_vec_f16, unsigned short, ld_f16, st_f16)
+EPILOGUE_VEC(epilogue_vec_bf16, unsigned short, ld_bf16, st_bf16)
 
 #define SOFTMAX(NAME, T, LD, ST) \
 extern "C" __global__ void NAME(T* x, int n, long long rows, float scale) { \
@@ -397,11 +463,31 @@ SOFTMAX(softmax_bf16, unsigned short, ld_bf16, st_bf16)
         let total = b * c * hw;
         let mut y = unsafe { dev.alloc::<T>(total)? };
         let chunk = c / groups * hw;
-        let smem = chunk * std::mem::size_of::<T>();
-        // 48 KiB of shared memory per block without opting in, less the kernel's own 128 B.
-        let cached = smem <= 48 * 1024 - 256;
+        let size = std::mem::size_of::<T>();
+        // 16-byte vectors when the planes split into whole vectors and x starts aligned (the
+        // allocations themselves are 256-byte aligned).
+        let vec = hw.is_multiple_of(16 / size) && (s[0].1.start_offset() * size).is_multiple_of(16);
+        let name = if vec {
+            name.replace("group_norm_", "group_norm_vec_")
+        } else {
+            name.to_string()
+        };
+        let func = dev.get_or_load_custom_func(&name, "qtaylor_group_norm", ptx()?)?;
+        let smem = chunk * size;
+        // Up to 48 KiB of shared memory per block without opting in (less the kernel's own
+        // 128 B); up to 64 KiB with the function's opt-in (sm_70 and later), e.g. the
+        // 12-channel chunks of 384 channels at 32×32 in f32. Larger chunks are read from
+        // global memory three times instead.
+        let opt_in = 64 * 1024;
+        let cached = smem <= 48 * 1024 - 256
+            || (smem <= opt_in - 256
+                && func
+                    .set_attribute(
+                        candle_core::cuda_backend::cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                        smem as i32,
+                    )
+                    .is_ok());
         let smem = if cached { smem as u32 } else { 0 };
-        let func = dev.get_or_load_custom_func(name, "qtaylor_group_norm", ptx()?)?;
         let (n, cpg, hw_i, g) = (
             (c / groups * hw) as i32,
             (c / groups) as i32,
@@ -474,17 +560,32 @@ SOFTMAX(softmax_bf16, unsigned short, ld_bf16, st_bf16)
         scale: f32,
     ) -> Result<()> {
         let dev = b.0.device().clone();
+        let total = d.n * d.k * d.hw;
+        if total > u32::MAX as usize {
+            candle_core::bail!("conv epilogue: {total} elements exceed the kernel's 32-bit index");
+        }
+        // 16-byte vectors where every vector lies in one plane and starts aligned (the
+        // allocations themselves are 256-byte aligned).
+        let width = 16 / std::mem::size_of::<T>();
+        let aligned = |l: &Layout| (l.start_offset() * std::mem::size_of::<T>()).is_multiple_of(16);
+        let vec = d.hw.is_multiple_of(width) && aligned(y.1) && r.is_none_or(|r| aligned(r.1));
         let bv = view::<T>(b)?;
         let rv = r.map(view::<T>).transpose()?;
         let mut yv = view_mut::<T>(y.0, y.1)?;
-        let func = dev.get_or_load_custom_func(name, "qtaylor_group_norm", ptx()?)?;
-        let total = (d.n * d.k * d.hw) as i64;
+        let (func, items, hw) = if vec {
+            let name = name.replace("epilogue_", "epilogue_vec_");
+            let f = dev.get_or_load_custom_func(&name, "qtaylor_group_norm", ptx()?)?;
+            (f, total / width, d.hw / width)
+        } else {
+            let f = dev.get_or_load_custom_func(name, "qtaylor_group_norm", ptx()?)?;
+            (f, total, d.hw)
+        };
         let cfg = LaunchConfig {
-            grid_dim: (((total + 255) / 256).min(65_535 * 8) as u32, 1, 1),
+            grid_dim: (items.div_ceil(256).clamp(1, 65_535 * 8) as u32, 1, 1),
             block_dim: (256, 1, 1),
             shared_mem_bytes: 0,
         };
-        let (k, hw) = (d.k as i32, d.hw as i32);
+        let (items, k, hw) = (items as u32, d.k as u32, hw as u32);
         let (per_sample, has_r) = (i32::from(d.per_sample), i32::from(rv.is_some()));
         let mut builder = func.builder();
         builder.arg(&mut yv);
@@ -493,7 +594,7 @@ SOFTMAX(softmax_bf16, unsigned short, ld_bf16, st_bf16)
             Some(r) => builder.arg(r),
             None => builder.arg(&bv),
         };
-        builder.arg(&total);
+        builder.arg(&items);
         builder.arg(&k);
         builder.arg(&hw);
         builder.arg(&per_sample);
@@ -935,6 +1036,37 @@ pub fn open_cuda(ordinal: usize) -> Result<candle_core::Device> {
     Ok(dev)
 }
 
+/// The most device memory that tensors and workspaces held at once since the device was
+/// opened, in bytes: the high-water mark of the CUDA memory pool that every allocation of
+/// this process comes from (`CU_MEMPOOL_ATTR_USED_MEM_HIGH`), the analogue of PyTorch's
+/// `torch.cuda.max_memory_allocated` (memory kept by the pool but not in use, the CUDA
+/// context and the libraries' own workspaces are not counted). `None` off CUDA.
+pub fn cuda_peak_allocated(device: &candle_core::Device) -> Result<Option<u64>> {
+    #[cfg(feature = "cuda")]
+    if let candle_core::Device::Cuda(d) = device {
+        use candle_core::cuda_backend::cudarc::driver::sys;
+        let ctx = d.cuda_stream().context().clone();
+        let mut pool = std::ptr::null_mut();
+        let mut high = 0u64;
+        // SAFETY: the device's default pool; the attribute is a u64.
+        unsafe {
+            sys::cuDeviceGetDefaultMemPool(&mut pool, ctx.cu_device())
+                .result()
+                .map_err(candle_core::Error::wrap)?;
+            sys::cuMemPoolGetAttribute(
+                pool,
+                sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_USED_MEM_HIGH,
+                &mut high as *mut u64 as *mut std::ffi::c_void,
+            )
+            .result()
+            .map_err(candle_core::Error::wrap)?;
+        }
+        return Ok(Some(high));
+    }
+    let _ = device;
+    Ok(None)
+}
+
 /// Without CUDA support: `Device::new_cuda`'s error.
 #[cfg(not(feature = "cuda"))]
 pub fn open_cuda(ordinal: usize) -> Result<candle_core::Device> {
@@ -1000,6 +1132,23 @@ pub fn conv2d_fast(x: &Tensor, w: &Tensor, padding: usize, stride: usize) -> Res
     let algo = candle_core::conv::CudnnFwdAlgo::ImplicitPrecompGemm;
     x.detach()
         .conv2d_with_algo(&w.detach(), padding, stride, 1, 1, Some(algo))
+}
+
+/// A transposed convolution without bias (`w: (Cin, Cout, R, S)`, no output padding,
+/// dilation 1) keeping no autograd graph: [`crate::conv_cudnn::conv_transpose2d`] on CUDA's
+/// cuDNN path, candle's conv_transpose2d elsewhere.
+pub fn conv_transpose2d_fast(
+    x: &Tensor,
+    w: &Tensor,
+    padding: usize,
+    stride: usize,
+) -> Result<Tensor> {
+    #[cfg(feature = "cudnn")]
+    if x.device().is_cuda() && own_cudnn_conv() {
+        return crate::conv_cudnn::conv_transpose2d(&x.detach(), &w.detach(), padding, stride);
+    }
+    x.detach()
+        .conv_transpose2d(&w.detach(), padding, 0, stride, 1)
 }
 
 /// 3×3 convolution, stride 1, padding 1, no bias, by the fast path of the device (the tiled

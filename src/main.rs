@@ -860,27 +860,36 @@ fn cmd_speed(a: &SpeedArgs) -> Result<()> {
             train_steps: m.scheduler.num_train_timesteps,
             last: qtaylor::grid::Final::Zero,
         };
-        let ts = grid.times(m.schedule.as_ref(), a.steps)?;
-        let mut nfe = 0.0;
         // The start noise is drawn before the clock starts (on the host: about 15 ms for
         // batch 256, as much as 6 % of a 10-step bf16 sample on an H200); the sampler gets
-        // fresh streams for any noise it draws on the way.
-        let full = time(&mut || {
-            let mut noise = NoiseStreams::new(0, 0, a.batch);
-            let run = samplers::sample(
-                &m,
-                m.schedule.as_ref(),
-                sampler,
-                &opts,
-                &ts,
-                x.clone(),
-                &mut noise,
-                None,
-            )?;
-            nfe = run.nfe;
-            run.x.to_device(&Device::Cpu)?;
-            Ok(())
-        })?;
+        // fresh streams for any noise it draws on the way. Returns the median time, the NFE
+        // and the median time of copying the result to the host (after the device is done).
+        let sample_time = |steps: usize| -> Result<(f64, f64, f64)> {
+            let ts = grid.times(m.schedule.as_ref(), steps)?;
+            let mut nfe = 0.0;
+            let mut copies = Vec::with_capacity(a.repeats + 1);
+            let t = time(&mut || {
+                let mut noise = NoiseStreams::new(0, 0, a.batch);
+                let run = samplers::sample(
+                    &m,
+                    m.schedule.as_ref(),
+                    sampler,
+                    &opts,
+                    &ts,
+                    x.clone(),
+                    &mut noise,
+                    None,
+                )?;
+                nfe = run.nfe;
+                device.synchronize()?;
+                let t0 = Instant::now();
+                run.x.to_device(&Device::Cpu)?;
+                copies.push(t0.elapsed().as_secs_f64());
+                Ok(())
+            })?;
+            Ok((t, nfe, median(copies.split_off(1))))
+        };
+        let (full, nfe, copy) = sample_time(a.steps)?;
         // The sampler's share: the sample against the same number of forward passes queued
         // back to back (as the sampler queues them, without a synchronization in between).
         let n = (nfe.round() as usize).max(1);
@@ -892,16 +901,37 @@ fn cmd_speed(a: &SpeedArgs) -> Result<()> {
         })? / n as f64;
         let overhead = (full - nfe * chained) / (nfe * chained);
         println!(
-            "sample {sampler}, {} steps ({nfe:.0} NFE): {:.4} s per batch, {:.1} images/s; time outside the network {:+.1} % of the network's ({n} forwards queued back to back: {:.4} s each)",
+            "sample {sampler}, {} steps ({nfe:.0} NFE): {:.4} s per batch, {:.1} images/s; time outside the network {:+.1} % of the network's ({n} forwards queued back to back: {:.4} s each; copying the result to the host: {:.4} s)",
             a.steps,
             full,
             a.batch as f64 / full,
             100.0 * overhead,
-            chained
+            chained,
+            copy
         );
+        // Per step: the slope between this sample and one of twice the steps, so that what
+        // a sample pays once (setup, the final read-back and copy) drops out.
+        let (full2, nfe2, _) = sample_time(2 * a.steps)?;
+        if nfe2 > nfe {
+            let per_nfe = (full2 - full) / (nfe2 - nfe);
+            println!(
+                "  per step ({} vs {} steps): {:.4} s per NFE, time outside the network {:+.1} % of a forward's; once per sample: {:.4} s",
+                2 * a.steps,
+                a.steps,
+                per_nfe,
+                100.0 * (per_nfe - chained) / chained,
+                full - nfe * per_nfe
+            );
+        }
     }
     if let Some(p) = peak_rss_mib() {
         println!("peak resident memory: {p:.0} MiB");
+    }
+    if let Some(b) = qtaylor::kernels::cuda_peak_allocated(&device)? {
+        println!(
+            "peak device memory allocated (CUDA memory pool high-water mark, as torch.cuda.max_memory_allocated): {:.0} MiB",
+            b as f64 / (1u64 << 20) as f64
+        );
     }
     let profile = qtaylor::unet::profile_report()?;
     if !profile.is_empty() {

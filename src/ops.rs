@@ -214,8 +214,22 @@ pub fn all_finite(t: &Tensor) -> Result<bool> {
             }
         }
     }
-    let s = t.to_dtype(DType::F64)?.sum_all()?.to_scalar::<f64>()?;
+    let s = sum_f64(t)?.to_scalar::<f64>()?;
     Ok(s.is_finite())
+}
+
+/// The sum of all elements in f64, as a scalar tensor on `t`'s device: finite exactly when
+/// every element is (a NaN or ±Inf anywhere makes it non-finite; finite f32/f16/bf16 values
+/// cannot overflow an f64 sum). Reduced in two stages, per row of the first dimension and
+/// then over the row sums, because candle reduces a whole tensor on CUDA with a single
+/// thread block (BENCHMARKS.md §4.2: the sampler's finiteness checks).
+pub fn sum_f64(t: &Tensor) -> Result<Tensor> {
+    let t = t.to_dtype(DType::F64)?;
+    Ok(if t.rank() >= 2 {
+        t.flatten_from(1)?.sum(1)?.sum_all()?
+    } else {
+        t.sum_all()?
+    })
 }
 
 /// `max |a − b|` over all elements, computed in f64 (exact for f32/f16/bf16 inputs; for
@@ -292,5 +306,34 @@ mod tests {
         assert!(!all_finite(&t).unwrap());
         let t = Tensor::new(&[1.0f64, 2.0], &Device::Cpu).unwrap();
         assert!(all_finite(&t).unwrap());
+    }
+
+    #[test]
+    fn two_stage_f64_sum_equals_the_sum_and_flags_any_nan_or_inf() {
+        let dev = Device::Cpu;
+        let v: Vec<f32> = (0..2 * 3 * 4 * 5)
+            .map(|i| (i as f32 * 0.37).sin())
+            .collect();
+        let want: f64 = v.iter().map(|&x| x as f64).sum();
+        let t = Tensor::from_vec(v.clone(), (2, 3, 4, 5), &dev).unwrap();
+        let got = sum_f64(&t).unwrap().to_scalar::<f64>().unwrap();
+        assert!((got - want).abs() < 1e-12, "{got} vs {want}");
+        // f32::MAX everywhere overflows an f32 sum, not the f64 one.
+        let big = Tensor::full(f32::MAX, (4, 8), &dev).unwrap();
+        assert!(
+            sum_f64(&big)
+                .unwrap()
+                .to_scalar::<f64>()
+                .unwrap()
+                .is_finite()
+        );
+        for bad in [f32::NAN, f32::INFINITY, f32::NEG_INFINITY] {
+            let mut w = v.clone();
+            w[77] = bad;
+            let t = Tensor::from_vec(w, (2, 3, 4, 5), &dev).unwrap();
+            assert!(!sum_f64(&t).unwrap().to_scalar::<f64>().unwrap().is_finite());
+            let t = t.to_dtype(DType::BF16).unwrap();
+            assert!(!sum_f64(&t).unwrap().to_scalar::<f64>().unwrap().is_finite());
+        }
     }
 }

@@ -9,6 +9,12 @@
 //! (or scale-shift), single- or multi-head self-attention with a residual, stride-2 conv
 //! downsampling (asymmetric right/bottom padding when `downsample_padding = 0`), nearest ×2
 //! upsampling followed by a conv, skip connections concatenated as `[h, skip]`.
+//!
+//! On CUDA (frozen weights) the same sums are arranged for speed: every convolution writes
+//! its raw output and one in-place epilogue adds bias, time embedding, shortcut (whose own
+//! bias joins it) and the output scale; the asymmetric downsampling pad is folded into a 4×4
+//! stride-2 kernel (`fold_bottom_right_padding`); upsampling with its convolution is one
+//! transposed convolution (`fold_upsample_conv`). The CPU keeps the composed forms.
 
 use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
@@ -573,6 +579,63 @@ impl Weights {
         )))
     }
 
+    /// The downsampler's 3×3 stride-2 convolution and whether its input still needs
+    /// diffusers' asymmetric zero padding (right and bottom by one, `downsample_padding = 0`).
+    /// With frozen weights on CUDA that padding is folded into the weights instead
+    /// ([`fold_bottom_right_padding`]), which saves copying the activations twice per
+    /// downsampling (`QTAYLOR_DOWNSAMPLE=pad` keeps the padded input).
+    fn downsample_conv(&self, p: &str, c: usize, padding: usize) -> Result<(Conv, bool)> {
+        let conv = self.conv(p, c, c, 3, 2, padding)?;
+        let fold = padding == 0
+            && self.device.is_cuda()
+            && std::env::var("QTAYLOR_DOWNSAMPLE").map_or(true, |v| v != "pad");
+        match conv {
+            Conv::Candle(cv) if fold && !cv.weight().track_op() => {
+                let w4 = fold_bottom_right_padding(cv.weight())?;
+                let cfg = Conv2dConfig {
+                    padding: 1,
+                    stride: 2,
+                    ..Default::default()
+                };
+                Ok((
+                    Conv::Candle(Conv2d::new(w4, cv.bias().cloned(), cfg)),
+                    false,
+                ))
+            }
+            conv => Ok((conv, padding == 0)),
+        }
+    }
+
+    /// An up-block's nearest ×2 upsampling and 3×3 convolution, with the pair folded into
+    /// one transposed convolution ([`fold_upsample_conv`]) for frozen weights on CUDA's
+    /// cuDNN path. `QTAYLOR_UPSAMPLE`: `auto` (the default: folded, except for f32 with
+    /// TF32, where cuDNN's transposed-convolution kernels were no faster on the H200,
+    /// BENCHMARKS.md §4.2), `transposed` (always folded) or `nearest` (never).
+    fn upsample(&self, p: &str, c: usize) -> Result<Upsample> {
+        let conv = self.conv(p, c, c, 3, 1, 1)?;
+        let mode = std::env::var("QTAYLOR_UPSAMPLE").unwrap_or_else(|_| "auto".into());
+        let mode = match mode.as_str() {
+            "auto" | "transposed" | "nearest" => mode,
+            other => bail!("QTAYLOR_UPSAMPLE={other}: expected auto, transposed or nearest"),
+        };
+        let folded = match &conv {
+            Conv::Candle(cv)
+                if self.device.is_cuda()
+                    && crate::kernels::own_cudnn_conv()
+                    && !cv.weight().track_op()
+                    && mode != "nearest" =>
+            {
+                Some(fold_upsample_conv(cv.weight())?)
+            }
+            _ => None,
+        };
+        Ok(Upsample {
+            conv,
+            folded,
+            always: mode == "transposed",
+        })
+    }
+
     fn linear(&self, p: &str, cin: usize, cout: usize) -> Result<Linear> {
         Ok(Linear::new(
             self.get(&format!("{p}.weight"), &[cout, cin])?,
@@ -590,6 +653,83 @@ impl Weights {
             groups,
             eps,
         })
+    }
+}
+
+/// A stride-2 3×3 kernel `W` on an input zero-padded by one at the bottom and right only, as
+/// a 4×4 kernel for symmetric padding 1: `W'[.., 1+i, 1+j] = W[.., i, j]`, zeros in row and
+/// column 0. Output `(p, q)` of the padded convolution is `Σ_ij W[i,j] x[2p+i, 2q+j]`; with
+/// `W'` and padding 1 it is `Σ_ij W'[i,j] x[2p+i−1, 2q+j−1]`, the same sum (the extra taps
+/// read the left/top padding or are multiplied by zero), and the output size
+/// `(H + 2 − 4)/2 + 1 = H/2` matches `(H + 1 − 3)/2 + 1` for even H.
+fn fold_bottom_right_padding(w: &Tensor) -> Result<Tensor> {
+    Ok(w.pad_with_zeros(2, 1, 0)?.pad_with_zeros(3, 1, 0)?)
+}
+
+/// Nearest ×2 upsampling followed by a 3×3 / padding-1 convolution with `W: (Cout, Cin, 3, 3)`
+/// as one transposed convolution (stride 2, padding 1) with the kernel `(Cin, Cout, 4, 4)`
+/// returned here. In one dimension, output `2i` of the pair is `W₀ x[i−1] + (W₁ + W₂) x[i]`
+/// and output `2i+1` is `(W₀ + W₁) x[i] + W₂ x[i+1]` (taps `W₀, W₁, W₂` at offsets −1, 0, +1;
+/// the zero padding of the upsampled image is the zero padding of `x`); the transposed
+/// convolution's taps 0…3 are therefore `W₂, W₁ + W₂, W₀ + W₁, W₀`, i.e. `K = F W Fᵀ` per
+/// channel pair with `F = [[0,0,1], [0,1,1], [1,1,0], [1,0,0]]`. Each output then takes 4
+/// products per input channel instead of 9, and the 4× larger upsampled image is never
+/// written. The sums are formed in f64 and rounded once to the weight's dtype.
+fn fold_upsample_conv(w: &Tensor) -> Result<Tensor> {
+    let cpu = Device::Cpu;
+    let f = Tensor::new(
+        &[
+            [0f64, 0.0, 1.0],
+            [0.0, 1.0, 1.0],
+            [1.0, 1.0, 0.0],
+            [1.0, 0.0, 0.0],
+        ],
+        &cpu,
+    )?;
+    let w64 = w.to_device(&cpu)?.to_dtype(DType::F64)?;
+    let k = f.broadcast_matmul(&w64.broadcast_matmul(&f.t()?)?)?; // (Cout, Cin, 4, 4)
+    Ok(k.transpose(0, 1)?
+        .contiguous()?
+        .to_dtype(w.dtype())?
+        .to_device(w.device())?)
+}
+
+/// An up-block's upsampler: nearest ×2, then a 3×3 convolution.
+struct Upsample {
+    conv: Conv,
+    /// The pair as one transposed convolution ([`fold_upsample_conv`]), on CUDA.
+    folded: Option<Tensor>,
+    /// Use `folded` with TF32 too.
+    always: bool,
+}
+
+impl Upsample {
+    fn forward(&self, h: &Tensor) -> Result<Tensor> {
+        let dev = h.device();
+        let tf32 = h.dtype() == DType::F32 && crate::kernels::tf32();
+        if let Some(k) = &self.folded
+            && dev.is_cuda()
+            && !h.track_op()
+            && (self.always || !tf32)
+        {
+            let y = timed("conv up (transposed 4x4)", dev, || {
+                Ok(crate::kernels::conv_transpose2d_fast(h, k, 1, 2)?)
+            })?;
+            timed("conv epilogue", dev, || {
+                Ok(crate::kernels::conv_epilogue(
+                    &y,
+                    self.conv.bias()?,
+                    None,
+                    1.0,
+                )?)
+            })?;
+            return Ok(y);
+        }
+        let (_, _, hh, ww) = h.dims4()?;
+        let up = timed("pad, cat, upsample", dev, || {
+            Ok(h.upsample_nearest2d(2 * hh, 2 * ww)?)
+        })?;
+        self.conv.forward(&up)
     }
 }
 
@@ -621,39 +761,78 @@ enum Conv {
 }
 
 impl Conv {
-    /// `(conv(x) + bias + per_sample + residual) / out_scale` with `per_sample: (B, Cout)`
-    /// broadcast over the image and `residual` shaped like the output. On CUDA's cuDNN path
-    /// ([`crate::kernels::own_cudnn_conv`]) the bias, per-sample term, residual and scale
-    /// are one fused in-place pass ([`crate::kernels::conv_epilogue`]); elsewhere candle
-    /// operations in the order diffusers uses.
-    fn forward_fused(
-        &self,
-        x: &Tensor,
-        per_sample: Option<&Tensor>,
-        residual: Option<&Tensor>,
-        out_scale: f64,
-    ) -> Result<Tensor> {
-        let dev = x.device();
-        if let Conv::Candle(c) = self
-            && dev.is_cuda()
-            && crate::kernels::own_cudnn_conv()
+    /// The bias `(Cout,)`.
+    fn bias(&self) -> Result<&Tensor> {
+        Ok(match self {
+            Conv::Candle(c) => c.bias().context("convolutions here have a bias")?,
+            Conv::Pointwise { bias, .. }
+            | Conv::Im2col { bias, .. }
+            | Conv::Train3x3 { bias, .. } => bias,
+        })
+    }
+
+    /// Whether `x` takes the fused CUDA path: the convolution without bias into a fresh
+    /// tensor ([`Conv::unbiased`]), then bias and the rest in one in-place pass
+    /// ([`crate::kernels::conv_epilogue`]). Frozen weights on CUDA only.
+    fn fused_on(&self, x: &Tensor) -> bool {
+        x.device().is_cuda()
             && !x.track_op()
-            && !c.weight().track_op()
-        {
-            let cfg = c.config();
-            let y = timed(self.label()?, dev, || {
+            && match self {
+                Conv::Candle(c) => !c.weight().track_op(),
+                Conv::Pointwise { w, .. } => !w.track_op(),
+                Conv::Im2col { .. } | Conv::Train3x3 { .. } => false,
+            }
+    }
+
+    /// The convolution without its bias, as a fresh contiguous tensor (fused path only).
+    fn unbiased(&self, x: &Tensor) -> Result<Tensor> {
+        timed(self.label()?, x.device(), || match self {
+            Conv::Candle(c) => {
+                let cfg = c.config();
                 Ok(crate::kernels::conv2d_fast(
                     x,
                     c.weight(),
                     cfg.padding,
                     cfg.stride,
                 )?)
-            })?;
-            let b = c.bias().expect("convolutions here have a bias");
-            let bias = match per_sample {
+            }
+            Conv::Pointwise { w, .. } => {
+                let (b, c, h, wd) = x.dims4()?;
+                let y = w.broadcast_left(b)?.matmul(&x.reshape((b, c, h * wd))?)?;
+                Ok(y.reshape((b, w.dim(0)?, h, wd))?)
+            }
+            Conv::Im2col { .. } | Conv::Train3x3 { .. } => {
+                bail!("internal: no unbiased convolution on this path")
+            }
+        })
+    }
+
+    /// `(conv(x) + bias + per_sample + residual + residual_bias) / out_scale` with
+    /// `per_sample: (B, Cout)` broadcast over the image, `residual` shaped like the output and
+    /// `residual_bias: (Cout,)` the bias the residual still lacks (a shortcut convolution
+    /// computed by [`Conv::unbiased`]). On the fused CUDA path ([`Conv::fused_on`]) the
+    /// biases, the per-sample term, the residual and the scale are one in-place pass
+    /// ([`crate::kernels::conv_epilogue`]); elsewhere candle operations in the order diffusers
+    /// uses.
+    fn forward_fused(
+        &self,
+        x: &Tensor,
+        per_sample: Option<&Tensor>,
+        residual: Option<&Tensor>,
+        residual_bias: Option<&Tensor>,
+        out_scale: f64,
+    ) -> Result<Tensor> {
+        let dev = x.device();
+        if self.fused_on(x) {
+            let y = self.unbiased(x)?;
+            let b = self.bias()?;
+            let mut bias = match per_sample {
                 Some(t) => t.broadcast_add(&b.unsqueeze(0)?)?,
                 None => b.clone(),
             };
+            if let Some(rb) = residual_bias {
+                bias = bias.broadcast_add(rb)?;
+            }
             timed("conv epilogue", dev, || {
                 Ok(crate::kernels::conv_epilogue(
                     &y,
@@ -664,12 +843,16 @@ impl Conv {
             })?;
             return Ok(y);
         }
-        let y = self.forward(x)?;
+        let y = timed(self.label()?, dev, || self.forward_inner(x))?;
         let y = match per_sample {
             Some(t) => timed("elementwise", dev, || {
                 Ok(y.broadcast_add(&t.unsqueeze(2)?.unsqueeze(3)?)?)
             })?,
             None => y,
+        };
+        let residual = match (residual, residual_bias) {
+            (Some(r), Some(rb)) => Some(r.broadcast_add(&rb.reshape((1, rb.dim(0)?, 1, 1))?)?),
+            (r, _) => r.cloned(),
         };
         match residual {
             Some(r) => timed("elementwise", dev, || {
@@ -689,23 +872,19 @@ impl Conv {
     fn label(&self) -> Result<&'static str> {
         Ok(match self {
             Conv::Candle(c) if c.weight().dim(2)? == 1 => "conv 1x1",
+            Conv::Candle(c) if c.weight().dim(2)? == 4 => "conv 4x4",
             Conv::Pointwise { .. } => "conv 1x1",
             _ => "conv 3x3",
         })
     }
 
+    /// `conv(x) + bias`.
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        timed(self.label()?, x.device(), || self.forward_inner(x))
+        self.forward_fused(x, None, None, None, 1.0)
     }
 
     fn forward_inner(&self, x: &Tensor) -> Result<Tensor> {
         match self {
-            Conv::Candle(c) if x.device().is_cuda() && !x.track_op() && !c.weight().track_op() => {
-                let cfg = c.config();
-                let y = crate::kernels::conv2d_fast(x, c.weight(), cfg.padding, cfg.stride)?;
-                let b = c.bias().expect("convolutions here have a bias");
-                Ok(y.broadcast_add(&b.reshape((1, b.dim(0)?, 1, 1))?)?)
-            }
             Conv::Candle(c) => Ok(c.forward(x)?),
             Conv::Train3x3 { w, bias } => {
                 let y = crate::kernels::conv3x3_train(x, w)?;
@@ -852,28 +1031,40 @@ impl Resnet {
         let tp = timed("time projection", dev, || {
             temb.apply(&self.time_proj, self.act)
         })?; // (B, Cout), or (B, 2·Cout) for scale-shift
+        // Each intermediate is dropped as soon as the next one exists (as PyTorch frees them),
+        // which keeps the peak device memory of a pass down.
         let xn = norm_act(&self.norm1, self.act, x)?;
         let h = if self.scale_shift {
             let h = self.conv1.forward(&xn)?;
+            drop(xn);
             let c = tp.dim(1)? / 2;
             let image = |t: Tensor| t.unsqueeze(2)?.unsqueeze(3);
             let (scale, shift) = (image(tp.narrow(1, 0, c)?)?, image(tp.narrow(1, c, c)?)?);
             let n = norm(&self.norm2, &h)?;
+            drop(h);
             let h = timed("elementwise", dev, || {
                 Ok(n.broadcast_mul(&(scale + 1.0)?)?.broadcast_add(&shift)?)
             })?;
+            drop(n);
             act_t(self.act, &h)?
         } else {
             // h = conv1(x) + temb, then norm2 and the activation (diffusers' order).
-            let h = self.conv1.forward_fused(&xn, Some(&tp), None, 1.0)?;
+            let h = self.conv1.forward_fused(&xn, Some(&tp), None, None, 1.0)?;
+            drop(xn);
             norm_act(&self.norm2, self.act, &h)?
         };
-        let x = match &self.shortcut {
-            Some(s) => s.forward(x)?,
-            None => x.clone(),
+        // On the fused path the shortcut's bias joins conv2's epilogue instead of taking a
+        // pass of its own over the shortcut's output.
+        let (x, x_bias) = match &self.shortcut {
+            Some(s) if s.fused_on(x) && self.conv2.fused_on(&h) => {
+                (s.unbiased(x)?, Some(s.bias()?))
+            }
+            Some(s) => (s.forward(x)?, None),
+            None => (x.clone(), None),
         };
         // (shortcut + conv2(h)) / output_scale_factor
-        self.conv2.forward_fused(&h, None, Some(&x), self.out_scale)
+        self.conv2
+            .forward_fused(&h, None, Some(&x), x_bias, self.out_scale)
     }
 }
 
@@ -981,6 +1172,7 @@ impl Attention {
             None => x.clone(),
         };
         let qkv = w_qkv.broadcast_left(b)?.matmul(&hn.reshape((b, c, hw))?)?; // (B, 3C, HW)
+        drop(hn);
         crate::kernels::conv_epilogue(&qkv, b_qkv, None, 1.0)?;
         let qkv = qkv.reshape((b * heads, 3 * d, hw))?;
         let (q, k, v) = (
@@ -991,6 +1183,7 @@ impl Attention {
         let scores = q.transpose(1, 2)?.matmul(&k)?; // (B·heads, HW_q, HW_k)
         crate::kernels::softmax_last_dim_inplace(&scores, 1.0 / (d as f64).sqrt())?;
         let o = v.matmul(&scores.transpose(1, 2)?)?; // (B·heads, d, HW_q)
+        drop((scores, q, k, v, qkv));
         let y = self
             .out
             .weight()
@@ -1053,7 +1246,7 @@ struct DownBlock {
 struct UpBlock {
     resnets: Vec<Resnet>,
     attentions: Vec<Attention>,
-    up: Option<Conv>,
+    up: Option<Upsample>,
 }
 
 struct Mid {
@@ -1119,11 +1312,11 @@ impl UNet2D {
                 }
             }
             let down_conv = if i + 1 < n {
-                let pad = c.downsample_padding;
-                Some((
-                    w.conv(&format!("{p}.downsamplers.0.conv"), ch[i], ch[i], 3, 2, pad)?,
-                    pad == 0,
-                ))
+                Some(w.downsample_conv(
+                    &format!("{p}.downsamplers.0.conv"),
+                    ch[i],
+                    c.downsample_padding,
+                )?)
             } else {
                 None
             };
@@ -1198,7 +1391,7 @@ impl UNet2D {
                 }
             }
             let up_conv = if i + 1 < n {
-                Some(w.conv(&format!("{p}.upsamplers.0.conv"), out, out, 3, 1, 1)?)
+                Some(w.upsample(&format!("{p}.upsamplers.0.conv"), out)?)
             } else {
                 None
             };
@@ -1386,17 +1579,15 @@ impl UNet2D {
                 let joined = timed("pad, cat, upsample", h.device(), || {
                     Ok(Tensor::cat(&[&h, &skip], 1)?)
                 })?;
+                // Only the concatenation is needed from here on.
+                drop((h, skip));
                 h = r.forward(&joined, &temb)?;
                 if let Some(a) = blk.attentions.get(j) {
                     h = a.forward(&h)?;
                 }
             }
-            if let Some(conv) = &blk.up {
-                let (_, _, hh, ww) = h.dims4()?;
-                let up = timed("pad, cat, upsample", h.device(), || {
-                    Ok(h.upsample_nearest2d(2 * hh, 2 * ww)?)
-                })?;
-                h = conv.forward(&up)?;
+            if let Some(up) = &blk.up {
+                h = up.forward(&h)?;
             }
         }
         let h = norm_act(&self.norm_out, Act::Silu, &h)?;
@@ -1415,6 +1606,48 @@ mod tests {
             Tensor::randn(0f32, 0.2, (c, c), &dev).unwrap(),
             Some(Tensor::randn(seed as f32, 0.2, c, &dev).unwrap()),
         )
+    }
+
+    #[test]
+    fn folded_transposed_convolution_equals_nearest_upsampling_then_3x3() {
+        let dev = Device::Cpu;
+        for (h, w) in [(5, 4), (1, 1), (3, 6)] {
+            let x = Tensor::randn(0f64, 1.0, (2, 3, h, w), &dev).unwrap();
+            let k = Tensor::randn(0f64, 1.0, (4, 3, 3, 3), &dev).unwrap();
+            let want = x
+                .upsample_nearest2d(2 * h, 2 * w)
+                .unwrap()
+                .conv2d(&k, 1, 1, 1, 1)
+                .unwrap();
+            let folded = fold_upsample_conv(&k).unwrap();
+            assert_eq!(folded.dims(), [3, 4, 4, 4]);
+            let got = x.conv_transpose2d(&folded, 1, 0, 2, 1).unwrap();
+            assert_eq!(got.dims(), want.dims());
+            let d = crate::ops::max_abs_diff(&got, &want).unwrap();
+            assert!(d < 1e-12, "{h}x{w}: {d}");
+        }
+    }
+
+    #[test]
+    fn folded_4x4_downsampling_equals_the_asymmetrically_padded_3x3() {
+        let dev = Device::Cpu;
+        for (h, w) in [(8, 8), (6, 10), (2, 2)] {
+            let x = Tensor::randn(0f64, 1.0, (2, 3, h, w), &dev).unwrap();
+            let k = Tensor::randn(0f64, 1.0, (4, 3, 3, 3), &dev).unwrap();
+            let want = x
+                .pad_with_zeros(3, 0, 1)
+                .unwrap()
+                .pad_with_zeros(2, 0, 1)
+                .unwrap()
+                .conv2d(&k, 0, 2, 1, 1)
+                .unwrap();
+            let k4 = fold_bottom_right_padding(&k).unwrap();
+            assert_eq!(k4.dims(), [4, 3, 4, 4]);
+            let got = x.conv2d(&k4, 1, 2, 1, 1).unwrap();
+            assert_eq!(got.dims(), [2, 4, h / 2, w / 2]);
+            let d = crate::ops::max_abs_diff(&got, &want).unwrap();
+            assert!(d < 1e-12, "{h}x{w}: {d}");
+        }
     }
 
     #[test]

@@ -339,3 +339,35 @@ fn every_readme_command_runs() {
         }
     }
 }
+
+#[test]
+fn speed_reports_forward_sample_and_the_per_step_share_outside_the_network() {
+    let model = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/fixtures/unet2d/multihead"
+    );
+    let o = qtaylor(&[
+        "speed",
+        "--model",
+        model,
+        "--batch",
+        "2",
+        "--repeats",
+        "1",
+        "--steps",
+        "2",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let out = String::from_utf8_lossy(&o.stdout);
+    for needle in [
+        "forward: ",
+        "sample qt-3, 2 steps (2 NFE): ",
+        "copying the result to the host",
+        "per step (4 vs 2 steps): ",
+        "peak resident memory",
+    ] {
+        assert!(out.contains(needle), "{needle} missing:\n{out}");
+    }
+    // The CUDA pool's high-water mark exists only on a GPU.
+    assert!(!out.contains("peak device memory allocated"), "{out}");
+}

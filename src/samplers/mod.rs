@@ -132,7 +132,7 @@ impl<'a> Ctx<'a> {
         };
         if self.defer {
             // Any NaN or Inf makes the sum non-finite.
-            let sum = pred.to_dtype(candle_core::DType::F64)?.sum_all()?;
+            let sum = crate::ops::sum_f64(&pred)?;
             self.pending.push((self.step, when(), sum));
         } else if !crate::ops::all_finite(&pred)? {
             let when = when();
