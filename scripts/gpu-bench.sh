@@ -33,6 +33,19 @@ for f in tests/fixtures/unet2d/*/; do
   done
 done
 
+say "parity of the non-default GPU paths (largest relative error per setting)"
+for v in "QTAYLOR_CONV=candle:f32:1e-3:" "QTAYLOR_CONV=candle:bf16:5e-2:" "QTAYLOR_CUDNN_ALGO=heuristic:f32:1e-4:" \
+         "QTAYLOR_CUDNN_ALGO=graph-find:bf16:5e-2:" "QTAYLOR_UPSAMPLE=transposed:f32:1e-2:--tf32" \
+         "QTAYLOR_UPSAMPLE=nearest:f16:1e-2:" "QTAYLOR_DOWNSAMPLE=pad:f32:1e-4:"; do
+  IFS=: read -r e d tol flag <<<"$v"
+  worst=0
+  for f in tests/fixtures/unet2d/*/; do
+    r=$(env "$e" "$Q" parity --model "$f" --device $DEV --model-dtype "$d" --tol "$tol" $flag 2>&1) || { fail=1; echo "$r" | tail -2; }
+    worst=$(echo "$r" | grep -o 'max relative error [0-9.e+-]*' | awk -v w="$worst" '{ if ($4 + 0 > w + 0) w = $4 } END { print w }')
+  done
+  echo "  $e $d $flag: $worst (tolerance $tol)"
+done
+
 say "the same run on GPU and CPU"
 for dev in cpu $DEV; do
   "$Q" sample --problem gmm-demo --sampler dpmpp-3m --steps 12 --grid logsnr --batch 64 --dtype f64 --device $dev --out "$WORK/gmm-$dev.npy" 2>/dev/null || fail=1
