@@ -362,8 +362,7 @@ GROUP_NORM_VEC(group_norm_vec_f32, float, ld_f32, st_f32)
 GROUP_NORM_VEC(group_norm_vec_f16, unsigned short, ld_f16, st_f16)
 GROUP_NORM_VEC(group_norm_vec_bf16, unsigned short, ld_bf16, st_bf16)
 
-// Scalar form: any size and alignment (32-bit indices suffice: the launcher checks that the
-// element count fits).
+// Scalar form: any alignment, up to 2^31 elements (32-bit indices; the launcher checks).
 #define EPILOGUE(NAME, T, LD, ST) \
 extern "C" __global__ void NAME(T* y, const T* b, const T* r, unsigned int total, unsigned int k, unsigned int hw, int per_sample, int has_r, float scale) { \
     for (unsigned int i = blockIdx.x * blockDim.x + threadIdx.x; i < total; i += gridDim.x * blockDim.x) { \
@@ -561,8 +560,12 @@ SOFTMAX(softmax_bf16, unsigned short, ld_bf16, st_bf16)
     ) -> Result<()> {
         let dev = b.0.device().clone();
         let total = d.n * d.k * d.hw;
-        if total > u32::MAX as usize {
-            candle_core::bail!("conv epilogue: {total} elements exceed the kernel's 32-bit index");
+        // 32-bit indices: up to 2³¹ elements, so that the grid-stride loop's last step
+        // (i + grid size < 2³¹ + 2²⁷) cannot wrap around.
+        if total > i32::MAX as usize {
+            candle_core::bail!(
+                "conv epilogue: {total} elements exceed the kernel's 32-bit index (2^31)"
+            );
         }
         // 16-byte vectors where every vector lies in one plane and starts aligned (the
         // allocations themselves are 256-byte aligned).
