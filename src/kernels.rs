@@ -1019,14 +1019,10 @@ pub fn open_cuda(ordinal: usize) -> Result<candle_core::Device> {
         unreachable!("new_cuda returns a CUDA device")
     };
     if std::env::var("QTAYLOR_CUDA_POOL").map_or(true, |v| v != "release") {
-        let ctx = d.cuda_stream().context().clone();
-        let mut pool = std::ptr::null_mut();
+        let pool = default_pool(d)?;
         let mut keep = u64::MAX;
-        // SAFETY: the device's default pool; the attribute takes a u64.
+        // SAFETY: a valid pool; the attribute takes a u64.
         unsafe {
-            sys::cuDeviceGetDefaultMemPool(&mut pool, ctx.cu_device())
-                .result()
-                .map_err(candle_core::Error::wrap)?;
             sys::cuMemPoolSetAttribute(
                 pool,
                 sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD,
@@ -1039,6 +1035,24 @@ pub fn open_cuda(ordinal: usize) -> Result<candle_core::Device> {
     Ok(dev)
 }
 
+/// The default CUDA memory pool of the device, which every allocation of this process
+/// (cudarc's stream-ordered `cuMemAllocAsync`) comes from.
+#[cfg(feature = "cuda")]
+fn default_pool(
+    d: &candle_core::CudaDevice,
+) -> Result<candle_core::cuda_backend::cudarc::driver::sys::CUmemoryPool> {
+    use candle_core::cuda_backend::cudarc::driver::sys;
+    let ctx = d.cuda_stream().context().clone();
+    let mut pool = std::ptr::null_mut();
+    // SAFETY: the out-pointer names one pool handle; the device comes from a live context.
+    unsafe {
+        sys::cuDeviceGetDefaultMemPool(&mut pool, ctx.cu_device())
+            .result()
+            .map_err(candle_core::Error::wrap)?;
+    }
+    Ok(pool)
+}
+
 /// The most device memory that tensors and workspaces held at once since the device was
 /// opened, in bytes: the high-water mark of the CUDA memory pool that every allocation of
 /// this process comes from (`CU_MEMPOOL_ATTR_USED_MEM_HIGH`), the analogue of PyTorch's
@@ -1048,14 +1062,10 @@ pub fn cuda_peak_allocated(device: &candle_core::Device) -> Result<Option<u64>> 
     #[cfg(feature = "cuda")]
     if let candle_core::Device::Cuda(d) = device {
         use candle_core::cuda_backend::cudarc::driver::sys;
-        let ctx = d.cuda_stream().context().clone();
-        let mut pool = std::ptr::null_mut();
+        let pool = default_pool(d)?;
         let mut high = 0u64;
-        // SAFETY: the device's default pool; the attribute is a u64.
+        // SAFETY: a valid pool; the attribute is a u64.
         unsafe {
-            sys::cuDeviceGetDefaultMemPool(&mut pool, ctx.cu_device())
-                .result()
-                .map_err(candle_core::Error::wrap)?;
             sys::cuMemPoolGetAttribute(
                 pool,
                 sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_USED_MEM_HIGH,
