@@ -157,9 +157,9 @@ pub fn run_bench(
                 let r = reference_endpoint(model, schedule, &x64, t0, t_ode, cfg.ref_tol)?;
                 let x = if zero {
                     let mut noise = NoiseStreams::new(0, 0, cfg.batch);
-                    let mut ctx =
-                        crate::samplers::Ctx::new(model, schedule, &mut noise, "reference", None);
-                    ctx.denoise(&r.x, t_ode)?.x0
+                    crate::samplers::with_ctx(model, schedule, &mut noise, "reference", |ctx| {
+                        Ok(ctx.denoise(&r.x, t_ode)?.x0)
+                    })?
                 } else {
                     r.x.clone()
                 };

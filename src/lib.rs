@@ -1,10 +1,10 @@
 //! qtaylor: few-NFE sampling of diffusion models, centred on the quasi-Taylor samplers
 //! (arXiv 2112.13339) and the samplers users compare them against.
 //!
-//! - [`series`]: truncated power series (Taylor-mode differentiation);
-//! - [`schedule`], [`grid`]: noise schedules and time grids (scalars only);
+//! - [`series`], [`schedule`], [`grid`], [`exec`], [`program`]: re-exported from the
+//!   `qtaylor-core` crate (power series, schedules, grids, the sampler backend trait);
 //! - [`model`]: the `(x, t) → prediction` trait and exact parameterization conversions;
-//! - [`samplers`]: one file per sampler family, one shared signature;
+//! - [`samplers`]: the core's samplers on candle tensors ([`samplers::CandleBackend`]);
 //! - [`problems`], [`reference`], [`metrics`], [`bench`]: exact-score problems, reference
 //!   solutions and the error-vs-NFE bench;
 //! - [`feature_metrics`], [`classifier`]: FID, KID and improved precision/recall on feature
@@ -19,7 +19,6 @@ pub mod conv_cudnn;
 pub mod data;
 pub mod eval;
 pub mod feature_metrics;
-pub mod grid;
 pub mod io;
 pub mod kernels;
 pub mod metrics;
@@ -30,7 +29,9 @@ pub mod problems;
 pub mod reference;
 pub mod rng;
 pub mod samplers;
-pub mod schedule;
-pub mod series;
 pub mod train;
 pub mod unet;
+
+// The math, from the core crate (no tensors): one implementation for the CLI, this
+// library and the Python package.
+pub use qtaylor_core::{exec, grid, program, schedule, series};

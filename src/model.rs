@@ -1,49 +1,13 @@
 //! The model interface: a map `(x, t) → prediction` in a declared parameterization,
 //! and the exact conversions between parameterizations (DESIGN §2).
 
-use std::fmt;
-use std::str::FromStr;
-
-use anyhow::{Result, bail};
+use anyhow::Result;
 use candle_core::Tensor;
 
 use crate::ops::{Coef, lincomb_rows};
 use crate::schedule::Schedule;
 
-/// What a network predicts.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Parameterization {
-    /// Noise ε̂ (diffusers `epsilon`).
-    Eps,
-    /// Data x̂0 (diffusers `sample`).
-    X0,
-    /// Velocity `v̂ = α ε̂ − σ x̂0` (diffusers `v_prediction`).
-    V,
-}
-
-impl FromStr for Parameterization {
-    type Err = anyhow::Error;
-    fn from_str(s: &str) -> Result<Self> {
-        Ok(match s {
-            "epsilon" | "eps" => Parameterization::Eps,
-            "sample" | "x0" => Parameterization::X0,
-            "v_prediction" | "v" => Parameterization::V,
-            other => {
-                bail!("unknown prediction type '{other}'; expected epsilon, sample or v_prediction")
-            }
-        })
-    }
-}
-
-impl fmt::Display for Parameterization {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            Parameterization::Eps => "epsilon",
-            Parameterization::X0 => "sample",
-            Parameterization::V => "v_prediction",
-        })
-    }
-}
+pub use qtaylor_core::exec::Parameterization;
 
 /// A denoising model on continuous VP time.
 pub trait Model: Send + Sync {

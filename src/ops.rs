@@ -9,38 +9,7 @@
 use anyhow::{Result, bail};
 use candle_core::{CpuStorage, DType, Device, Storage, Tensor, WithDType};
 
-/// A coefficient: one value for the whole batch, or one per row (sample).
-#[derive(Clone, Debug)]
-pub enum Coef {
-    All(f64),
-    Rows(Vec<f64>),
-}
-
-impl Coef {
-    fn at(&self, row: usize) -> f64 {
-        match self {
-            Coef::All(c) => *c,
-            Coef::Rows(v) => v[row],
-        }
-    }
-}
-
-impl From<f64> for Coef {
-    fn from(c: f64) -> Self {
-        Coef::All(c)
-    }
-}
-
-/// One value per row, or one for all rows when the vector has a single entry.
-impl From<Vec<f64>> for Coef {
-    fn from(v: Vec<f64>) -> Self {
-        if v.len() == 1 {
-            Coef::All(v[0])
-        } else {
-            Coef::Rows(v)
-        }
-    }
-}
+pub use qtaylor_core::exec::Coef;
 
 /// `Σ_k c_k x_k` for scalar coefficients.
 pub fn lincomb(terms: &[(f64, &Tensor)]) -> Result<Tensor> {

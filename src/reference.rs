@@ -18,8 +18,8 @@ use candle_core::{DType, Tensor};
 use crate::model::Model;
 use crate::ops::{Coef, lincomb_rows, rows_f64};
 use crate::rng::NoiseStreams;
-use crate::samplers::Ctx;
 use crate::samplers::runge_kutta::dopri5;
+use crate::samplers::{CandleBackend, Ctx, with_ctx};
 use crate::schedule::Schedule;
 
 /// A reference solution and its self-check.
@@ -47,27 +47,29 @@ pub fn integrate_pf_ode(
     let x = x_init.to_dtype(DType::F64)?;
     let (l0, l1) = (schedule.lambda(t_max), schedule.lambda(t_min));
     let mut noise = NoiseStreams::new(0, 0, b);
-    let mut ctx = Ctx::new(model, schedule, &mut noise, "reference", None);
-    let mut field = |y: &Tensor, lam: &[f64], active: usize| -> Result<Tensor> {
-        let t: Vec<f64> = lam
-            .iter()
-            .map(|&l| {
-                if l == l0 {
-                    Ok(t_max)
-                } else if l == l1 {
-                    Ok(t_min)
-                } else {
-                    schedule.t_of_lambda(l)
-                }
-            })
-            .collect::<Result<_>>()?;
-        let sig: Vec<f64> = t.iter().map(|&t| schedule.sigma(t)).collect();
-        let x = lincomb_rows(&[(Coef::Rows(sig), y)])?;
-        let d = ctx.denoise_rows(&x, &t, active)?;
-        lincomb_rows(&[(Coef::Rows(lam.iter().map(|l| l.exp()).collect()), &d.x0)])
-    };
+    let mut field =
+        |ctx: &mut Ctx<CandleBackend>, y: &Tensor, lam: &[f64], active: usize| -> Result<Tensor> {
+            let t: Vec<f64> = lam
+                .iter()
+                .map(|&l| {
+                    if l == l0 {
+                        Ok(t_max)
+                    } else if l == l1 {
+                        Ok(t_min)
+                    } else {
+                        schedule.t_of_lambda(l)
+                    }
+                })
+                .collect::<Result<_>>()?;
+            let sig: Vec<f64> = t.iter().map(|&t| schedule.sigma(t)).collect();
+            let x = lincomb_rows(&[(Coef::Rows(sig), y)])?;
+            let d = ctx.denoise_rows(&x, &t, active)?;
+            lincomb_rows(&[(Coef::Rows(lam.iter().map(|l| l.exp()).collect()), &d.x0)])
+        };
     let y0 = (x / schedule.sigma(t_max))?;
-    let sol = dopri5(&mut field, y0, l0, l1, tol, tol, 10_000_000)?;
+    let sol = with_ctx(model, schedule, &mut noise, "reference", |ctx| {
+        dopri5(ctx, &mut field, y0, l0, l1, tol, tol, 10_000_000)
+    })?;
     let nfe = sol.evals.iter().sum::<usize>() as f64 / b as f64;
     Ok(((sol.y * schedule.sigma(t_min))?, nfe))
 }

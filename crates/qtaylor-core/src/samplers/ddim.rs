@@ -19,10 +19,8 @@
 //! ```
 
 use anyhow::Result;
-use candle_core::Tensor;
 
-use super::{Ctx, DdpmVariance, reaches_zero};
-use crate::ops::lincomb;
+use super::{Backend, Ctx, DdpmVariance, reaches_zero};
 use crate::schedule::Schedule;
 
 /// `(A, B)` of the deterministic DDIM step `x_s = A x_t + B ε̂`:
@@ -64,10 +62,15 @@ pub fn ddpm_coefficients(
 }
 
 /// DDIM with η (η = 0: deterministic; one NFE per step).
-pub fn sample_ddim(ctx: &mut Ctx, mut x: Tensor, ts: &[f64], eta: f64) -> Result<Tensor> {
+pub fn sample_ddim<B: Backend>(
+    ctx: &mut Ctx<B>,
+    mut x: B::X,
+    ts: &[f64],
+    eta: f64,
+) -> Result<B::X> {
     for i in 0..ts.len() - 1 {
         let (t, s) = (ts[i], ts[i + 1]);
-        ctx.begin_step(i, t);
+        ctx.begin_step(i, t, &x)?;
         let d = ctx.denoise(&x, t)?;
         if reaches_zero(ctx.schedule, s) {
             x = d.x0;
@@ -76,24 +79,24 @@ pub fn sample_ddim(ctx: &mut Ctx, mut x: Tensor, ts: &[f64], eta: f64) -> Result
         let (a, b, c) = ddim_eta_coefficients(ctx.schedule, t, s, eta);
         x = if c > 0.0 {
             let z = ctx.noise_like(&x)?;
-            lincomb(&[(a, &x), (b, &d.eps), (c, &z)])?
+            ctx.lc(&[(a, &x), (b, &d.eps), (c, &z)])?
         } else {
-            lincomb(&[(a, &x), (b, &d.eps)])?
+            ctx.lc(&[(a, &x), (b, &d.eps)])?
         };
     }
     Ok(x)
 }
 
 /// DDPM ancestral sampling on the grid (one NFE per step).
-pub fn sample_ddpm(
-    ctx: &mut Ctx,
-    mut x: Tensor,
+pub fn sample_ddpm<B: Backend>(
+    ctx: &mut Ctx<B>,
+    mut x: B::X,
     ts: &[f64],
     variance: DdpmVariance,
-) -> Result<Tensor> {
+) -> Result<B::X> {
     for i in 0..ts.len() - 1 {
         let (t, s) = (ts[i], ts[i + 1]);
-        ctx.begin_step(i, t);
+        ctx.begin_step(i, t, &x)?;
         let d = ctx.denoise(&x, t)?;
         if reaches_zero(ctx.schedule, s) {
             x = d.x0;
@@ -101,7 +104,7 @@ pub fn sample_ddpm(
         }
         let (a, b, c) = ddpm_coefficients(ctx.schedule, t, s, variance);
         let z = ctx.noise_like(&x)?;
-        x = lincomb(&[(a, &x), (b, &d.eps), (c, &z)])?;
+        x = ctx.lc(&[(a, &x), (b, &d.eps), (c, &z)])?;
     }
     Ok(x)
 }

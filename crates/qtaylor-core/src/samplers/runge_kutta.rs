@@ -12,25 +12,24 @@
 //! sample's result does not depend on the rest of the batch.
 
 use anyhow::{Result, bail};
-use candle_core::{D, DType, Tensor};
 
-use super::{Ctx, reaches_zero};
-use crate::ops::{Coef, lincomb, lincomb_rows};
+use super::{Backend, Ctx, reaches_zero};
+use crate::exec::{Coef, Tolerance};
 
 /// `f(x, t)` as a tensor: `−½β x + β/(2σ) ε̂` (one NFE).
-fn drift(ctx: &mut Ctx, x: &Tensor, t: f64) -> Result<Tensor> {
+fn drift<B: Backend>(ctx: &mut Ctx<B>, x: &B::X, t: f64) -> Result<B::X> {
     let d = ctx.denoise(x, t)?;
     drift_of(ctx, x, t, &d.eps)
 }
 
-fn drift_of(ctx: &Ctx, x: &Tensor, t: f64, eps: &Tensor) -> Result<Tensor> {
+fn drift_of<B: Backend>(ctx: &mut Ctx<B>, x: &B::X, t: f64, eps: &B::X) -> Result<B::X> {
     let (beta, sigma) = (ctx.schedule.beta(t), ctx.schedule.sigma(t));
-    lincomb(&[(-0.5 * beta, x), (beta / (2.0 * sigma), eps)])
+    ctx.lc(&[(-0.5 * beta, x), (beta / (2.0 * sigma), eps)])
 }
 
 /// The first stage of a step; `None` when the step reaches σ = 0, where the drift is
 /// singular and the step returns x̂0 instead (one NFE).
-fn first_stage(ctx: &mut Ctx, x: &mut Tensor, t: f64, s: f64) -> Result<Option<Tensor>> {
+fn first_stage<B: Backend>(ctx: &mut Ctx<B>, x: &mut B::X, t: f64, s: f64) -> Result<Option<B::X>> {
     let d = ctx.denoise(x, t)?;
     if reaches_zero(ctx.schedule, s) {
         *x = d.x0;
@@ -40,47 +39,50 @@ fn first_stage(ctx: &mut Ctx, x: &mut Tensor, t: f64, s: f64) -> Result<Option<T
 }
 
 /// Euler: `x_s = x_t + (s − t) f(x_t, t)`.
-pub fn sample_euler(ctx: &mut Ctx, mut x: Tensor, ts: &[f64]) -> Result<Tensor> {
+pub fn sample_euler<B: Backend>(ctx: &mut Ctx<B>, mut x: B::X, ts: &[f64]) -> Result<B::X> {
     for i in 0..ts.len() - 1 {
         let (t, s) = (ts[i], ts[i + 1]);
-        ctx.begin_step(i, t);
+        ctx.begin_step(i, t, &x)?;
         let Some(k1) = first_stage(ctx, &mut x, t, s)? else {
             continue;
         };
-        x = lincomb(&[(1.0, &x), (s - t, &k1)])?;
+        x = ctx.lc(&[(1.0, &x), (s - t, &k1)])?;
     }
     Ok(x)
 }
 
 /// Heun: `k₁ = f(x, t)`, `k₂ = f(x + h k₁, s)`, `x_s = x + h/2 (k₁ + k₂)`, `h = s − t`.
-pub fn sample_heun(ctx: &mut Ctx, mut x: Tensor, ts: &[f64]) -> Result<Tensor> {
+pub fn sample_heun<B: Backend>(ctx: &mut Ctx<B>, mut x: B::X, ts: &[f64]) -> Result<B::X> {
     for i in 0..ts.len() - 1 {
         let (t, s) = (ts[i], ts[i + 1]);
         let h = s - t;
-        ctx.begin_step(i, t);
+        ctx.begin_step(i, t, &x)?;
         let Some(k1) = first_stage(ctx, &mut x, t, s)? else {
             continue;
         };
-        let x1 = lincomb(&[(1.0, &x), (h, &k1)])?;
+        let x1 = ctx.lc(&[(1.0, &x), (h, &k1)])?;
         let k2 = drift(ctx, &x1, s)?;
-        x = lincomb(&[(1.0, &x), (0.5 * h, &k1), (0.5 * h, &k2)])?;
+        x = ctx.lc(&[(1.0, &x), (0.5 * h, &k1), (0.5 * h, &k2)])?;
     }
     Ok(x)
 }
 
 /// Classical RK4: stages at t, t + h/2, t + h/2, s; weights 1/6, 1/3, 1/3, 1/6.
-pub fn sample_rk4(ctx: &mut Ctx, mut x: Tensor, ts: &[f64]) -> Result<Tensor> {
+pub fn sample_rk4<B: Backend>(ctx: &mut Ctx<B>, mut x: B::X, ts: &[f64]) -> Result<B::X> {
     for i in 0..ts.len() - 1 {
         let (t, s) = (ts[i], ts[i + 1]);
         let h = s - t;
-        ctx.begin_step(i, t);
+        ctx.begin_step(i, t, &x)?;
         let Some(k1) = first_stage(ctx, &mut x, t, s)? else {
             continue;
         };
-        let k2 = drift(ctx, &lincomb(&[(1.0, &x), (0.5 * h, &k1)])?, t + 0.5 * h)?;
-        let k3 = drift(ctx, &lincomb(&[(1.0, &x), (0.5 * h, &k2)])?, t + 0.5 * h)?;
-        let k4 = drift(ctx, &lincomb(&[(1.0, &x), (h, &k3)])?, s)?;
-        x = lincomb(&[
+        let x2 = ctx.lc(&[(1.0, &x), (0.5 * h, &k1)])?;
+        let k2 = drift(ctx, &x2, t + 0.5 * h)?;
+        let x3 = ctx.lc(&[(1.0, &x), (0.5 * h, &k2)])?;
+        let k3 = drift(ctx, &x3, t + 0.5 * h)?;
+        let x4 = ctx.lc(&[(1.0, &x), (h, &k3)])?;
+        let k4 = drift(ctx, &x4, s)?;
+        x = ctx.lc(&[
             (1.0, &x),
             (h / 6.0, &k1),
             (h / 3.0, &k2),
@@ -131,12 +133,9 @@ const E: [f64; 7] = [
     -1.0 / 40.0,
 ];
 
-/// A vector field `f(y, s_rows, active_rows)` evaluated at per-row abscissae.
-pub type VectorField<'a> = dyn FnMut(&Tensor, &[f64], usize) -> Result<Tensor> + 'a;
-
 /// Result of [`dopri5`].
-pub struct OdeSolution {
-    pub y: Tensor,
+pub struct OdeSolution<X> {
+    pub y: X,
     /// Vector-field evaluations per row.
     pub evals: Vec<usize>,
     /// Accepted and rejected steps over all rows.
@@ -145,38 +144,47 @@ pub struct OdeSolution {
 }
 
 /// Per-row RMS of `e / (atol + rtol·max(|y0|, |y1|))`.
-fn scaled_rms(e: &Tensor, y0: &Tensor, y1: &Tensor, rtol: f64, atol: f64) -> Result<Vec<f64>> {
-    let b = e.dims()[0];
-    let scale = y0.abs()?.maximum(&y1.abs()?)?.affine(rtol, atol)?;
-    let r = (e / scale)?.to_dtype(DType::F64)?.reshape((b, ()))?;
-    Ok(r.sqr()?.mean(D::Minus1)?.sqrt()?.to_vec1::<f64>()?)
+fn scaled_rms<B: Backend>(
+    ctx: &mut Ctx<B>,
+    e: &B::X,
+    y0: &B::X,
+    y1: &B::X,
+    rtol: f64,
+    atol: f64,
+) -> Result<Vec<f64>> {
+    ctx.error_norm(e, y0, y1, rtol, atol, Tolerance::Sum)
 }
 
 /// Adaptive Dormand–Prince 5(4) for `dy/ds = f(y, s)` from `s0` to `s1` (either direction),
-/// every row with its own step size. `f(y, s_rows, active)` must return the field at
+/// every row with its own step size. `f(ctx, y, s_rows, active)` must return the field at
 /// per-row abscissae; rows that have finished are evaluated at their end point with a
 /// zero step and do not count as evaluations. Initial step: Hairer's heuristic
 /// (*Solving ODEs I*, §II.4), which costs one extra evaluation, as in scipy.
-pub fn dopri5(
-    f: &mut VectorField,
-    y0: Tensor,
+#[allow(clippy::too_many_arguments)]
+pub fn dopri5<B: Backend, F>(
+    ctx: &mut Ctx<B>,
+    f: &mut F,
+    y0: B::X,
     s0: f64,
     s1: f64,
     rtol: f64,
     atol: f64,
     max_iters: usize,
-) -> Result<OdeSolution> {
-    let b = y0.dims()[0];
+) -> Result<OdeSolution<B::X>>
+where
+    F: FnMut(&mut Ctx<B>, &B::X, &[f64], usize) -> Result<B::X>,
+{
+    let b = ctx.rows();
     let dir = (s1 - s0).signum();
     let span = (s1 - s0).abs();
     let mut evals = vec![0usize; b];
     let mut s = vec![s0; b];
     let mut y = y0;
     // Initial step per row.
-    let f0 = f(&y, &s, b)?;
+    let f0 = f(ctx, &y, &s, b)?;
     evals.iter_mut().for_each(|e| *e += 1);
-    let d0 = scaled_rms(&y, &y, &y, rtol, atol)?; // ‖y‖ in the error norm (atol + rtol|y|)
-    let d1 = scaled_rms(&f0, &y, &y, rtol, atol)?;
+    let d0 = scaled_rms(ctx, &y, &y, &y, rtol, atol)?; // ‖y‖ in the error norm (atol + rtol|y|)
+    let d1 = scaled_rms(ctx, &f0, &y, &y, rtol, atol)?;
     let h0: Vec<f64> = d0
         .iter()
         .zip(&d1)
@@ -189,14 +197,15 @@ pub fn dopri5(
         })
         .map(|h: f64| h.min(span))
         .collect();
-    let y1 = lincomb_rows(&[
+    let y1 = ctx.lincomb(&[
         (Coef::All(1.0), &y),
         (Coef::Rows(h0.iter().map(|h| dir * h).collect()), &f0),
     ])?;
     let s_probe: Vec<f64> = h0.iter().map(|h| s0 + dir * h).collect();
-    let f1 = f(&y1, &s_probe, b)?;
+    let f1 = f(ctx, &y1, &s_probe, b)?;
     evals.iter_mut().for_each(|e| *e += 1);
-    let d2 = scaled_rms(&(&f1 - &f0)?, &y, &y, rtol, atol)?;
+    let df = ctx.lc(&[(1.0, &f1), (-1.0, &f0)])?;
+    let d2 = scaled_rms(ctx, &df, &y, &y, rtol, atol)?;
     let mut h: Vec<f64> = (0..b)
         .map(|i| {
             let d2 = d2[i] / h0[i];
@@ -231,7 +240,7 @@ pub fn dopri5(
             })
             .collect();
         let active = done.iter().filter(|d| !**d).count();
-        let mut ks: Vec<Tensor> = vec![k1.clone()];
+        let mut ks: Vec<B::X> = vec![k1.clone()];
         let mut y_new = y.clone();
         for j in 1..7 {
             let mut terms = vec![(Coef::All(1.0), &y)];
@@ -240,9 +249,9 @@ pub fn dopri5(
                     terms.push((Coef::Rows(hs.iter().map(|h| h * a).collect()), &ks[l]));
                 }
             }
-            let yj = lincomb_rows(&terms)?;
+            let yj = ctx.lincomb(&terms)?;
             let sj: Vec<f64> = (0..b).map(|i| s[i] + C[j] * hs[i]).collect();
-            let kj = f(&yj, &sj, active)?;
+            let kj = f(ctx, &yj, &sj, active)?;
             for (i, e) in evals.iter_mut().enumerate() {
                 if !done[i] {
                     *e += 1;
@@ -254,14 +263,14 @@ pub fn dopri5(
                 y_new = yj;
             }
         }
-        let err_terms: Vec<(Coef, &Tensor)> = E
+        let err_terms: Vec<(Coef, &B::X)> = E
             .iter()
             .enumerate()
             .filter(|(_, e)| **e != 0.0)
             .map(|(l, &e)| (Coef::Rows(hs.iter().map(|h| h * e).collect()), &ks[l]))
             .collect();
-        let err_vec = lincomb_rows(&err_terms)?;
-        let err = scaled_rms(&err_vec, &y, &y_new, rtol, atol)?;
+        let err_vec = ctx.lincomb(&err_terms)?;
+        let err = scaled_rms(ctx, &err_vec, &y, &y_new, rtol, atol)?;
         let mut take = vec![0.0; b];
         for i in 0..b {
             if done[i] {
@@ -291,12 +300,12 @@ pub fn dopri5(
             }
         }
         let keep: Vec<f64> = take.iter().map(|t| 1.0 - t).collect();
-        y = lincomb_rows(&[
+        y = ctx.lincomb(&[
             (Coef::Rows(take.clone()), &y_new),
             (Coef::Rows(keep.clone()), &y),
         ])?;
         // FSAL: the last stage of an accepted step is the first of the next.
-        k1 = lincomb_rows(&[(Coef::Rows(take), &ks[6]), (Coef::Rows(keep), &ks[0])])?;
+        k1 = ctx.lincomb(&[(Coef::Rows(take), &ks[6]), (Coef::Rows(keep), &ks[0])])?;
     }
     bail!(
         "rk45 did not reach the end point within {max_iters} iterations (rtol {rtol}, atol {atol})"
@@ -305,7 +314,13 @@ pub fn dopri5(
 
 /// Adaptive DOPRI5 on the probability-flow ODE in t, every sample with its own steps.
 /// Only the grid's end points are used.
-pub fn sample_rk45(ctx: &mut Ctx, x: Tensor, ts: &[f64], rtol: f64, atol: f64) -> Result<Tensor> {
+pub fn sample_rk45<B: Backend>(
+    ctx: &mut Ctx<B>,
+    x: B::X,
+    ts: &[f64],
+    rtol: f64,
+    atol: f64,
+) -> Result<B::X> {
     let n = ts.len() - 1;
     let zero = reaches_zero(ctx.schedule, ts[n]);
     // To σ = 0: integrate to the last positive grid time, then one NFE for x̂0.
@@ -313,20 +328,20 @@ pub fn sample_rk45(ctx: &mut Ctx, x: Tensor, ts: &[f64], rtol: f64, atol: f64) -
     if zero && n == 1 {
         return Ok(ctx.denoise(&x, t0)?.x0);
     }
-    ctx.begin_step(0, t0);
+    ctx.begin_step(0, t0, &x)?;
     let schedule = ctx.schedule;
-    let mut field = |x: &Tensor, t: &[f64], active: usize| -> Result<Tensor> {
+    let mut field = |ctx: &mut Ctx<B>, x: &B::X, t: &[f64], active: usize| -> Result<B::X> {
         let d = ctx.denoise_rows(x, t, active)?;
         let cx: Vec<f64> = t.iter().map(|&t| -0.5 * schedule.beta(t)).collect();
         let ce: Vec<f64> = t
             .iter()
             .map(|&t| schedule.beta(t) / (2.0 * schedule.sigma(t)))
             .collect();
-        lincomb_rows(&[(Coef::Rows(cx), x), (Coef::Rows(ce), &d.eps)])
+        ctx.lincomb(&[(Coef::from(cx), x), (Coef::from(ce), &d.eps)])
     };
-    let sol = dopri5(&mut field, x, t0, t1, rtol, atol, 1_000_000)?;
+    let sol = dopri5(ctx, &mut field, x, t0, t1, rtol, atol, 1_000_000)?;
     if zero {
-        ctx.begin_step(n - 1, t1);
+        ctx.begin_step(n - 1, t1, &sol.y)?;
         return Ok(ctx.denoise(&sol.y, t1)?.x0);
     }
     Ok(sol.y)

@@ -19,16 +19,14 @@
 use std::collections::VecDeque;
 
 use anyhow::Result;
-use candle_core::Tensor;
 
 use super::ddim::ddim_coefficients;
-use super::{Ctx, reaches_zero};
-use crate::ops::lincomb;
+use super::{Backend, Ctx, reaches_zero};
 
 /// The DDIM transfer `φ(x, ε, t → s)`.
-fn transfer(ctx: &Ctx, x: &Tensor, eps: &Tensor, t: f64, s: f64) -> Result<Tensor> {
+fn transfer<B: Backend>(ctx: &mut Ctx<B>, x: &B::X, eps: &B::X, t: f64, s: f64) -> Result<B::X> {
     let (a, b) = ddim_coefficients(ctx.schedule, t, s);
-    lincomb(&[(a, x), (b, eps)])
+    ctx.lc(&[(a, x), (b, eps)])
 }
 
 /// Adams–Bashforth combinations of the stored ε (newest first), orders 1 to 4.
@@ -40,23 +38,23 @@ const AB: [&[f64]; 4] = [
 ];
 
 /// `Σ_j c_j e_j` with the AB coefficients of the history's length.
-fn adams_bashforth(hist: &VecDeque<Tensor>) -> Result<Tensor> {
+fn adams_bashforth<B: Backend>(ctx: &mut Ctx<B>, hist: &VecDeque<B::X>) -> Result<B::X> {
     let c = AB[hist.len() - 1];
-    let terms: Vec<(f64, &Tensor)> = c.iter().copied().zip(hist.iter()).collect();
-    lincomb(&terms)
+    let terms: Vec<(f64, &B::X)> = c.iter().copied().zip(hist.iter()).collect();
+    ctx.lc(&terms)
 }
 
-fn push(hist: &mut VecDeque<Tensor>, e: Tensor) {
+fn push<X>(hist: &mut VecDeque<X>, e: X) {
     hist.push_front(e);
     hist.truncate(4);
 }
 
 /// F-PNDM: pseudo-RK4 for the first three steps, then the 4-step linear multistep.
-pub fn sample_pndm(ctx: &mut Ctx, mut x: Tensor, ts: &[f64]) -> Result<Tensor> {
-    let mut hist: VecDeque<Tensor> = VecDeque::with_capacity(4);
+pub fn sample_pndm<B: Backend>(ctx: &mut Ctx<B>, mut x: B::X, ts: &[f64]) -> Result<B::X> {
+    let mut hist: VecDeque<B::X> = VecDeque::with_capacity(4);
     for i in 0..ts.len() - 1 {
         let (t, s) = (ts[i], ts[i + 1]);
-        ctx.begin_step(i, t);
+        ctx.begin_step(i, t, &x)?;
         let d = ctx.denoise(&x, t)?;
         if reaches_zero(ctx.schedule, s) {
             x = d.x0;
@@ -65,10 +63,13 @@ pub fn sample_pndm(ctx: &mut Ctx, mut x: Tensor, ts: &[f64]) -> Result<Tensor> {
         let e1 = d.eps;
         if i < 3 {
             let mid = 0.5 * (t + s);
-            let e2 = ctx.denoise(&transfer(ctx, &x, &e1, t, mid)?, mid)?.eps;
-            let e3 = ctx.denoise(&transfer(ctx, &x, &e2, t, mid)?, mid)?.eps;
-            let e4 = ctx.denoise(&transfer(ctx, &x, &e3, t, s)?, s)?.eps;
-            let e = lincomb(&[
+            let xe2 = transfer(ctx, &x, &e1, t, mid)?;
+            let e2 = ctx.denoise(&xe2, mid)?.eps;
+            let xe3 = transfer(ctx, &x, &e2, t, mid)?;
+            let e3 = ctx.denoise(&xe3, mid)?.eps;
+            let xe4 = transfer(ctx, &x, &e3, t, s)?;
+            let e4 = ctx.denoise(&xe4, s)?.eps;
+            let e = ctx.lc(&[
                 (1.0 / 6.0, &e1),
                 (1.0 / 3.0, &e2),
                 (1.0 / 3.0, &e3),
@@ -78,18 +79,19 @@ pub fn sample_pndm(ctx: &mut Ctx, mut x: Tensor, ts: &[f64]) -> Result<Tensor> {
             x = transfer(ctx, &x, &e, t, s)?;
         } else {
             push(&mut hist, e1);
-            x = transfer(ctx, &x, &adams_bashforth(&hist)?, t, s)?;
+            let e = adams_bashforth(ctx, &hist)?;
+            x = transfer(ctx, &x, &e, t, s)?;
         }
     }
     Ok(x)
 }
 
 /// PLMS: one Heun step, then Adams–Bashforth 2, 3, 4.
-pub fn sample_plms(ctx: &mut Ctx, mut x: Tensor, ts: &[f64]) -> Result<Tensor> {
-    let mut hist: VecDeque<Tensor> = VecDeque::with_capacity(4);
+pub fn sample_plms<B: Backend>(ctx: &mut Ctx<B>, mut x: B::X, ts: &[f64]) -> Result<B::X> {
+    let mut hist: VecDeque<B::X> = VecDeque::with_capacity(4);
     for i in 0..ts.len() - 1 {
         let (t, s) = (ts[i], ts[i + 1]);
-        ctx.begin_step(i, t);
+        ctx.begin_step(i, t, &x)?;
         let d = ctx.denoise(&x, t)?;
         if reaches_zero(ctx.schedule, s) {
             x = d.x0;
@@ -99,30 +101,32 @@ pub fn sample_plms(ctx: &mut Ctx, mut x: Tensor, ts: &[f64]) -> Result<Tensor> {
         if i == 0 {
             let x1 = transfer(ctx, &x, &e, t, s)?;
             let e_next = ctx.denoise(&x1, s)?.eps;
-            let heun = lincomb(&[(0.5, &e), (0.5, &e_next)])?;
+            let heun = ctx.lc(&[(0.5, &e), (0.5, &e_next)])?;
             push(&mut hist, e);
             x = transfer(ctx, &x, &heun, t, s)?;
         } else {
             push(&mut hist, e);
-            x = transfer(ctx, &x, &adams_bashforth(&hist)?, t, s)?;
+            let e = adams_bashforth(ctx, &hist)?;
+            x = transfer(ctx, &x, &e, t, s)?;
         }
     }
     Ok(x)
 }
 
 /// iPNDM: Adams–Bashforth of orders 1, 2, 3, 4 from the start, one NFE per step.
-pub fn sample_ipndm(ctx: &mut Ctx, mut x: Tensor, ts: &[f64]) -> Result<Tensor> {
-    let mut hist: VecDeque<Tensor> = VecDeque::with_capacity(4);
+pub fn sample_ipndm<B: Backend>(ctx: &mut Ctx<B>, mut x: B::X, ts: &[f64]) -> Result<B::X> {
+    let mut hist: VecDeque<B::X> = VecDeque::with_capacity(4);
     for i in 0..ts.len() - 1 {
         let (t, s) = (ts[i], ts[i + 1]);
-        ctx.begin_step(i, t);
+        ctx.begin_step(i, t, &x)?;
         let d = ctx.denoise(&x, t)?;
         if reaches_zero(ctx.schedule, s) {
             x = d.x0;
             continue;
         }
         push(&mut hist, d.eps);
-        x = transfer(ctx, &x, &adams_bashforth(&hist)?, t, s)?;
+        let e = adams_bashforth(ctx, &hist)?;
+        x = transfer(ctx, &x, &e, t, s)?;
     }
     Ok(x)
 }

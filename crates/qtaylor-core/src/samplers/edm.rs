@@ -23,10 +23,8 @@
 //! deterministic Heun sampler.
 
 use anyhow::Result;
-use candle_core::Tensor;
 
-use super::{Ctx, Options, reaches_zero};
-use crate::ops::lincomb;
+use super::{Backend, Ctx, Options, reaches_zero};
 use crate::schedule::Schedule;
 
 /// EDM's stochasticity parameters (in ς = σ/α units).
@@ -80,24 +78,30 @@ pub fn karras_sigmas(
 }
 
 /// ε̂ at VE state `xv` and ς (one NFE); returns (ε̂, x̂0 in VE units = x̂0).
-fn denoise_ve(ctx: &mut Ctx, xv: &Tensor, sig: f64) -> Result<(Tensor, Tensor)> {
+fn denoise_ve<B: Backend>(ctx: &mut Ctx<B>, xv: &B::X, sig: f64) -> Result<(B::X, B::X)> {
     let t = ctx.schedule.t_of_lambda(-sig.ln())?;
     let alpha = ctx.schedule.alpha(t);
-    let d = ctx.denoise(&(xv * alpha)?, t)?;
+    let x = ctx.lc(&[(alpha, xv)])?;
+    let d = ctx.denoise(&x, t)?;
     Ok((d.eps, d.x0))
 }
 
 /// EDM Heun with churn: 2 NFE per step (1 for a final step to σ = 0).
-pub fn sample_edm_heun(ctx: &mut Ctx, x: Tensor, ts: &[f64], churn: &Churn) -> Result<Tensor> {
+pub fn sample_edm_heun<B: Backend>(
+    ctx: &mut Ctx<B>,
+    x: B::X,
+    ts: &[f64],
+    churn: &Churn,
+) -> Result<B::X> {
     let n = ts.len() - 1;
     let sched = ctx.schedule;
     let zero = reaches_zero(sched, ts[n]);
     let t_end = if zero { ts[n - 1] } else { ts[n] };
     let sig = karras_sigmas(sched, ts[0], t_end, n, zero);
     let sig_cap = varsigma(sched, sched.t_end());
-    let mut xv = (x / sched.alpha(ts[0]))?;
+    let mut xv = ctx.lc(&[(1.0 / sched.alpha(ts[0]), &x)])?;
     for i in 0..n {
-        ctx.begin_step(i, ts[i]);
+        ctx.begin_step(i, ts[i], &x)?;
         let (si, sn) = (sig[i], sig[i + 1]);
         let gamma = if churn.s_tmin <= si && si <= churn.s_tmax {
             (churn.s_churn / n as f64).min(2f64.sqrt() - 1.0)
@@ -107,7 +111,7 @@ pub fn sample_edm_heun(ctx: &mut Ctx, x: Tensor, ts: &[f64], churn: &Churn) -> R
         let s_hat = (si * (1.0 + gamma)).min(sig_cap.max(si));
         let x_hat = if s_hat > si && churn.s_noise > 0.0 {
             let z = ctx.noise_like(&xv)?;
-            lincomb(&[
+            ctx.lc(&[
                 (1.0, &xv),
                 ((s_hat * s_hat - si * si).sqrt() * churn.s_noise, &z),
             ])?
@@ -119,15 +123,15 @@ pub fn sample_edm_heun(ctx: &mut Ctx, x: Tensor, ts: &[f64], churn: &Churn) -> R
             xv = x0;
             continue;
         }
-        let x_euler = lincomb(&[(1.0, &x_hat), (sn - s_hat, &d)])?;
+        let x_euler = ctx.lc(&[(1.0, &x_hat), (sn - s_hat, &d)])?;
         let (d2, _) = denoise_ve(ctx, &x_euler, sn)?;
-        xv = lincomb(&[
+        xv = ctx.lc(&[
             (1.0, &x_hat),
             (0.5 * (sn - s_hat), &d),
             (0.5 * (sn - s_hat), &d2),
         ])?;
     }
-    Ok((xv * sched.alpha(ts[n]))?)
+    ctx.lc(&[(sched.alpha(ts[n]), &xv)])
 }
 
 #[cfg(test)]

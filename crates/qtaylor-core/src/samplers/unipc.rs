@@ -24,10 +24,8 @@ use std::fmt;
 use std::str::FromStr;
 
 use anyhow::{Result, bail};
-use candle_core::Tensor;
 
-use super::{Ctx, reaches_zero};
-use crate::ops::lincomb;
+use super::{Backend, Ctx, reaches_zero};
 
 /// UniPC's B(h).
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -112,16 +110,16 @@ fn vandermonde(rks: &[f64], n: usize) -> Vec<Vec<f64>> {
 /// One UniPC update from s₀ to t. `hist` holds (λ, m) of the grid points up to s₀, newest
 /// last; `m_t` is the new model output for the corrector (None: predictor).
 #[allow(clippy::too_many_arguments)]
-fn update(
-    ctx: &Ctx,
-    x: &Tensor,
-    hist: &[(f64, Tensor)],
+fn update<B: Backend>(
+    ctx: &mut Ctx<B>,
+    x: &B::X,
+    hist: &[(f64, B::X)],
     s0: f64,
     t: f64,
     order: usize,
-    m_t: Option<&Tensor>,
+    m_t: Option<&B::X>,
     variant: UniPcVariant,
-) -> Result<Tensor> {
+) -> Result<B::X> {
     let sc = ctx.schedule;
     let (lam0, m0) = (&hist[hist.len() - 1].0, &hist[hist.len() - 1].1);
     let h = sc.lambda(t) - lam0;
@@ -146,7 +144,7 @@ fn update(
     };
     let scale = -alpha_t * bh;
     let mut m0_coef = -alpha_t * hh.exp_m1();
-    let mut terms: Vec<(f64, &Tensor)> = vec![(ratio, x)];
+    let mut terms: Vec<(f64, &B::X)> = vec![(ratio, x)];
     for k in 1..order {
         // D_k = (m_k − m₀)/r_k
         let c = scale * rho[k - 1] / rks[k - 1];
@@ -159,27 +157,27 @@ fn update(
         m0_coef -= c;
     }
     terms.push((m0_coef, m0));
-    lincomb(&terms)
+    ctx.lc(&terms)
 }
 
 /// UniPC of order `order` (1 NFE per step).
 #[allow(clippy::too_many_arguments)]
-pub fn sample_unipc(
-    ctx: &mut Ctx,
-    mut x: Tensor,
+pub fn sample_unipc<B: Backend>(
+    ctx: &mut Ctx<B>,
+    mut x: B::X,
     ts: &[f64],
     order: usize,
     variant: UniPcVariant,
     corrector: bool,
     lower_order_final: bool,
-) -> Result<Tensor> {
+) -> Result<B::X> {
     let n = ts.len() - 1;
-    let mut hist: Vec<(f64, Tensor)> = Vec::with_capacity(order + 1);
+    let mut hist: Vec<(f64, B::X)> = Vec::with_capacity(order + 1);
     // The state the previous predictor started from, and its order.
-    let mut last: Option<(Tensor, usize)> = None;
+    let mut last: Option<(B::X, usize)> = None;
     for i in 0..n {
         let (t, s) = (ts[i], ts[i + 1]);
-        ctx.begin_step(i, t);
+        ctx.begin_step(i, t, &x)?;
         let m = ctx.denoise(&x, t)?.x0;
         if corrector && let Some((x_start, p)) = &last {
             x = update(ctx, x_start, &hist, ts[i - 1], t, *p, Some(&m), variant)?;

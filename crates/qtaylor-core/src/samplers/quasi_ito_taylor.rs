@@ -22,10 +22,8 @@
 //! posterior, which `qit-inf` runs through [`super::ddim::sample_ddim`] with η = 1.
 
 use anyhow::Result;
-use candle_core::Tensor;
 
-use super::{Ctx, reaches_zero};
-use crate::ops::lincomb;
+use super::{Backend, Ctx, reaches_zero};
 use crate::schedule::Schedule;
 
 /// Coefficients of the order-2 step `x_s = A x_t + B ε̂ + C₁ ξ₁ + C₂ ξ₂`.
@@ -62,10 +60,10 @@ pub fn qit2_coefficients(schedule: &dyn Schedule, t: f64, s: f64) -> Qit2Coeffic
 }
 
 /// Order-2 quasi-Itô-Taylor sampler (one NFE and two normal draws per step).
-pub fn sample_qit2(ctx: &mut Ctx, mut x: Tensor, ts: &[f64]) -> Result<Tensor> {
+pub fn sample_qit2<B: Backend>(ctx: &mut Ctx<B>, mut x: B::X, ts: &[f64]) -> Result<B::X> {
     for i in 0..ts.len() - 1 {
         let (t, s) = (ts[i], ts[i + 1]);
-        ctx.begin_step(i, t);
+        ctx.begin_step(i, t, &x)?;
         let d = ctx.denoise(&x, t)?;
         if reaches_zero(ctx.schedule, s) {
             x = d.x0;
@@ -74,7 +72,7 @@ pub fn sample_qit2(ctx: &mut Ctx, mut x: Tensor, ts: &[f64]) -> Result<Tensor> {
         let c = qit2_coefficients(ctx.schedule, t, s);
         let xi1 = ctx.noise_like(&x)?;
         let xi2 = ctx.noise_like(&x)?;
-        x = lincomb(&[(c.a, &x), (c.b, &d.eps), (c.c1, &xi1), (c.c2, &xi2)])?;
+        x = ctx.lc(&[(c.a, &x), (c.b, &d.eps), (c.c1, &xi1), (c.c2, &xi2)])?;
     }
     Ok(x)
 }
@@ -82,7 +80,7 @@ pub fn sample_qit2(ctx: &mut Ctx, mut x: Tensor, ts: &[f64]) -> Result<Tensor> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::metrics::loglog_slope as fit_slope;
+    use crate::loglog_slope as fit_slope;
     use crate::samplers::DdpmVariance;
     use crate::samplers::ddim::ddpm_coefficients;
     use crate::samplers::euler_maruyama::em_coefficients;

@@ -22,10 +22,9 @@
 //! for every sample separately (the reference controls the batch as a whole).
 
 use anyhow::{Result, bail};
-use candle_core::{D, DType, Tensor};
 
-use super::{Ctx, reaches_zero};
-use crate::ops::{Coef, lincomb_rows};
+use super::{Backend, Ctx, reaches_zero};
+use crate::exec::{Coef, Tolerance};
 use crate::schedule::Schedule;
 
 /// Per-row scalars of a set of points: time, ln α, σ, λ.
@@ -65,9 +64,15 @@ fn rows(n: usize, f: impl Fn(usize) -> f64) -> Coef {
 }
 
 /// DPM-Solver-1 from `p` to `q` given ε at `p`: `(α_q/α_p) x − σ_q (e^h − 1) ε`.
-fn first_order(p: &Points, q: &Points, x: &Tensor, eps: &Tensor) -> Result<Tensor> {
+fn first_order<B: Backend>(
+    ctx: &mut Ctx<B>,
+    p: &Points,
+    q: &Points,
+    x: &B::X,
+    eps: &B::X,
+) -> Result<B::X> {
     let n = p.len();
-    lincomb_rows(&[
+    ctx.lincomb(&[
         (rows(n, |i| (q.log_alpha[i] - p.log_alpha[i]).exp()), x),
         (
             rows(n, |i| -q.sigma[i] * (q.lambda[i] - p.lambda[i]).exp_m1()),
@@ -93,22 +98,22 @@ fn between(schedule: &dyn Schedule, p: &Points, h: &[f64], r: f64) -> Result<Poi
 }
 
 /// DPM-Solver-2 with intermediate fraction `r1`; returns x_q and ε at the intermediate point.
-fn second_order(
-    ctx: &mut Ctx,
+fn second_order<B: Backend>(
+    ctx: &mut Ctx<B>,
     p: &Points,
     q: &Points,
-    x: &Tensor,
-    eps: &Tensor,
+    x: &B::X,
+    eps: &B::X,
     r1: f64,
     active: usize,
-) -> Result<(Tensor, Tensor)> {
+) -> Result<(B::X, B::X)> {
     let n = p.len();
     let h: Vec<f64> = (0..n).map(|i| q.lambda[i] - p.lambda[i]).collect();
     let u = between(ctx.schedule, p, &h, r1)?;
-    let x_u = first_order(p, &u, x, eps)?;
+    let x_u = first_order(ctx, p, &u, x, eps)?;
     let eps_u = ctx.denoise_rows(&x_u, &u.t, active)?.eps;
     let e = |i: usize| h[i].exp_m1();
-    let x_q = lincomb_rows(&[
+    let x_q = ctx.lincomb(&[
         (rows(n, |i| (q.log_alpha[i] - p.log_alpha[i]).exp()), x),
         (rows(n, |i| -q.sigma[i] * e(i) * (1.0 - 0.5 / r1)), eps),
         (rows(n, |i| -q.sigma[i] * e(i) * 0.5 / r1), &eps_u),
@@ -118,15 +123,15 @@ fn second_order(
 
 /// DPM-Solver-3 with r₁ = ⅓, r₂ = ⅔; `eps_u1` may come from a DPM-Solver-2 step with
 /// r₁ = ⅓ over the same interval (the adaptive pair).
-fn third_order(
-    ctx: &mut Ctx,
+fn third_order<B: Backend>(
+    ctx: &mut Ctx<B>,
     p: &Points,
     q: &Points,
-    x: &Tensor,
-    eps: &Tensor,
-    eps_u1: Option<Tensor>,
+    x: &B::X,
+    eps: &B::X,
+    eps_u1: Option<B::X>,
     active: usize,
-) -> Result<Tensor> {
+) -> Result<B::X> {
     let (r1, r2) = (1.0 / 3.0, 2.0 / 3.0);
     let n = p.len();
     let h: Vec<f64> = (0..n).map(|i| q.lambda[i] - p.lambda[i]).collect();
@@ -134,7 +139,7 @@ fn third_order(
         Some(e) => e,
         None => {
             let u1 = between(ctx.schedule, p, &h, r1)?;
-            let x_u1 = first_order(p, &u1, x, eps)?;
+            let x_u1 = first_order(ctx, p, &u1, x, eps)?;
             ctx.denoise_rows(&x_u1, &u1.t, active)?.eps
         }
     };
@@ -145,7 +150,7 @@ fn third_order(
         if z == 0.0 { 0.0 } else { z.exp_m1() / z - 1.0 }
     };
     let c = |i: usize| (r2 / r1) * u2.sigma[i] * phi(i);
-    let x_u2 = lincomb_rows(&[
+    let x_u2 = ctx.lincomb(&[
         (rows(n, |i| (u2.log_alpha[i] - p.log_alpha[i]).exp()), x),
         (rows(n, |i| -u2.sigma[i] * (r2 * h[i]).exp_m1() + c(i)), eps),
         (rows(n, |i| -c(i)), &eps_u1),
@@ -159,7 +164,7 @@ fn third_order(
         }
     };
     let d = |i: usize| q.sigma[i] / r2 * psi2(i);
-    lincomb_rows(&[
+    ctx.lincomb(&[
         (rows(n, |i| (q.log_alpha[i] - p.log_alpha[i]).exp()), x),
         (rows(n, |i| -q.sigma[i] * h[i].exp_m1() + d(i)), eps),
         (rows(n, |i| -d(i)), &eps_u2),
@@ -167,8 +172,8 @@ fn third_order(
 }
 
 /// One single-step DPM-Solver step of `order` from t to s (order NFE).
-fn step(ctx: &mut Ctx, x: &Tensor, t: f64, s: f64, order: usize) -> Result<Tensor> {
-    let b = x.dims()[0];
+fn step<B: Backend>(ctx: &mut Ctx<B>, x: &B::X, t: f64, s: f64, order: usize) -> Result<B::X> {
+    let b = ctx.rows();
     let d = ctx.denoise(x, t)?;
     if reaches_zero(ctx.schedule, s) {
         return Ok(d.x0);
@@ -178,16 +183,21 @@ fn step(ctx: &mut Ctx, x: &Tensor, t: f64, s: f64, order: usize) -> Result<Tenso
         Points::at_times(ctx.schedule, &[s]),
     );
     match order {
-        1 => first_order(&p, &q, x, &d.eps),
+        1 => first_order(ctx, &p, &q, x, &d.eps),
         2 => Ok(second_order(ctx, &p, &q, x, &d.eps, 0.5, b)?.0),
         _ => third_order(ctx, &p, &q, x, &d.eps, None, b),
     }
 }
 
 /// DPM-Solver-K on the grid: K NFE per step.
-pub fn sample_dpm_solver(ctx: &mut Ctx, mut x: Tensor, ts: &[f64], order: usize) -> Result<Tensor> {
+pub fn sample_dpm_solver<B: Backend>(
+    ctx: &mut Ctx<B>,
+    mut x: B::X,
+    ts: &[f64],
+    order: usize,
+) -> Result<B::X> {
     for i in 0..ts.len() - 1 {
-        ctx.begin_step(i, ts[i]);
+        ctx.begin_step(i, ts[i], &x)?;
         x = step(ctx, &x, ts[i], ts[i + 1], order)?;
     }
     Ok(x)
@@ -212,7 +222,11 @@ pub fn fast_orders(nfe: usize) -> Vec<usize> {
 
 /// DPM-Solver-fast: `ts.len() − 1` is the NFE budget; only the grid's end points are used,
 /// the steps are uniform in λ between them (the paper's `skip_type = logSNR`).
-pub fn sample_dpm_solver_fast(ctx: &mut Ctx, mut x: Tensor, ts: &[f64]) -> Result<Tensor> {
+pub fn sample_dpm_solver_fast<B: Backend>(
+    ctx: &mut Ctx<B>,
+    mut x: B::X,
+    ts: &[f64],
+) -> Result<B::X> {
     let n = ts.len() - 1;
     let zero = reaches_zero(ctx.schedule, ts[n]);
     // With a final step to σ = 0 the solver works up to the last positive grid time and
@@ -232,53 +246,52 @@ pub fn sample_dpm_solver_fast(ctx: &mut Ctx, mut x: Tensor, ts: &[f64]) -> Resul
             })
             .collect::<Result<_>>()?;
         for (j, &order) in orders.iter().enumerate() {
-            ctx.begin_step(j, grid[j]);
+            ctx.begin_step(j, grid[j], &x)?;
             x = step(ctx, &x, grid[j], grid[j + 1], order)?;
         }
     }
     if zero {
-        ctx.begin_step(n - 1, t_end);
+        ctx.begin_step(n - 1, t_end, &x)?;
         x = ctx.denoise(&x, t_end)?.x0;
     }
     Ok(x)
 }
 
 /// Per-row RMS of `(hi − lo)/δ`, `δ = max(atol, rtol·max(|lo|, |prev|))` (reference code).
-fn error_norm(hi: &Tensor, lo: &Tensor, prev: &Tensor, rtol: f64, atol: f64) -> Result<Vec<f64>> {
-    let b = hi.dims()[0];
-    let delta = lo
-        .abs()?
-        .maximum(&prev.abs()?)?
-        .affine(rtol, 0.0)?
-        .maximum(atol)?;
-    let r = ((hi - lo)? / delta)?
-        .to_dtype(DType::F64)?
-        .reshape((b, ()))?;
-    Ok(r.sqr()?.mean(D::Minus1)?.sqrt()?.to_vec1::<f64>()?)
+fn error_norm<B: Backend>(
+    ctx: &mut Ctx<B>,
+    hi: &B::X,
+    lo: &B::X,
+    prev: &B::X,
+    rtol: f64,
+    atol: f64,
+) -> Result<Vec<f64>> {
+    let diff = ctx.lc(&[(1.0, hi), (-1.0, lo)])?;
+    ctx.error_norm(&diff, lo, prev, rtol, atol, Tolerance::Max)
 }
 
 /// Adaptive DPM-Solver-12 (`order` 2) or -23 (`order` 3) between the grid's end points.
-pub fn sample_dpm_solver_adaptive(
-    ctx: &mut Ctx,
-    mut x: Tensor,
+pub fn sample_dpm_solver_adaptive<B: Backend>(
+    ctx: &mut Ctx<B>,
+    mut x: B::X,
     ts: &[f64],
     order: usize,
     rtol: f64,
     atol: f64,
-) -> Result<Tensor> {
+) -> Result<B::X> {
     const THETA: f64 = 0.9;
     const H_INIT: f64 = 0.05;
     let n = ts.len() - 1;
     let zero = reaches_zero(ctx.schedule, ts[n]);
     let t_end = if zero { ts[n - 1] } else { ts[n] };
-    let b = x.dims()[0];
+    let b = ctx.rows();
     let sched = ctx.schedule;
     let lam_end = sched.lambda(t_end);
     let mut lam = vec![sched.lambda(ts[0]); b];
     let mut h = vec![H_INIT; b];
     let mut done = vec![ts[0] == t_end; b];
     let mut x_prev = x.clone();
-    ctx.begin_step(0, ts[0]);
+    ctx.begin_step(0, ts[0], &x)?;
     for iter in 0..100_000 {
         if done.iter().all(|&d| d) {
             break;
@@ -308,7 +321,7 @@ pub fn sample_dpm_solver_adaptive(
         }
         let eps = ctx.denoise_rows(&x, &p.t, active)?.eps;
         let (lo, hi) = if order == 2 {
-            let lo = first_order(&p, &q, &x, &eps)?;
+            let lo = first_order(ctx, &p, &q, &x, &eps)?;
             let (hi, _) = second_order(ctx, &p, &q, &x, &eps, 0.5, active)?;
             (lo, hi)
         } else {
@@ -316,7 +329,7 @@ pub fn sample_dpm_solver_adaptive(
             let hi = third_order(ctx, &p, &q, &x, &eps, Some(eps_u1), active)?;
             (lo, hi)
         };
-        let err = error_norm(&hi, &lo, &x_prev, rtol, atol)?;
+        let err = error_norm(ctx, &hi, &lo, &x_prev, rtol, atol)?;
         let mut take = vec![0.0; b];
         for i in 0..b {
             if done[i] {
@@ -341,14 +354,14 @@ pub fn sample_dpm_solver_adaptive(
             h[i] = (THETA * h[i] * err[i].powf(-1.0 / order as f64)).min(lam_end - lam[i]);
         }
         let keep: Vec<f64> = take.iter().map(|t| 1.0 - t).collect();
-        x_prev = lincomb_rows(&[
+        x_prev = ctx.lincomb(&[
             (Coef::Rows(take.clone()), &lo),
             (Coef::Rows(keep.clone()), &x_prev),
         ])?;
-        x = lincomb_rows(&[(Coef::Rows(take), &hi), (Coef::Rows(keep), &x)])?;
+        x = ctx.lincomb(&[(Coef::Rows(take), &hi), (Coef::Rows(keep), &x)])?;
     }
     if zero {
-        ctx.begin_step(n - 1, t_end);
+        ctx.begin_step(n - 1, t_end, &x)?;
         x = ctx.denoise(&x, t_end)?.x0;
     }
     Ok(x)

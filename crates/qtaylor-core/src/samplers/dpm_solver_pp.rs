@@ -24,13 +24,11 @@
 //! parity with those implementations).
 
 use anyhow::Result;
-use candle_core::Tensor;
 
-use super::{Ctx, reaches_zero};
-use crate::ops::lincomb;
+use super::{Backend, Ctx, reaches_zero};
 
 /// `(σ_s/σ_t, α_s, h)` of a step.
-fn scalars(ctx: &Ctx, t: f64, s: f64) -> (f64, f64, f64) {
+fn scalars<B: Backend>(ctx: &mut Ctx<B>, t: f64, s: f64) -> (f64, f64, f64) {
     let sc = ctx.schedule;
     (
         sc.sigma(s) / sc.sigma(t),
@@ -55,19 +53,19 @@ pub(crate) fn multistep_order(
 }
 
 /// DPM-Solver++(2M) (`order` 2) or (3M) (`order` 3): one NFE per step.
-pub fn sample_dpmpp_multistep(
-    ctx: &mut Ctx,
-    mut x: Tensor,
+pub fn sample_dpmpp_multistep<B: Backend>(
+    ctx: &mut Ctx<B>,
+    mut x: B::X,
     ts: &[f64],
     order: usize,
     lower_order_final: bool,
-) -> Result<Tensor> {
+) -> Result<B::X> {
     let n = ts.len() - 1;
     // (λ, x̂0) of the last `order` grid points, newest last.
-    let mut hist: Vec<(f64, Tensor)> = Vec::with_capacity(order);
+    let mut hist: Vec<(f64, B::X)> = Vec::with_capacity(order);
     for i in 0..n {
         let (t, s) = (ts[i], ts[i + 1]);
-        ctx.begin_step(i, t);
+        ctx.begin_step(i, t, &x)?;
         let m0 = ctx.denoise(&x, t)?.x0;
         if reaches_zero(ctx.schedule, s) {
             x = m0;
@@ -83,10 +81,10 @@ pub fn sample_dpmpp_multistep(
         let m = |j: usize| &hist[hist.len() - 1 - j].1;
         let lam = |j: usize| hist[hist.len() - 1 - j].0;
         x = match k {
-            1 => lincomb(&[(ratio, &x), (-a_s * phi1, m(0))])?,
+            1 => ctx.lc(&[(ratio, &x), (-a_s * phi1, m(0))])?,
             2 => {
                 let r0 = (lam(0) - lam(1)) / h;
-                lincomb(&[
+                ctx.lc(&[
                     (ratio, &x),
                     (-a_s * phi1 * (1.0 + 0.5 / r0), m(0)),
                     (a_s * phi1 * 0.5 / r0, m(1)),
@@ -100,7 +98,7 @@ pub fn sample_dpmpp_multistep(
                 // x_s = ratio·x − α_s φ₁ m₀ + c₁₀ D₁₀ + c₁₁ D₁₁
                 let c10 = a_s * (phi2 * (1.0 + a) - phi3 / (r0 + r1));
                 let c11 = a_s * (-phi2 * a + phi3 / (r0 + r1));
-                lincomb(&[
+                ctx.lc(&[
                     (ratio, &x),
                     (-a_s * phi1 + c10 / r0, m(0)),
                     (-c10 / r0 + c11 / r1, m(1)),
@@ -113,10 +111,10 @@ pub fn sample_dpmpp_multistep(
 }
 
 /// DPM-Solver++(2S): single-step, intermediate point at the λ-midpoint; two NFE per step.
-pub fn sample_dpmpp_2s(ctx: &mut Ctx, mut x: Tensor, ts: &[f64]) -> Result<Tensor> {
+pub fn sample_dpmpp_2s<B: Backend>(ctx: &mut Ctx<B>, mut x: B::X, ts: &[f64]) -> Result<B::X> {
     for i in 0..ts.len() - 1 {
         let (t, s) = (ts[i], ts[i + 1]);
-        ctx.begin_step(i, t);
+        ctx.begin_step(i, t, &x)?;
         let m0 = ctx.denoise(&x, t)?.x0;
         if reaches_zero(ctx.schedule, s) {
             x = m0;
@@ -126,29 +124,29 @@ pub fn sample_dpmpp_2s(ctx: &mut Ctx, mut x: Tensor, ts: &[f64]) -> Result<Tenso
         let h = sc.lambda(s) - sc.lambda(t);
         let u = sc.t_of_lambda(sc.lambda(t) + 0.5 * h)?;
         let (ru, a_u, _) = scalars(ctx, t, u);
-        let x_u = lincomb(&[(ru, &x), (-a_u * (-0.5 * h).exp_m1(), &m0)])?;
+        let x_u = ctx.lc(&[(ru, &x), (-a_u * (-0.5 * h).exp_m1(), &m0)])?;
         let m_u = ctx.denoise(&x_u, u)?.x0;
         let (ratio, a_s, _) = scalars(ctx, t, s);
         let phi1 = (-h).exp_m1();
         // − α_s φ₁ m₀ − (1/(2r₁)) α_s φ₁ (m_u − m₀) with r₁ = ½: the midpoint value alone.
-        x = lincomb(&[(ratio, &x), (-a_s * phi1, &m_u)])?;
+        x = ctx.lc(&[(ratio, &x), (-a_s * phi1, &m_u)])?;
     }
     Ok(x)
 }
 
 /// SDE-DPM-Solver++(2M) with stochasticity η (one NFE and one normal draw per step).
-pub fn sample_dpmpp_2m_sde(
-    ctx: &mut Ctx,
-    mut x: Tensor,
+pub fn sample_dpmpp_2m_sde<B: Backend>(
+    ctx: &mut Ctx<B>,
+    mut x: B::X,
     ts: &[f64],
     eta: f64,
     lower_order_final: bool,
-) -> Result<Tensor> {
+) -> Result<B::X> {
     let n = ts.len() - 1;
-    let mut prev: Option<(f64, Tensor)> = None; // (λ, x̂0) of the previous grid point
+    let mut prev: Option<(f64, B::X)> = None; // (λ, x̂0) of the previous grid point
     for i in 0..n {
         let (t, s) = (ts[i], ts[i + 1]);
-        ctx.begin_step(i, t);
+        ctx.begin_step(i, t, &x)?;
         let m0 = ctx.denoise(&x, t)?.x0;
         if reaches_zero(ctx.schedule, s) {
             x = m0;
@@ -166,7 +164,7 @@ pub fn sample_dpmpp_2m_sde(
         } else {
             None
         };
-        let mut terms: Vec<(f64, &Tensor)> = vec![(base, &x)];
+        let mut terms: Vec<(f64, &B::X)> = vec![(base, &x)];
         match (&prev, k) {
             (Some((lam1, m1)), 2) => {
                 let r0 = (lam_t - lam1) / h;
@@ -178,7 +176,7 @@ pub fn sample_dpmpp_2m_sde(
         if let Some(z) = &z {
             terms.push((noise_std, z));
         }
-        let next = lincomb(&terms)?;
+        let next = ctx.lc(&terms)?;
         prev = Some((lam_t, m0));
         x = next;
     }

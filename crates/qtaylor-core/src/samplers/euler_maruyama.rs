@@ -11,10 +11,8 @@
 //! It is also the order-1 quasi-Itô-Taylor scheme (`qit-1`, DESIGN §5).
 
 use anyhow::Result;
-use candle_core::Tensor;
 
-use super::{Ctx, reaches_zero};
-use crate::ops::lincomb;
+use super::{Backend, Ctx, reaches_zero};
 use crate::schedule::Schedule;
 
 /// `(A, B, C)` of the Euler–Maruyama step `x_s = A x_t + B ε̂ + C ξ`.
@@ -28,10 +26,10 @@ pub fn em_coefficients(schedule: &dyn Schedule, t: f64, s: f64) -> (f64, f64, f6
 }
 
 /// Euler–Maruyama sampler (one NFE per step).
-pub fn sample_em(ctx: &mut Ctx, mut x: Tensor, ts: &[f64]) -> Result<Tensor> {
+pub fn sample_em<B: Backend>(ctx: &mut Ctx<B>, mut x: B::X, ts: &[f64]) -> Result<B::X> {
     for i in 0..ts.len() - 1 {
         let (t, s) = (ts[i], ts[i + 1]);
-        ctx.begin_step(i, t);
+        ctx.begin_step(i, t, &x)?;
         let d = ctx.denoise(&x, t)?;
         if reaches_zero(ctx.schedule, s) {
             x = d.x0;
@@ -39,7 +37,7 @@ pub fn sample_em(ctx: &mut Ctx, mut x: Tensor, ts: &[f64]) -> Result<Tensor> {
         }
         let (a, b, c) = em_coefficients(ctx.schedule, t, s);
         let z = ctx.noise_like(&x)?;
-        x = lincomb(&[(a, &x), (b, &d.eps), (c, &z)])?;
+        x = ctx.lc(&[(a, &x), (b, &d.eps), (c, &z)])?;
     }
     Ok(x)
 }

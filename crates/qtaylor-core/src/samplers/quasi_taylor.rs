@@ -28,11 +28,9 @@ use std::fmt;
 use std::str::FromStr;
 
 use anyhow::{Result, bail};
-use candle_core::Tensor;
 
 use super::ddim::ddim_coefficients;
-use super::{Ctx, reaches_zero};
-use crate::ops::lincomb;
+use super::{Backend, Ctx, reaches_zero};
 use crate::schedule::Schedule;
 use crate::series::Series;
 
@@ -135,18 +133,18 @@ pub fn qt_coefficients(
 }
 
 /// Quasi-Taylor sampler of order K: one NFE per step, `x ← A x + B ε̂`.
-pub fn sample_qt(
-    ctx: &mut Ctx,
-    mut x: Tensor,
+pub fn sample_qt<B: Backend>(
+    ctx: &mut Ctx<B>,
+    mut x: B::X,
     ts: &[f64],
     order: usize,
     expand: Expansion,
     last: LastStep,
-) -> Result<Tensor> {
+) -> Result<B::X> {
     let n = ts.len() - 1;
     for i in 0..n {
         let (t, s) = (ts[i], ts[i + 1]);
-        ctx.begin_step(i, t);
+        ctx.begin_step(i, t, &x)?;
         let d = ctx.denoise(&x, t)?;
         if reaches_zero(ctx.schedule, s) {
             x = d.x0;
@@ -157,7 +155,7 @@ pub fn sample_qt(
         } else {
             qt_coefficients(ctx.schedule, t, s, order, expand)
         };
-        x = lincomb(&[(a, &x), (b, &d.eps)])?;
+        x = ctx.lc(&[(a, &x), (b, &d.eps)])?;
     }
     Ok(x)
 }
@@ -165,7 +163,7 @@ pub fn sample_qt(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::metrics::loglog_slope as fit_slope;
+    use crate::loglog_slope as fit_slope;
     use crate::schedule::{Cosine, VpLinear};
 
     #[test]

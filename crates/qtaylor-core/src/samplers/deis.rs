@@ -15,11 +15,9 @@
 //! `lower_order_final` and fewer than 15 steps it drops to 2, 1 at the end (diffusers).
 
 use anyhow::Result;
-use candle_core::Tensor;
 
 use super::dpm_solver_pp::multistep_order;
-use super::{Ctx, reaches_zero};
-use crate::ops::lincomb;
+use super::{Backend, Ctx, reaches_zero};
 use crate::schedule::Schedule;
 
 /// Nodes and weights of n-point Gauss–Legendre quadrature on [−1, 1] (Newton iteration on
@@ -88,19 +86,19 @@ pub fn tab_coefficients(schedule: &dyn Schedule, t: f64, s: f64, nodes: &[f64]) 
 }
 
 /// DEIS-tAB of `order` (1 NFE per step).
-pub fn sample_deis(
-    ctx: &mut Ctx,
-    mut x: Tensor,
+pub fn sample_deis<B: Backend>(
+    ctx: &mut Ctx<B>,
+    mut x: B::X,
     ts: &[f64],
     order: usize,
     lower_order_final: bool,
-) -> Result<Tensor> {
+) -> Result<B::X> {
     let n = ts.len() - 1;
     // (t, ε) of the last `order` grid points, newest first.
-    let mut hist: Vec<(f64, Tensor)> = Vec::with_capacity(order);
+    let mut hist: Vec<(f64, B::X)> = Vec::with_capacity(order);
     for i in 0..n {
         let (t, s) = (ts[i], ts[i + 1]);
-        ctx.begin_step(i, t);
+        ctx.begin_step(i, t, &x)?;
         let d = ctx.denoise(&x, t)?;
         if reaches_zero(ctx.schedule, s) {
             x = d.x0;
@@ -112,9 +110,9 @@ pub fn sample_deis(
         let nodes: Vec<f64> = hist[..k].iter().map(|(t, _)| *t).collect();
         let c = tab_coefficients(ctx.schedule, t, s, &nodes);
         let ratio = ctx.schedule.alpha(s) / ctx.schedule.alpha(t);
-        let mut terms: Vec<(f64, &Tensor)> = vec![(ratio, &x)];
+        let mut terms: Vec<(f64, &B::X)> = vec![(ratio, &x)];
         terms.extend(c.iter().copied().zip(hist[..k].iter().map(|(_, e)| e)));
-        x = lincomb(&terms)?;
+        x = ctx.lc(&terms)?;
     }
     Ok(x)
 }
