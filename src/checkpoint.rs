@@ -11,7 +11,6 @@ use anyhow::{Context, Result, bail};
 use candle_core::{DType, Device, Tensor};
 use serde::Deserialize;
 
-use crate::grid::timestep_of_time;
 use crate::model::{Model, Parameterization, to_eps_x0};
 use crate::schedule::{Schedule, Tabulated, diffusers_alphas_cumprod, diffusers_betas};
 use crate::unet::{UNet2D, UNet2DConfig, Weights};
@@ -340,10 +339,7 @@ impl Model for DiffusersModel {
     /// The network at float timesteps `n = t·T − 1`. With `clip_sample`, the prediction is
     /// turned into x̂0, clipped, and returned as x̂0 (so ε̂ stays consistent with it).
     fn predict(&self, x: &Tensor, t: &[f64]) -> Result<Tensor> {
-        let steps: Vec<f64> = t
-            .iter()
-            .map(|&t| timestep_of_time(t, self.scheduler.num_train_timesteps))
-            .collect();
+        let steps: Vec<f64> = t.iter().map(|&t| self.schedule.network_time(t)).collect();
         let mut out = self.unet.forward(x, &steps)?;
         let c = self.unet.config.in_channels;
         if out.dim(1)? != c {

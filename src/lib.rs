@@ -19,6 +19,7 @@ pub mod conv_cudnn;
 pub mod data;
 pub mod eval;
 pub mod feature_metrics;
+pub mod gridfile;
 pub mod io;
 pub mod kernels;
 pub mod metrics;
@@ -26,12 +27,15 @@ pub mod model;
 pub mod ops;
 pub mod plot;
 pub mod problems;
+pub mod progress;
 pub mod reference;
 pub mod rng;
 pub mod samplers;
 pub mod train;
+pub mod tune;
 pub mod unet;
 
 // The math, from the core crate (no tensors): one implementation for the CLI, this
 // library and the Python package.
+pub use qtaylor_core::tune as grid_search;
 pub use qtaylor_core::{exec, grid, program, schedule, series};

@@ -1,5 +1,6 @@
 //! The `qtaylor` command line: a thin layer over the library.
 
+use std::path::Path;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -45,6 +46,10 @@ enum Command {
     Sample(SampleArgs),
     /// Error vs NFE of several samplers against a high-accuracy reference.
     Bench(BenchArgs),
+    /// Find a time grid for one sampler, model and NFE so that its end points come close to
+    /// a teacher's from the same noise (GITS-style dynamic programming over a fine candidate
+    /// grid); writes a grid file for --grid-file and the Python scheduler.
+    Tune(TuneArgs),
     /// List every sampler with its NFE per step.
     Samplers,
     /// Throughput of a checkpoint: one network forward, and a full sample with a sampler.
@@ -277,9 +282,21 @@ struct Common {
     /// Discrete schedule: number of trained steps T (step n sits at t = (n + 1)/T)
     #[arg(long, default_value_t = 1000)]
     train_steps: usize,
-    /// Continuous schedules: uniform | quadratic | logsnr | karras [default: uniform]
+    /// uniform | quadratic | logsnr | karras [default: uniform; a discrete schedule takes
+    /// --spacing unless --grid is given, and then fractional timesteps (diffusers'
+    /// use_karras_sigmas)]
     #[arg(long)]
     grid: Option<String>,
+    /// --grid karras: the exponent ρ [default: 7]
+    #[arg(long)]
+    rho: Option<f64>,
+    /// --grid: the smallest σ/α (diffusers' sigma_min), instead of --t-min [default: the
+    /// first trained step on a discrete schedule]
+    #[arg(long)]
+    sigma_min: Option<f64>,
+    /// --grid: the largest σ/α (diffusers' sigma_max), instead of --t-max
+    #[arg(long)]
+    sigma_max: Option<f64>,
     /// Discrete schedule: diffusers timestep spacing leading | trailing | linspace
     /// [default: the checkpoint's timestep_spacing, else leading]
     #[arg(long)]
@@ -291,10 +308,11 @@ struct Common {
     /// Discrete schedule: end at zero (ᾱ = 1, returns x̂0) or at the last trained step
     #[arg(long, default_value = "zero")]
     r#final: String,
-    /// Continuous schedules: final time [default: 1e-3]
+    /// Continuous grids: final time [default: 1e-3; a discrete schedule: its first trained
+    /// step 1/T]
     #[arg(long, allow_negative_numbers = true)]
     t_min: Option<f64>,
-    /// Continuous schedules: start time [default: 1, or the schedule's end (cosine: 0.9946)]
+    /// Continuous grids: start time [default: 1, or the schedule's end (cosine: 0.9946)]
     #[arg(long, allow_negative_numbers = true)]
     t_max: Option<f64>,
     /// Stochasticity η >= 0: DDIM (default 0), dpmpp-2m-sde (default 1)
@@ -355,6 +373,43 @@ impl Common {
 }
 
 #[derive(Args)]
+struct TuneArgs {
+    #[command(flatten)]
+    common: Common,
+    /// The sampler whose grid is tuned
+    #[arg(long)]
+    sampler: String,
+    /// The NFE budget (the tuned grid has the steps that fit it)
+    #[arg(long)]
+    nfe: usize,
+    /// The teacher SAMPLER:STEPS whose end points the tuned grid chases (a deterministic
+    /// fixed-grid sampler; its steps are spread uniformly in log-SNR over the candidates)
+    #[arg(long, default_value = "dpmpp-3m:100")]
+    teacher: String,
+    /// Tuning samples (noise streams no evaluation draws)
+    #[arg(long, default_value_t = 32)]
+    samples: usize,
+    /// Held-out samples for the before/after check
+    #[arg(long, default_value_t = 32)]
+    holdout: usize,
+    /// Candidate intervals of the fine grid (uniform in log-SNR)
+    #[arg(long, default_value_t = 40)]
+    candidates: usize,
+    /// f32 | f64: the state's dtype
+    #[arg(long, default_value = "f32")]
+    dtype: String,
+    /// A diffusers checkpoint folder [default without --problem: the embedded MNIST model]
+    #[arg(long)]
+    model: Option<PathBuf>,
+    /// --model: the network's dtype f32 | f16 | bf16
+    #[arg(long, default_value = "f32")]
+    model_dtype: String,
+    /// Where to write the grid file (JSON)
+    #[arg(long)]
+    out: PathBuf,
+}
+
+#[derive(Args)]
 struct SampleArgs {
     #[command(flatten)]
     common: Common,
@@ -362,12 +417,18 @@ struct SampleArgs {
     #[arg(long)]
     sampler: String,
     /// Number of steps on the grid (dpm-solver-fast: the NFE budget)
-    #[arg(long, required_unless_present = "timesteps")]
+    #[arg(long, required_unless_present_any = ["timesteps", "sigmas", "grid_file"])]
     steps: Option<usize>,
     /// Discrete schedule: an explicit descending list of timesteps (e.g. from a diffusers
-    /// scheduler), instead of --steps and --spacing
+    /// scheduler), instead of --spacing; fractional values are allowed
     #[arg(long)]
     timesteps: Option<String>,
+    /// An explicit descending list of diffusers sigmas (σ/α); a final 0 ends at x̂0
+    #[arg(long)]
+    sigmas: Option<String>,
+    /// A grid file written by `qtaylor tune` (its times replace --steps and the grid)
+    #[arg(long)]
+    grid_file: Option<PathBuf>,
     /// Number of samples [default: 16, or the rows of --x-init]
     #[arg(long)]
     batch: Option<usize>,
@@ -450,17 +511,70 @@ fn parse_device(s: &str) -> Result<Device> {
     }
 }
 
-fn parse_timesteps(list: Option<&str>) -> Result<Option<Vec<usize>>> {
-    list.map(|list| {
-        list.split(',')
-            .map(|v| {
-                v.trim().parse::<usize>().map_err(|_| {
-                    anyhow::anyhow!("--timesteps: '{v}' is not a non-negative integer")
-                })
-            })
-            .collect::<Result<Vec<usize>>>()
-    })
-    .transpose()
+/// A comma-separated list of numbers for `flag`.
+fn parse_list(flag: &str, list: &str) -> Result<Vec<f64>> {
+    list.split(',')
+        .map(|v| {
+            let x: f64 = v
+                .trim()
+                .parse()
+                .map_err(|_| anyhow::anyhow!("{flag}: '{}' is not a number", v.trim()))?;
+            if !x.is_finite() {
+                bail!("{flag}: '{}' is not a finite number", v.trim());
+            }
+            Ok(x)
+        })
+        .collect()
+}
+
+/// Explicit lists: `--timesteps` (integers give a discrete grid; fractional ones, times
+/// through the table's log-σ interpolation) and `--sigmas` (σ/α, a final 0 for x̂0).
+struct ExplicitGrid<'a> {
+    timesteps: Option<&'a str>,
+    sigmas: Option<&'a str>,
+    file: Option<&'a Path>,
+}
+
+impl ExplicitGrid<'_> {
+    fn none() -> Self {
+        ExplicitGrid {
+            timesteps: None,
+            sigmas: None,
+            file: None,
+        }
+    }
+    fn given(&self) -> bool {
+        self.timesteps.is_some() || self.sigmas.is_some() || self.file.is_some()
+    }
+}
+
+/// Times of a descending list of diffusers sigmas (σ/α): λ = −ln σ, σ = 0 → t = 0.
+fn times_of_sigmas(schedule: &dyn Schedule, sigmas: &[f64]) -> Result<Vec<f64>> {
+    let n = sigmas.len();
+    sigmas
+        .iter()
+        .enumerate()
+        .map(|(i, &s)| {
+            if s < 0.0 {
+                bail!("--sigmas: entry {i} is {s}; sigmas are >= 0");
+            }
+            if i > 0 && s >= sigmas[i - 1] {
+                bail!(
+                    "--sigmas must decrease strictly: entry {i} is {s} after {}",
+                    sigmas[i - 1]
+                );
+            }
+            if s == 0.0 {
+                if i + 1 != n {
+                    bail!("--sigmas: 0 (x̂0) may only be the last entry, found at entry {i}");
+                }
+                return Ok(0.0);
+            }
+            schedule
+                .t_of_lambda(-s.ln())
+                .map_err(|e| anyhow::anyhow!("--sigmas: entry {i} ({s}): {e}"))
+        })
+        .collect()
 }
 
 /// Defaults a discrete grid takes from a checkpoint's scheduler config.
@@ -470,53 +584,196 @@ struct DiscreteDefaults {
     train_steps: usize,
 }
 
-/// The time grid: continuous (grid, t range) or discrete (spacing, offset, final).
+/// The time grid: continuous (grid, t range), discrete (spacing, offset, final) or an
+/// explicit list.
 fn time_grid(
     c: &Common,
     schedule: &dyn Schedule,
     discrete: Option<DiscreteDefaults>,
-    timesteps: Option<&str>,
+    explicit: ExplicitGrid,
 ) -> Result<TimeGrid> {
+    if c.rho.is_some() && c.grid.as_deref() != Some("karras") {
+        bail!("--rho applies to --grid karras only");
+    }
+    for (flag, v) in [("--sigma-min", c.sigma_min), ("--sigma-max", c.sigma_max)] {
+        if let Some(v) = v
+            && !(v > 0.0 && v.is_finite())
+        {
+            bail!("{flag} {v}: expected a positive number");
+        }
+    }
+    if c.sigma_min.is_some() && c.t_min.is_some() {
+        bail!("give --sigma-min or --t-min, not both");
+    }
+    if c.sigma_max.is_some() && c.t_max.is_some() {
+        bail!("give --sigma-max or --t-max, not both");
+    }
+    let continuous_flags = [
+        ("--grid", c.grid.is_some()),
+        ("--t-min", c.t_min.is_some()),
+        ("--t-max", c.t_max.is_some()),
+        ("--sigma-min", c.sigma_min.is_some()),
+        ("--sigma-max", c.sigma_max.is_some()),
+    ];
+    if explicit.given() {
+        for (flag, given) in continuous_flags.iter().chain(&[
+            ("--spacing", c.spacing.is_some()),
+            ("--steps-offset", c.steps_offset.is_some()),
+        ]) {
+            if *given {
+                bail!("{flag} does nothing with an explicit --timesteps, --sigmas or --grid-file");
+            }
+        }
+        let n = [
+            explicit.timesteps.is_some(),
+            explicit.sigmas.is_some(),
+            explicit.file.is_some(),
+        ]
+        .iter()
+        .filter(|b| **b)
+        .count();
+        if n > 1 {
+            bail!("give one of --timesteps, --sigmas and --grid-file");
+        }
+    }
+    if let Some(path) = explicit.file {
+        let g = qtaylor::gridfile::GridFile::read(path, schedule)?;
+        return Ok(TimeGrid::Explicit {
+            times: g.times,
+            what: format!("grid file {}", path.display()),
+        });
+    }
+    if let Some(list) = explicit.sigmas {
+        let sigmas = parse_list("--sigmas", list)?;
+        return Ok(TimeGrid::Explicit {
+            times: times_of_sigmas(schedule, &sigmas)?,
+            what: "explicit sigmas".into(),
+        });
+    }
     match discrete {
         Some(d) => {
-            for (flag, given) in [
-                ("--grid", c.grid.is_some()),
-                ("--t-min", c.t_min.is_some()),
-                ("--t-max", c.t_max.is_some()),
-            ] {
+            let last: qtaylor::grid::Final = c.r#final.parse()?;
+            if let Some(list) = explicit.timesteps {
+                let v = parse_list("--timesteps", list)?;
+                if v.iter().all(|x| x.fract() == 0.0 && *x >= 0.0) {
+                    return Ok(TimeGrid::Discrete {
+                        spacing: qtaylor::grid::Spacing::Leading,
+                        offset: 0,
+                        timesteps: Some(v.iter().map(|&x| x as usize).collect()),
+                        train_steps: d.train_steps,
+                        last,
+                    });
+                }
+                let mut times = Vec::with_capacity(v.len() + 1);
+                for (i, &n) in v.iter().enumerate() {
+                    if i > 0 && n >= v[i - 1] {
+                        bail!(
+                            "--timesteps must decrease strictly: entry {i} is {n} after {}",
+                            v[i - 1]
+                        );
+                    }
+                    times.push(
+                        schedule
+                            .time_of_network_time(n)
+                            .map_err(|e| anyhow::anyhow!("--timesteps: entry {i}: {e}"))?,
+                    );
+                }
+                match last {
+                    qtaylor::grid::Final::Zero => times.push(0.0),
+                    qtaylor::grid::Final::Last if v.last() != Some(&0.0) => {
+                        times.push(schedule.time_of_network_time(0.0)?)
+                    }
+                    qtaylor::grid::Final::Last => {}
+                }
+                return Ok(TimeGrid::Explicit {
+                    times,
+                    what: format!("explicit fractional timesteps, final {last:?}").to_lowercase(),
+                });
+            }
+            if let Some(g) = &c.grid {
+                // A continuous grid on the discrete schedule, as diffusers' use_karras_sigmas:
+                // from the last trained step (t = 1) to the first (t = 1/T).
+                if c.spacing.is_some() || c.steps_offset.is_some() {
+                    bail!("--spacing and --steps-offset do nothing with --grid");
+                }
+                let first = qtaylor::grid::time_of_timestep(0.0, d.train_steps);
+                let t_max = match (c.t_max, c.sigma_max) {
+                    (Some(t), _) => t,
+                    (None, Some(s)) => schedule.t_of_lambda(-s.ln())?,
+                    (None, None) => schedule.t_end(),
+                };
+                let t_min = match (c.t_min, c.sigma_min) {
+                    (Some(t), _) => t,
+                    (None, Some(s)) => schedule.t_of_lambda(-s.ln())?,
+                    (None, None) => first,
+                };
+                qtaylor::grid::check_interval(schedule, t_max, t_min)?;
+                return Ok(TimeGrid::Continuous {
+                    grid: parse_grid(g, c.rho)?,
+                    t_max,
+                    t_min,
+                    to_zero: last == qtaylor::grid::Final::Zero,
+                });
+            }
+            for (flag, given) in continuous_flags {
                 if given {
                     bail!(
-                        "{flag} applies to continuous schedules; a discrete schedule takes --spacing, --steps-offset and --final"
+                        "{flag} applies to continuous grids; give --grid on a discrete schedule (or --spacing, --steps-offset, --final)"
                     );
                 }
             }
             Ok(TimeGrid::Discrete {
                 spacing: c.spacing.as_deref().unwrap_or(&d.spacing).parse()?,
                 offset: c.steps_offset.unwrap_or(d.offset),
-                timesteps: parse_timesteps(timesteps)?,
+                timesteps: None,
                 train_steps: d.train_steps,
-                last: c.r#final.parse()?,
+                last,
             })
         }
         None => {
-            if timesteps.is_some() {
-                bail!("--timesteps needs a discrete schedule (--schedule discrete or --model)");
+            if explicit.timesteps.is_some() {
+                bail!(
+                    "--timesteps needs a discrete schedule (--schedule discrete or --model); use --sigmas"
+                );
             }
             if c.spacing.is_some() || c.steps_offset.is_some() {
                 bail!(
                     "--spacing and --steps-offset apply to discrete schedules (--schedule discrete or --model)"
                 );
             }
-            let t_max = c.t_max.unwrap_or(schedule.t_end());
-            let t_min = c.t_min.unwrap_or(1e-3);
+            let t_max = match (c.t_max, c.sigma_max) {
+                (Some(t), _) => t,
+                (None, Some(s)) => schedule.t_of_lambda(-s.ln())?,
+                (None, None) => schedule.t_end(),
+            };
+            let t_min = match (c.t_min, c.sigma_min) {
+                (Some(t), _) => t,
+                (None, Some(s)) => schedule.t_of_lambda(-s.ln())?,
+                (None, None) => 1e-3,
+            };
             qtaylor::grid::check_interval(schedule, t_max, t_min)?;
             Ok(TimeGrid::Continuous {
-                grid: c.grid.as_deref().unwrap_or("uniform").parse()?,
+                grid: parse_grid(c.grid.as_deref().unwrap_or("uniform"), c.rho)?,
                 t_max,
                 t_min,
+                to_zero: false,
             })
         }
     }
+}
+
+/// `--grid` with `--rho` for karras.
+fn parse_grid(name: &str, rho: Option<f64>) -> Result<qtaylor::grid::Grid> {
+    let g: qtaylor::grid::Grid = name.parse()?;
+    Ok(match (g, rho) {
+        (qtaylor::grid::Grid::Karras { .. }, Some(r)) => {
+            if !(r > 0.0 && r.is_finite()) {
+                bail!("--rho {r}: expected a positive number");
+            }
+            qtaylor::grid::Grid::Karras { rho: r }
+        }
+        (g, _) => g,
+    })
 }
 
 /// The schedule named by --schedule (and, for discrete, the grid defaults).
@@ -573,6 +830,15 @@ fn parse_model_dtype(s: &str) -> Result<DType> {
     })
 }
 
+/// How a grid file names the model it was tuned for.
+fn model_id(model: Option<&Path>, problem: Option<&str>) -> String {
+    match (model, problem) {
+        (Some(d), _) => d.display().to_string(),
+        (None, Some(p)) => p.to_string(),
+        (None, None) => "embedded:mnist-unet".into(),
+    }
+}
+
 fn cmd_sample(a: &SampleArgs) -> Result<()> {
     let sampler: Sampler = a.sampler.parse()?;
     let dtype = parse_dtype(&a.dtype)?;
@@ -619,7 +885,11 @@ fn cmd_sample(a: &SampleArgs) -> Result<()> {
                 &a.common,
                 schedule.as_ref(),
                 Some(defaults),
-                a.timesteps.as_deref(),
+                ExplicitGrid {
+                    timesteps: a.timesteps.as_deref(),
+                    sigmas: a.sigmas.as_deref(),
+                    file: a.grid_file.as_deref(),
+                },
             )?;
             let item = m.item_shape(a.image_size)?;
             let opts = options(&a.common, Some(&m.scheduler.variance_type))?;
@@ -649,7 +919,11 @@ fn cmd_sample(a: &SampleArgs) -> Result<()> {
                 &a.common,
                 schedule.as_ref(),
                 discrete,
-                a.timesteps.as_deref(),
+                ExplicitGrid {
+                    timesteps: a.timesteps.as_deref(),
+                    sigmas: a.sigmas.as_deref(),
+                    file: a.grid_file.as_deref(),
+                },
             )?;
             let opts = options(&a.common, None)?;
             problem = load_problem(a.common.problem(), schedule.clone(), &device)?;
@@ -665,6 +939,22 @@ fn cmd_sample(a: &SampleArgs) -> Result<()> {
     };
     let ts = grid.times(schedule.as_ref(), a.steps.unwrap_or(0))?;
     let steps = ts.len() - 1;
+    if let Some(s) = a.steps
+        && (a.timesteps.is_some() || a.sigmas.is_some() || a.grid_file.is_some())
+        && s != steps
+    {
+        bail!(
+            "--steps {s} disagrees with the explicit grid, which makes {steps} steps; give one of them"
+        );
+    }
+    if let Some(path) = &a.grid_file {
+        let model_id = model_id(a.model.as_deref(), a.common.problem.as_deref());
+        let g = qtaylor::gridfile::GridFile::read(path, schedule.as_ref())?;
+        let nfe = sampler.nfe(steps, grid.ends_at_zero(), &opts);
+        for w in g.mismatches(&sampler.to_string(), nfe, schedule.as_ref(), &model_id) {
+            eprintln!("warning: grid file {}: {w}", path.display());
+        }
+    }
     let (x, mut noise) = match &a.x_init {
         Some(path) => {
             let mut want = vec![None];
@@ -731,10 +1021,191 @@ fn cmd_sample(a: &SampleArgs) -> Result<()> {
     Ok(())
 }
 
+fn cmd_tune(a: &TuneArgs) -> Result<()> {
+    let sampler: Sampler = a.sampler.parse()?;
+    let (teacher, teacher_steps) = match a.teacher.split_once(':') {
+        Some((s, n)) => (
+            s.parse::<Sampler>()?,
+            n.parse::<usize>().ok().filter(|&n| n > 0).ok_or_else(|| {
+                anyhow::anyhow!(
+                    "--teacher {}: '{n}' is not a positive step count",
+                    a.teacher
+                )
+            })?,
+        ),
+        None => bail!(
+            "--teacher {}: expected SAMPLER:STEPS, e.g. dpmpp-3m:100",
+            a.teacher
+        ),
+    };
+    for (flag, v) in [("--samples", a.samples), ("--holdout", a.holdout)] {
+        if v == 0 {
+            bail!("{flag} 0: at least one sample is needed");
+        }
+    }
+    let ext = a.out.extension().and_then(|e| e.to_str()).unwrap_or("");
+    if !ext.eq_ignore_ascii_case("json") {
+        bail!("--out {}: a grid file is JSON (.json)", a.out.display());
+    }
+    let dtype = parse_dtype(&a.dtype)?;
+    let device = parse_device(&a.common.device)?;
+    let checkpoint;
+    let problem;
+    let (model, schedule, item, grid, opts, t_min): (
+        &dyn qtaylor::model::Model,
+        Arc<dyn Schedule>,
+        Vec<usize>,
+        TimeGrid,
+        Options,
+        f64,
+    ) = match &a.common.problem {
+        None => {
+            if a.common.schedule != "vp-linear" {
+                bail!("--model brings its own schedule: drop --schedule");
+            }
+            let mdt = parse_model_dtype(&a.model_dtype)?;
+            let m = match &a.model {
+                Some(dir) => qtaylor::checkpoint::DiffusersModel::load(dir, mdt, &device)?,
+                None => qtaylor::checkpoint::DiffusersModel::embedded_mnist(mdt, &device)?,
+            };
+            let schedule: Arc<dyn Schedule> = m.schedule.clone();
+            let defaults = DiscreteDefaults {
+                spacing: m.scheduler.timestep_spacing.clone(),
+                offset: m.scheduler.steps_offset,
+                train_steps: m.scheduler.num_train_timesteps,
+            };
+            let t_min = qtaylor::grid::time_of_timestep(0.0, m.scheduler.num_train_timesteps);
+            let grid = time_grid(
+                &a.common,
+                schedule.as_ref(),
+                Some(defaults),
+                ExplicitGrid::none(),
+            )?;
+            let item = m.item_shape(None)?;
+            let opts = options(&a.common, Some(&m.scheduler.variance_type))?;
+            checkpoint = m;
+            (
+                &checkpoint as &dyn qtaylor::model::Model,
+                schedule,
+                item,
+                grid,
+                opts,
+                t_min,
+            )
+        }
+        Some(p) => {
+            if a.model.is_some() {
+                bail!("give --model or --problem, not both");
+            }
+            let (schedule, discrete) = schedule_of(&a.common)?;
+            let t_min = match &discrete {
+                Some(d) => qtaylor::grid::time_of_timestep(0.0, d.train_steps),
+                None => a.common.t_min.unwrap_or(1e-3),
+            };
+            let grid = time_grid(&a.common, schedule.as_ref(), discrete, ExplicitGrid::none())?;
+            let opts = options(&a.common, None)?;
+            problem = load_problem(p, schedule.clone(), &device)?;
+            (
+                problem.model(),
+                schedule,
+                problem.item_shape(),
+                grid,
+                opts,
+                t_min,
+            )
+        }
+    };
+    qtaylor::tune::check_tunable(sampler, &opts)?;
+    let zero = grid.ends_at_zero();
+    let steps = sampler
+        .steps_for_budget(a.nfe, zero, &opts)
+        .ok_or_else(|| anyhow::anyhow!("--nfe {}: not even one step of {sampler} fits", a.nfe))?;
+    let default_times = grid.times(schedule.as_ref(), steps)?;
+    let cfg = qtaylor::tune::TuneConfig {
+        sampler,
+        opts: opts.clone(),
+        default_times: default_times.clone(),
+        t_min,
+        teacher,
+        teacher_steps,
+        candidates: a.candidates,
+        samples: a.samples,
+        holdout: a.holdout,
+        seed: a.common.seed,
+        dtype,
+        device: device.clone(),
+    };
+    let mut log = qtaylor::progress::Log::new("tune");
+    let r = qtaylor::tune::tune(model, schedule.as_ref(), &item, &cfg, &mut |m| log.line(m))?;
+    let nfe = sampler.nfe(steps, zero, &opts).unwrap_or(a.nfe);
+    let tuning = serde_json::json!({
+        "method": "GITS-style dynamic programming over a fine candidate grid (arXiv 2405.11326)",
+        "teacher": a.teacher,
+        "teacher_steps": r.teacher_steps,
+        "candidates": a.candidates,
+        "samples": a.samples,
+        "holdout": a.holdout,
+        "seed": a.common.seed,
+        "default_grid": grid.describe(),
+        "default_times": default_times,
+        "error_default": r.error_default,
+        "error_tuned": r.error_tuned,
+        "seconds": r.seconds,
+        "device": a.common.device,
+    });
+    let file = qtaylor::gridfile::GridFile::new(
+        &sampler.to_string(),
+        nfe,
+        schedule.as_ref(),
+        &model_id(a.model.as_deref(), a.common.problem.as_deref()),
+        r.times.clone(),
+        tuning,
+    );
+    file.write(&a.out)?;
+    let show = |ts: &[f64]| -> String {
+        ts.iter()
+            .map(|&t| {
+                format!(
+                    "{:.1}",
+                    if t > 0.0 {
+                        schedule.network_time(t)
+                    } else {
+                        -1.0
+                    }
+                )
+            })
+            .collect::<Vec<_>>()
+            .join(" ")
+            .replace("-1.0", "x0")
+    };
+    println!(
+        "{sampler} at {nfe} NFE ({steps} steps), teacher {}",
+        a.teacher
+    );
+    println!("  default ({}): {}", grid.describe(), show(&default_times));
+    println!("  tuned:   {}", show(&r.times));
+    println!(
+        "  held-out end-point RMSE vs teacher ({} samples): default {:.5}, tuned {:.5} ({:.2}x)",
+        a.holdout,
+        r.error_default,
+        r.error_tuned,
+        r.error_tuned / r.error_default
+    );
+    println!(
+        "  tuning time {:.1} s on {} ({} samples, {} candidates) -> {}",
+        r.seconds,
+        a.common.device,
+        a.samples,
+        a.candidates,
+        a.out.display()
+    );
+    Ok(())
+}
+
 fn cmd_bench(a: &BenchArgs) -> Result<()> {
     let device = parse_device(&a.common.device)?;
     let (schedule, discrete) = schedule_of(&a.common)?;
-    let grid = time_grid(&a.common, schedule.as_ref(), discrete, None)?;
+    let grid = time_grid(&a.common, schedule.as_ref(), discrete, ExplicitGrid::none())?;
     let opts = options(&a.common, None)?;
     let samplers = if a.samplers == "all" {
         samplers::all_samplers()
@@ -1133,6 +1604,7 @@ fn main() -> ExitCode {
     let result = match &cli.command {
         Command::Sample(a) => cmd_sample(a),
         Command::Bench(a) => cmd_bench(a),
+        Command::Tune(a) => cmd_tune(a),
         Command::Speed(a) => cmd_speed(a),
         Command::InitModel(a) => cmd_init_model(a),
         Command::Parity(a) => cmd_parity(a),

@@ -22,6 +22,7 @@ from ._core import (
     continuous_grid,
     discrete_grid,
     quasi_taylor_coefficients,
+    read_grid_file,
 )
 
 __all__ = [
@@ -36,6 +37,7 @@ __all__ = [
     "continuous_grid",
     "discrete_grid",
     "quasi_taylor_coefficients",
+    "read_grid_file",
     "samplers",
     "__version__",
 ]

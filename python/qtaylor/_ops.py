@@ -23,6 +23,14 @@ def work_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def all_finite(x: torch.Tensor) -> bool:
+    """True when no entry is NaN or Inf: one reduction with no temporary, accumulated in
+    float64 (float32 on MPS, which has no float64), where any NaN or Inf makes the sum
+    non-finite and finite float32 entries cannot overflow it."""
+    acc = torch.float32 if x.device.type == "mps" else torch.float64
+    return bool(torch.isfinite(x.sum(dtype=acc)))
+
+
 class TorchOps:
     """Executes the core's operations on PyTorch tensors.
 
@@ -62,7 +70,7 @@ class TorchOps:
             raise ValueError(
                 f"the model returned shape {tuple(out.shape)} for x of shape {tuple(x.shape)}; expected the same shape"
             )
-        if self.check_finite and not bool(torch.isfinite(out).all()):
+        if self.check_finite and not all_finite(out):
             when = f"t = {t[0]}" if len(t) == 1 else f"t in [{min(t)}, {max(t)}]"
             raise FloatingPointError(
                 f"model output contains NaN or Inf at step {step} ({when})"

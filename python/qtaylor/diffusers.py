@@ -30,7 +30,7 @@ from diffusers.schedulers.scheduling_utils import KarrasDiffusionSchedulers, Sch
 from diffusers.utils import BaseOutput
 
 from . import _core
-from ._ops import TorchOps, work_dtype
+from ._ops import TorchOps, all_finite, work_dtype
 
 __all__ = ["QTaylorScheduler", "QTaylorSchedulerOutput"]
 
@@ -216,8 +216,11 @@ class QTaylorScheduler(SchedulerMixin, ConfigMixin):
         sigmas: Optional[List[float]] = None,
     ):
         """Sets the grid: ``num_inference_steps`` with the config's spacing, or explicit
-        descending integer ``timesteps``, or diffusers ``sigmas`` (σ/α, descending; a final
-        0 ends at x̂0), and records the sampler's program on it."""
+        descending ``timesteps`` (fractional ones are fractional steps of the table, linear
+        in log σ as diffusers' ``_sigma_to_t``), or diffusers ``sigmas`` (σ/α, descending;
+        a final 0 ends at x̂0), and records the sampler's program on it. A tuned grid file
+        (``qtaylor tune``) goes in through either:
+        ``set_timesteps(sigmas=qtaylor.read_grid_file(path, scheduler.schedule)["sigmas"])``."""
         given = [n for n, v in (("timesteps", timesteps), ("sigmas", sigmas)) if v is not None]
         if len(given) > 1:
             raise ValueError("give only one of timesteps= and sigmas=")
@@ -237,16 +240,25 @@ class QTaylorScheduler(SchedulerMixin, ConfigMixin):
                     raise ValueError(
                         f"num_inference_steps={num_inference_steps} disagrees with {len(ts)} timesteps"
                     )
-                bad = [v for v in ts if float(v) != int(v)]
-                if bad:
-                    raise ValueError(f"timesteps must be integers; got {bad[0]!r} (use sigmas= for other times)")
-                ints = [int(v) for v in ts]
-                for i in range(1, len(ints)):
-                    if ints[i] >= ints[i - 1]:
+                vals = [float(v) for v in ts]
+                for i, v in enumerate(vals):
+                    if not math.isfinite(v):
+                        raise ValueError(f"timesteps: entry {i} is {v}; expected finite timesteps")
+                    if i > 0 and v >= vals[i - 1]:
                         raise ValueError(
-                            f"timesteps must decrease strictly: entry {i} is {ints[i]} after {ints[i - 1]}"
+                            f"timesteps must decrease strictly: entry {i} is {ts[i]} after {ts[i - 1]}"
                         )
-                times = _core.discrete_grid(self._schedule, timesteps=ints, final_=final).tolist()
+                if all(v == int(v) for v in vals):
+                    times = _core.discrete_grid(
+                        self._schedule, timesteps=[int(v) for v in vals], final_=final
+                    ).tolist()
+                else:
+                    # Fractional diffusers timesteps (e.g. a tuned grid file's `timesteps`).
+                    times = [float(t) for t in self._schedule.time_of_model_time(np.array(vals))]
+                    if final == "zero":
+                        times.append(0.0)
+                    elif vals[-1] != 0.0:
+                        times.append(float(self._schedule.time_of_model_time(0.0)))
             else:
                 if (
                     num_inference_steps is None
@@ -379,6 +391,10 @@ class QTaylorScheduler(SchedulerMixin, ConfigMixin):
         if self._program is None:
             raise ValueError("call set_timesteps before step")
         t_val = float(timestep.item() if isinstance(timestep, torch.Tensor) else timestep)
+        if not math.isfinite(t_val):
+            raise ValueError(f"step() got timestep {t_val}; expected one of the scheduler's timesteps")
+        if not all_finite(sample):
+            raise ValueError("sample contains NaN or Inf; the state passed to step() must be finite")
         if self._replay is None:
             self._start(t_val, sample)
         replay = self._replay
@@ -401,7 +417,7 @@ class QTaylorScheduler(SchedulerMixin, ConfigMixin):
                 raise ValueError(
                     f"model_output has shape {tuple(model_output.shape)}; expected the sample's {tuple(sample.shape)}"
                 )
-        if not bool(torch.isfinite(model_output).all()):
+        if not all_finite(model_output):
             raise ValueError(
                 f"model_output contains NaN or Inf at network call {k} (timestep {expected})"
             )

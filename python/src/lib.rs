@@ -53,7 +53,8 @@ fn guard<T>(f: impl FnOnce() -> PyResult<T>) -> PyResult<T> {
 /// A noise schedule: α(t), σ(t), λ(t) and their derivatives of any order, on t ∈ [0, t_end].
 ///
 /// Discrete (diffusers) schedules put step n at t = (n + 1)/T; their "model time" is the
-/// diffusers timestep n = t·T − 1. Continuous schedules use t itself.
+/// (fractional) diffusers timestep, linear in log σ between the trained steps as diffusers'
+/// `_sigma_to_t`. Continuous schedules use t itself.
 #[pyclass(module = "qtaylor._core", frozen)]
 #[derive(Clone)]
 struct Schedule {
@@ -85,10 +86,7 @@ impl Schedule {
     }
 
     fn model_t(&self, t: f64) -> f64 {
-        match self.train_steps {
-            Some(n) => qtaylor_core::grid::timestep_of_time(t, n),
-            None => t,
-        }
+        self.inner.network_time(t)
     }
 }
 
@@ -224,18 +222,25 @@ impl Schedule {
         self.inner.t_of_lambda(lam).map_err(value_err)
     }
 
-    /// The network's time argument at t: the diffusers timestep t·T − 1 (discrete), or t.
+    /// The network's time argument at t: the (fractional) diffusers timestep (discrete), or t.
     fn model_time(&self, py: Python<'_>, t: &Bound<'_, PyAny>) -> PyResult<Py<PyAny>> {
         vectorize(py, t, |t| self.model_t(t))
     }
 
-    /// The inverse of `model_time`.
+    /// The inverse of `model_time` (fractional diffusers timesteps allowed).
     fn time_of_model_time(&self, py: Python<'_>, n: &Bound<'_, PyAny>) -> PyResult<Py<PyAny>> {
-        let steps = self.train_steps;
-        vectorize(py, n, move |n| match steps {
-            Some(s) => qtaylor_core::grid::time_of_timestep(n, s),
-            None => n,
-        })
+        if let Ok(v) = n.extract::<f64>() {
+            let t = self.inner.time_of_network_time(v).map_err(value_err)?;
+            return Ok(t.into_pyobject(py)?.into_any().unbind());
+        }
+        let arr: PyReadonlyArrayDyn<f64> = n.extract().map_err(|_| {
+            PyValueError::new_err("expected a float or a numpy array of float64 timesteps")
+        })?;
+        let mut out = arr.as_array().to_owned();
+        for v in out.iter_mut() {
+            *v = self.inner.time_of_network_time(*v).map_err(value_err)?;
+        }
+        Ok(out.into_pyarray(py).into_any().unbind())
     }
 
     fn __repr__(&self) -> String {
@@ -250,17 +255,22 @@ impl Schedule {
 // Grids
 
 /// A continuous grid of `steps + 1` times from `t_max` to `t_min`: uniform, quadratic,
-/// logsnr or karras (`rho`).
+/// logsnr or karras (`rho`); with `to_zero` the last of the `steps` steps goes to t = 0
+/// (σ = 0, x̂0), as diffusers' final sigma 0. On a discrete
+/// schedule `t_min` defaults to the first trained step 1/T and the times are fractional
+/// steps, as diffusers' `use_karras_sigmas`.
 #[pyfunction]
-#[pyo3(signature = (schedule, steps, grid = "uniform", t_max = None, t_min = 1e-3, rho = 7.0))]
+#[pyo3(signature = (schedule, steps, grid = "uniform", t_max = None, t_min = None, rho = 7.0, to_zero = false))]
+#[allow(clippy::too_many_arguments)]
 fn continuous_grid<'py>(
     py: Python<'py>,
     schedule: &Schedule,
     steps: usize,
     grid: &str,
     t_max: Option<f64>,
-    t_min: f64,
+    t_min: Option<f64>,
     rho: f64,
+    to_zero: bool,
 ) -> PyResult<Bound<'py, PyArray1<f64>>> {
     guard(|| {
         let mut g: Grid = grid.parse().map_err(value_err)?;
@@ -273,8 +283,18 @@ fn continuous_grid<'py>(
             g = Grid::Karras { rho };
         }
         let t_max = t_max.unwrap_or_else(|| schedule.inner.t_end().min(1.0));
-        let ts = g
-            .times(schedule.inner.as_ref(), steps, t_max, t_min)
+        let t_min = t_min.unwrap_or(match schedule.train_steps {
+            Some(n) => 1.0 / n as f64,
+            None => 1e-3,
+        });
+        let tg = TimeGrid::Continuous {
+            grid: g,
+            t_max,
+            t_min,
+            to_zero,
+        };
+        let ts = tg
+            .times(schedule.inner.as_ref(), steps)
             .map_err(value_err)?;
         Ok(PyArray1::from_vec(py, ts))
     })
@@ -334,6 +354,9 @@ fn discrete_grid<'py>(
     })
 }
 
+/// Two float64 arrays.
+type ArrayPair<'py> = (Bound<'py, PyArray1<f64>>, Bound<'py, PyArray1<f64>>);
+
 /// `(A, B)` arrays of the order-K quasi-Taylor step `x_s = A x_t + B ε̂` for each pair of
 /// times (arXiv 2112.13339); `expand` is the expansion variable t, abar or logsnr.
 #[pyfunction]
@@ -345,7 +368,7 @@ fn quasi_taylor_coefficients<'py>(
     s: PyReadonlyArray1<'py, f64>,
     order: usize,
     expand: &str,
-) -> PyResult<(Bound<'py, PyArray1<f64>>, Bound<'py, PyArray1<f64>>)> {
+) -> PyResult<ArrayPair<'py>> {
     guard(|| {
         if order == 0 {
             return Err(PyValueError::new_err(
@@ -365,7 +388,7 @@ fn quasi_taylor_coefficients<'py>(
         for (&ti, &si) in t.iter().zip(s) {
             schedule.check_t(ti)?;
             schedule.check_t(si)?;
-            if !(ti > 0.0) {
+            if ti <= 0.0 {
                 return Err(PyValueError::new_err(format!(
                     "t = {ti}: the expansion point must have sigma > 0"
                 )));
@@ -1059,6 +1082,25 @@ impl ExactProblem {
     }
 }
 
+/// Reads and validates a grid file written by `qtaylor tune` against `schedule` (the
+/// times must decrease strictly, lie in the schedule's domain and number steps + 1).
+/// Returns its contents as a dict (`times`, `timesteps`, `sigmas`, `sampler`, `nfe`,
+/// `steps`, `schedule`, `model`, `tuning`).
+#[pyfunction]
+fn read_grid_file(
+    py: Python<'_>,
+    path: std::path::PathBuf,
+    schedule: &Schedule,
+) -> PyResult<Py<PyAny>> {
+    guard(|| {
+        let g =
+            qtaylor::gridfile::GridFile::read(&path, schedule.inner.as_ref()).map_err(value_err)?;
+        let text = serde_json::to_string(&g).map_err(|e| PyRuntimeError::new_err(e.to_string()))?;
+        let json = py.import("json")?;
+        Ok(json.call_method1("loads", (text,))?.unbind())
+    })
+}
+
 #[pymodule]
 fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<Schedule>()?;
@@ -1073,6 +1115,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(catalog, m)?)?;
     m.add_function(wrap_pyfunction!(all_sampler_names, m)?)?;
     m.add_function(wrap_pyfunction!(run, m)?)?;
+    m.add_function(wrap_pyfunction!(read_grid_file, m)?)?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     let _ = PyTuple::empty(m.py());
     Ok(())

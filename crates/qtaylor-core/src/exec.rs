@@ -93,6 +93,9 @@ impl fmt::Display for Parameterization {
     }
 }
 
+/// `([e_x, e_p], [d_x, d_p])`: see [`conversion`].
+pub type Conversion = ([f64; 2], [f64; 2]);
+
 /// Coefficients of the exact conversion of a prediction `p` made at `(x, t)` into
 /// `ε̂ = e_x x + e_p p` and `x̂0 = d_x x + d_p p`, given α and σ at t:
 ///
@@ -101,7 +104,7 @@ impl fmt::Display for Parameterization {
 /// - from v̂: `ε̂ = σ x + α v̂`, `x̂0 = α x − σ v̂` (using `α² + σ² = 1`).
 ///
 /// Returns `([e_x, e_p], [d_x, d_p])`.
-pub fn conversion(p: Parameterization, alpha: f64, sigma: f64) -> ([f64; 2], [f64; 2]) {
+pub fn conversion(p: Parameterization, alpha: f64, sigma: f64) -> Conversion {
     match p {
         Parameterization::Eps => ([0.0, 1.0], [1.0 / alpha, -sigma / alpha]),
         Parameterization::X0 => ([1.0 / sigma, -alpha / sigma], [0.0, 1.0]),
@@ -221,11 +224,11 @@ impl<'a, B: Backend> Ctx<'a, B> {
     pub fn denoise_rows(&mut self, x: &B::X, t: &[f64], active: usize) -> Result<Denoised<B::X>> {
         let pred = self.backend.predict(x, t, self.step)?;
         self.evals += active as f64 / self.rows as f64;
-        let coefs: Vec<([f64; 2], [f64; 2])> = t
+        let coefs: Vec<Conversion> = t
             .iter()
             .map(|&t| conversion(self.param, self.schedule.alpha(t), self.schedule.sigma(t)))
             .collect();
-        let col = |f: &dyn Fn(&([f64; 2], [f64; 2])) -> f64| -> Coef {
+        let col = |f: &dyn Fn(&Conversion) -> f64| -> Coef {
             Coef::from(coefs.iter().map(f).collect::<Vec<f64>>())
         };
         let mut d = match self.param {
@@ -245,7 +248,7 @@ impl<'a, B: Backend> Ctx<'a, B> {
         if let Some(limit) = self.clip {
             // x̂0 clipped, ε̂ made consistent with it: ε̂ = (x − α x̂0)/σ.
             d.x0 = self.backend.clamp(&d.x0, limit)?;
-            let back: Vec<([f64; 2], [f64; 2])> = t
+            let back: Vec<Conversion> = t
                 .iter()
                 .map(|&t| {
                     let (a, s) = (self.schedule.alpha(t), self.schedule.sigma(t));

@@ -49,10 +49,10 @@ impl fmt::Display for Grid {
 
 /// Checks the interval of integration against the schedule's domain.
 pub fn check_interval(schedule: &dyn Schedule, t_max: f64, t_min: f64) -> Result<()> {
-    if t_min.is_nan() || t_min <= 0.0 {
+    if !(t_min > 0.0 && t_min.is_finite()) {
         bail!("--t-min {t_min}: expected t_min > 0");
     }
-    if t_min >= t_max {
+    if t_max.is_nan() || t_min >= t_max {
         bail!("--t-min {t_min} must be smaller than --t-max {t_max}");
     }
     if t_max > schedule.t_end() {
@@ -109,7 +109,7 @@ impl Grid {
         ts[0] = t_max;
         ts[steps] = t_min;
         for i in 0..steps {
-            if ts[i + 1] >= ts[i] {
+            if ts[i + 1].is_nan() || ts[i + 1] >= ts[i] {
                 bail!(
                     "grid {self} with {steps} steps is not strictly decreasing at step {i}: {} -> {}",
                     ts[i],
@@ -285,19 +285,21 @@ pub fn time_of_timestep(n: f64, train_steps: usize) -> f64 {
     (n + 1.0) / train_steps as f64
 }
 
-/// The float timestep a discrete model is fed at time t: `n = t·T − 1`.
-pub fn timestep_of_time(t: f64, train_steps: usize) -> f64 {
-    t * train_steps as f64 - 1.0
-}
-
 /// How a run's times are made: a continuous grid, or discrete timesteps plus a final point.
 #[derive(Clone, Debug)]
 pub enum TimeGrid {
+    /// A continuous grid from `t_max` to `t_min`; with `to_zero` its last step goes on to
+    /// t = 0 (σ = 0, where the sample is x̂0), within the same step count. On a discrete schedule the times are
+    /// fractional steps (see [`crate::schedule::Tabulated::network_time`]), as diffusers'
+    /// `use_karras_sigmas` grids.
     Continuous {
         grid: Grid,
         t_max: f64,
         t_min: f64,
+        to_zero: bool,
     },
+    /// Times given one by one (`--sigmas`, fractional `--timesteps`, a grid file).
+    Explicit { times: Vec<f64>, what: String },
     Discrete {
         /// A spacing (with its offset), or an explicit list when `timesteps` is set.
         spacing: Spacing,
@@ -313,8 +315,28 @@ impl TimeGrid {
     /// length decides and `steps` is ignored).
     pub fn times(&self, schedule: &dyn Schedule, steps: usize) -> Result<Vec<f64>> {
         match self {
-            TimeGrid::Continuous { grid, t_max, t_min } => {
-                grid.times(schedule, steps, *t_max, *t_min)
+            TimeGrid::Continuous {
+                grid,
+                t_max,
+                t_min,
+                to_zero,
+            } => {
+                if !*to_zero {
+                    return grid.times(schedule, steps, *t_max, *t_min);
+                }
+                // `steps` steps in all, the last one to σ = 0 (diffusers' final sigma 0).
+                let mut ts = match steps {
+                    0 => bail!("--steps 0: at least one step is needed"),
+                    1 => vec![*t_max],
+                    n => grid.times(schedule, n - 1, *t_max, *t_min)?,
+                };
+                ts.push(0.0);
+                Ok(ts)
+            }
+            TimeGrid::Explicit { times, what } => {
+                crate::samplers::check_grid(schedule, times)
+                    .map_err(|e| anyhow::anyhow!("{what}: {e}"))?;
+                Ok(times.clone())
             }
             TimeGrid::Discrete {
                 spacing,
@@ -351,19 +373,24 @@ impl TimeGrid {
 
     /// True when the grid ends at σ = 0.
     pub fn ends_at_zero(&self) -> bool {
-        matches!(
-            self,
-            TimeGrid::Discrete {
-                last: Final::Zero,
-                ..
-            }
-        )
+        match self {
+            TimeGrid::Discrete { last, .. } => *last == Final::Zero,
+            TimeGrid::Continuous { to_zero, .. } => *to_zero,
+            TimeGrid::Explicit { times, .. } => times.last() == Some(&0.0),
+        }
     }
 
     /// A short description for reports.
     pub fn describe(&self) -> String {
         match self {
-            TimeGrid::Continuous { grid, .. } => grid.to_string(),
+            TimeGrid::Continuous { grid, to_zero, .. } => {
+                if *to_zero {
+                    format!("{grid}, final zero")
+                } else {
+                    grid.to_string()
+                }
+            }
+            TimeGrid::Explicit { what, .. } => what.clone(),
             TimeGrid::Discrete {
                 spacing,
                 offset,

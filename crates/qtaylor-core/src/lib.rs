@@ -18,6 +18,7 @@ pub mod program;
 pub mod samplers;
 pub mod schedule;
 pub mod series;
+pub mod tune;
 
 /// Least-squares slope of `ln y` against `ln x` (the order of convergence when y is an
 /// error and x a step size; its negative when x is a step count).

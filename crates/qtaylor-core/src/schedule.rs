@@ -86,6 +86,24 @@ pub trait Schedule: Debug + Send + Sync {
         -&self.log_alpha_bar_series(t, n + 1).differentiate()
     }
 
+    /// The network's time argument at `t`: `t` itself. Discrete schedules return the
+    /// (fractional) diffusers timestep instead ([`Tabulated::network_time`]).
+    fn network_time(&self, t: f64) -> f64 {
+        t
+    }
+
+    /// The time whose [`Schedule::network_time`] is `n`.
+    fn time_of_network_time(&self, n: f64) -> Result<f64> {
+        if !(n.is_finite() && n > 0.0 && n <= self.t_end()) {
+            bail!(
+                "time {n} is outside the domain (0, {}] of schedule {}",
+                self.t_end(),
+                self.name()
+            );
+        }
+        Ok(n)
+    }
+
     /// The `t` at which `λ(t) = lambda` (λ is strictly decreasing in t): Newton's method
     /// safeguarded by bisection, to machine precision. Errors if `lambda` lies outside
     /// `[λ(t_end), λ(1e-12)]`.
@@ -243,6 +261,8 @@ pub struct Tabulated {
     name: String,
     /// Knot abscissae `0, 1/N, …, 1`.
     knots: Vec<f64>,
+    /// λ at the N tabulated steps (decreasing): the table of [`Tabulated::network_time`].
+    lambdas: Vec<f64>,
     /// Per interval: the cubic's coefficients around its left knot.
     pieces: Vec<[f64; 4]>,
 }
@@ -272,10 +292,15 @@ impl Tabulated {
             xs.push((i + 1) as f64 / n as f64);
             ys.push(a.ln());
         }
+        let lambdas = alpha_bars
+            .iter()
+            .map(|&a| 0.5 * a.ln() - 0.5 * (1.0 - a).ln())
+            .collect();
         Ok(Tabulated {
             name: name.to_string(),
             pieces: natural_cubic_spline(&xs, &ys),
             knots: xs,
+            lambdas,
         })
     }
 
@@ -318,6 +343,46 @@ impl Tabulated {
 impl Schedule for Tabulated {
     fn name(&self) -> String {
         self.name.clone()
+    }
+
+    /// The fractional diffusers timestep of `t`: `log σ/α = −λ(t)` interpolated linearly
+    /// over the table of the N trained steps, clamped to `[0, N − 1]` (diffusers'
+    /// `_sigma_to_t`, used by its `use_karras_sigmas` / `sigmas=` grids). At the tabulated
+    /// times `t = (n + 1)/N` it is exactly `n`.
+    fn network_time(&self, t: f64) -> f64 {
+        let l = self.lambda(t);
+        let lam = &self.lambdas;
+        let last = lam.len() - 1;
+        if l >= lam[0] {
+            return 0.0;
+        }
+        if l <= lam[last] {
+            return last as f64;
+        }
+        // First index whose λ is below l: the interval is [k − 1, k].
+        let k = lam.partition_point(|&v| v >= l).clamp(1, last);
+        let w = (lam[k - 1] - l) / (lam[k - 1] - lam[k]);
+        (k - 1) as f64 + w.clamp(0.0, 1.0)
+    }
+
+    /// The time at fractional diffusers timestep `n ∈ [0, N − 1]`: λ interpolated linearly
+    /// between the neighbouring steps, then inverted on the spline (the inverse of
+    /// [`Tabulated::network_time`]). Integer `n` gives `(n + 1)/N` exactly.
+    fn time_of_network_time(&self, n: f64) -> Result<f64> {
+        let last = self.lambdas.len() - 1;
+        if !(n.is_finite() && n >= 0.0 && n <= last as f64) {
+            bail!(
+                "timestep {n} is outside [0, {last}] of the {}-step table",
+                last + 1
+            );
+        }
+        if n == n.floor() {
+            return Ok((n + 1.0) / self.len() as f64);
+        }
+        let k = n.floor() as usize;
+        let w = n - k as f64;
+        let l = (1.0 - w) * self.lambdas[k] + w * self.lambdas[k + 1];
+        self.t_of_lambda(l)
     }
     fn log_alpha_bar_series(&self, t: f64, n: usize) -> Series {
         let (p, u) = self.piece(t);
