@@ -79,6 +79,13 @@ pub struct EvalOptions {
     pub kid_subset_size: usize,
     /// Stop starting new rows after this many seconds (rows done are kept).
     pub max_seconds: Option<f64>,
+    /// The time grids of the fixed-budget rows: `default` (the checkpoint's spacing),
+    /// `uniform`, `quadratic`, `logsnr`, `karras` (continuous grids on the discrete schedule,
+    /// ending at x̂0) and `tuned` (the grid file of [`EvalOptions::grid_dir`] tuned for the
+    /// sampler and budget).
+    pub grids: Vec<String>,
+    /// Folder of grid files (`qtaylor tune --out`) for the `tuned` grid.
+    pub grid_dir: Option<PathBuf>,
 }
 
 impl EvalOptions {
@@ -101,6 +108,8 @@ impl EvalOptions {
             kid_subsets: 20,
             kid_subset_size: 1000,
             max_seconds: None,
+            grids: vec!["default".into()],
+            grid_dir: None,
         }
     }
 }
@@ -110,6 +119,10 @@ impl EvalOptions {
 pub struct Row {
     /// Sampler name (`data:train` for the training-image floor).
     pub sampler: String,
+    /// The time grid: `default` (the checkpoint's spacing), a continuous grid name, or
+    /// `tuned` (a grid file).
+    #[serde(default = "default_grid_name")]
+    pub grid: String,
     /// The NFE budget asked for (adaptive: none).
     pub nfe_budget: Option<usize>,
     /// Tolerance of an adaptive sampler.
@@ -188,6 +201,9 @@ struct Planned {
     budget: Option<usize>,
     tol: Option<f64>,
     steps: usize,
+    /// Grid name, and its times when they do not come from the default grid.
+    grid: String,
+    times: Option<Vec<f64>>,
 }
 
 /// Draws `o.n` samples with one sampler setting.
@@ -318,6 +334,48 @@ pub fn eval(o: &EvalOptions, device: &Device) -> Result<Report> {
         train_steps: m.scheduler.num_train_timesteps,
         last: Final::Zero,
     };
+    // The grids of the fixed-budget rows.
+    let train_steps = m.scheduler.num_train_timesteps;
+    let tuned: Vec<crate::gridfile::GridFile> =
+        match (&o.grid_dir, o.grids.iter().any(|g| g == "tuned")) {
+            (Some(dir), true) => {
+                let mut files = Vec::new();
+                let entries = std::fs::read_dir(dir).with_context(|| {
+                    format!("--grid-dir {}: cannot read the folder", dir.display())
+                })?;
+                let mut paths: Vec<PathBuf> = entries
+                    .filter_map(|e| e.ok().map(|e| e.path()))
+                    .filter(|p| p.extension().is_some_and(|e| e == "json"))
+                    .collect();
+                paths.sort();
+                for p in paths {
+                    files.push(crate::gridfile::GridFile::read(&p, m.schedule.as_ref())?);
+                }
+                files
+            }
+            (None, true) => bail!("--grids tuned needs --grid-dir, a folder of grid files"),
+            (Some(_), false) => bail!("--grid-dir does nothing without 'tuned' in --grids"),
+            (None, false) => Vec::new(),
+        };
+    for g in &o.grids {
+        if !matches!(g.as_str(), "default" | "tuned") {
+            g.parse::<crate::grid::Grid>().with_context(|| {
+                format!("--grids: '{g}'; expected default, tuned or a grid name")
+            })?;
+        }
+    }
+    let times_of = |g: &str, steps: usize| -> Result<Vec<f64>> {
+        let tg = match g {
+            "default" => grid.clone(),
+            name => TimeGrid::Continuous {
+                grid: name.parse()?,
+                t_max: crate::schedule::Schedule::t_end(m.schedule.as_ref()),
+                t_min: crate::grid::time_of_timestep(0.0, train_steps),
+                to_zero: true,
+            },
+        };
+        tg.times(m.schedule.as_ref(), steps)
+    };
     // Cheap rows first (budget-major, then tolerances loose to tight, the 1000-step
     // reference last), so that --max-seconds drops the most expensive rows.
     let mut runs: Vec<Planned> = Vec::new();
@@ -327,15 +385,36 @@ pub fn eval(o: &EvalOptions, device: &Device) -> Result<Report> {
         budget,
         tol,
         steps,
+        grid: "default".into(),
+        times: None,
     };
     let mut budgets = o.nfe.clone();
     budgets.sort_unstable();
     budgets.dedup();
     for &b in &budgets {
         for &s in samplers.iter().filter(|s| !s.is_adaptive()) {
-            match s.steps_for_budget(b, true, &Options::default()) {
-                Some(steps) => runs.push(plan(s, Options::default(), Some(b), None, steps)),
-                None => eprintln!("eval: {s} cannot fit NFE {b}; skipped"),
+            let Some(steps) = s.steps_for_budget(b, true, &Options::default()) else {
+                eprintln!("eval: {s} cannot fit NFE {b}; skipped");
+                continue;
+            };
+            for g in &o.grids {
+                let mut p = plan(s, Options::default(), Some(b), None, steps);
+                p.grid = g.clone();
+                if g == "tuned" {
+                    match tuned
+                        .iter()
+                        .find(|f| f.sampler == s.to_string() && f.nfe == b)
+                    {
+                        Some(f) => p.times = Some(f.times.clone()),
+                        None => {
+                            eprintln!("eval: no grid file tuned for {s} at NFE {b}; row skipped");
+                            continue;
+                        }
+                    }
+                } else if g != "default" {
+                    p.times = Some(times_of(g, steps)?);
+                }
+                runs.push(p);
             }
         }
     }
@@ -374,6 +453,8 @@ pub fn eval(o: &EvalOptions, device: &Device) -> Result<Report> {
         budget,
         tol,
         steps,
+        grid: grid_name,
+        times,
     } in runs
     {
         if out_of_time() {
@@ -381,7 +462,10 @@ pub fn eval(o: &EvalOptions, device: &Device) -> Result<Report> {
             break;
         }
         let t0 = Instant::now();
-        let ts = grid.times(m.schedule.as_ref(), steps)?;
+        let ts = match times {
+            Some(t) => t,
+            None => grid.times(m.schedule.as_ref(), steps)?,
+        };
         // A sampler that cannot run on this model (e.g. a grid it does not take) loses its
         // row, not the whole table.
         let Drawn {
@@ -399,6 +483,7 @@ pub fn eval(o: &EvalOptions, device: &Device) -> Result<Report> {
         let (fid, k, ks, p, rc) = metrics(o, &reference, &fake)?;
         let row = Row {
             sampler: s.to_string(),
+            grid: grid_name.clone(),
             nfe_budget: budget,
             tolerance: tol,
             steps: if s.is_adaptive() { 0 } else { ts.len() - 1 },
@@ -413,12 +498,25 @@ pub fn eval(o: &EvalOptions, device: &Device) -> Result<Report> {
             seconds: t0.elapsed().as_secs_f64(),
         };
         eprintln!(
-            "eval: {:<10} NFE {:>6.1}  FID {:>8.3}  KID {:.2e}  P {:.3} R {:.3}  conf {:.3}  ({:.1} s)",
-            row.sampler, row.nfe, fid, k, p, rc, row.confidence, row.seconds
+            "eval: {:<18} NFE {:>6.1}  FID {:>8.3}  KID {:.2e}  P {:.3} R {:.3}  conf {:.3}  ({:.1} s)",
+            name_of(&row),
+            row.nfe,
+            fid,
+            k,
+            p,
+            rc,
+            row.confidence,
+            row.seconds
         );
         if budget == Some(o.grid_nfe) {
+            let suffix = if grid_name == "default" {
+                String::new()
+            } else {
+                format!("-{grid_name}")
+            };
             crate::io::write_png_grid(
-                &o.out.join(format!("grid-{s}-nfe{}.png", o.grid_nfe)),
+                &o.out
+                    .join(format!("grid-{s}-nfe{}{suffix}.png", o.grid_nfe)),
                 &first,
             )?;
         }
@@ -458,6 +556,7 @@ fn data_row(
     let (fid, k, ks, p, rc) = metrics(o, r, &fake)?;
     Ok(Row {
         sampler: "data:train".into(),
+        grid: default_grid_name(),
         nfe_budget: None,
         tolerance: None,
         steps: 0,
@@ -473,6 +572,19 @@ fn data_row(
     })
 }
 
+fn default_grid_name() -> String {
+    "default".into()
+}
+
+/// The sampler with its grid when it is not the default.
+fn name_of(r: &Row) -> String {
+    if r.grid == "default" {
+        r.sampler.clone()
+    } else {
+        format!("{} [{}]", r.sampler, r.grid)
+    }
+}
+
 fn label(r: &Row) -> String {
     match (r.nfe_budget, r.tolerance) {
         (_, Some(t)) => format!("{} (tol {t:.0e})", r.sampler),
@@ -481,19 +593,20 @@ fn label(r: &Row) -> String {
             "{} (n real training images; the classifier was trained on them)",
             r.sampler
         ),
-        _ => r.sampler.clone(),
+        _ => name_of(r),
     }
 }
 
 /// CSV text of the rows.
 pub fn csv(report: &Report) -> String {
     let mut s = String::from(
-        "sampler,nfe_budget,tolerance,steps,nfe,n,fid_mnist_features,kid,kid_std,precision,recall,confidence,seconds\n",
+        "sampler,grid,nfe_budget,tolerance,steps,nfe,n,fid_mnist_features,kid,kid_std,precision,recall,confidence,seconds\n",
     );
     for r in &report.rows {
         s += &format!(
-            "{},{},{},{},{:.2},{},{:.6},{:.6e},{:.3e},{:.4},{:.4},{:.4},{:.2}\n",
+            "{},{},{},{},{},{:.2},{},{:.6},{:.6e},{:.3e},{:.4},{:.4},{:.4},{:.2}\n",
             r.sampler,
+            r.grid,
             r.nfe_budget.map_or(String::new(), |b| b.to_string()),
             r.tolerance.map_or(String::new(), |t| format!("{t:e}")),
             r.steps,
@@ -531,8 +644,8 @@ pub fn markdown(report: &Report) -> String {
     budgets.dedup();
     let mut names: Vec<String> = Vec::new();
     for r in report.rows.iter().filter(|r| r.nfe_budget.is_some()) {
-        if !names.contains(&r.sampler) {
-            names.push(r.sampler.clone());
+        if !names.contains(&name_of(r)) {
+            names.push(name_of(r));
         }
     }
     if !names.is_empty() {
@@ -549,7 +662,7 @@ pub fn markdown(report: &Report) -> String {
                 match report
                     .rows
                     .iter()
-                    .find(|r| &r.sampler == name && r.nfe_budget == Some(*b))
+                    .find(|r| &name_of(r) == name && r.nfe_budget == Some(*b))
                 {
                     Some(r) => s += &format!(" {:.3} |", r.fid),
                     None => s += " – |",
@@ -615,7 +728,7 @@ fn write_report(dir: &Path, report: &Report) -> Result<()> {
         let name = if r.tolerance.is_some() {
             format!("{} (tolerances)", r.sampler)
         } else {
-            r.sampler.clone()
+            name_of(r)
         };
         match lines.iter_mut().find(|l| l.label == name) {
             Some(l) => l.points.push((r.nfe, r.fid)),

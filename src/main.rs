@@ -121,6 +121,14 @@ struct EvalArgs {
     /// Start no new row after this many seconds (rows done are written)
     #[arg(long)]
     max_seconds: Option<f64>,
+    /// Time grids of the fixed-budget rows, comma-separated: default (the checkpoint's
+    /// spacing), uniform, quadratic, logsnr, karras (on the discrete schedule, ending at x̂0),
+    /// tuned (the grid files of --grid-dir)
+    #[arg(long, default_value = "default")]
+    grids: String,
+    /// A folder of grid files written by `qtaylor tune` (for --grids tuned)
+    #[arg(long)]
+    grid_dir: Option<PathBuf>,
     /// cpu | cuda
     #[arg(long, default_value = "cpu")]
     device: String,
@@ -1162,21 +1170,17 @@ fn cmd_tune(a: &TuneArgs) -> Result<()> {
         tuning,
     );
     file.write(&a.out)?;
+    // Network times: diffusers timesteps on a discrete schedule, t otherwise.
+    let discrete = schedule.network_time(1.0) > 1.5;
     let show = |ts: &[f64]| -> String {
         ts.iter()
-            .map(|&t| {
-                format!(
-                    "{:.1}",
-                    if t > 0.0 {
-                        schedule.network_time(t)
-                    } else {
-                        -1.0
-                    }
-                )
+            .map(|&t| match (t > 0.0, discrete) {
+                (false, _) => "x0".to_string(),
+                (true, true) => format!("{:.1}", schedule.network_time(t)),
+                (true, false) => format!("{t:.4}"),
             })
             .collect::<Vec<_>>()
             .join(" ")
-            .replace("-1.0", "x0")
     };
     println!(
         "{sampler} at {nfe} NFE ({steps} steps), teacher {}",
@@ -1548,6 +1552,13 @@ fn cmd_eval(a: &EvalArgs) -> Result<()> {
     o.reference_steps = a.reference_steps;
     o.grid_nfe = a.grid_nfe;
     o.max_seconds = a.max_seconds;
+    o.grids = a
+        .grids
+        .split(',')
+        .map(|g| g.trim().to_string())
+        .filter(|g| !g.is_empty())
+        .collect();
+    o.grid_dir = a.grid_dir.clone();
     let report = qtaylor::eval::eval(&o, &device)?;
     println!("{}", qtaylor::eval::markdown(&report));
     eprintln!("wrote {}", a.out.display());

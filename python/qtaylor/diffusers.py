@@ -176,6 +176,30 @@ class QTaylorScheduler(SchedulerMixin, ConfigMixin):
         self._begin_index: Optional[int] = None
         self._ops = _FedOps()
 
+    # -- copies ------------------------------------------------------------------------
+    def __getstate__(self):
+        """A copy (``copy.deepcopy``, ``pickle``) is rebuilt from the config and the current
+        grid; a run in progress is not copied (the copy starts its grid afresh)."""
+        cfg = dict(self.config)
+        return {
+            "config": cfg,
+            "times": self._times,
+            "tail": getattr(self, "_tail", False),
+            "device": str(self.timesteps.device),
+            "num_inference_steps": self.num_inference_steps,
+            "begin_index": self._begin_index,
+        }
+
+    def __setstate__(self, state):
+        cfg = state["config"]
+        self.__init__(**{k: v for k, v in cfg.items() if not k.startswith("_")})
+        # diffusers' bookkeeping keys (_class_name, _use_default_values, ...) as they were.
+        self.register_to_config(**{k: v for k, v in cfg.items() if k.startswith("_")})
+        if state["times"] is not None:
+            self._install(state["times"], state["device"], state["tail"])
+            self.num_inference_steps = state["num_inference_steps"]
+            self._begin_index = state["begin_index"]
+
     # -- the schedule -------------------------------------------------------------------
     @property
     def schedule(self) -> "_core.Schedule":
@@ -225,6 +249,10 @@ class QTaylorScheduler(SchedulerMixin, ConfigMixin):
         if len(given) > 1:
             raise ValueError("give only one of timesteps= and sigmas=")
         final = "zero" if self.config.final_sigmas_type == "zero" else "last"
+        # With final_sigmas_type "sigma_min" a grid that already ends at timestep 0 keeps that
+        # network call, as diffusers does: its step (from timestep 0 to sigma_min, of length
+        # zero) returns the sample unchanged.
+        tail = False
         if sigmas is not None:
             sig = [float(s) for s in (sigmas.tolist() if hasattr(sigmas, "tolist") else sigmas)]
             if num_inference_steps is not None and num_inference_steps != len(sig) - 1:
@@ -248,6 +276,7 @@ class QTaylorScheduler(SchedulerMixin, ConfigMixin):
                         raise ValueError(
                             f"timesteps must decrease strictly: entry {i} is {ts[i]} after {ts[i - 1]}"
                         )
+                tail = final == "last" and vals[-1] == 0.0
                 if all(v == int(v) for v in vals):
                     times = _core.discrete_grid(
                         self._schedule, timesteps=[int(v) for v in vals], final_=final
@@ -276,8 +305,9 @@ class QTaylorScheduler(SchedulerMixin, ConfigMixin):
                     steps_offset=self.config.steps_offset,
                     final_=final,
                 ).tolist()
-        self._install(times, device)
-        self.num_inference_steps = len(times) - 1
+                tail = final == "last" and len(times) - 1 == int(num_inference_steps) - 1
+        self._install(times, device, tail)
+        self.num_inference_steps = len(times) - 1 + int(tail)
 
     def _times_of_sigmas(self, sig: List[float]) -> List[float]:
         if len(sig) < 2:
@@ -296,7 +326,7 @@ class QTaylorScheduler(SchedulerMixin, ConfigMixin):
                 times.append(self._schedule.t_of_lambda(-math.log(s)))
         return times
 
-    def _install(self, times: List[float], device=None):
+    def _install(self, times: List[float], device=None, tail: bool = False):
         program = _core.Program(
             self._schedule,
             self._spec,
@@ -314,6 +344,10 @@ class QTaylorScheduler(SchedulerMixin, ConfigMixin):
             ts = torch.tensor([int(round(v)) for v in model_times], dtype=torch.int64)
         else:
             ts = torch.tensor(model_times, dtype=torch.float32)
+        self._tail = tail
+        self._tail_done = False
+        if tail:
+            ts = torch.cat([ts, torch.zeros(1, dtype=ts.dtype)])
         self.timesteps = ts.to(device) if device is not None else ts
         self._call_times = program.call_times
         self._call_steps = program.call_steps
@@ -398,6 +432,14 @@ class QTaylorScheduler(SchedulerMixin, ConfigMixin):
         if self._replay is None:
             self._start(t_val, sample)
         replay = self._replay
+        if replay.finished and self._tail and not self._tail_done and abs(t_val) < 1e-6:
+            # The zero-length last step of a sigma_min grid that ends at timestep 0.
+            self._tail_done = True
+            prev = sample
+            if not return_dict:
+                return (prev,)
+            x0 = replay.x0(model_output, sample, self._schedule.time_of_model_time(0.0), self._ops)
+            return QTaylorSchedulerOutput(prev_sample=prev, pred_original_sample=x0.to(sample.dtype))
         if replay.finished:
             raise ValueError(
                 f"step() called after the last of the {len(self._call_times)} network calls; call set_timesteps again"

@@ -1066,14 +1066,18 @@ impl ExactProblem {
             let xt = candle_core::Tensor::from_vec(data, shape.clone(), &candle_core::Device::Cpu)
                 .map_err(|e| PyRuntimeError::new_err(format!("{e}")))?;
             let model = self.problem.model();
-            if model.parameterization() != Parameterization::Eps {
-                return Err(PyRuntimeError::new_err(
-                    "the problem does not predict epsilon",
-                ));
-            }
             let out = model
                 .predict(&xt, &t)
-                .and_then(|o| Ok(o.flatten_all()?.to_vec1::<f64>()?))
+                .and_then(|p| {
+                    qtaylor::model::to_eps_x0(
+                        model.parameterization(),
+                        &p,
+                        &xt,
+                        &t,
+                        self.schedule.inner.as_ref(),
+                    )
+                })
+                .and_then(|d| Ok(d.eps.flatten_all()?.to_vec1::<f64>()?))
                 .map_err(|e| PyRuntimeError::new_err(format!("{e:#}")))?;
             let arr = numpy::ndarray::ArrayD::from_shape_vec(shape, out)
                 .map_err(|e| PyRuntimeError::new_err(format!("{e}")))?;
