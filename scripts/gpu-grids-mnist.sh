@@ -3,10 +3,10 @@
 # from scripts/build-cuda.sh and the MNIST IDX files in $DATA):
 #   PART=tune   tunes a grid per sampler x NFE (qtaylor tune, tuning noise from streams >= 2^40),
 #               then evaluates the default (trailing) and tuned grids;
-#   PART=grids  evaluates the karras and logsnr grids, and FID_inf: unipc-3 at 100 and 200 NFE
+#   PART=grids  evaluates the default, karras and logsnr grids, and FID_inf: unipc-3 at 100 and 200 NFE
 #               (the converged probability-flow ODE).
 # MNIST-feature FID at n = $N (default 10000) samples from seeds 0..n (streams disjoint from
-# tuning). Writes under $OUT: grids/*.json, tune.log, results-*.json/csv, report-*.md, eval-*.log.
+# tuning). Env MAX_SECONDS: start no new eval row after that long. Writes under $OUT: grids/*.json, tune.log, results-*.json/csv, report-*.md, eval-*.log.
 set -euo pipefail
 OUT=${OUT:-/tmp/qtaylor-grids}
 DATA=${DATA:-data/mnist-gz}
@@ -22,7 +22,7 @@ eval_run() { # name grids [extra args]
   [[ $grids == *tuned* ]] && gd=(--grid-dir "$OUT/grids")
   "$Q" eval --model assets/mnist-unet --data "$DATA" --samplers "$SAMPLERS" --nfe "$NFES" \
     --grids "$grids" "${gd[@]}" --n "$N" --batch 2000 --seed 0 --device cuda \
-    --reference-steps 0 --grid-nfe 10 --out "/tmp/eval-$name" "$@" \
+    --reference-steps 0 --grid-nfe 10 --max-seconds "${MAX_SECONDS:-100000}" --out "/tmp/eval-$name" "$@" \
     > "$OUT/eval-$name.md" 2> "$OUT/eval-$name.log" || { tail -5 "$OUT/eval-$name.log"; return 1; }
   cp "/tmp/eval-$name/results.json" "$OUT/results-$name.json"
   cp "/tmp/eval-$name/results.csv" "$OUT/results-$name.csv"
@@ -40,6 +40,6 @@ if [ "$PART" = tune ]; then
   echo "all tunes: $(( $(date +%s) - start )) s" | tee -a "$OUT/tune.log"
   eval_run tuned default,tuned
 else
-  eval_run grids karras,logsnr
+  eval_run grids default,karras,logsnr
   SAMPLERS=unipc-3 NFES=100,200 eval_run inf default
 fi
