@@ -4,18 +4,7 @@ use rand::SeedableRng;
 use rand_chacha::ChaCha12Rng;
 use rand_distr::{Distribution, StandardNormal};
 
-/// Least-squares slope of `ln y` against `ln x` (the order of convergence when y is an
-/// error and x a step size; its negative when x is a step count).
-pub fn loglog_slope(x: &[f64], y: &[f64]) -> f64 {
-    assert_eq!(x.len(), y.len());
-    let n = x.len() as f64;
-    let lx: Vec<f64> = x.iter().map(|v| v.ln()).collect();
-    let ly: Vec<f64> = y.iter().map(|v| v.ln()).collect();
-    let (mx, my) = (lx.iter().sum::<f64>() / n, ly.iter().sum::<f64>() / n);
-    let cov: f64 = lx.iter().zip(&ly).map(|(a, b)| (a - mx) * (b - my)).sum();
-    let var: f64 = lx.iter().map(|a| (a - mx) * (a - mx)).sum();
-    cov / var
-}
+pub use qtaylor_core::loglog_slope;
 
 /// Per-sample RMS difference `sqrt(mean_j (a_ij − b_ij)²)`.
 pub fn rmse_per_sample(a: &[Vec<f64>], b: &[Vec<f64>]) -> Vec<f64> {

@@ -1,27 +1,14 @@
 //! The command line, end to end: outputs, reproducibility, and bad input (clear error,
 //! nothing written).
 
+mod common;
+use common::{p, qtaylor, stderr};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Command;
 
 use candle_core::{DType, Device, Tensor};
 use qtaylor::io::{read_npy, write_npy};
 use qtaylor::rng::NoiseStreams;
-
-fn qtaylor(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_qtaylor"))
-        .args(args)
-        .output()
-        .expect("the binary runs")
-}
-
-fn stderr(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stderr).into_owned()
-}
-
-fn p(path: &Path) -> &str {
-    path.to_str().unwrap()
-}
 
 fn rows(path: &Path) -> Vec<Vec<f64>> {
     qtaylor::ops::rows_f64(&read_npy(path, &[None, None]).unwrap()).unwrap()

@@ -1,26 +1,13 @@
 //! Time grids that win at few NFE: continuous grids on discrete schedules, `qtaylor tune`
 //! and grid files (issue 13).
 
+mod common;
+use common::{p, qtaylor, stderr};
 use std::path::Path;
-use std::process::{Command, Output};
+use std::process::Output;
 
 use qtaylor::gridfile::GridFile;
 use qtaylor::schedule::{Schedule, Tabulated, VpLinear};
-
-fn qtaylor(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_qtaylor"))
-        .args(args)
-        .output()
-        .expect("the binary runs")
-}
-
-fn stderr(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stderr).into_owned()
-}
-
-fn p(path: &Path) -> &str {
-    path.to_str().unwrap()
-}
 
 #[test]
 fn network_time_is_the_trained_step_at_the_knots_and_inverts_between_them() {

@@ -164,3 +164,21 @@ pub fn idx(dims: &[u32], data: &[u8]) -> Vec<u8> {
     b.extend(data);
     b
 }
+
+/// Runs the `qtaylor` binary with `args`.
+pub fn qtaylor(args: &[&str]) -> std::process::Output {
+    std::process::Command::new(env!("CARGO_BIN_EXE_qtaylor"))
+        .args(args)
+        .output()
+        .expect("the binary runs")
+}
+
+/// A run's standard error as text.
+pub fn stderr(o: &std::process::Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+/// A path as a command-line argument.
+pub fn p(path: &std::path::Path) -> &str {
+    path.to_str().expect("a UTF-8 path")
+}
