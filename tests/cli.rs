@@ -288,7 +288,12 @@ fn every_readme_command_runs() {
     let readme =
         std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).unwrap();
     let prefix = "cargo run --release -- ";
-    let lines: Vec<&str> = readme.lines().filter(|l| l.starts_with(prefix)).collect();
+    // (also the indented ones inside list items)
+    let lines: Vec<&str> = readme
+        .lines()
+        .map(str::trim_start)
+        .filter(|l| l.starts_with(prefix))
+        .collect();
     assert!(lines.len() >= 2, "README lost its commands");
     assert!(
         lines[0].starts_with("cargo run --release -- sample --sampler qt-"),

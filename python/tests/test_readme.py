@@ -1,11 +1,9 @@
 """README.md's Python section runs as written (from the repository root)."""
 
-import os
 import re
 from pathlib import Path
 
 import numpy as np
-import pytest
 
 REPO = Path(__file__).resolve().parents[2]
 
