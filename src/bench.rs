@@ -292,10 +292,14 @@ fn steps_for_budget(
         let Ok(ts) = cfg.grid.times(schedule, n) else {
             break;
         };
+        let explicit = matches!(cfg.grid, TimeGrid::Explicit { .. });
         match sampler.nfe(ts.len() - 1, zero, &cfg.opts) {
-            Some(c) if c <= budget => best = Some((n, ts)),
+            Some(c) if c <= budget => best = Some((ts.len() - 1, ts)),
             _ if best.is_some() => break,
             _ => {}
+        }
+        if explicit {
+            break; // a grid file fixes the grid: it fits the budget or not
         }
     }
     Ok(best)

@@ -478,6 +478,10 @@ struct BenchArgs {
     )]
     samplers: String,
     /// Comma-separated NFE budgets
+    /// A grid file written by `qtaylor tune`: every sampler runs on its times (budgets that
+    /// its NFE on that grid exceeds are skipped)
+    #[arg(long)]
+    grid_file: Option<PathBuf>,
     #[arg(long, default_value = "5,10,20,50")]
     nfe: String,
     /// Number of samples
@@ -1209,13 +1213,30 @@ fn cmd_tune(a: &TuneArgs) -> Result<()> {
 fn cmd_bench(a: &BenchArgs) -> Result<()> {
     let device = parse_device(&a.common.device)?;
     let (schedule, discrete) = schedule_of(&a.common)?;
-    let grid = time_grid(&a.common, schedule.as_ref(), discrete, ExplicitGrid::none())?;
+    let grid = time_grid(
+        &a.common,
+        schedule.as_ref(),
+        discrete,
+        ExplicitGrid {
+            file: a.grid_file.as_deref(),
+            ..ExplicitGrid::none()
+        },
+    )?;
     let opts = options(&a.common, None)?;
     let samplers = if a.samplers == "all" {
         samplers::all_samplers()
     } else {
         samplers::parse_list(&a.samplers)?
     };
+    if let Some(path) = &a.grid_file {
+        let g = qtaylor::gridfile::GridFile::read(path, schedule.as_ref())?;
+        let model = model_id(None, a.common.problem.as_deref().or(Some("gmm-demo")));
+        for s in &samplers {
+            for w in g.mismatches(&s.to_string(), None, schedule.as_ref(), &model) {
+                eprintln!("warning: grid file {}: {w}", path.display());
+            }
+        }
+    }
     if samplers.is_empty() {
         bail!("--samplers is empty; valid samplers are listed by `qtaylor samplers`");
     }

@@ -148,6 +148,37 @@ fn a_tuned_grid_file_round_trips_and_drives_sample() {
         e.contains("warning: grid file") && e.contains("tuned for sampler qt-2, not ddim"),
         "{e}"
     );
+    // bench runs every sampler on the file's grid; a budget it exceeds is skipped.
+    let out = dir.path().join("bench");
+    let o = qtaylor(&[
+        "bench",
+        "--problem",
+        "gmm-demo",
+        "--grid-file",
+        p(&file),
+        "--samplers",
+        "qt-2,ddim,heun",
+        "--nfe",
+        "5",
+        "--batch",
+        "16",
+        "--out",
+        p(&out),
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let table = String::from_utf8_lossy(&o.stdout);
+    let row = |name: &str| -> String {
+        table
+            .lines()
+            .find(|l| l.starts_with(&format!("| {name} |")))
+            .unwrap_or_else(|| panic!("{name} missing:\n{table}"))
+            .to_string()
+    };
+    assert!(!row("qt-2").contains("| — |"), "{}", row("qt-2"));
+    assert!(
+        row("heun").contains("—"),
+        "heun needs 10 NFE on a 5-step grid"
+    );
 }
 
 #[test]
