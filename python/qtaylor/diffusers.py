@@ -47,10 +47,8 @@ class QTaylorSchedulerOutput(BaseOutput):
 _UNSUPPORTED = {
     "thresholding": "dynamic thresholding",
     "rescale_betas_zero_snr": "zero-terminal-SNR rescaling of the betas",
-    "use_karras_sigmas": "Karras sigmas (pass sigmas= or timesteps= to set_timesteps)",
     "use_exponential_sigmas": "exponential sigmas (pass sigmas= to set_timesteps)",
     "use_beta_sigmas": "beta sigmas (pass sigmas= to set_timesteps)",
-    "use_lu_lambdas": "uniform-lambda timesteps (pass sigmas= to set_timesteps)",
 }
 
 
@@ -66,7 +64,8 @@ class QTaylorScheduler(SchedulerMixin, ConfigMixin):
     UniPCMultistep (``num_train_timesteps``, ``beta_start``, ``beta_end``,
     ``beta_schedule``, ``trained_betas``, ``prediction_type``, ``timestep_spacing``,
     ``steps_offset``, ``clip_sample``, ``clip_sample_range``, ``final_sigmas_type``,
-    ``lower_order_final``, ``variance_type``), and the sampler's options (``sampler``,
+    ``lower_order_final``, ``variance_type``, ``use_karras_sigmas``, ``use_lu_lambdas``), and
+    the sampler's options (``sampler``,
     ``expand``, ``qt_last``, ``eta``, ``unipc_variant``, ``unipc_corrector``,
     ``ddpm_variance``, ``s_churn``, ``s_tmin``, ``s_tmax``, ``s_noise``).
 
@@ -298,14 +297,26 @@ class QTaylorScheduler(SchedulerMixin, ConfigMixin):
                     raise ValueError(
                         f"num_inference_steps={num_inference_steps!r}: expected a positive integer"
                     )
-                times = _core.discrete_grid(
-                    self._schedule,
-                    steps=int(num_inference_steps),
-                    spacing=self.config.timestep_spacing,
-                    steps_offset=self.config.steps_offset,
-                    final_=final,
-                ).tolist()
-                tail = final == "last" and len(times) - 1 == int(num_inference_steps) - 1
+                cont = [g for g, on in (("karras", self.config.use_karras_sigmas),
+                                        ("logsnr", self.config.use_lu_lambdas)) if on]
+                if len(cont) > 1:
+                    raise ValueError("use_karras_sigmas and use_lu_lambdas are both set; choose one")
+                if cont:
+                    # A continuous grid on the trained table, in fractional timesteps, from the
+                    # last trained step to the first (then x̂0), as diffusers' use_karras_sigmas
+                    # / use_lu_lambdas; timestep_spacing does not apply.
+                    times = _core.continuous_grid(
+                        self._schedule, int(num_inference_steps), cont[0], to_zero=final == "zero"
+                    ).tolist()
+                else:
+                    times = _core.discrete_grid(
+                        self._schedule,
+                        steps=int(num_inference_steps),
+                        spacing=self.config.timestep_spacing,
+                        steps_offset=self.config.steps_offset,
+                        final_=final,
+                    ).tolist()
+                tail = final == "last" and not cont and len(times) - 1 == int(num_inference_steps) - 1
         self._install(times, device, tail)
         self.num_inference_steps = len(times) - 1 + int(tail)
 

@@ -50,7 +50,7 @@ def test_karras_grid_on_a_discrete_schedule_equals_diffusers_use_karras_sigmas(c
     assert np.max(np.abs(sig / ks64 - 1)) <= 1e-9
     # diffusers' stock scheduler keeps its σ table in float32 and its timesteps as float32:
     # they differ from the exact values by that rounding only.
-    assert np.max(np.abs(ours - euler.timesteps.numpy())) <= 5e-5
+    assert np.max(np.abs(ours - euler.timesteps.numpy())) <= 1e-4
     assert np.max(np.abs(sig / euler.sigmas.numpy()[:-1] - 1)) <= 1e-6
 
 
@@ -110,3 +110,21 @@ def test_a_bad_grid_file_is_a_value_error_naming_the_file_and_fault(grid_file, t
     assert str(bad) in str(e.value) and "decrease strictly" in str(e.value)
     with pytest.raises(ValueError, match="cannot read"):
         qtaylor.read_grid_file(str(tmp_path / "missing.json"), s)
+
+
+@pytest.mark.parametrize("cfg", CONFIGS[:2], ids=lambda c: c["beta_schedule"])
+def test_use_karras_sigmas_in_the_config_gives_diffusers_karras_timesteps(cfg):
+    euler = EulerDiscreteScheduler(use_karras_sigmas=True, **cfg)
+    euler.set_timesteps(10)
+    ours = QTaylorScheduler.from_config(euler.config, sampler="dpmpp-2m")
+    ours.set_timesteps(10)
+    assert ours.config.use_karras_sigmas
+    assert len(ours.timesteps) == 10
+    # both float32 tensors: one float32 ulp near timestep 1000 is 6.1e-5
+    assert np.max(np.abs(ours.timesteps.numpy() - euler.timesteps.numpy())) <= 1.3e-4
+    lu = QTaylorScheduler(use_lu_lambdas=True, **cfg)
+    lu.set_timesteps(8)
+    lam = lu.schedule.lambda_(np.array(lu.program.call_times))
+    assert np.allclose(np.diff(lam), np.diff(lam)[0], rtol=1e-9)
+    with pytest.raises(ValueError, match="choose one"):
+        QTaylorScheduler(use_lu_lambdas=True, use_karras_sigmas=True).set_timesteps(5)
