@@ -709,17 +709,7 @@ fn time_grid(
                     bail!("--spacing and --steps-offset do nothing with --grid");
                 }
                 let first = qtaylor::grid::time_of_timestep(0.0, d.train_steps);
-                let t_max = match (c.t_max, c.sigma_max) {
-                    (Some(t), _) => t,
-                    (None, Some(s)) => schedule.t_of_lambda(-s.ln())?,
-                    (None, None) => schedule.t_end(),
-                };
-                let t_min = match (c.t_min, c.sigma_min) {
-                    (Some(t), _) => t,
-                    (None, Some(s)) => schedule.t_of_lambda(-s.ln())?,
-                    (None, None) => first,
-                };
-                qtaylor::grid::check_interval(schedule, t_max, t_min)?;
+                let (t_max, t_min) = grid_range(c, schedule, first)?;
                 return Ok(TimeGrid::Continuous {
                     grid: parse_grid(g, c.rho)?,
                     t_max,
@@ -753,17 +743,7 @@ fn time_grid(
                     "--spacing and --steps-offset apply to discrete schedules (--schedule discrete or --model)"
                 );
             }
-            let t_max = match (c.t_max, c.sigma_max) {
-                (Some(t), _) => t,
-                (None, Some(s)) => schedule.t_of_lambda(-s.ln())?,
-                (None, None) => schedule.t_end(),
-            };
-            let t_min = match (c.t_min, c.sigma_min) {
-                (Some(t), _) => t,
-                (None, Some(s)) => schedule.t_of_lambda(-s.ln())?,
-                (None, None) => 1e-3,
-            };
-            qtaylor::grid::check_interval(schedule, t_max, t_min)?;
+            let (t_max, t_min) = grid_range(c, schedule, 1e-3)?;
             Ok(TimeGrid::Continuous {
                 grid: parse_grid(c.grid.as_deref().unwrap_or("uniform"), c.rho)?,
                 t_max,
@@ -772,6 +752,22 @@ fn time_grid(
             })
         }
     }
+}
+
+/// The continuous grid's `(t_max, t_min)` from `--t-max`/`--sigma-max` and
+/// `--t-min`/`--sigma-min` (σ/α mapped to t through λ = −ln σ), checked against the schedule.
+fn grid_range(c: &Common, schedule: &dyn Schedule, default_t_min: f64) -> Result<(f64, f64)> {
+    let t_of = |t: Option<f64>, sigma: Option<f64>, default: f64| -> Result<f64> {
+        Ok(match (t, sigma) {
+            (Some(t), _) => t,
+            (None, Some(s)) => schedule.t_of_lambda(-s.ln())?,
+            (None, None) => default,
+        })
+    };
+    let t_max = t_of(c.t_max, c.sigma_max, schedule.t_end())?;
+    let t_min = t_of(c.t_min, c.sigma_min, default_t_min)?;
+    qtaylor::grid::check_interval(schedule, t_max, t_min)?;
+    Ok((t_max, t_min))
 }
 
 /// `--grid` with `--rho` for karras.
@@ -1231,9 +1227,14 @@ fn cmd_bench(a: &BenchArgs) -> Result<()> {
     if let Some(path) = &a.grid_file {
         let g = qtaylor::gridfile::GridFile::read(path, schedule.as_ref())?;
         let model = model_id(None, a.common.problem.as_deref().or(Some("gmm-demo")));
+        // One line per difference: the schedule and model ones are the same for every sampler.
+        let mut warnings: Vec<String> = Vec::new();
         for s in &samplers {
             for w in g.mismatches(&s.to_string(), None, schedule.as_ref(), &model) {
-                eprintln!("warning: grid file {}: {w}", path.display());
+                if !warnings.contains(&w) {
+                    eprintln!("warning: grid file {}: {w}", path.display());
+                    warnings.push(w);
+                }
             }
         }
     }
