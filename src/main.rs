@@ -395,7 +395,7 @@ struct TuneArgs {
     #[arg(long, default_value = "dpmpp-3m:100")]
     teacher: String,
     /// Tuning samples (noise streams no evaluation draws)
-    #[arg(long, default_value_t = 32)]
+    #[arg(long, default_value_t = 64)]
     samples: usize,
     /// Held-out samples for the before/after check
     #[arg(long, default_value_t = 32)]
@@ -403,6 +403,11 @@ struct TuneArgs {
     /// Candidate intervals of the fine grid (uniform in log-SNR)
     #[arg(long, default_value_t = 40)]
     candidates: usize,
+    /// Sweeps of the global refinement after the dynamic program: a compass search that
+    /// keeps a move of one time only when the full sampler's end points get closer to the
+    /// teacher's (0: the dynamic program's grid as it is)
+    #[arg(long, default_value_t = 30)]
+    refine_sweeps: usize,
     /// f32 | f64: the state's dtype
     #[arg(long, default_value = "f32")]
     dtype: String,
@@ -1137,6 +1142,7 @@ fn cmd_tune(a: &TuneArgs) -> Result<()> {
         teacher,
         teacher_steps,
         candidates: a.candidates,
+        refine_sweeps: a.refine_sweeps,
         samples: a.samples,
         holdout: a.holdout,
         seed: a.common.seed,
@@ -1147,10 +1153,16 @@ fn cmd_tune(a: &TuneArgs) -> Result<()> {
     let r = qtaylor::tune::tune(model, schedule.as_ref(), &item, &cfg, &mut |m| log.line(m))?;
     let nfe = sampler.nfe(steps, zero, &opts).unwrap_or(a.nfe);
     let tuning = serde_json::json!({
-        "method": "GITS-style dynamic programming over a fine candidate grid (arXiv 2405.11326)",
+        "method": "GITS-style dynamic programming over a fine candidate grid (arXiv 2405.11326), then a compass search on the full run's end-point error",
         "teacher": a.teacher,
         "teacher_steps": r.teacher_steps,
         "candidates": a.candidates,
+        "refine_sweeps": a.refine_sweeps,
+        "refine_evals": r.refine_evals,
+        "tuning_error_start": r.refine_start,
+        "tuning_error_end": r.refine_end,
+        "gits_times": r.gits_times,
+        "error_gits": r.error_gits,
         "samples": a.samples,
         "holdout": a.holdout,
         "seed": a.common.seed,
@@ -1187,13 +1199,19 @@ fn cmd_tune(a: &TuneArgs) -> Result<()> {
         a.teacher
     );
     println!("  default ({}): {}", grid.describe(), show(&default_times));
+    println!("  dynamic program: {}", show(&r.gits_times));
     println!("  tuned:   {}", show(&r.times));
     println!(
-        "  held-out end-point RMSE vs teacher ({} samples): default {:.5}, tuned {:.5} ({:.2}x)",
+        "  held-out end-point RMSE vs teacher ({} samples): default {:.5}, dynamic program {:.5}, tuned {:.5} ({:.2}x)",
         a.holdout,
         r.error_default,
+        r.error_gits,
         r.error_tuned,
         r.error_tuned / r.error_default
+    );
+    println!(
+        "  refinement: {} evaluations, tuning-sample error {:.5} -> {:.5}",
+        r.refine_evals, r.refine_start, r.refine_end
     );
     println!(
         "  tuning time {:.1} s on {} ({} samples, {} candidates) -> {}",

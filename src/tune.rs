@@ -17,8 +17,17 @@
 //!    as GITS does for iPNDM): the grid is tuned for the local error;
 //! 4. the cheapest path with the default grid's number of steps.
 //!
+//! Then a global refinement ([`qtaylor_core::tune::refine`], `--refine-sweeps`, 0 to skip):
+//! starting from whichever of the default and the dynamic-programming grid has the lower
+//! *full-run* end-point error on the tuning samples, a compass search over the grid's
+//! log-SNR values moves one time at a time and keeps a move only when the whole sampler
+//! (multistep history and last-step rule included) lands closer to the teacher's end points.
+//! The dynamic program's local cost cannot see a multistep sampler's history; this stage
+//! optimizes the quantity the grid is judged by, as LD3 (arXiv 2412.09785) does by gradients.
+//!
 //! The held-out check draws `H` more samples from other streams (from 2⁴¹ on) and reports
-//! the full sampler's end-point RMSE against the teacher on the default and the tuned grid.
+//! the full sampler's end-point RMSE against the teacher on the default grid, the dynamic
+//! program's grid and the tuned (refined) grid.
 
 use std::time::Instant;
 
@@ -52,6 +61,8 @@ pub struct TuneConfig {
     pub teacher_steps: usize,
     /// Candidate intervals K.
     pub candidates: usize,
+    /// Sweeps of the global refinement (0: the dynamic program's grid as it is).
+    pub refine_sweeps: usize,
     /// Tuning samples M and held-out samples H.
     pub samples: usize,
     pub holdout: usize,
@@ -68,6 +79,15 @@ pub struct Tuned {
     /// Held-out end-point RMSE against the teacher: default grid, tuned grid.
     pub error_default: f64,
     pub error_tuned: f64,
+    /// Held-out error of the dynamic program's grid (before the refinement).
+    pub error_gits: f64,
+    /// The dynamic program's grid.
+    pub gits_times: Vec<f64>,
+    /// Full-run end-point error on the tuning samples: where the refinement started (the
+    /// better of default and dynamic program) and where it ended; objective evaluations.
+    pub refine_start: f64,
+    pub refine_end: f64,
+    pub refine_evals: usize,
     /// Summed one-step cost of the default path is not defined (its times are not
     /// candidates); the tuned path's summed cost on the tuning samples:
     pub tuning_cost: f64,
@@ -340,23 +360,83 @@ pub fn tune(
         }
     }
     let (path, total) = qtaylor_core::tune::cheapest_path(&cost, steps)?;
-    let times: Vec<f64> = path.iter().map(|&i| cand[i]).collect();
+    let gits_times: Vec<f64> = path.iter().map(|&i| cand[i]).collect();
+    // Global refinement of the positive times' λ against the full run's end-point error.
+    let teacher_end = states.last().expect("teacher end");
+    let full = |ts: &[f64]| -> Result<f64> {
+        let x = run(model, schedule, cfg.sampler, &cfg.opts, ts, &x_tune)?;
+        mean_rmse(&x, teacher_end)
+    };
+    let (start_times, start_cost) = {
+        let g = full(&gits_times)?;
+        if cfg.refine_sweeps == 0 {
+            (gits_times.clone(), g)
+        } else {
+            let d = full(def)?;
+            if d < g {
+                (def.clone(), d)
+            } else {
+                (gits_times.clone(), g)
+            }
+        }
+    };
+    let n_pos = if zero { steps } else { steps + 1 };
+    let (times, refine_end, refine_evals) = if cfg.refine_sweeps == 0 || n_pos < 2 {
+        (start_times, start_cost, 0)
+    } else {
+        let lam: Vec<f64> = start_times[..n_pos]
+            .iter()
+            .map(|&t| schedule.lambda(t))
+            .collect();
+        let to_times = |l: &[f64]| -> Result<Vec<f64>> {
+            let mut ts = Vec::with_capacity(steps + 1);
+            for (i, &v) in l.iter().enumerate() {
+                ts.push(match i {
+                    0 => t_hi,
+                    i if i == n_pos - 1 && !zero => def[steps],
+                    _ => schedule.t_of_lambda(v)?,
+                });
+            }
+            if zero {
+                ts.push(0.0);
+            }
+            Ok(ts)
+        };
+        let bound = zero.then(|| schedule.lambda(t_lo));
+        let mut sweep = 0usize;
+        let mut objective = |l: &[f64]| -> Result<f64> {
+            sweep += 1;
+            if sweep % 20 == 1 {
+                progress(&format!("refinement: objective evaluation {sweep}"));
+            }
+            full(&to_times(l)?)
+        };
+        let r =
+            qtaylor_core::tune::refine(&lam, bound, cfg.refine_sweeps, 1.0 / 64.0, &mut objective)?;
+        (to_times(&r.x)?, r.cost, r.evals)
+    };
     // Held-out check against a fresh teacher run.
     progress("held-out check");
     let x_hold = noise_x(HOLDOUT_STREAM, cfg.holdout)?;
     let (hs, _) = teacher_states(model, schedule, cfg, &cand, &x_hold)?;
-    let teacher_end = hs.last().expect("teacher end");
+    let hold_end = hs.last().expect("teacher end");
     let err = |ts: &[f64]| -> Result<f64> {
         let x = run(model, schedule, cfg.sampler, &cfg.opts, ts, &x_hold)?;
-        mean_rmse(&x, teacher_end)
+        mean_rmse(&x, hold_end)
     };
     let error_default = err(def)?;
+    let error_gits = err(&gits_times)?;
     let error_tuned = err(&times)?;
     Ok(Tuned {
         times,
         candidates: cand,
         error_default,
         error_tuned,
+        error_gits,
+        gits_times,
+        refine_start: start_cost,
+        refine_end,
+        refine_evals,
         tuning_cost: total,
         seconds: start.elapsed().as_secs_f64(),
         teacher_steps,

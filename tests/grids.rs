@@ -68,6 +68,71 @@ fn errors(o: &Output) -> (f64, f64) {
     (num("default"), num("tuned"))
 }
 
+/// `dynamic program A` from tune's held-out line.
+fn dp_error(o: &Output) -> f64 {
+    let out = String::from_utf8_lossy(&o.stdout);
+    let line = out
+        .lines()
+        .find(|l| l.contains("held-out end-point RMSE"))
+        .unwrap();
+    let rest = &line[line.find("dynamic program").unwrap() + "dynamic program".len()..];
+    rest.trim_start()
+        .split(',')
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap()
+}
+
+#[test]
+fn the_global_refinement_beats_the_dynamic_program_for_multistep_samplers() {
+    // The dynamic program's cost is the history-free one-step error; the refinement's is
+    // the full run's, so a multistep sampler gains from it (gmm-demo, held-out samples).
+    let dir = tempfile::tempdir().unwrap();
+    for (sampler, nfe) in [("unipc-3", "5"), ("dpmpp-3m", "5")] {
+        let out = dir.path().join(format!("{sampler}.json"));
+        let o = tune_gmm(&out, sampler, nfe);
+        assert!(o.status.success(), "{}", stderr(&o));
+        let ((default, tuned), dp) = (errors(&o), dp_error(&o));
+        assert!(
+            tuned < 0.8 * dp.min(default),
+            "{sampler} at {nfe} NFE: tuned {tuned}, dynamic program {dp}, default {default}"
+        );
+    }
+    // Without the refinement the file holds the dynamic program's grid.
+    let out = dir.path().join("dp.json");
+    let mut args: Vec<String> = ["tune", "--problem", "gmm-demo", "--sampler", "unipc-3"]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+    for a in [
+        "--nfe",
+        "5",
+        "--dtype",
+        "f64",
+        "--samples",
+        "24",
+        "--holdout",
+        "24",
+    ] {
+        args.push(a.into());
+    }
+    args.extend([
+        "--refine-sweeps".into(),
+        "0".into(),
+        "--out".into(),
+        p(&out).into(),
+    ]);
+    let o = qtaylor(&args.iter().map(|s| s.as_str()).collect::<Vec<_>>());
+    assert!(o.status.success(), "{}", stderr(&o));
+    let (_, tuned) = errors(&o);
+    assert_eq!(tuned, dp_error(&o));
+    let g: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&out).unwrap()).unwrap();
+    assert_eq!(g["times"], g["tuning"]["gits_times"]);
+    assert_eq!(g["tuning"]["refine_evals"], 0);
+}
+
 #[test]
 fn tuning_lowers_the_held_out_error_below_the_default_grid() {
     let dir = tempfile::tempdir().unwrap();
