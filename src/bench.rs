@@ -17,7 +17,6 @@ use std::time::Instant;
 
 use anyhow::{Context, Result, bail};
 use candle_core::{DType, Tensor};
-use indicatif::{ProgressBar, ProgressStyle};
 use serde::Serialize;
 
 use crate::grid::TimeGrid;
@@ -133,15 +132,15 @@ pub fn run_bench(
     };
     let (x64, _) = start(DType::F64)?;
     let pb = if show_progress {
-        ProgressBar::new(cfg.samplers.len() as u64)
+        crate::progress::Progress::new(
+            "bench",
+            "sampler",
+            cfg.samplers.len() as u64,
+            "{bar:30} {pos}/{len} {msg} [{elapsed_precise}]",
+        )
     } else {
-        ProgressBar::hidden()
+        crate::progress::Progress::hidden()
     };
-    pb.set_style(
-        ProgressStyle::with_template("{bar:30} {pos}/{len} {msg} [{elapsed_precise}]")
-            .expect("valid template"),
-    );
-    pb.enable_steady_tick(std::time::Duration::from_millis(200));
 
     // References, one per (start, end) pair of the grids used (a discrete leading spacing
     // starts at a different timestep for every N).
@@ -234,7 +233,7 @@ pub fn run_bench(
             rows.push(row);
         }
     }
-    pb.finish_and_clear();
+    pb.finish();
     let refs_all: Vec<&RefSolution> = refs.values().collect();
     let main = &refs[&main_ref];
     Ok(BenchReport {
@@ -477,6 +476,9 @@ impl BenchReport {
         std::fs::create_dir_all(dir)
             .with_context(|| format!("cannot create output folder {}", dir.display()))?;
         let opt = |v: Option<f64>| v.map_or(String::new(), |v| format!("{v:e}"));
+        // Counts and times read as plain numbers (5, not 5e0).
+        let plain = |v: Option<f64>| v.map_or(String::new(), |v| format!("{v}"));
+        let secs = |v: Option<f64>| v.map_or(String::new(), |v| format!("{v:.6}"));
         let mut csv = String::from(
             "sampler,nfe_budget,steps,nfe_used,rmse,sw2,sw2_floor,nearest_distance,same_point,rtol,seconds\n",
         );
@@ -487,14 +489,14 @@ impl BenchReport {
                 r.sampler,
                 r.nfe_budget,
                 r.steps.map_or(String::new(), |s| s.to_string()),
-                opt(r.nfe_used),
+                plain(r.nfe_used),
                 opt(r.rmse),
                 opt(r.sw2),
                 self.sw2_floor,
                 opt(r.nearest_distance),
                 opt(r.same_point),
                 opt(r.rtol),
-                opt(r.seconds)
+                secs(r.seconds)
             );
         }
         crate::io::write_atomic(&dir.join("results.csv"), csv.as_bytes())?;

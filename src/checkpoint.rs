@@ -158,8 +158,20 @@ pub struct CheckpointFiles {
 /// folder (`unet/`, `scheduler/`) or a flat one.
 pub fn find_files(dir: &Path) -> Result<CheckpointFiles> {
     if !dir.is_dir() {
+        let s = dir.to_string_lossy();
+        // `google/ddpm-cifar10-32` looks like a Hub id: qtaylor never downloads.
+        let hub = !dir.exists() && !s.starts_with(['/', '.', '~']) && s.matches('/').count() == 1;
+        let hint = if hub {
+            format!(
+                "; models are local folders and qtaylor downloads nothing. If '{s}' is a Hugging Face Hub id, fetch it once, e.g. `huggingface-cli download {s} --local-dir models/{}` or `DDPMPipeline.from_pretrained(\"{s}\").save_pretrained(\"models/{}\")` in Python, and pass that folder",
+                s.rsplit('/').next().unwrap_or(&s),
+                s.rsplit('/').next().unwrap_or(&s)
+            )
+        } else {
+            String::new()
+        };
         bail!(
-            "{}: not a folder (expected a diffusers checkpoint folder)",
+            "{}: not a folder (expected a diffusers checkpoint folder){hint}",
             dir.display()
         );
     }

@@ -519,12 +519,11 @@ pub fn train_classifier(
     )?;
     let per_epoch = train.n.div_ceil(opts.batch);
     let total = per_epoch * opts.epochs;
-    let bar = indicatif::ProgressBar::new(total as u64);
-    bar.set_style(
-        indicatif::ProgressStyle::with_template(
-            "{elapsed_precise} [{bar:30}] {pos}/{len} steps, {msg} (eta {eta})",
-        )?
-        .progress_chars("=> "),
+    let bar = crate::progress::Progress::new(
+        "train-classifier",
+        "step",
+        total as u64,
+        "{elapsed_precise} [{bar:30}] {pos}/{len} steps, {msg} (eta {eta})",
     );
     let mut order: Vec<usize> = (0..train.n).collect();
     let mut step = 0;
@@ -551,15 +550,15 @@ pub fn train_classifier(
                 0.98 * running + 0.02 * l
             };
             step += 1;
-            bar.set_position(step as u64);
             bar.set_message(format!(
                 "epoch {}/{}, loss {running:.4}",
                 epoch + 1,
                 opts.epochs
             ));
+            bar.set_position(step as u64);
         }
     }
-    bar.finish_and_clear();
+    bar.finish();
     let check = model.compute_check()?;
     model.info = ClassifierInfo {
         train_images: train.n,

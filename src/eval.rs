@@ -222,7 +222,15 @@ fn draw(
     let mut conf = Vec::with_capacity(o.n);
     let mut nfe_total = 0.0;
     let mut first: Option<Tensor> = None;
+    let pb = crate::progress::Progress::new(
+        "eval",
+        "sample",
+        o.n as u64,
+        "{bar:30} {pos}/{len} samples {msg} [{elapsed_precise}]",
+    );
+    pb.set_message(sampler.to_string());
     for start in (0..o.n).step_by(o.batch) {
+        pb.set_position(start as u64);
         let count = o.batch.min(o.n - start);
         let mut noise = NoiseStreams::new(o.seed, start, count);
         let x = noise.normal(&item, DType::F32, device)?;
@@ -244,6 +252,7 @@ fn draw(
             first = Some(run.x.narrow(0, 0, count.min(64))?.to_device(&Device::Cpu)?);
         }
     }
+    pb.finish();
     Ok(Drawn {
         features: feats,
         confidence: conf,

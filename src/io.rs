@@ -6,11 +6,39 @@ use std::path::Path;
 use anyhow::{Context, Result, bail};
 use candle_core::{DType, Device, Tensor};
 
-fn temp_in_dir_of(path: &Path) -> Result<tempfile::NamedTempFile> {
-    let dir = match path.parent() {
+/// The folder an output file goes to (`.` for a bare name).
+fn dir_of(path: &Path) -> &Path {
+    match path.parent() {
         Some(p) if !p.as_os_str().is_empty() => p,
         _ => Path::new("."),
-    };
+    }
+}
+
+/// Why the folder of `path` cannot take a file, if it cannot.
+fn missing_dir(path: &Path) -> Option<String> {
+    let dir = dir_of(path);
+    (!dir.is_dir()).then(|| format!("the folder {} does not exist", dir.display()))
+}
+
+/// Checks, before any work, that the folder an output file goes to exists.
+pub fn check_out_dir(path: &Path) -> Result<()> {
+    if let Some(why) = missing_dir(path) {
+        bail!("--out {}: {why} (create it first)", path.display());
+    }
+    if path.is_dir() {
+        bail!(
+            "--out {}: is a folder; expected a file name",
+            path.display()
+        );
+    }
+    Ok(())
+}
+
+fn temp_in_dir_of(path: &Path) -> Result<tempfile::NamedTempFile> {
+    let dir = dir_of(path);
+    if let Some(why) = missing_dir(path) {
+        bail!("cannot write {}: {why}", path.display());
+    }
     let tmp = tempfile::Builder::new()
         .prefix(".qtaylor-")
         .tempfile_in(dir)
@@ -87,6 +115,17 @@ pub fn read_npy(path: &Path, expected: &[Option<usize>]) -> Result<Tensor> {
             "{}: array of shape {:?}, expected shape ({want})",
             path.display(),
             t.dims()
+        );
+    }
+    // A NaN or an infinity in an input is the file's fault: name it before any model runs.
+    let flat = t.to_dtype(DType::F64)?.flatten_all()?.to_vec1::<f64>()?;
+    if let Some(i) = flat.iter().position(|v| !v.is_finite()) {
+        let row_len = (flat.len() / t.dims()[0].max(1)).max(1);
+        bail!(
+            "{}: entry {i} (row {}) is {}; expected finite values",
+            path.display(),
+            i / row_len,
+            flat[i]
         );
     }
     Ok(t)

@@ -9,7 +9,6 @@ use std::time::Instant;
 use anyhow::{Context, Result, bail};
 use candle_core::{DType, Device};
 use clap::{Args, Parser, Subcommand};
-use indicatif::{ProgressBar, ProgressStyle};
 
 use qtaylor::bench::{BenchConfig, run_bench};
 
@@ -74,6 +73,9 @@ enum Command {
 }
 
 #[derive(Args)]
+#[command(
+    override_usage = "qtaylor eval --model <MODEL> --out <OUT> [OPTIONS]\n       qtaylor eval --render-only --out <OUT>"
+)]
 struct EvalArgs {
     /// A diffusers checkpoint folder (e.g. from `qtaylor train`)
     #[arg(long, required_unless_present = "render_only")]
@@ -789,8 +791,55 @@ fn parse_grid(name: &str, rho: Option<f64>) -> Result<qtaylor::grid::Grid> {
     })
 }
 
+/// Refuses the schedule flags that the schedule in use does not read: `model` is true when
+/// a checkpoint brings its own schedule.
+fn check_schedule_flags(c: &Common, model: bool) -> Result<()> {
+    let vp = [
+        ("--beta-min", c.beta_min != 0.1),
+        ("--beta-max", c.beta_max != 20.0),
+    ];
+    let discrete = [
+        ("--beta-schedule", c.beta_schedule != "linear"),
+        ("--beta-start", c.beta_start != 1e-4),
+        ("--beta-end", c.beta_end != 0.02),
+        ("--train-steps", c.train_steps != 1000),
+    ];
+    let ckpt = "the checkpoint brings its own schedule (scheduler_config.json)";
+    let vp_why = if model {
+        ckpt
+    } else {
+        "it applies to --schedule vp-linear"
+    };
+    let discrete_why = if model {
+        ckpt
+    } else {
+        "it applies to --schedule discrete"
+    };
+    let vp_used = !model && c.schedule == "vp-linear";
+    let discrete_used = !model && c.schedule == "discrete";
+    let unused = vp
+        .iter()
+        .filter(|f| f.1 && !vp_used)
+        .map(|f| (f.0, vp_why))
+        .chain(
+            discrete
+                .iter()
+                .filter(|f| f.1 && !discrete_used)
+                .map(|f| (f.0, discrete_why)),
+        )
+        .next();
+    if let Some((flag, why)) = unused {
+        bail!("{flag} does nothing here: {why}");
+    }
+    if c.schedule != "discrete" && !model && c.r#final != "zero" {
+        bail!("--final applies to discrete schedules (--schedule discrete or --model)");
+    }
+    Ok(())
+}
+
 /// The schedule named by --schedule (and, for discrete, the grid defaults).
 fn schedule_of(c: &Common) -> Result<(Arc<dyn Schedule>, Option<DiscreteDefaults>)> {
+    check_schedule_flags(c, false)?;
     if c.schedule == "discrete" {
         let s = Tabulated::diffusers(&c.beta_schedule, c.beta_start, c.beta_end, c.train_steps)?;
         let d = DiscreteDefaults {
@@ -805,6 +854,66 @@ fn schedule_of(c: &Common) -> Result<(Arc<dyn Schedule>, Option<DiscreteDefaults
             None,
         ))
     }
+}
+
+/// The sampler options the user set to something other than their defaults, as `(flag,
+/// value)`: each must be read by one of the samplers run (`samplers::check_flags_used`).
+fn given_flags(c: &Common) -> Vec<(&'static str, String)> {
+    let mut g = Vec::new();
+    let mut put = |on: bool, flag: &'static str, v: String| {
+        if on {
+            g.push((flag, v));
+        }
+    };
+    put(
+        c.eta.is_some(),
+        "--eta",
+        format!("{}", c.eta.unwrap_or(0.0)),
+    );
+    put(c.expand != "t", "--expand", c.expand.clone());
+    put(c.qt_last != "ddim", "--qt-last", c.qt_last.clone());
+    put(
+        c.ddpm_variance.is_some(),
+        "--ddpm-variance",
+        c.ddpm_variance.clone().unwrap_or_default(),
+    );
+    put(
+        c.rtol.is_some(),
+        "--rtol",
+        format!("{}", c.rtol.unwrap_or(0.0)),
+    );
+    put(
+        c.atol.is_some(),
+        "--atol",
+        format!("{}", c.atol.unwrap_or(0.0)),
+    );
+    put(c.lower_order_final, "--lower-order-final", String::new());
+    put(
+        c.unipc_variant != "bh2",
+        "--unipc-variant",
+        c.unipc_variant.clone(),
+    );
+    put(c.no_corrector, "--no-corrector", String::new());
+    put(c.s_churn != 0.0, "--s-churn", format!("{}", c.s_churn));
+    put(c.s_tmin != 0.0, "--s-tmin", format!("{}", c.s_tmin));
+    put(
+        c.s_tmax != f64::INFINITY,
+        "--s-tmax",
+        format!("{}", c.s_tmax),
+    );
+    put(c.s_noise != 1.0, "--s-noise", format!("{}", c.s_noise));
+    g
+}
+
+/// Every option set must be read by one of `run`, each in its valid range.
+fn check_sampler_options(c: &Common, run: &[Sampler], opts: &Options) -> Result<()> {
+    samplers::check_flags_used(run, &given_flags(c))?;
+    for s in run {
+        if s.option_flags().contains(&"--eta") {
+            s.check_options(opts)?;
+        }
+    }
+    Ok(())
 }
 
 /// Sampler options from the flags; `variance_type` is a checkpoint's default DDPM variance.
@@ -854,6 +963,11 @@ fn model_id(model: Option<&Path>, problem: Option<&str>) -> String {
 
 fn cmd_sample(a: &SampleArgs) -> Result<()> {
     let sampler: Sampler = a.sampler.parse()?;
+    qtaylor::io::check_out_dir(&a.out)?;
+    if let Some(p) = &a.save_npy {
+        qtaylor::io::check_out_dir(p)
+            .map_err(|e| anyhow::anyhow!("{}", e.to_string().replacen("--out", "--save-npy", 1)))?;
+    }
     let dtype = parse_dtype(&a.dtype)?;
     let device = parse_device(&a.common.device)?;
     // What is sampled: a diffusers checkpoint, or an exact-score problem.
@@ -873,6 +987,7 @@ fn cmd_sample(a: &SampleArgs) -> Result<()> {
             if a.common.problem.is_some() || a.common.schedule != "vp-linear" {
                 bail!("--model brings its own model and schedule: drop --problem/--schedule");
             }
+            check_schedule_flags(&a.common, true)?;
             let ext = a.out.extension().and_then(|e| e.to_str()).unwrap_or("");
             if !ext.eq_ignore_ascii_case("png") {
                 bail!(
@@ -927,6 +1042,13 @@ fn cmd_sample(a: &SampleArgs) -> Result<()> {
             if a.image_size.is_some() || a.save_npy.is_some() || a.no_clip {
                 bail!("--image-size, --save-npy and --no-clip apply to --model");
             }
+            let ext = a.out.extension().and_then(|e| e.to_str()).unwrap_or("");
+            if !ext.eq_ignore_ascii_case("npy") {
+                bail!(
+                    "--out {}: a problem's samples are written as a NumPy array; name the file .npy (PNG grids are for image models: --model, or neither flag for the embedded one)",
+                    a.out.display()
+                );
+            }
             let (schedule, discrete) = schedule_of(&a.common)?;
             let grid = time_grid(
                 &a.common,
@@ -950,6 +1072,7 @@ fn cmd_sample(a: &SampleArgs) -> Result<()> {
             )
         }
     };
+    check_sampler_options(&a.common, &[sampler], &opts)?;
     let ts = grid.times(schedule.as_ref(), a.steps.unwrap_or(0))?;
     let steps = ts.len() - 1;
     if let Some(s) = a.steps
@@ -998,10 +1121,11 @@ fn cmd_sample(a: &SampleArgs) -> Result<()> {
             (noise.normal(&item, dtype, &device)?, noise)
         }
     };
-    let pb = ProgressBar::new(steps as u64);
-    pb.set_style(
-        ProgressStyle::with_template("{bar:30} step {pos}/{len} {msg} [{elapsed_precise}]")
-            .expect("valid template"),
+    let pb = qtaylor::progress::Progress::new(
+        "sample",
+        "step",
+        steps as u64,
+        "{bar:30} step {pos}/{len} {msg} [{elapsed_precise}]",
     );
     let start = Instant::now();
     let run = samplers::sample(
@@ -1014,7 +1138,7 @@ fn cmd_sample(a: &SampleArgs) -> Result<()> {
         &mut noise,
         Some(&pb),
     )?;
-    pb.finish_and_clear();
+    pb.finish();
     if a.model.is_some() || a.common.problem.is_none() {
         qtaylor::io::write_png_grid(&a.out, &run.x)?;
         if let Some(npy) = &a.save_npy {
@@ -1060,6 +1184,7 @@ fn cmd_tune(a: &TuneArgs) -> Result<()> {
     if !ext.eq_ignore_ascii_case("json") {
         bail!("--out {}: a grid file is JSON (.json)", a.out.display());
     }
+    qtaylor::io::check_out_dir(&a.out)?;
     let dtype = parse_dtype(&a.dtype)?;
     let device = parse_device(&a.common.device)?;
     let checkpoint;
@@ -1076,6 +1201,7 @@ fn cmd_tune(a: &TuneArgs) -> Result<()> {
             if a.common.schedule != "vp-linear" {
                 bail!("--model brings its own schedule: drop --schedule");
             }
+            check_schedule_flags(&a.common, true)?;
             let mdt = parse_model_dtype(&a.model_dtype)?;
             let m = match &a.model {
                 Some(dir) => qtaylor::checkpoint::DiffusersModel::load(dir, mdt, &device)?,
@@ -1128,6 +1254,7 @@ fn cmd_tune(a: &TuneArgs) -> Result<()> {
             )
         }
     };
+    check_sampler_options(&a.common, &[sampler], &opts)?;
     qtaylor::tune::check_tunable(sampler, &opts)?;
     let zero = grid.ends_at_zero();
     let steps = sampler
@@ -1242,6 +1369,7 @@ fn cmd_bench(a: &BenchArgs) -> Result<()> {
     } else {
         samplers::parse_list(&a.samplers)?
     };
+    check_sampler_options(&a.common, &samplers, &opts)?;
     if let Some(path) = &a.grid_file {
         let g = qtaylor::gridfile::GridFile::read(path, schedule.as_ref())?;
         let model = model_id(None, a.common.problem.as_deref().or(Some("gmm-demo")));
@@ -1309,6 +1437,20 @@ fn peak_rss_mib() -> Option<f64> {
     let line = s.lines().find(|l| l.starts_with("VmHWM:"))?;
     let kb: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
     Some(kb / 1024.0)
+}
+
+/// The time outside the network as a share of the network's. A negative measured share
+/// means the sampler ran faster than the chained forwards alone: the difference is timing
+/// noise, reported as such rather than as a negative share.
+fn outside_share(share: f64, of: &str) -> String {
+    if share >= 0.0 {
+        format!("time outside the network {:.1} % of {of}", 100.0 * share)
+    } else {
+        format!(
+            "time outside the network below the timing noise ({:.1} % faster than {of} alone)",
+            -100.0 * share
+        )
+    }
 }
 
 fn cmd_speed(a: &SpeedArgs) -> Result<()> {
@@ -1416,11 +1558,11 @@ fn cmd_speed(a: &SpeedArgs) -> Result<()> {
         })? / n as f64;
         let overhead = (full - nfe * chained) / (nfe * chained);
         println!(
-            "sample {sampler}, {} steps ({nfe:.0} NFE): {:.4} s per batch, {:.1} images/s; time outside the network {:+.1} % of the network's ({n} forwards queued back to back: {:.4} s each; copying the result to the host: {:.4} s)",
+            "sample {sampler}, {} steps ({nfe:.0} NFE): {:.4} s per batch, {:.1} images/s; {} ({n} forwards queued back to back: {:.4} s each; copying the result to the host: {:.4} s)",
             a.steps,
             full,
             a.batch as f64 / full,
-            100.0 * overhead,
+            outside_share(overhead, "the network's"),
             chained,
             copy
         );
@@ -1430,11 +1572,11 @@ fn cmd_speed(a: &SpeedArgs) -> Result<()> {
         if nfe2 > nfe {
             let per_nfe = (full2 - full) / (nfe2 - nfe);
             println!(
-                "  per step ({} vs {} steps): {:.4} s per NFE, time outside the network {:+.1} % of a forward's; once per sample: {:.4} s",
+                "  per step ({} vs {} steps): {:.4} s per NFE, {}; once per sample: {:.4} s",
                 2 * a.steps,
                 a.steps,
                 per_nfe,
-                100.0 * (per_nfe - chained) / chained,
+                outside_share((per_nfe - chained) / chained, "a forward's"),
                 full - nfe * per_nfe
             );
         }
@@ -1634,9 +1776,23 @@ fn cmd_train_classifier(a: &TrainClassifierArgs) -> Result<()> {
 }
 
 fn cmd_samplers() {
-    println!("{:<10} {:>9}  description", "sampler", "NFE/step");
-    for e in samplers::catalog() {
-        println!("{:<10} {:>9}  {}", e.name, e.nfe_per_step, e.description);
+    let c = samplers::catalog();
+    // The name column is as wide as the longest name.
+    let w = c
+        .iter()
+        .map(|e| e.name.len())
+        .max()
+        .unwrap_or(0)
+        .max("sampler".len());
+    let n = c
+        .iter()
+        .map(|e| e.nfe_per_step.chars().count())
+        .max()
+        .unwrap_or(0)
+        .max("NFE/step".len());
+    println!("{:<w$} {:>n$}  description", "sampler", "NFE/step");
+    for e in c {
+        println!("{:<w$} {:>n$}  {}", e.name, e.nfe_per_step, e.description);
     }
 }
 
@@ -1650,6 +1806,13 @@ fn main() -> ExitCode {
     // 1.2× faster, sampling ≈ 8 %; the peak memory is the same).
     // SAFETY: sets a process-wide allocator option; mimalloc allows it at any time.
     unsafe { libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DELAY, -1) };
+    // A closed pipe (`qtaylor samplers | head`) ends the process quietly, as for any Unix
+    // tool, instead of a panic in println!.
+    // SAFETY: restores the default disposition of one signal before any thread starts.
+    #[cfg(unix)]
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
     let cli = Cli::parse();
     qtaylor::kernels::set_tf32(cli.tf32);
     let result = match &cli.command {
@@ -1673,5 +1836,21 @@ fn main() -> ExitCode {
             eprintln!("error: {e:#}");
             ExitCode::FAILURE
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::outside_share;
+
+    #[test]
+    fn the_time_outside_the_network_is_never_a_negative_share() {
+        assert!(outside_share(0.123, "x").contains("12.3 %"));
+        let s = outside_share(-0.05, "the network's");
+        assert!(
+            s.contains("below the timing noise") && s.contains("5.0 %"),
+            "{s}"
+        );
+        assert!(!s.contains('-') || !s.contains("-5"), "{s}");
     }
 }

@@ -64,6 +64,28 @@ fn marker<DB: DrawingBackend>(
     }
 }
 
+/// NFE tick positions inside `[lo, hi]` (a log axis would label only 10, 100, ...).
+fn nfe_ticks(lo: f64, hi: f64) -> Vec<f64> {
+    let mut v = Vec::new();
+    let mut decade = 1.0;
+    while decade <= hi * 10.0 {
+        for m in [1.0, 2.0, 3.0, 5.0] {
+            let t = m * decade;
+            if t >= lo && t <= hi {
+                v.push(t);
+            }
+        }
+        decade *= 10.0;
+    }
+    if v.len() < 4 {
+        // A narrow range (e.g. 4 to 10 NFE): every whole NFE.
+        v = (lo.ceil() as i64..=hi.floor() as i64)
+            .map(|n| n as f64)
+            .collect();
+    }
+    v
+}
+
 fn log_bounds(values: impl Iterator<Item = f64>) -> Option<(f64, f64)> {
     let v: Vec<f64> = values.filter(|v| v.is_finite() && *v > 0.0).collect();
     if v.is_empty() {
@@ -134,7 +156,10 @@ where
         .margin(12)
         .x_label_area_size(44)
         .y_label_area_size(70)
-        .build_cartesian_2d((x0..x1).log_scale(), (y0..y1).log_scale())
+        .build_cartesian_2d(
+            (x0..x1).log_scale().with_key_points(nfe_ticks(x0, x1)),
+            (y0..y1).log_scale(),
+        )
         .map_err(err)?;
     chart
         .configure_mesh()
@@ -204,4 +229,22 @@ where
             .map_err(err)?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::nfe_ticks;
+
+    #[test]
+    fn nfe_axes_have_ticks_below_ten() {
+        assert_eq!(
+            nfe_ticks(3.5, 10.5),
+            vec![4.0, 5.0, 6.0, 7.0, 8.0, 9.0, 10.0]
+        );
+        let t = nfe_ticks(3.0, 150.0);
+        for want in [3.0, 5.0, 10.0, 20.0, 50.0, 100.0] {
+            assert!(t.contains(&want), "{t:?}");
+        }
+        assert!(t.iter().all(|&v| (3.0..=150.0).contains(&v)));
+    }
 }

@@ -7,12 +7,12 @@
 
 use anyhow::{Result, bail};
 use candle_core::{D, DType, Tensor};
-use indicatif::ProgressBar;
 
 pub use qtaylor_core::samplers::*;
 
 use crate::model::Model;
 use crate::ops::{Coef, lincomb_rows};
+use crate::progress::Progress;
 use crate::rng::NoiseStreams;
 use crate::schedule::Schedule;
 use qtaylor_core::exec::Tolerance;
@@ -22,7 +22,7 @@ pub struct CandleBackend<'a> {
     model: &'a dyn Model,
     noise: &'a mut NoiseStreams,
     sampler: String,
-    progress: Option<&'a ProgressBar>,
+    progress: Option<&'a Progress>,
     /// Finiteness checks queued on the device instead of read back at every call (see
     /// [`CandleBackend::defer_checks`]): (step, times, sum of the output).
     pending: Vec<(usize, String, Tensor)>,
@@ -34,7 +34,7 @@ impl<'a> CandleBackend<'a> {
         model: &'a dyn Model,
         noise: &'a mut NoiseStreams,
         sampler: &str,
-        progress: Option<&'a ProgressBar>,
+        progress: Option<&'a Progress>,
     ) -> Self {
         CandleBackend {
             model,
@@ -148,8 +148,8 @@ impl Backend for CandleBackend<'_> {
 
     fn begin_step(&mut self, i: usize, t: f64, _x: &Tensor) -> Result<()> {
         if let Some(pb) = self.progress {
-            pb.set_position(i as u64);
             pb.set_message(format!("t = {t:.4}"));
+            pb.set_position(i as u64);
         }
         Ok(())
     }
@@ -173,7 +173,7 @@ pub fn sample(
     ts: &[f64],
     x_init: Tensor,
     noise: &mut NoiseStreams,
-    progress: Option<&ProgressBar>,
+    progress: Option<&Progress>,
 ) -> Result<Run> {
     if x_init.dims().first() != Some(&noise.len()) {
         bail!(

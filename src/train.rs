@@ -671,16 +671,14 @@ pub fn train(opts: &TrainOptions, device: &Device) -> Result<TrainReport> {
         cached: None,
     };
     let bar = if opts.progress {
-        let bar = indicatif::ProgressBar::new((opts.steps - start_step) as u64);
-        bar.set_style(
-            indicatif::ProgressStyle::with_template(
-                "train {pos}/{len} [{elapsed_precise} < {eta_precise}] {msg}",
-            )
-            .expect("valid template"),
-        );
-        bar
+        crate::progress::Progress::new(
+            "train",
+            "step",
+            (opts.steps - start_step) as u64,
+            "train {pos}/{len} [{elapsed_precise} < {eta_precise}] {msg}",
+        )
     } else {
-        indicatif::ProgressBar::hidden()
+        crate::progress::Progress::hidden()
     };
     let started = Instant::now();
     let mut losses = Vec::new();

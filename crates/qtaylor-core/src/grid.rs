@@ -237,7 +237,11 @@ impl Spacing {
                 })
                 .collect(),
         };
-        validate_timesteps(&ts, train_steps)
+        validate_timesteps(&ts, train_steps).map_err(|e| {
+            anyhow::anyhow!(
+                "{e}: {steps} steps of {train_steps} with this spacing repeat timesteps (use fewer steps, or another spacing)"
+            )
+        })
     }
 }
 
@@ -249,9 +253,8 @@ pub fn validate_timesteps(ts: &[i64], train_steps: usize) -> Result<Vec<usize>> 
         }
         if i > 0 && n >= ts[i - 1] {
             bail!(
-                "timesteps must decrease strictly: entry {i} is {n} after {}; with {} steps of {train_steps} this spacing repeats timesteps",
-                ts[i - 1],
-                ts.len()
+                "timesteps must decrease strictly: entry {i} is {n} after {}",
+                ts[i - 1]
             );
         }
     }

@@ -483,6 +483,38 @@ impl Sampler {
         Some(body + usize::from(ends_at_zero) + usize::from(opts.denoise_final))
     }
 
+    /// The option flags this sampler reads (besides the grid and `--denoise-final`, which
+    /// every sampler honours). A flag set to something other than its default for a sampler
+    /// that does not read it is an error (the CLI and the Python package check it with this
+    /// list), never silence.
+    pub fn option_flags(&self) -> &'static [&'static str] {
+        match self {
+            Sampler::QuasiTaylor(_) => &["--expand", "--qt-last"],
+            Sampler::Ddim => &["--eta"],
+            Sampler::Ddpm => &["--ddpm-variance"],
+            Sampler::Rk45 | Sampler::DpmSolverAdaptive(_) => &["--rtol", "--atol"],
+            Sampler::DpmPpMultistep(_) | Sampler::Deis(_) => &["--lower-order-final"],
+            Sampler::DpmPp2MSde => &["--eta", "--lower-order-final"],
+            Sampler::UniPc(_) => &["--unipc-variant", "--no-corrector", "--lower-order-final"],
+            Sampler::EdmHeun => &["--s-churn", "--s-tmin", "--s-tmax", "--s-noise"],
+            _ => &[],
+        }
+    }
+
+    /// Checks the options this sampler reads against their valid ranges: η ∈ [0, 1] for
+    /// DDIM (0: deterministic DDIM, 1: the DDPM posterior variance) and for dpmpp-2m-sde
+    /// (1: the reverse SDE, 0: the ODE).
+    pub fn check_options(&self, opts: &Options) -> Result<()> {
+        opts.validate()?;
+        if let Some(eta) = opts.eta
+            && self.option_flags().contains(&"--eta")
+            && !(0.0..=1.0).contains(&eta)
+        {
+            bail!("--eta {eta}: {self} takes η in [0, 1] (0: deterministic, 1: fully stochastic)");
+        }
+        Ok(())
+    }
+
     /// True for samplers that draw fresh noise during sampling.
     pub fn is_stochastic(&self, opts: &Options) -> bool {
         match self {
@@ -580,6 +612,40 @@ impl Sampler {
     }
 }
 
+/// Refuses flags that none of `samplers` reads: `given` lists the flags the user set (to
+/// a value other than the default), each with its value as written.
+pub fn check_flags_used(samplers: &[Sampler], given: &[(&str, String)]) -> Result<()> {
+    for (flag, value) in given {
+        if samplers.iter().any(|s| s.option_flags().contains(flag)) {
+            continue;
+        }
+        // The catalog's names that read it ("qt-K" stands for every order).
+        let readers: Vec<&str> = catalog()
+            .into_iter()
+            .filter(|e| {
+                e.name
+                    .replace('K', "2")
+                    .parse::<Sampler>()
+                    .is_ok_and(|s| s.option_flags().contains(flag))
+            })
+            .map(|e| e.name)
+            .collect();
+        let names: Vec<String> = samplers.iter().map(|s| s.to_string()).collect();
+        let shown = if value.is_empty() {
+            flag.to_string()
+        } else {
+            format!("{flag} {value}")
+        };
+        bail!(
+            "{shown}: {} {} not use it (it applies to {}); drop it",
+            names.join(", "),
+            if names.len() == 1 { "does" } else { "do" },
+            readers.join(", ")
+        );
+    }
+    Ok(())
+}
+
 /// Checks a grid: at least one step, finite, strictly decreasing, every time inside the
 /// schedule's domain `[0, t_end]`.
 pub fn check_grid(schedule: &dyn Schedule, ts: &[f64]) -> Result<()> {
@@ -616,7 +682,7 @@ pub fn run<B: Backend>(
     ts: &[f64],
     x: B::X,
 ) -> Result<B::X> {
-    opts.validate()?;
+    sampler.check_options(opts)?;
     check_grid(ctx.schedule, ts)?;
     let n = ts.len() - 1;
     if opts.denoise_final && reaches_zero(ctx.schedule, ts[n]) {
