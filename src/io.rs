@@ -20,14 +20,15 @@ fn missing_dir(path: &Path) -> Option<String> {
     (!dir.is_dir()).then(|| format!("the folder {} does not exist", dir.display()))
 }
 
-/// Checks, before any work, that the folder an output file goes to exists.
-pub fn check_out_dir(path: &Path) -> Result<()> {
+/// Checks, before any work, that the folder an output file goes to exists; `flag` names
+/// the option that gave the path (e.g. `--out`).
+pub fn check_out_dir(flag: &str, path: &Path) -> Result<()> {
     if let Some(why) = missing_dir(path) {
-        bail!("--out {}: {why} (create it first)", path.display());
+        bail!("{flag} {}: {why} (create it first)", path.display());
     }
     if path.is_dir() {
         bail!(
-            "--out {}: is a folder; expected a file name",
+            "{flag} {}: is a folder; expected a file name",
             path.display()
         );
     }

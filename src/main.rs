@@ -856,58 +856,13 @@ fn schedule_of(c: &Common) -> Result<(Arc<dyn Schedule>, Option<DiscreteDefaults
     }
 }
 
-/// The sampler options the user set to something other than their defaults, as `(flag,
-/// value)`: each must be read by one of the samplers run (`samplers::check_flags_used`).
-fn given_flags(c: &Common) -> Vec<(&'static str, String)> {
-    let mut g = Vec::new();
-    let mut put = |on: bool, flag: &'static str, v: String| {
-        if on {
-            g.push((flag, v));
-        }
-    };
-    put(
-        c.eta.is_some(),
-        "--eta",
-        format!("{}", c.eta.unwrap_or(0.0)),
-    );
-    put(c.expand != "t", "--expand", c.expand.clone());
-    put(c.qt_last != "ddim", "--qt-last", c.qt_last.clone());
-    put(
-        c.ddpm_variance.is_some(),
-        "--ddpm-variance",
-        c.ddpm_variance.clone().unwrap_or_default(),
-    );
-    put(
-        c.rtol.is_some(),
-        "--rtol",
-        format!("{}", c.rtol.unwrap_or(0.0)),
-    );
-    put(
-        c.atol.is_some(),
-        "--atol",
-        format!("{}", c.atol.unwrap_or(0.0)),
-    );
-    put(c.lower_order_final, "--lower-order-final", String::new());
-    put(
-        c.unipc_variant != "bh2",
-        "--unipc-variant",
-        c.unipc_variant.clone(),
-    );
-    put(c.no_corrector, "--no-corrector", String::new());
-    put(c.s_churn != 0.0, "--s-churn", format!("{}", c.s_churn));
-    put(c.s_tmin != 0.0, "--s-tmin", format!("{}", c.s_tmin));
-    put(
-        c.s_tmax != f64::INFINITY,
-        "--s-tmax",
-        format!("{}", c.s_tmax),
-    );
-    put(c.s_noise != 1.0, "--s-noise", format!("{}", c.s_noise));
-    g
-}
-
 /// Every option set must be read by one of `run`, each in its valid range.
 fn check_sampler_options(c: &Common, run: &[Sampler], opts: &Options) -> Result<()> {
-    samplers::check_flags_used(run, &given_flags(c))?;
+    let mut given = opts.set_flags();
+    if let Some(v) = &c.ddpm_variance {
+        given.push(("--ddpm-variance", v.clone()));
+    }
+    samplers::check_flags_used(run, &given)?;
     for s in run {
         if s.option_flags().contains(&"--eta") {
             s.check_options(opts)?;
@@ -963,10 +918,9 @@ fn model_id(model: Option<&Path>, problem: Option<&str>) -> String {
 
 fn cmd_sample(a: &SampleArgs) -> Result<()> {
     let sampler: Sampler = a.sampler.parse()?;
-    qtaylor::io::check_out_dir(&a.out)?;
+    qtaylor::io::check_out_dir("--out", &a.out)?;
     if let Some(p) = &a.save_npy {
-        qtaylor::io::check_out_dir(p)
-            .map_err(|e| anyhow::anyhow!("{}", e.to_string().replacen("--out", "--save-npy", 1)))?;
+        qtaylor::io::check_out_dir("--save-npy", p)?;
     }
     let dtype = parse_dtype(&a.dtype)?;
     let device = parse_device(&a.common.device)?;
@@ -1184,7 +1138,7 @@ fn cmd_tune(a: &TuneArgs) -> Result<()> {
     if !ext.eq_ignore_ascii_case("json") {
         bail!("--out {}: a grid file is JSON (.json)", a.out.display());
     }
-    qtaylor::io::check_out_dir(&a.out)?;
+    qtaylor::io::check_out_dir("--out", &a.out)?;
     let dtype = parse_dtype(&a.dtype)?;
     let device = parse_device(&a.common.device)?;
     let checkpoint;

@@ -403,11 +403,11 @@ pub fn tune(
             Ok(ts)
         };
         let bound = zero.then(|| schedule.lambda(t_lo));
-        let mut sweep = 0usize;
+        let mut evals = 0usize;
         let mut objective = |l: &[f64]| -> Result<f64> {
-            sweep += 1;
-            if sweep % 20 == 1 {
-                progress(&format!("refinement: objective evaluation {sweep}"));
+            evals += 1;
+            if evals % 20 == 1 {
+                progress(&format!("refinement: objective evaluation {evals}"));
             }
             full(&to_times(l)?)
         };

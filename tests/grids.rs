@@ -29,8 +29,8 @@ fn network_time_is_the_trained_step_at_the_knots_and_inverts_between_them() {
     assert!(s.time_of_network_time(999.5).is_err());
 }
 
-fn tune_gmm(out: &Path, sampler: &str, nfe: &str) -> Output {
-    qtaylor(&[
+fn tune_gmm(out: &Path, sampler: &str, nfe: &str, extra: &[&str]) -> Output {
+    let mut args = vec![
         "tune",
         "--problem",
         "gmm-demo",
@@ -46,7 +46,9 @@ fn tune_gmm(out: &Path, sampler: &str, nfe: &str) -> Output {
         "24",
         "--out",
         p(out),
-    ])
+    ];
+    args.extend_from_slice(extra);
+    qtaylor(&args)
 }
 
 /// `held-out end-point RMSE ... default A, tuned B` from tune's report.
@@ -91,7 +93,7 @@ fn the_global_refinement_beats_the_dynamic_program_for_multistep_samplers() {
     let dir = tempfile::tempdir().unwrap();
     for (sampler, nfe) in [("unipc-3", "5"), ("dpmpp-3m", "5")] {
         let out = dir.path().join(format!("{sampler}.json"));
-        let o = tune_gmm(&out, sampler, nfe);
+        let o = tune_gmm(&out, sampler, nfe, &[]);
         assert!(o.status.success(), "{}", stderr(&o));
         let ((default, tuned), dp) = (errors(&o), dp_error(&o));
         assert!(
@@ -101,29 +103,7 @@ fn the_global_refinement_beats_the_dynamic_program_for_multistep_samplers() {
     }
     // Without the refinement the file holds the dynamic program's grid.
     let out = dir.path().join("dp.json");
-    let mut args: Vec<String> = ["tune", "--problem", "gmm-demo", "--sampler", "unipc-3"]
-        .iter()
-        .map(|s| s.to_string())
-        .collect();
-    for a in [
-        "--nfe",
-        "5",
-        "--dtype",
-        "f64",
-        "--samples",
-        "24",
-        "--holdout",
-        "24",
-    ] {
-        args.push(a.into());
-    }
-    args.extend([
-        "--refine-sweeps".into(),
-        "0".into(),
-        "--out".into(),
-        p(&out).into(),
-    ]);
-    let o = qtaylor(&args.iter().map(|s| s.as_str()).collect::<Vec<_>>());
+    let o = tune_gmm(&out, "unipc-3", "5", &["--refine-sweeps", "0"]);
     assert!(o.status.success(), "{}", stderr(&o));
     let (_, tuned) = errors(&o);
     assert_eq!(tuned, dp_error(&o));
@@ -138,7 +118,7 @@ fn tuning_lowers_the_held_out_error_below_the_default_grid() {
     let dir = tempfile::tempdir().unwrap();
     for (sampler, nfe) in [("qt-3", "6"), ("ddim", "5"), ("unipc-3", "8")] {
         let out = dir.path().join(format!("{sampler}.json"));
-        let o = tune_gmm(&out, sampler, nfe);
+        let o = tune_gmm(&out, sampler, nfe, &[]);
         assert!(o.status.success(), "{}", stderr(&o));
         let (default, tuned) = errors(&o);
         assert!(
@@ -162,7 +142,7 @@ fn tuning_lowers_the_held_out_error_below_the_default_grid() {
 fn a_tuned_grid_file_round_trips_and_drives_sample() {
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("g.json");
-    let o = tune_gmm(&file, "qt-2", "5");
+    let o = tune_gmm(&file, "qt-2", "5", &[]);
     assert!(o.status.success(), "{}", stderr(&o));
     let s = VpLinear::default();
     let g = GridFile::read(&file, &s).unwrap();

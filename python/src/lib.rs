@@ -456,27 +456,11 @@ impl SamplerSpec {
             // An option the sampler does not read is an error, as on the CLI. Not checked:
             // lower_order_final and ddpm_variance, which diffusers configs carry for every
             // scheduler (QTaylorScheduler passes them on whatever the sampler).
-            let mut given: Vec<(&str, String)> = Vec::new();
-            let mut put = |on: bool, flag: &'static str, v: String| {
-                if on {
-                    given.push((flag, v));
-                }
-            };
-            put(eta.is_some(), "--eta", format!("{}", eta.unwrap_or(0.0)));
-            put(expand != "t", "--expand", expand.to_string());
-            put(qt_last != "ddim", "--qt-last", qt_last.to_string());
-            put(rtol.is_some(), "--rtol", format!("{}", rtol.unwrap_or(0.0)));
-            put(atol.is_some(), "--atol", format!("{}", atol.unwrap_or(0.0)));
-            put(
-                unipc_variant != "bh2",
-                "--unipc-variant",
-                unipc_variant.to_string(),
-            );
-            put(!unipc_corrector, "--no-corrector", String::new());
-            put(s_churn != 0.0, "--s-churn", format!("{s_churn}"));
-            put(s_tmin != 0.0, "--s-tmin", format!("{s_tmin}"));
-            put(s_tmax != f64::INFINITY, "--s-tmax", format!("{s_tmax}"));
-            put(s_noise != 1.0, "--s-noise", format!("{s_noise}"));
+            let given: Vec<(&str, String)> = opts
+                .set_flags()
+                .into_iter()
+                .filter(|(flag, _)| *flag != "--lower-order-final")
+                .collect();
             qtaylor_core::samplers::check_flags_used(&[sampler], &given).map_err(|e| {
                 // Python keyword names instead of the CLI's flags.
                 let m = e

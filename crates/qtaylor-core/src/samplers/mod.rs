@@ -136,6 +136,58 @@ impl Options {
         Ok(())
     }
 
+    /// The options set to something other than their defaults, as `(flag, value)` for
+    /// [`check_flags_used`] (a switch has an empty value). Not listed: `--ddpm-variance`,
+    /// whose default comes from a checkpoint's `variance_type` (the caller knows whether the
+    /// user gave it), and `--denoise-final`, which every sampler honours.
+    pub fn set_flags(&self) -> Vec<(&'static str, String)> {
+        let d = Options::default();
+        let mut g = Vec::new();
+        let mut put = |on: bool, flag: &'static str, v: String| {
+            if on {
+                g.push((flag, v));
+            }
+        };
+        let num = |v: Option<f64>| v.map_or(String::new(), |v| v.to_string());
+        put(self.eta.is_some(), "--eta", num(self.eta));
+        put(self.expand != d.expand, "--expand", self.expand.to_string());
+        put(
+            self.qt_last != d.qt_last,
+            "--qt-last",
+            self.qt_last.to_string(),
+        );
+        put(self.rtol.is_some(), "--rtol", num(self.rtol));
+        put(self.atol.is_some(), "--atol", num(self.atol));
+        put(
+            self.lower_order_final != d.lower_order_final,
+            "--lower-order-final",
+            String::new(),
+        );
+        put(
+            self.unipc_variant != d.unipc_variant,
+            "--unipc-variant",
+            self.unipc_variant.to_string(),
+        );
+        put(
+            self.unipc_corrector != d.unipc_corrector,
+            "--no-corrector",
+            String::new(),
+        );
+        put(
+            self.s_churn != d.s_churn,
+            "--s-churn",
+            self.s_churn.to_string(),
+        );
+        put(self.s_tmin != d.s_tmin, "--s-tmin", self.s_tmin.to_string());
+        put(self.s_tmax != d.s_tmax, "--s-tmax", self.s_tmax.to_string());
+        put(
+            self.s_noise != d.s_noise,
+            "--s-noise",
+            self.s_noise.to_string(),
+        );
+        g
+    }
+
     /// η with a sampler's default.
     pub fn eta_or(&self, default: f64) -> f64 {
         self.eta.unwrap_or(default)

@@ -73,6 +73,15 @@ pub enum LastStep {
     Taylor,
 }
 
+impl fmt::Display for LastStep {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            LastStep::Ddim => "ddim",
+            LastStep::Taylor => "taylor",
+        })
+    }
+}
+
 impl FromStr for LastStep {
     type Err = anyhow::Error;
     fn from_str(s: &str) -> Result<Self> {
