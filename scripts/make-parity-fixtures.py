@@ -15,6 +15,9 @@ Cases:
   multihead     several heads (attention_head_dim 4), cos-first, downsample_padding 1,
                 center_input_sample, mid_block_scale_factor sqrt(2)
   scale_shift   resnet_time_scale_shift = scale_shift (the mid attention has no group norm)
+  class_cond    class-conditional: num_class_embeds = 4 (class_embed_type null, the label's
+                embedding added to the time embedding); its reference also holds `labels`
+                ([1, 3]) and `out_labels`, the output at t = [3, 999] with those labels
 
   --cifar10 DIR additionally writes the full CIFAR-10 DDPM architecture (google/ddpm-cifar10-32
   config, 35.7 M parameters) with random weights to DIR (not committed; used by the speed and
@@ -47,6 +50,9 @@ CASES = {
                         up_block_types=("UpBlock2D", "AttnUpBlock2D", "UpBlock2D"),
                         attention_head_dim=8, resnet_time_scale_shift="scale_shift",
                         downsample_padding=0, norm_eps=1e-6),
+    "class_cond": dict(down_block_types=("DownBlock2D", "AttnDownBlock2D", "DownBlock2D"),
+                       up_block_types=("UpBlock2D", "AttnUpBlock2D", "UpBlock2D"),
+                       attention_head_dim=None, num_class_embeds=4),
 }
 LEGACY = {".to_q.": ".query.", ".to_k.": ".key.", ".to_v.": ".value.", ".to_out.0.": ".proj_attn."}
 
@@ -96,13 +102,22 @@ def make_case(out, name, extra):
     g = torch.Generator().manual_seed(1)
     x = torch.randn(2, 3, 8, 8, generator=g)
     t = torch.tensor([3, 999], dtype=torch.long)
+    conditional = extra.get("num_class_embeds") is not None
+    # A class-conditional model needs labels in every call: the last class (the null class of
+    # qtaylor's convention) for the plain outputs.
+    null = {"class_labels": torch.tensor([3, 3])} if conditional else {}
     with torch.no_grad():
-        out_t500 = model(x, torch.tensor([500, 500])).sample
-        out_t37_5 = model(x, torch.tensor([37.5, 37.5])).sample
+        out_t500 = model(x, torch.tensor([500, 500]), **null).sample
+        out_t37_5 = model(x, torch.tensor([37.5, 37.5]), **null).sample
         acts.clear()
-        y = model(x, t).sample
+        y = model(x, t, **null).sample
+        more = {}
+        if conditional:
+            labels = torch.tensor([1, 3])
+            more = {"labels": labels.to(torch.float32),
+                    "out_labels": model(x, t, class_labels=labels).sample}
     tensors = {"x": x, "t": t.to(torch.float32), "out": y, "out_t500": out_t500,
-               "out_t37_5": out_t37_5, **{f"act.{k}": v for k, v in acts.items()}}
+               "out_t37_5": out_t37_5, **more, **{f"act.{k}": v for k, v in acts.items()}}
     save_file({k: v.contiguous() for k, v in tensors.items()},
               os.path.join(out, name, "reference.safetensors"))
     n = sum(p.numel() for p in model.parameters())
@@ -123,9 +138,10 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="tests/fixtures/unet2d")
     ap.add_argument("--cifar10", default=None, help="also write the random CIFAR-10 DDPM model here")
+    ap.add_argument("--cases", default=",".join(CASES), help="comma-separated cases to write")
     a = ap.parse_args()
-    for name, extra in CASES.items():
-        make_case(a.out, name, extra)
+    for name in a.cases.split(","):
+        make_case(a.out, name, CASES[name])
     if a.cifar10:
         make_cifar10(a.cifar10)
 

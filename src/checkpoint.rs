@@ -259,7 +259,9 @@ impl DiffusersModel {
         )
     }
 
-    fn from_parts(
+    /// Builds the model from the three files' contents (`files` names them in errors): the
+    /// loader behind [`DiffusersModel::load`] and the embedded model, and a fuzz target.
+    pub fn from_parts(
         files: &CheckpointFiles,
         cfg_text: &str,
         sch_text: &str,
@@ -328,6 +330,12 @@ impl DiffusersModel {
                 bail!("config.json has no sample_size; give the image size with --image-size")
             }
         };
+        if s > crate::unet::MAX_SAMPLE_SIZE {
+            bail!(
+                "image size {s} exceeds the limit of {}",
+                crate::unet::MAX_SAMPLE_SIZE
+            );
+        }
         let f = self.unet.config.downsample_factor();
         if s == 0 || s % f != 0 {
             bail!(
@@ -351,18 +359,32 @@ impl Model for DiffusersModel {
     /// The network at float timesteps `n = t·T − 1`. With `clip_sample`, the prediction is
     /// turned into x̂0, clipped, and returned as x̂0 (so ε̂ stays consistent with it).
     fn predict(&self, x: &Tensor, t: &[f64]) -> Result<Tensor> {
+        let out = self.network(x, t, None)?;
+        self.finish(out, x, t)
+    }
+}
+
+impl DiffusersModel {
+    /// The network's raw output at times `t` (float timesteps `n = t·T − 1`), its mean
+    /// channels only for a learned-variance model; `labels` for a class-conditional network.
+    pub fn network(&self, x: &Tensor, t: &[f64], labels: Option<&[u32]>) -> Result<Tensor> {
         let steps: Vec<f64> = t.iter().map(|&t| self.schedule.network_time(t)).collect();
-        let mut out = self.unet.forward(x, &steps)?;
+        let mut out = self.unet.forward_labels(x, &steps, labels)?;
         let c = self.unet.config.in_channels;
         if out.dim(1)? != c {
             out = out.narrow(1, 0, c)?; // learned variance: the first C channels are the mean
         }
+        Ok(out)
+    }
+
+    /// A raw network output (or a guided combination of two) as the model's prediction:
+    /// with `clip_sample`, x̂0 clipped to ±range.
+    pub fn finish(&self, out: Tensor, x: &Tensor, t: &[f64]) -> Result<Tensor> {
         match self.clip {
             None => Ok(out),
             Some(r) => {
                 let d = to_eps_x0(self.parameterization, &out, x, t, self.schedule.as_ref())?;
-                let x0 = d.x0.clamp(-r, r)?;
-                Ok(x0)
+                Ok(d.x0.clamp(-r, r)?)
             }
         }
     }

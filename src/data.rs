@@ -13,21 +13,40 @@ pub struct Idx {
     pub data: Vec<u8>,
 }
 
+/// The largest IDX data set read, in bytes after decompression (a stated limit: the MNIST
+/// training images are 47 MB; a gzip stream that inflates past it is refused, not
+/// buffered).
+pub const MAX_IDX_BYTES: u64 = 1 << 30;
+
 /// Reads an IDX file of type ubyte (`.gz` is decompressed). Checks the magic number, the
 /// dimensions and the data length.
 pub fn read_idx(path: &Path) -> Result<Idx> {
     let raw =
         std::fs::read(path).with_context(|| format!("cannot read IDX file {}", path.display()))?;
-    let bytes = if path.extension().is_some_and(|e| e == "gz") {
-        let mut out = Vec::new();
-        flate2::read::GzDecoder::new(&raw[..])
-            .read_to_end(&mut out)
-            .with_context(|| format!("{}: not a valid gzip stream", path.display()))?;
-        out
-    } else {
-        raw
-    };
-    parse_idx(&bytes).with_context(|| format!("{}: malformed IDX file", path.display()))
+    let gz = path.extension().is_some_and(|e| e == "gz");
+    idx_from_bytes(&raw, gz).map_err(|e| anyhow::anyhow!("{}: {e:#}", path.display()))
+}
+
+/// Parses IDX bytes, gunzipping them first when `gz` (see [`read_idx`]).
+pub fn idx_from_bytes(raw: &[u8], gz: bool) -> Result<Idx> {
+    if !gz {
+        return parse_idx(raw).context("malformed IDX file");
+    }
+    if raw.len() as u64 > MAX_IDX_BYTES {
+        bail!(
+            "{} bytes; IDX files are limited to {MAX_IDX_BYTES} bytes",
+            raw.len()
+        );
+    }
+    let mut out = Vec::new();
+    flate2::read::GzDecoder::new(raw)
+        .take(MAX_IDX_BYTES + 1)
+        .read_to_end(&mut out)
+        .context("not a valid gzip stream")?;
+    if out.len() as u64 > MAX_IDX_BYTES {
+        bail!("the gzip stream inflates past {MAX_IDX_BYTES} bytes, the limit for IDX data");
+    }
+    parse_idx(&out).context("malformed IDX file")
 }
 
 fn parse_idx(b: &[u8]) -> Result<Idx> {
@@ -61,7 +80,10 @@ fn parse_idx(b: &[u8]) -> Result<Idx> {
     let dims: Vec<usize> = (0..ndim)
         .map(|i| u32::from_be_bytes(b[4 + 4 * i..8 + 4 * i].try_into().expect("4 bytes")) as usize)
         .collect();
-    let count: usize = dims.iter().product();
+    let count = dims
+        .iter()
+        .try_fold(1usize, |a, &d| a.checked_mul(d))
+        .ok_or_else(|| anyhow::anyhow!("dimensions {dims:?} overflow the address space"))?;
     if b.len() - header != count {
         bail!(
             "dimensions {dims:?} need {count} data bytes, the file has {}",
@@ -365,5 +387,24 @@ mod tests {
             load_matrix(p.to_str().unwrap(), None).err().unwrap()
         );
         assert!(e.contains("labels"), "{e}");
+    }
+
+    #[test]
+    fn idx_dimensions_that_overflow_or_a_gzip_bomb_are_refused_before_allocation() {
+        let b = idx_bytes(&[u32::MAX, u32::MAX, u32::MAX], &[0; 16]);
+        let e = format!("{:#}", idx_from_bytes(&b, false).err().unwrap());
+        assert!(e.contains("overflow"), "{e}");
+        let b = idx_bytes(&[1_000_000_000, 28, 28], &[0; 16]);
+        let e = format!("{:#}", idx_from_bytes(&b, false).err().unwrap());
+        assert!(e.contains("need 784000000000 data bytes"), "{e}");
+        // 1 GiB + 1 of zeros compresses to about 1 MB: inflating stops at the limit.
+        let mut enc = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+        let zeros = vec![0u8; 1 << 20];
+        for _ in 0..(MAX_IDX_BYTES >> 20) + 1 {
+            std::io::Write::write_all(&mut enc, &zeros).unwrap();
+        }
+        let gz = enc.finish().unwrap();
+        let e = format!("{:#}", idx_from_bytes(&gz, true).err().unwrap());
+        assert!(e.contains("inflates past 1073741824 bytes"), "{e}");
     }
 }

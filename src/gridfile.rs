@@ -93,30 +93,32 @@ impl GridFile {
     pub fn read(path: &Path, schedule: &dyn Schedule) -> Result<GridFile> {
         let text = std::fs::read_to_string(path)
             .with_context(|| format!("grid file {}: cannot read it", path.display()))?;
-        let g: GridFile = serde_json::from_str(&text).map_err(|e| {
+        Self::parse(&text, schedule)
+            .map_err(|e| anyhow::anyhow!("grid file {}: {e:#}", path.display()))
+    }
+
+    /// Parses and validates a grid file's text (see [`GridFile::read`]).
+    pub fn parse(text: &str, schedule: &dyn Schedule) -> Result<GridFile> {
+        let g: GridFile = serde_json::from_str(text).map_err(|e| {
             anyhow::anyhow!(
-                "grid file {}: not a qtaylor grid file ({e}); expected the JSON that `qtaylor tune --out` writes",
-                path.display()
+                "not a qtaylor grid file ({e}); expected the JSON that `qtaylor tune --out` writes"
             )
         })?;
         if g.format != FORMAT || g.version != 1 {
             bail!(
-                "grid file {}: key 'format' is '{}' version {}; expected '{FORMAT}' version 1",
-                path.display(),
+                "key 'format' is '{}' version {}; expected '{FORMAT}' version 1",
                 g.format,
                 g.version
             );
         }
-        if g.times.len() != g.steps + 1 {
+        if g.times.len() != g.steps.saturating_add(1) {
             bail!(
-                "grid file {}: key 'times' has {} entries but 'steps' is {}; expected steps + 1 times",
-                path.display(),
+                "key 'times' has {} entries but 'steps' is {}; expected steps + 1 times",
                 g.times.len(),
                 g.steps
             );
         }
-        check_grid(schedule, &g.times)
-            .map_err(|e| anyhow::anyhow!("grid file {}: key 'times': {e}", path.display()))?;
+        check_grid(schedule, &g.times).map_err(|e| anyhow::anyhow!("key 'times': {e}"))?;
         Ok(g)
     }
 

@@ -86,19 +86,125 @@ pub fn write_npy(path: &Path, t: &Tensor) -> Result<()> {
     write_atomic_with(path, |tmp| Ok(t.write_npy(tmp)?))
 }
 
+/// The largest `.npy` input read, in bytes (a stated limit: a header that claims more is
+/// refused before anything is allocated).
+pub const MAX_NPY_BYTES: u64 = 8 << 30;
+
 /// Reads a float32/float64 `.npy` array and checks its shape: `expected` gives each
 /// dimension, `None` for "any". Errors name the file, what was found and what was expected.
 pub fn read_npy(path: &Path, expected: &[Option<usize>]) -> Result<Tensor> {
     if !path.exists() {
         bail!("{}: no such file", path.display());
     }
-    let t = Tensor::read_npy(path)
-        .map_err(|e| anyhow::anyhow!("{}: not a readable .npy array ({e})", path.display()))?;
-    if !matches!(t.dtype(), DType::F32 | DType::F64) {
+    let len = std::fs::metadata(path)
+        .with_context(|| format!("{}: cannot read it", path.display()))?
+        .len();
+    if len > MAX_NPY_BYTES + 65_536 {
         bail!(
-            "{}: dtype {:?} is not supported; expected float32 or float64",
-            path.display(),
-            t.dtype()
+            "{}: {len} bytes; .npy inputs are limited to {MAX_NPY_BYTES} bytes",
+            path.display()
+        );
+    }
+    let bytes =
+        std::fs::read(path).with_context(|| format!("{}: cannot read it", path.display()))?;
+    parse_npy(&bytes, expected).map_err(|e| anyhow::anyhow!("{}: {e:#}", path.display()))
+}
+
+/// The header of a `.npy` array: element size in bytes (4 or 8) and shape.
+struct NpyHeader {
+    itemsize: usize,
+    shape: Vec<usize>,
+    data_start: usize,
+}
+
+/// Parses the `.npy` header (format versions 1–3: magic, version, header length, then a
+/// Python dict literal with `descr`, `fortran_order` and `shape`; numpy's
+/// `numpy/lib/format.py`). Accepts little-endian float32/float64 in C order.
+fn parse_npy_header(b: &[u8]) -> Result<NpyHeader> {
+    if b.len() < 10 || &b[..6] != b"\x93NUMPY" {
+        bail!("not a readable .npy array (no \\x93NUMPY magic string)");
+    }
+    let (hlen, start) = match b[6] {
+        1 => (u16::from_le_bytes([b[8], b[9]]) as usize, 10usize),
+        2 | 3 if b.len() >= 12 => (u32::from_le_bytes([b[8], b[9], b[10], b[11]]) as usize, 12),
+        v => bail!("not a readable .npy array (format version {v}; expected 1, 2 or 3)"),
+    };
+    let end = start
+        .checked_add(hlen)
+        .filter(|&e| e <= b.len())
+        .ok_or_else(|| {
+            anyhow::anyhow!(
+                "not a readable .npy array (the header claims {hlen} bytes, the file has {})",
+                b.len() - start
+            )
+        })?;
+    let h = std::str::from_utf8(&b[start..end])
+        .map_err(|_| anyhow::anyhow!("not a readable .npy array (header is not text)"))?;
+    let value = |key: &str| -> Result<&str> {
+        let k = h
+            .find(&format!("'{key}'"))
+            .ok_or_else(|| anyhow::anyhow!("not a readable .npy array (header has no '{key}')"))?;
+        let rest = h[k + key.len() + 2..].trim_start();
+        let rest = rest
+            .strip_prefix(':')
+            .ok_or_else(|| anyhow::anyhow!("not a readable .npy array (header key '{key}')"))?;
+        Ok(rest.trim_start())
+    };
+    let descr = value("descr")?;
+    let itemsize = if descr.starts_with("'<f4'") {
+        4
+    } else if descr.starts_with("'<f8'") {
+        8
+    } else {
+        let d = descr.split([',', '}']).next().unwrap_or("").trim();
+        bail!("dtype {d} is not supported; expected float32 or float64 ('<f4' or '<f8')");
+    };
+    let fortran = value("fortran_order")?;
+    if fortran.starts_with("True") {
+        bail!("fortran_order is True; expected a C-order array (np.ascontiguousarray)");
+    } else if !fortran.starts_with("False") {
+        bail!("not a readable .npy array (header key 'fortran_order')");
+    }
+    let shape = value("shape")?;
+    let inner = shape
+        .strip_prefix('(')
+        .and_then(|s| s.split_once(')'))
+        .map(|(i, _)| i)
+        .ok_or_else(|| anyhow::anyhow!("not a readable .npy array (header key 'shape')"))?;
+    let shape = inner
+        .split(',')
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .map(|s| {
+            s.trim_end_matches('L').parse::<usize>().map_err(|_| {
+                anyhow::anyhow!("not a readable .npy array (shape entry '{s}' is not a size)")
+            })
+        })
+        .collect::<Result<Vec<_>>>()?;
+    Ok(NpyHeader {
+        itemsize,
+        shape,
+        data_start: end,
+    })
+}
+
+/// Reads `.npy` bytes (see [`read_npy`]). The data size the header claims is checked
+/// against the bytes present before anything is allocated.
+pub fn parse_npy(bytes: &[u8], expected: &[Option<usize>]) -> Result<Tensor> {
+    let h = parse_npy_header(bytes)?;
+    let data = &bytes[h.data_start..];
+    let count = h
+        .shape
+        .iter()
+        .try_fold(1usize, |a, &d| a.checked_mul(d))
+        .filter(|c| c.checked_mul(h.itemsize).is_some())
+        .ok_or_else(|| anyhow::anyhow!("shape {:?} overflows the address space", h.shape))?;
+    if count * h.itemsize != data.len() {
+        bail!(
+            "shape {:?} needs {} data bytes, the file has {} (truncated or corrupt?)",
+            h.shape,
+            count * h.itemsize,
+            data.len()
         );
     }
     let want = expected
@@ -106,30 +212,93 @@ pub fn read_npy(path: &Path, expected: &[Option<usize>]) -> Result<Tensor> {
         .map(|d| d.map_or("*".to_string(), |d| d.to_string()))
         .collect::<Vec<_>>()
         .join(", ");
-    let ok = t.rank() == expected.len()
-        && t.dims()
+    let ok = h.shape.len() == expected.len()
+        && h.shape
             .iter()
             .zip(expected)
             .all(|(&d, e)| e.is_none_or(|e| e == d));
     if !ok {
-        bail!(
-            "{}: array of shape {:?}, expected shape ({want})",
-            path.display(),
-            t.dims()
-        );
+        bail!("array of shape {:?}, expected shape ({want})", h.shape);
     }
     // A NaN or an infinity in an input is the file's fault: name it before any model runs.
-    let flat = t.to_dtype(DType::F64)?.flatten_all()?.to_vec1::<f64>()?;
-    if let Some(i) = flat.iter().position(|v| !v.is_finite()) {
-        let row_len = (flat.len() / t.dims()[0].max(1)).max(1);
+    let row_len = (count / h.shape.first().copied().unwrap_or(1).max(1)).max(1);
+    let bad = |i: usize, v: f64| {
+        anyhow::anyhow!(
+            "entry {i} (row {}) is {v}; expected finite values",
+            i / row_len
+        )
+    };
+    let t = if h.itemsize == 4 {
+        let v: Vec<f32> = data
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes(c.try_into().expect("4 bytes")))
+            .collect();
+        if let Some(i) = v.iter().position(|x| !x.is_finite()) {
+            return Err(bad(i, v[i] as f64));
+        }
+        Tensor::from_vec(v, h.shape.as_slice(), &Device::Cpu)?
+    } else {
+        let v: Vec<f64> = data
+            .chunks_exact(8)
+            .map(|c| f64::from_le_bytes(c.try_into().expect("8 bytes")))
+            .collect();
+        if let Some(i) = v.iter().position(|x| !x.is_finite()) {
+            return Err(bad(i, v[i]));
+        }
+        Tensor::from_vec(v, h.shape.as_slice(), &Device::Cpu)?
+    };
+    Ok(t)
+}
+
+/// Reads one input image for `sample --init-image`: a PNG (grey or RGB, converted to `c`
+/// channels; 8-bit values mapped to [−1, 1] as `b / 127.5 − 1`) or a `.npy` array
+/// `(C, H, W)` or `(B, C, H, W)` of values in [−1, 1]. Returns `(B, C, H, W)` (B = 1 for a
+/// PNG); the size must be `h × w` (no resizing).
+pub fn read_image(path: &Path, c: usize, h: usize, w: usize) -> Result<Tensor> {
+    let ext = path
+        .extension()
+        .and_then(|e| e.to_str())
+        .unwrap_or("")
+        .to_ascii_lowercase();
+    if ext == "npy" {
+        let t = match read_npy(path, &[Some(c), Some(h), Some(w)]) {
+            Ok(t) => t.unsqueeze(0)?,
+            Err(_) => read_npy(path, &[None, Some(c), Some(h), Some(w)])?,
+        };
+        return Ok(t.to_dtype(DType::F32)?);
+    }
+    if ext != "png" {
+        bail!("{}: expected a .png or .npy image", path.display());
+    }
+    let img = image::open(path)
+        .map_err(|e| anyhow::anyhow!("{}: not a readable PNG ({e})", path.display()))?;
+    if (img.width() as usize, img.height() as usize) != (w, h) {
         bail!(
-            "{}: entry {i} (row {}) is {}; expected finite values",
+            "{}: {}x{} pixels, the model takes {w}x{h} (resize it first)",
             path.display(),
-            i / row_len,
-            flat[i]
+            img.width(),
+            img.height()
         );
     }
-    Ok(t)
+    let data: Vec<f32> = match c {
+        1 => img
+            .to_luma8()
+            .into_raw()
+            .iter()
+            .map(|&b| b as f32 / 127.5 - 1.0)
+            .collect(),
+        3 => {
+            let rgb = img.to_rgb8();
+            (0..3)
+                .flat_map(|ch| rgb.pixels().map(move |p| p.0[ch] as f32 / 127.5 - 1.0))
+                .collect()
+        }
+        _ => bail!(
+            "{}: the model takes {c} channels; a PNG gives 1 (grey) or 3 (RGB): pass a .npy",
+            path.display()
+        ),
+    };
+    Ok(Tensor::from_vec(data, (1, c, h, w), &Device::Cpu)?)
 }
 
 /// Writes a batch of images `(B, C, H, W)` with values in [−1, 1] (C = 1 or 3) as one PNG
@@ -239,5 +408,76 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("missing.npy: no such file"), "{e}");
+    }
+
+    fn npy_with_header(header: &str, data: &[u8]) -> Vec<u8> {
+        let mut h = header.to_string();
+        while !(10 + h.len() + 1).is_multiple_of(64) {
+            h.push(' ');
+        }
+        h.push('\n');
+        let mut b = b"\x93NUMPY\x01\x00".to_vec();
+        b.extend((h.len() as u16).to_le_bytes());
+        b.extend(h.as_bytes());
+        b.extend(data);
+        b
+    }
+
+    #[test]
+    fn a_npy_header_claiming_a_billion_rows_is_refused_before_allocation() {
+        let b = npy_with_header(
+            "{'descr': '<f4', 'fortran_order': False, 'shape': (1000000000, 784), }",
+            &[0u8; 64],
+        );
+        let e = format!("{:#}", parse_npy(&b, &[None, None]).unwrap_err());
+        assert!(
+            e.contains("[1000000000, 784]")
+                && e.contains("3136000000000 data bytes")
+                && e.contains("has 64"),
+            "{e}"
+        );
+        let b = npy_with_header(
+            "{'descr': '<f8', 'fortran_order': False, 'shape': (18446744073709551615, 3), }",
+            &[],
+        );
+        let e = format!("{:#}", parse_npy(&b, &[None, None]).unwrap_err());
+        assert!(e.contains("overflows"), "{e}");
+    }
+
+    #[test]
+    fn npy_in_fortran_order_or_big_endian_or_truncated_is_refused_by_name() {
+        let data = [0u8; 24];
+        for (header, want) in [
+            (
+                "{'descr': '<f4', 'fortran_order': True, 'shape': (2, 3), }",
+                "fortran_order is True",
+            ),
+            (
+                "{'descr': '>f4', 'fortran_order': False, 'shape': (2, 3), }",
+                "dtype '>f4' is not supported",
+            ),
+            (
+                "{'descr': '<f4', 'fortran_order': False, 'shape': (2, 4), }",
+                "needs 32 data bytes, the file has 24",
+            ),
+            ("{'descr': '<f4', 'fortran_order': False, }", "no 'shape'"),
+        ] {
+            let e = format!(
+                "{:#}",
+                parse_npy(&npy_with_header(header, &data), &[None, None]).unwrap_err()
+            );
+            assert!(e.contains(want), "{header}: {e}");
+        }
+        let ok = npy_with_header(
+            "{'descr': '<f4', 'fortran_order': False, 'shape': (2, 3), }",
+            &data,
+        );
+        assert_eq!(parse_npy(&ok, &[None, Some(3)]).unwrap().dims(), &[2, 3]);
+        for cut in 0..ok.len() - 1 {
+            assert!(
+                parse_npy(&ok[..cut], &[None, Some(3)]).is_err(),
+                "cut at {cut}"
+            );
+        }
     }
 }

@@ -20,6 +20,7 @@ pub mod data;
 pub mod eval;
 pub mod feature_metrics;
 pub mod gridfile;
+pub mod guidance;
 pub mod io;
 pub mod kernels;
 pub mod metrics;

@@ -42,7 +42,7 @@ enum Command {
     /// Draw samples with one sampler: from the MNIST model embedded in the binary (default;
     /// writes a PNG grid), a diffusers checkpoint (--model; PNG) or an exact-score problem
     /// (--problem; writes a .npy array).
-    Sample(SampleArgs),
+    Sample(Box<SampleArgs>),
     /// Error vs NFE of several samplers against a high-accuracy reference.
     Bench(BenchArgs),
     /// Find a time grid for one sampler, model and NFE so that its end points come close to
@@ -131,6 +131,10 @@ struct EvalArgs {
     /// A folder of grid files written by `qtaylor tune` (for --grids tuned)
     #[arg(long)]
     grid_dir: Option<PathBuf>,
+    /// A class-conditional model: the classifier-free guidance scale w (sample i asks for
+    /// class i mod classes; adds a conditional-accuracy column)
+    #[arg(long)]
+    guidance: Option<f64>,
     /// cpu | cuda
     #[arg(long, default_value = "cpu")]
     device: String,
@@ -205,6 +209,10 @@ struct TrainArgs {
     /// Stop with a checkpoint after this many seconds (continue later with --resume)
     #[arg(long)]
     max_seconds: Option<f64>,
+    /// A class-conditional --config (num_class_embeds = classes + 1): the fraction of labels
+    /// dropped to the null class (the last one) for classifier-free guidance [default: 0.1]
+    #[arg(long)]
+    label_dropout: Option<f64>,
     /// cpu | cuda
     #[arg(long, default_value = "cpu")]
     device: String,
@@ -472,6 +480,30 @@ struct SampleArgs {
     /// --model: also write the samples as .npy (B, C, H, W)
     #[arg(long)]
     save_npy: Option<PathBuf>,
+    /// A class-conditional --model: the class of every sample
+    #[arg(long)]
+    class: Option<u32>,
+    /// A class-conditional --model: comma-separated classes, or `all` (every class but the
+    /// null one); the samples are split into equal consecutive blocks, one per class, so the
+    /// PNG grid shows class k on row k [default --batch: classes²]
+    #[arg(long)]
+    classes: Option<String>,
+    /// Classifier-free guidance scale w: ε̂_∅ + w (ε̂_c − ε̂_∅); 1 = the conditional model, 0 =
+    /// the unconditional (null-class) one; each guided call runs 2B rows [default: 1]
+    #[arg(long)]
+    guidance: Option<f64>,
+    /// The null (unconditional) class of a class-conditional model [default: its last class]
+    #[arg(long)]
+    null_class: Option<u32>,
+    /// --model: image-to-image (SDEdit): start from this image (.png, or .npy (C, H, W) or
+    /// (B, C, H, W) in [−1, 1]) noised to the time --strength selects
+    #[arg(long)]
+    init_image: Option<PathBuf>,
+    /// With --init-image: how much of the grid runs, in (0, 1], diffusers' img2img rule: the
+    /// last ⌊steps·S⌋ steps of the grid, from the image noised to their first time (S = 1:
+    /// the whole grid from pure noise, as without --init-image) [default: 0.8]
+    #[arg(long)]
+    strength: Option<f64>,
 }
 
 #[derive(Args)]
@@ -530,22 +562,6 @@ fn parse_device(s: &str) -> Result<Device> {
     }
 }
 
-/// A comma-separated list of numbers for `flag`.
-fn parse_list(flag: &str, list: &str) -> Result<Vec<f64>> {
-    list.split(',')
-        .map(|v| {
-            let x: f64 = v
-                .trim()
-                .parse()
-                .map_err(|_| anyhow::anyhow!("{flag}: '{}' is not a number", v.trim()))?;
-            if !x.is_finite() {
-                bail!("{flag}: '{}' is not a finite number", v.trim());
-            }
-            Ok(x)
-        })
-        .collect()
-}
-
 /// Explicit lists: `--timesteps` (integers give a discrete grid; fractional ones, times
 /// through the table's log-σ interpolation) and `--sigmas` (σ/α, a final 0 for x̂0).
 struct ExplicitGrid<'a> {
@@ -565,35 +581,6 @@ impl ExplicitGrid<'_> {
     fn given(&self) -> bool {
         self.timesteps.is_some() || self.sigmas.is_some() || self.file.is_some()
     }
-}
-
-/// Times of a descending list of diffusers sigmas (σ/α): λ = −ln σ, σ = 0 → t = 0.
-fn times_of_sigmas(schedule: &dyn Schedule, sigmas: &[f64]) -> Result<Vec<f64>> {
-    let n = sigmas.len();
-    sigmas
-        .iter()
-        .enumerate()
-        .map(|(i, &s)| {
-            if s < 0.0 {
-                bail!("--sigmas: entry {i} is {s}; sigmas are >= 0");
-            }
-            if i > 0 && s >= sigmas[i - 1] {
-                bail!(
-                    "--sigmas must decrease strictly: entry {i} is {s} after {}",
-                    sigmas[i - 1]
-                );
-            }
-            if s == 0.0 {
-                if i + 1 != n {
-                    bail!("--sigmas: 0 (x̂0) may only be the last entry, found at entry {i}");
-                }
-                return Ok(0.0);
-            }
-            schedule
-                .t_of_lambda(-s.ln())
-                .map_err(|e| anyhow::anyhow!("--sigmas: entry {i} ({s}): {e}"))
-        })
-        .collect()
 }
 
 /// Defaults a discrete grid takes from a checkpoint's scheduler config.
@@ -663,9 +650,9 @@ fn time_grid(
         });
     }
     if let Some(list) = explicit.sigmas {
-        let sigmas = parse_list("--sigmas", list)?;
+        let sigmas = qtaylor::grid::parse_numbers("--sigmas", list)?;
         return Ok(TimeGrid::Explicit {
-            times: times_of_sigmas(schedule, &sigmas)?,
+            times: qtaylor::grid::times_of_sigmas(schedule, &sigmas)?,
             what: "explicit sigmas".into(),
         });
     }
@@ -673,7 +660,7 @@ fn time_grid(
         Some(d) => {
             let last: qtaylor::grid::Final = c.r#final.parse()?;
             if let Some(list) = explicit.timesteps {
-                let v = parse_list("--timesteps", list)?;
+                let v = qtaylor::grid::parse_numbers("--timesteps", list)?;
                 if v.iter().all(|x| x.fract() == 0.0 && *x >= 0.0) {
                     return Ok(TimeGrid::Discrete {
                         spacing: qtaylor::grid::Spacing::Leading,
@@ -683,27 +670,7 @@ fn time_grid(
                         last,
                     });
                 }
-                let mut times = Vec::with_capacity(v.len() + 1);
-                for (i, &n) in v.iter().enumerate() {
-                    if i > 0 && n >= v[i - 1] {
-                        bail!(
-                            "--timesteps must decrease strictly: entry {i} is {n} after {}",
-                            v[i - 1]
-                        );
-                    }
-                    times.push(
-                        schedule
-                            .time_of_network_time(n)
-                            .map_err(|e| anyhow::anyhow!("--timesteps: entry {i}: {e}"))?,
-                    );
-                }
-                match last {
-                    qtaylor::grid::Final::Zero => times.push(0.0),
-                    qtaylor::grid::Final::Last if v.last() != Some(&0.0) => {
-                        times.push(schedule.time_of_network_time(0.0)?)
-                    }
-                    qtaylor::grid::Final::Last => {}
-                }
+                let times = qtaylor::grid::times_of_network_timesteps(schedule, &v, last)?;
                 return Ok(TimeGrid::Explicit {
                     times,
                     what: format!("explicit fractional timesteps, final {last:?}").to_lowercase(),
@@ -926,6 +893,7 @@ fn cmd_sample(a: &SampleArgs) -> Result<()> {
     let device = parse_device(&a.common.device)?;
     // What is sampled: a diffusers checkpoint, or an exact-score problem.
     let checkpoint;
+    let mut conditional: Option<&qtaylor::checkpoint::DiffusersModel> = None;
     let problem;
     let (model, schedule, item, name, grid, opts): (
         &dyn qtaylor::model::Model,
@@ -983,6 +951,7 @@ fn cmd_sample(a: &SampleArgs) -> Result<()> {
                 m.parameters as f64 / 1e6
             );
             checkpoint = m;
+            conditional = Some(&checkpoint);
             (
                 &checkpoint as &dyn qtaylor::model::Model,
                 schedule,
@@ -1027,7 +996,22 @@ fn cmd_sample(a: &SampleArgs) -> Result<()> {
         }
     };
     check_sampler_options(&a.common, &[sampler], &opts)?;
-    let ts = grid.times(schedule.as_ref(), a.steps.unwrap_or(0))?;
+    let classes = match conditional {
+        Some(m) => sample_classes(a, m.unet.num_classes())?,
+        None => {
+            if a.class.is_some()
+                || a.classes.is_some()
+                || a.guidance.is_some()
+                || a.null_class.is_some()
+            {
+                bail!(
+                    "--class, --classes, --guidance and --null-class apply to a class-conditional --model"
+                );
+            }
+            None
+        }
+    };
+    let mut ts = grid.times(schedule.as_ref(), a.steps.unwrap_or(0))?;
     let steps = ts.len() - 1;
     if let Some(s) = a.steps
         && (a.timesteps.is_some() || a.sigmas.is_some() || a.grid_file.is_some())
@@ -1037,6 +1021,25 @@ fn cmd_sample(a: &SampleArgs) -> Result<()> {
             "--steps {s} disagrees with the explicit grid, which makes {steps} steps; give one of them"
         );
     }
+    // Image-to-image: the last ⌊steps·strength⌋ steps of the grid.
+    let init_image = match (&a.init_image, a.strength) {
+        (None, Some(_)) => bail!("--strength does nothing without --init-image"),
+        (None, None) => None,
+        (Some(path), s) => {
+            if conditional.is_none() {
+                bail!("--init-image applies to --model (an image model)");
+            }
+            if a.x_init.is_some() {
+                bail!("give one of --init-image and --x-init");
+            }
+            let s = s.unwrap_or(0.8);
+            let first = qtaylor::grid::img2img_start(steps, s)?;
+            let img = qtaylor::io::read_image(path, item[0], item[1], item[2])?;
+            ts.drain(..first);
+            Some(img)
+        }
+    };
+    let steps = ts.len() - 1;
     if let Some(path) = &a.grid_file {
         let model_id = model_id(a.model.as_deref(), a.common.problem.as_deref());
         let g = qtaylor::gridfile::GridFile::read(path, schedule.as_ref())?;
@@ -1066,14 +1069,65 @@ fn cmd_sample(a: &SampleArgs) -> Result<()> {
             noise.normal(&item, DType::F64, &Device::Cpu)?;
             (x, noise)
         }
+        None if init_image.is_some() => {
+            let img = init_image.expect("checked");
+            let b = a.batch.unwrap_or(img.dims()[0].max(match &classes {
+                Some(c) if a.classes.is_some() => c.len() * c.len(),
+                _ => 1,
+            }));
+            if b == 0 {
+                bail!("--batch 0: at least one sample is needed");
+            }
+            let n = img.dims()[0];
+            if n != 1 && n != b {
+                bail!(
+                    "--init-image {}: {n} images for --batch {b}; give one image or one per sample",
+                    a.init_image.as_ref().expect("given").display()
+                );
+            }
+            let img = img
+                .broadcast_as((b, item[0], item[1], item[2]))?
+                .contiguous()?;
+            // SDEdit (Meng et al. 2021): x = α(t_s) x0 + σ(t_s) ε, with ε the draws a
+            // pure-noise start takes; strength 1 is that pure-noise start itself.
+            let mut noise = NoiseStreams::new(a.common.seed, 0, b);
+            let eps = noise.normal(&item, DType::F64, &Device::Cpu)?;
+            let x = if a.strength.unwrap_or(0.8) >= 1.0 {
+                eps
+            } else {
+                let t0 = ts[0];
+                let img = img.to_dtype(DType::F64)?;
+                ((img * schedule.alpha(t0))? + (eps * schedule.sigma(t0))?)?
+            };
+            (x.to_dtype(dtype)?.to_device(&device)?, noise)
+        }
         None => {
-            let b = a.batch.unwrap_or(16);
+            let b = a.batch.unwrap_or(match &classes {
+                Some(c) if a.classes.is_some() => c.len() * c.len(),
+                _ => 16,
+            });
             if b == 0 {
                 bail!("--batch 0: at least one sample is needed");
             }
             let mut noise = NoiseStreams::new(a.common.seed, 0, b);
             (noise.normal(&item, dtype, &device)?, noise)
         }
+    };
+    // Class labels and guidance (a class-conditional checkpoint only).
+    let guided;
+    let (model, rows_per_call) = match (conditional, classes) {
+        (Some(m), Some(list)) => {
+            let b = x.dims()[0];
+            let labels: Vec<u32> = (0..b).map(|i| list[i * list.len() / b]).collect();
+            let null = a
+                .null_class
+                .or_else(|| qtaylor::guidance::Guided::default_null(m))
+                .unwrap_or(0);
+            guided = qtaylor::guidance::Guided::new(m, labels, null, a.guidance.unwrap_or(1.0))?;
+            let rows = guided.rows_per_call();
+            (&guided as &dyn qtaylor::model::Model, rows)
+        }
+        _ => (model, 1),
     };
     let pb = qtaylor::progress::Progress::new(
         "sample",
@@ -1101,8 +1155,16 @@ fn cmd_sample(a: &SampleArgs) -> Result<()> {
     } else {
         qtaylor::io::write_npy(&a.out, &run.x)?;
     }
+    let guidance = match (&a.class, &a.classes) {
+        (None, None) => String::new(),
+        _ => format!(
+            ", guidance {} ({rows_per_call} network row{} per sample and call)",
+            a.guidance.unwrap_or(1.0),
+            if rows_per_call == 1 { "" } else { "s" }
+        ),
+    };
     eprintln!(
-        "{} samples of {name} with {sampler}, {steps} steps ({}), {:.0} NFE, {:.2} s -> {}",
+        "{} samples of {name} with {sampler}, {steps} steps ({}), {:.0} NFE{guidance}, {:.2} s -> {}",
         run.x.dims()[0],
         grid.describe(),
         run.nfe,
@@ -1110,6 +1172,48 @@ fn cmd_sample(a: &SampleArgs) -> Result<()> {
         a.out.display()
     );
     Ok(())
+}
+
+/// The classes of `sample --class/--classes` for a model of `k` classes with null class
+/// `null` (`all`: every class but the null one); None without either flag.
+fn sample_classes(a: &SampleArgs, k: Option<usize>) -> Result<Option<Vec<u32>>> {
+    let given = a.class.is_some() || a.classes.is_some();
+    if !given {
+        for (flag, set) in [
+            ("--guidance", a.guidance.is_some()),
+            ("--null-class", a.null_class.is_some()),
+        ] {
+            if set {
+                bail!("{flag} does nothing without --class or --classes");
+            }
+        }
+        if let Some(k) = k {
+            bail!(
+                "this model is class-conditional ({k} classes, the last the null class): give --class N or --classes LIST|all (and --guidance W)"
+            );
+        }
+        return Ok(None);
+    }
+    let Some(k) = k else {
+        bail!(
+            "--class/--classes: this model is not class-conditional (its config.json has no num_class_embeds)"
+        );
+    };
+    let null = a.null_class.unwrap_or(k as u32 - 1);
+    Ok(Some(match (a.class, a.classes.as_deref()) {
+        (Some(_), Some(_)) => bail!("give one of --class and --classes"),
+        (Some(c), None) => vec![c],
+        (None, Some("all")) => (0..k as u32).filter(|&c| c != null).collect(),
+        (None, Some(list)) => list
+            .split(',')
+            .map(|v| {
+                v.trim().parse::<u32>().map_err(|_| {
+                    anyhow::anyhow!("--classes {list}: '{}' is not a class number", v.trim())
+                })
+            })
+            .collect::<Result<Vec<_>>>()?,
+        (None, None) => unreachable!("checked above"),
+    }))
 }
 
 fn cmd_tune(a: &TuneArgs) -> Result<()> {
@@ -1600,14 +1704,30 @@ fn cmd_parity(a: &ParityArgs) -> Result<()> {
             .ok_or_else(|| anyhow::anyhow!("{}: tensor '{k}' is missing", file.display()))
     };
     let x = get("x")?;
+    // A class-conditional model: the plain outputs are at the null class (the last), and
+    // `out_labels` is at t = [3, 999] with the reference's `labels`.
+    let null = m.unet.num_classes().map(|k| vec![k as u32 - 1]);
+    type Case<'a> = (&'a str, Vec<f64>, Option<Vec<u32>>);
+    let mut cases: Vec<Case> = vec![
+        ("out", vec![3.0, 999.0], null.clone()),
+        ("out_t500", vec![500.0], null.clone()),
+        ("out_t37_5", vec![37.5], null.clone()),
+    ];
+    if null.is_some() {
+        let labels = get("labels")?.to_dtype(DType::F64)?.to_vec1::<f64>()?;
+        cases.push((
+            "out_labels",
+            vec![3.0, 999.0],
+            Some(labels.iter().map(|&l| l as u32).collect()),
+        ));
+    }
     let mut worst = 0.0f64;
-    for (key, t) in [
-        ("out", vec![3.0, 999.0]),
-        ("out_t500", vec![500.0]),
-        ("out_t37_5", vec![37.5]),
-    ] {
+    for (key, t, labels) in cases {
         let want = get(key)?.to_dtype(DType::F64)?;
-        let got = m.unet.forward(x, &t)?.to_dtype(DType::F64)?;
+        let got = m
+            .unet
+            .forward_labels(x, &t, labels.as_deref())?
+            .to_dtype(DType::F64)?;
         let d = (got - &want)?.abs()?.max_all()?.to_scalar::<f64>()?;
         let e = d / want.abs()?.max_all()?.to_scalar::<f64>()?;
         println!(
@@ -1642,6 +1762,7 @@ fn cmd_train(a: &TrainArgs) -> Result<()> {
     o.save_every = a.save_every;
     o.limit = a.limit;
     o.max_seconds = a.max_seconds;
+    o.label_dropout = a.label_dropout;
     o.save_dtype = match a.save_dtype.as_str() {
         "f32" => DType::F32,
         "f16" => DType::F16,
@@ -1664,6 +1785,9 @@ fn cmd_train(a: &TrainArgs) -> Result<()> {
 
 fn cmd_eval(a: &EvalArgs) -> Result<()> {
     if a.render_only {
+        if a.model.is_some() || a.guidance.is_some() {
+            bail!("--model and --guidance do nothing with --render-only (it re-renders --out)");
+        }
         let report = qtaylor::eval::render(&a.out)?;
         println!("{}", qtaylor::eval::markdown(&report));
         return Ok(());
@@ -1695,6 +1819,7 @@ fn cmd_eval(a: &EvalArgs) -> Result<()> {
         .filter(|g| !g.is_empty())
         .collect();
     o.grid_dir = a.grid_dir.clone();
+    o.guidance = a.guidance;
     let report = qtaylor::eval::eval(&o, &device)?;
     println!("{}", qtaylor::eval::markdown(&report));
     eprintln!("wrote {}", a.out.display());

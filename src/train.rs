@@ -110,6 +110,10 @@ pub struct TrainOptions {
     /// Stop (with a checkpoint) at the first step boundary after this many seconds, so a
     /// run fits a time-limited machine; `--resume` continues it exactly.
     pub max_seconds: Option<f64>,
+    /// A class-conditional network (`num_class_embeds` = K in the config): the fraction of
+    /// labels replaced by the null class K − 1 (classifier-free guidance's label dropout,
+    /// Ho & Salimans 2022), so one model is conditional and unconditional. `None`: 0.1.
+    pub label_dropout: Option<f64>,
     pub progress: bool,
 }
 
@@ -132,6 +136,7 @@ impl TrainOptions {
             limit: None,
             save_dtype: DType::F32,
             max_seconds: None,
+            label_dropout: None,
             progress: false,
         }
     }
@@ -150,6 +155,9 @@ struct RunSettings {
     ema: f64,
     weight_decay: f64,
     warmup: usize,
+    /// Label dropout of a class-conditional run (absent for an unconditional one).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    label_dropout: Option<f64>,
 }
 
 impl RunSettings {
@@ -297,6 +305,32 @@ fn prepare(opts: &TrainOptions) -> Result<Prepared> {
             config.block_out_channels.len() - 1
         );
     }
+    let label_dropout = match (config.num_class_embeds, opts.label_dropout) {
+        (None, None) => None,
+        (None, Some(_)) => bail!(
+            "--label-dropout does nothing: the network is not class-conditional (give a --config with num_class_embeds)"
+        ),
+        (Some(k), p) => {
+            let p = p.unwrap_or(0.1);
+            if !(0.0..=1.0).contains(&p) {
+                bail!("--label-dropout {p}: expected a fraction in [0, 1]");
+            }
+            if k < 2 {
+                bail!(
+                    "key 'num_class_embeds': {k}; a class-conditional run needs the classes plus the null class"
+                );
+            }
+            if let Some(&bad) = data.labels.iter().find(|&&l| l as usize >= k - 1) {
+                bail!(
+                    "'{}' has label {bad}, but num_class_embeds = {k} leaves classes 0 to {} (class {} is the null class of label dropout)",
+                    opts.data,
+                    k - 2,
+                    k - 1
+                );
+            }
+            Some(p)
+        }
+    };
     let sch = SchedulerConfig::from_json(TRAIN_SCHEDULER_CONFIG, Path::new("scheduler"))?;
     let betas = diffusers_betas(
         &sch.beta_schedule,
@@ -314,6 +348,7 @@ fn prepare(opts: &TrainOptions) -> Result<Prepared> {
         ema: opts.ema,
         weight_decay: opts.weight_decay,
         warmup: opts.warmup,
+        label_dropout,
     };
     Ok(Prepared {
         config,
@@ -514,9 +549,11 @@ struct Batcher<'a> {
 }
 
 impl Batcher<'_> {
-    fn images(&mut self, k: usize) -> Vec<f32> {
+    /// Step `k`'s images (flattened) and their labels.
+    fn images(&mut self, k: usize) -> (Vec<f32>, Vec<u32>) {
         let d = self.data.h * self.data.w;
         let mut out = Vec::with_capacity(self.batch * d);
+        let mut labels = Vec::with_capacity(self.batch);
         for j in 0..self.batch {
             let g = k * self.batch + j;
             let (e, pos) = (g / self.data.n, g % self.data.n);
@@ -525,20 +562,41 @@ impl Batcher<'_> {
             }
             let idx = self.cached.as_ref().expect("cached").1[pos] as usize;
             out.extend(self.data.image_f32(idx));
+            labels.push(self.data.labels[idx] as u32);
         }
-        out
+        (out, labels)
     }
 }
 
-/// One step's inputs: noisy images, timesteps and the noise to predict.
+/// One step's inputs: noisy images, timesteps, the noise to predict and, for a
+/// class-conditional network of `classes` = (K, dropout), the labels with a fraction
+/// `dropout` replaced by the null class K − 1 (from their own stream (seed, 3, k)).
+struct StepBatch {
+    xt: Tensor,
+    ts: Vec<f64>,
+    eps: Tensor,
+    labels: Option<Vec<u32>>,
+}
+
 fn make_batch(
     b: &mut Batcher,
     alpha_bars: &[f64],
     k: usize,
+    classes: Option<(usize, f64)>,
     device: &Device,
-) -> Result<(Tensor, Vec<f64>, Tensor)> {
+) -> Result<StepBatch> {
     let (h, w) = (b.data.h, b.data.w);
-    let x0 = b.images(k);
+    let (x0, labels) = b.images(k);
+    let labels = classes.map(|(n, p)| {
+        let mut rng = stream(b.seed, 3, k as u64);
+        labels
+            .into_iter()
+            .map(|l| {
+                let u: f64 = rand_distr::StandardUniform.sample(&mut rng);
+                if u < p { n as u32 - 1 } else { l }
+            })
+            .collect()
+    });
     let mut rng = stream(b.seed, 2, k as u64);
     let steps = Uniform::new(0, alpha_bars.len()).expect("non-empty schedule");
     let ts: Vec<usize> = (0..b.batch).map(|_| steps.sample(&mut rng)).collect();
@@ -560,11 +618,12 @@ fn make_batch(
         }
     }
     let shape = (b.batch, 1, h, w);
-    Ok((
-        Tensor::from_vec(xt, shape, device)?,
-        ts.iter().map(|&n| n as f64).collect(),
-        Tensor::from_vec(eps, shape, device)?,
-    ))
+    Ok(StepBatch {
+        xt: Tensor::from_vec(xt, shape, device)?,
+        ts: ts.iter().map(|&n| n as f64).collect(),
+        eps: Tensor::from_vec(eps, shape, device)?,
+        labels,
+    })
 }
 
 /// The learning rate of step `k` (1-based): linear warm-up to `lr` over `warmup` steps.
@@ -586,10 +645,11 @@ fn train_step(
     device: &Device,
 ) -> Result<f64> {
     let k = s.step + 1;
-    let (xt, ts, eps) = make_batch(b, &p.alpha_bars, s.step, device)?;
+    let classes = p.config.num_class_embeds.zip(p.settings.label_dropout);
+    let sb = make_batch(b, &p.alpha_bars, s.step, classes, device)?;
     let net = UNet2D::new(p.config.clone(), &s.weights(device))?;
-    let pred = net.forward(&xt, &ts)?;
-    let loss = (pred - &eps)?.sqr()?.mean_all()?;
+    let pred = net.forward_labels(&sb.xt, &sb.ts, sb.labels.as_deref())?;
+    let loss = (pred - &sb.eps)?.sqr()?.mean_all()?;
     let loss_value = f64::from(loss.to_scalar::<f32>()?);
     if !loss_value.is_finite() {
         bail!(

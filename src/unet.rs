@@ -146,6 +146,21 @@ pub struct UNet2DConfig {
     pub sample_size: Option<serde_json::Value>,
 }
 
+/// Limits on a UNet2DModel config (checked by [`UNet2DConfig::from_json`]).
+pub const MAX_BLOCKS: usize = 8;
+/// The widest block accepted (`block_out_channels`).
+pub const MAX_WIDTH: usize = 8192;
+/// Image (or latent) channels in and out.
+pub const MAX_IO_CHANNELS: usize = 256;
+/// ResNet layers per block.
+pub const MAX_LAYERS_PER_BLOCK: usize = 32;
+/// Height and width (`sample_size`, `--image-size`).
+pub const MAX_SAMPLE_SIZE: usize = 8192;
+/// Rows of a class embedding table (`num_class_embeds`).
+pub const MAX_CLASSES: usize = 1 << 20;
+/// Parameters that synthetic weights hand out before refusing (1 G: 4 GB of f32).
+pub const MAX_SYNTHETIC_PARAMETERS: usize = 1 << 30;
+
 impl UNet2DConfig {
     /// Parses and checks that every option is one this port implements.
     pub fn from_json(text: &str, file: &Path) -> Result<Self> {
@@ -160,6 +175,45 @@ impl UNet2DConfig {
         let n = self.block_out_channels.len();
         if n == 0 {
             bail!("key 'block_out_channels' is empty");
+        }
+        // Stated limits, checked before anything is allocated (the largest diffusers UNets use
+        // widths of 1280 and 4 blocks): a hostile config fails here, not in the allocator.
+        let limit = |key: &str, v: usize, max: usize| -> Result<()> {
+            if v > max {
+                bail!("key '{key}': {v} exceeds the limit of {max}");
+            }
+            Ok(())
+        };
+        limit("block_out_channels (count)", n, MAX_BLOCKS)?;
+        for &c in &self.block_out_channels {
+            limit("block_out_channels", c, MAX_WIDTH)?;
+        }
+        limit("in_channels", self.in_channels, MAX_IO_CHANNELS)?;
+        limit("out_channels", self.out_channels, MAX_IO_CHANNELS)?;
+        limit(
+            "layers_per_block",
+            self.layers_per_block,
+            MAX_LAYERS_PER_BLOCK,
+        )?;
+        if let Some(d) = self.time_embedding_dim {
+            limit("time_embedding_dim", d, 4 * MAX_WIDTH)?;
+        }
+        if self.in_channels == 0 || self.out_channels == 0 || self.layers_per_block == 0 {
+            bail!(
+                "keys 'in_channels', 'out_channels' and 'layers_per_block' must be at least 1 (got {}, {}, {})",
+                self.in_channels,
+                self.out_channels,
+                self.layers_per_block
+            );
+        }
+        if let Some(v) = &self.sample_size {
+            let sizes: Vec<u64> = match v {
+                serde_json::Value::Array(a) => a.iter().filter_map(|x| x.as_u64()).collect(),
+                x => x.as_u64().into_iter().collect(),
+            };
+            for s in sizes {
+                limit("sample_size", s as usize, MAX_SAMPLE_SIZE)?;
+            }
         }
         if self.down_block_types.len() != n || self.up_block_types.len() != n {
             bail!(
@@ -214,10 +268,16 @@ impl UNet2DConfig {
                 self.resnet_time_scale_shift
             );
         }
-        if self.class_embed_type.is_some() || self.num_class_embeds.is_some() {
+        if let Some(t) = &self.class_embed_type {
             bail!(
-                "keys 'class_embed_type'/'num_class_embeds': class-conditional UNets are not supported"
+                "key 'class_embed_type': '{t}' is not supported; expected null (a class embedding table of num_class_embeds rows added to the time embedding)"
             );
+        }
+        if let Some(n) = self.num_class_embeds {
+            if n == 0 {
+                bail!("key 'num_class_embeds': 0 classes; expected at least 1, or null");
+            }
+            limit("num_class_embeds", n, MAX_CLASSES)?;
         }
         act(&self.act_fn)?;
         let g = self
@@ -458,6 +518,17 @@ impl Weights {
             use rand::SeedableRng;
             use rand_distr::Distribution;
             let n: usize = shape.iter().product();
+            let so_far: usize = made
+                .lock()
+                .expect("weights lock")
+                .values()
+                .map(|t| t.elem_count())
+                .sum();
+            if so_far + n > MAX_SYNTHETIC_PARAMETERS {
+                bail!(
+                    "tensor '{name}' of shape {shape:?} would take the model past {MAX_SYNTHETIC_PARAMETERS} parameters, the limit for made-up weights"
+                );
+            }
             let h = name.bytes().fold(*seed, |h, b| {
                 h.wrapping_mul(0x100000001b3).wrapping_add(b as u64)
             });
@@ -466,6 +537,10 @@ impl Weights {
                 vec![0.0; n]
             } else if name.contains("norm") {
                 vec![1.0; n]
+            } else if name.starts_with("class_embedding") {
+                // nn.Embedding's default init: N(0, 1).
+                let d = rand_distr::StandardNormal;
+                (0..n).map(|_| d.sample(&mut rng)).collect()
             } else {
                 let bound = 1.0 / (shape[1..].iter().product::<usize>() as f32).sqrt();
                 let u = rand_distr::Uniform::new(-bound, bound).expect("valid bound");
@@ -1261,6 +1336,9 @@ pub struct UNet2D {
     conv_in: Conv,
     lin1: Linear,
     lin2: Linear,
+    /// diffusers' `class_embedding` (`nn.Embedding(num_class_embeds, time_embed_dim)`), whose
+    /// row for a sample's label is added to its time embedding.
+    class_emb: Option<Tensor>,
     down: Vec<DownBlock>,
     mid: Option<Mid>,
     up: Vec<UpBlock>,
@@ -1405,6 +1483,10 @@ impl UNet2D {
             conv_in: w.conv("conv_in", c.in_channels, ch[0], 3, 1, 1)?,
             lin1: w.linear("time_embedding.linear_1", ch[0], temb)?,
             lin2: w.linear("time_embedding.linear_2", temb, temb)?,
+            class_emb: match c.num_class_embeds {
+                Some(k) => Some(w.get("class_embedding.weight", &[k, temb])?),
+                None => None,
+            },
             down,
             mid,
             up,
@@ -1469,9 +1551,27 @@ impl UNet2D {
         Ok(Tensor::from_vec(data, (timesteps.len(), dim), device)?)
     }
 
+    /// The number of classes of a class-conditional network (`num_class_embeds`).
+    pub fn num_classes(&self) -> Option<usize> {
+        self.config.num_class_embeds
+    }
+
     /// The network output for images `x` (B, C, H, W) at float timesteps (one per row, or
-    /// one shared); computed in the weights' dtype, returned in x's dtype.
+    /// one shared); computed in the weights' dtype, returned in x's dtype. An unconditional
+    /// network only (see [`UNet2D::forward_labels`]).
     pub fn forward(&self, x: &Tensor, timesteps: &[f64]) -> Result<Tensor> {
+        self.forward_labels(x, timesteps, None)
+    }
+
+    /// [`UNet2D::forward`] with class labels (one per row, or one shared) for a
+    /// class-conditional network: as diffusers' `UNet2DModel.forward(..., class_labels)`, the
+    /// label's row of `class_embedding` is added to the time embedding after its MLP.
+    pub fn forward_labels(
+        &self,
+        x: &Tensor,
+        timesteps: &[f64],
+        labels: Option<&[u32]>,
+    ) -> Result<Tensor> {
         let (b, c, h, w) = x
             .dims4()
             .context("the UNet expects images of shape (B, C, H, W)")?;
@@ -1494,6 +1594,30 @@ impl UNet2D {
         if ts.len() != b {
             bail!("{} timesteps for a batch of {b}", ts.len());
         }
+        let labels: Option<Vec<u32>> = match (labels, &self.class_emb) {
+            (None, None) => None,
+            (Some(_), None) => bail!(
+                "class labels given, but this UNet is not class-conditional (its config has no num_class_embeds)"
+            ),
+            (None, Some(_)) => bail!(
+                "this UNet is class-conditional ({} classes): give class labels (--class, --classes)",
+                cfg.num_class_embeds.unwrap_or(0)
+            ),
+            (Some(l), Some(_)) => {
+                let k = cfg.num_class_embeds.unwrap_or(0);
+                if let Some(bad) = l.iter().find(|&&c| c as usize >= k) {
+                    bail!(
+                        "class label {bad} is outside the model's {k} classes (0 to {})",
+                        k - 1
+                    );
+                }
+                Some(match l.len() {
+                    1 => vec![l[0]; b],
+                    n if n == b => l.to_vec(),
+                    n => bail!("{n} class labels for a batch of {b}"),
+                })
+            }
+        };
         let in_dtype = x.dtype();
         let mut x = x.to_dtype(self.dtype)?;
         if cfg.center_input_sample {
@@ -1504,38 +1628,53 @@ impl UNet2D {
             let emb = self
                 .timestep_embedding(&ts, x.device())?
                 .to_dtype(self.dtype)?;
-            let rows = self
+            let mut rows = self
                 .lin2
                 .forward(&candle_nn::ops::silu(&self.lin1.forward(&emb)?)?)?;
+            if let (Some(table), Some(l)) = (&self.class_emb, &labels) {
+                let idx = Tensor::from_vec(l.clone(), b, x.device())?;
+                rows = (rows + table.index_select(&idx, 0)?)?;
+            }
             Temb { rows, index: None }
         } else {
             // Inference: the embedding MLP and every projection of it run once per distinct
             // timestep, one row at a time, so a sample's result does not depend on the batch
             // (a matrix product's rounding can depend on its row count).
+            // (With class labels: once per distinct (timestep, label).)
             let mut uniq: Vec<f64> = Vec::new();
+            let mut uniq_labels: Vec<u32> = Vec::new();
             let idx: Vec<u32> = ts
                 .iter()
-                .map(|t| {
-                    let i = uniq.iter().position(|u| u.to_bits() == t.to_bits());
+                .enumerate()
+                .map(|(r, t)| {
+                    let c = labels.as_ref().map_or(0, |l| l[r]);
+                    let i = (0..uniq.len())
+                        .position(|u| uniq[u].to_bits() == t.to_bits() && uniq_labels[u] == c);
                     i.unwrap_or_else(|| {
                         uniq.push(*t);
+                        uniq_labels.push(c);
                         uniq.len() - 1
                     }) as u32
                 })
                 .collect();
             // One timestep on a GPU (every fixed-grid sampler's call): nothing is copied from
             // the host, so queuing this pass does not wait for the previous one.
-            let on_device = x.device().is_cuda() && uniq.len() == 1;
+            let on_device = x.device().is_cuda() && uniq.len() == 1 && labels.is_none();
             let emb = if on_device {
                 self.timestep_embedding_on_device(uniq[0], x.device())?
             } else {
                 self.timestep_embedding(&uniq, x.device())?
             }
             .to_dtype(self.dtype)?;
-            let rows = by_row(
+            let mut rows = by_row(
                 &self.lin2,
                 &candle_nn::ops::silu(&by_row(&self.lin1, &emb)?)?,
             )?;
+            if let Some(table) = &self.class_emb {
+                let n = uniq_labels.len();
+                let pick = Tensor::from_vec(uniq_labels, n, x.device())?;
+                rows = (rows + table.index_select(&pick, 0)?)?;
+            }
             let index = if on_device {
                 Tensor::zeros(b, DType::U32, x.device())?
             } else {

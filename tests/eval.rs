@@ -10,61 +10,7 @@ use qtaylor::eval::{EvalOptions, FID_LABEL, eval};
 use qtaylor::ops::max_abs_diff;
 
 mod common;
-use common::idx;
-
-/// 24 strokes per split: vertical bars ("1"-like) and rings ("0"-like) at varying offsets.
-fn strokes(dir: &Path) -> PathBuf {
-    let d = dir.join("strokes");
-    std::fs::create_dir_all(&d).unwrap();
-    for (prefix, shift) in [("train", 0usize), ("t10k", 1)] {
-        let n = 24usize;
-        let mut img = vec![0u8; n * 784];
-        let mut lab = Vec::with_capacity(n);
-        for i in 0..n {
-            let o = (i + shift) % 5;
-            let ring = i % 2 == 1;
-            lab.push(if ring { 0 } else { 1 });
-            for y in 0..28 {
-                for x in 0..28 {
-                    let (dx, dy) = (x as f64 - 12.0 - o as f64, y as f64 - 14.0);
-                    let on = if ring {
-                        ((dx * dx + dy * dy).sqrt() - 7.0).abs() < 1.6
-                    } else {
-                        dx.abs() < 1.6 && dy.abs() < 9.0
-                    };
-                    if on {
-                        img[i * 784 + y * 28 + x] = 255;
-                    }
-                }
-            }
-        }
-        std::fs::write(
-            d.join(format!("{prefix}-images-idx3-ubyte")),
-            idx(&[n as u32, 28, 28], &img),
-        )
-        .unwrap();
-        std::fs::write(
-            d.join(format!("{prefix}-labels-idx1-ubyte")),
-            idx(&[n as u32], &lab),
-        )
-        .unwrap();
-    }
-    d
-}
-
-fn embedded_model(dir: &Path) -> PathBuf {
-    // The embedded default, written out as a checkpoint folder (eval takes a folder).
-    let m = dir.join("model");
-    std::fs::create_dir_all(&m).unwrap();
-    for f in [
-        "config.json",
-        "scheduler_config.json",
-        "diffusion_pytorch_model.safetensors",
-    ] {
-        std::fs::copy(Path::new("assets/mnist-unet").join(f), m.join(f)).unwrap();
-    }
-    m
-}
+use common::{conditional_mnist, embedded_model, strokes};
 
 fn options(dir: &Path, out: &str, batch: usize) -> EvalOptions {
     let data = strokes(dir);
@@ -187,4 +133,60 @@ fn a_sample_network_output_does_not_depend_on_the_batch_it_is_in() {
         let d = max_abs_diff(&part, &same).unwrap();
         assert_eq!(d, 0.0, "rows {start}..{}", start + len);
     }
+}
+
+#[test]
+fn eval_with_guidance_reports_conditional_accuracy_and_refuses_a_mismatched_model() {
+    let dir = tempfile::tempdir().unwrap();
+    let cond = dir.path().join("cond");
+    std::fs::create_dir_all(&cond).unwrap();
+    conditional_mnist(&cond);
+    let mut o = options(dir.path(), "out", 3);
+    o.model = cond.clone();
+    o.guidance = Some(2.0);
+    let r = eval(&o, &Device::Cpu).unwrap();
+    for row in &r.rows[1..] {
+        let a = row.conditional_accuracy.expect("a conditional row");
+        assert!((0.0..=1.0).contains(&a), "{row:?}");
+    }
+    assert!(
+        r.rows[0].conditional_accuracy.is_none(),
+        "the data row asks for no class"
+    );
+    let csv = std::fs::read_to_string(o.out.join("results.csv")).unwrap();
+    assert!(
+        csv.lines()
+            .next()
+            .unwrap()
+            .ends_with(",conditional_accuracy")
+    );
+    let md = std::fs::read_to_string(o.out.join("report.md")).unwrap();
+    assert!(
+        md.contains("conditional accuracy |") && md.contains("guidance w = 2"),
+        "{md}"
+    );
+    // The results do not depend on the batch size with guidance either.
+    let mut o2 = options(dir.path(), "out2", 6);
+    o2.model = cond.clone();
+    o2.guidance = Some(2.0);
+    let r2 = eval(&o2, &Device::Cpu).unwrap();
+    for (a, b) in r.rows.iter().zip(&r2.rows) {
+        assert_eq!(
+            (a.fid, a.conditional_accuracy),
+            (b.fid, b.conditional_accuracy),
+            "{}",
+            a.sampler
+        );
+    }
+    let mut bad = options(dir.path(), "bad", 6);
+    bad.model = cond;
+    let e = format!("{:#}", eval(&bad, &Device::Cpu).err().unwrap());
+    assert!(
+        e.contains("class-conditional") && e.contains("--guidance"),
+        "{e}"
+    );
+    let mut bad = options(dir.path(), "bad2", 6);
+    bad.guidance = Some(2.0);
+    let e = format!("{:#}", eval(&bad, &Device::Cpu).err().unwrap());
+    assert!(e.contains("is not class-conditional"), "{e}");
 }

@@ -349,3 +349,64 @@ fn a_hub_id_as_model_says_models_are_local_folders() {
         &["local folders", "downloads nothing", "save_pretrained"],
     );
 }
+
+#[test]
+fn an_f16_model_stays_finite_on_the_last_step_to_sigma_zero_where_f32_does() {
+    // The grid ends at sigma = 0 (t = 0, final zero): the last step divides by the smallest
+    // sigma of the grid and reads x̂0. In f16 every sampler's result stays finite and close to
+    // the f32 result of the same noise. (bf16 needs CUDA: candle's CPU matrix products have no
+    // bf16; the GPU run of this test is recorded in BENCHMARKS.md "Reliability".)
+    let dir = tempfile::tempdir().unwrap();
+    let model = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("assets/mnist-unet");
+    let device = std::env::var("QTAYLOR_TEST_DEVICE").unwrap_or_else(|_| "cpu".into());
+    let dtypes: &[&str] = if device == "cuda" {
+        &["f32", "f16", "bf16"]
+    } else {
+        &["f32", "f16"]
+    };
+    for sampler in [
+        "ddim", "qt-3", "dpmpp-2m", "unipc-3", "euler", "heun", "ipndm", "deis-3",
+    ] {
+        let mut outs = Vec::new();
+        for dtype in dtypes {
+            let npy = dir.path().join(format!("{sampler}-{dtype}.npy"));
+            let o = qtaylor(&[
+                "sample",
+                "--model",
+                p(&model),
+                "--sampler",
+                sampler,
+                "--steps",
+                "6",
+                "--batch",
+                "4",
+                "--final",
+                "zero",
+                "--model-dtype",
+                dtype,
+                "--device",
+                &device,
+                "--out",
+                p(&dir.path().join("x.png")),
+                "--save-npy",
+                p(&npy),
+            ]);
+            assert!(o.status.success(), "{sampler} {dtype}: {}", stderr(&o));
+            let x = qtaylor::io::read_npy(&npy, &[Some(4), Some(1), Some(28), Some(28)])
+                .unwrap_or_else(|e| panic!("{sampler} {dtype}: {e:#}"));
+            outs.push(x.to_dtype(candle_core::DType::F64).unwrap());
+        }
+        for (k, x) in outs.iter().enumerate().skip(1) {
+            // Root-mean-square difference (single pixels of a half-precision run can move
+            // more; the finiteness is the point).
+            let d = (x - &outs[0]).unwrap().sqr().unwrap().mean_all().unwrap();
+            let d = d.to_scalar::<f64>().unwrap().sqrt();
+            eprintln!("{sampler} {}: rms difference from f32 {d:.4}", dtypes[k]);
+            assert!(
+                d < 0.05,
+                "{sampler} {}: differs from f32 by {d} (rms)",
+                dtypes[k]
+            );
+        }
+    }
+}

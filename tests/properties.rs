@@ -295,6 +295,38 @@ fn a_non_finite_model_output_stops_sampling_naming_step_time_and_sampler() {
 }
 
 #[test]
+fn a_nan_from_a_half_precision_model_still_names_the_step_and_t() {
+    // Models run in f16 and bf16 too: the finiteness check reads their output the same way.
+    let s = VpLinear::default();
+    let ts = Grid::Uniform.times(&s, 4, 1.0, 1e-3).unwrap();
+    let first = ts.iter().position(|&t| t < 0.5).unwrap();
+    for dtype in [DType::F16, DType::BF16] {
+        for name in ["qt-3", "ddim", "dpmpp-2m"] {
+            let mut noise = NoiseStreams::new(0, 0, 2);
+            let x = noise.normal(&[3], dtype, &Device::Cpu).unwrap();
+            let e = sample(
+                &NanBelowHalf,
+                &s,
+                name.parse().unwrap(),
+                &Options::default(),
+                &ts,
+                x,
+                &mut noise,
+                None,
+            )
+            .err()
+            .unwrap_or_else(|| panic!("{name} in {dtype:?} did not stop"))
+            .to_string();
+            assert!(
+                e.contains("NaN or Inf")
+                    && e.contains(&format!("step {first} (t = {})", ts[first])),
+                "{dtype:?} {name}: {e}"
+            );
+        }
+    }
+}
+
+#[test]
 fn deferred_finiteness_checks_report_the_first_non_finite_call() {
     // Fixed-grid samplers read their finiteness checks back once at the end: the error must
     // still name the first call whose output was not finite.

@@ -9,46 +9,8 @@ use qtaylor::checkpoint::DiffusersModel;
 use qtaylor::ops::max_abs_diff;
 use qtaylor::train::{TrainOptions, train};
 
-const TINY_CONFIG: &str = r#"{
-  "block_out_channels": [8, 16],
-  "layers_per_block": 1,
-  "down_block_types": ["DownBlock2D", "AttnDownBlock2D"],
-  "up_block_types": ["AttnUpBlock2D", "UpBlock2D"],
-  "norm_num_groups": 4,
-  "attention_head_dim": null,
-  "in_channels": 1,
-  "out_channels": 1
-}"#;
-
 mod common;
-use common::idx;
-
-/// 64 images 8×8 of two kinds (bright top half / bright bottom half) with a little texture.
-fn tiny_data(dir: &Path) -> PathBuf {
-    let d = dir.join("tiny");
-    std::fs::create_dir_all(&d).unwrap();
-    let (n, s) = (64usize, 8usize);
-    let mut img = Vec::with_capacity(n * s * s);
-    let mut lab = Vec::with_capacity(n);
-    for i in 0..n {
-        let top = i % 2 == 0;
-        lab.push(top as u8);
-        for y in 0..s {
-            for x in 0..s {
-                let bright = (y < s / 2) == top;
-                let tex = ((i * 7 + y * 3 + x * 5) % 11) as u8 * 4;
-                img.push(if bright { 215 + tex } else { tex });
-            }
-        }
-    }
-    std::fs::write(
-        d.join("train-images-idx3-ubyte"),
-        idx(&[n as u32, 8, 8], &img),
-    )
-    .unwrap();
-    std::fs::write(d.join("train-labels-idx1-ubyte"), idx(&[n as u32], &lab)).unwrap();
-    d
-}
+use common::{TINY_CONFIG, tiny_data};
 
 fn opts(data: &Path, out: &Path, steps: usize) -> TrainOptions {
     let mut o = TrainOptions::new(data.to_str().unwrap(), out);
@@ -296,4 +258,81 @@ fn bad_data_or_a_foreign_resume_folder_is_a_clear_error_and_overwrites_nothing()
     for (p, b) in before {
         assert_eq!(std::fs::read(&p).unwrap(), b, "{} changed", p.display());
     }
+}
+
+#[test]
+fn a_class_conditional_run_drops_labels_to_the_null_class_resumes_exactly_and_samples_guided() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = tiny_data(dir.path());
+    let mut cfg: serde_json::Value = serde_json::from_str(TINY_CONFIG).unwrap();
+    cfg["num_class_embeds"] = 3.into(); // classes 0 and 1, null class 2
+    let conditional = |o: &mut TrainOptions| {
+        o.config = cfg.to_string();
+        o.label_dropout = Some(0.25);
+    };
+    let (straight, split) = (dir.path().join("straight"), dir.path().join("split"));
+    let mut o = opts(&data, &straight, 6);
+    conditional(&mut o);
+    train(&o, &Device::Cpu).unwrap();
+    let mut o = opts(&data, &split, 3);
+    conditional(&mut o);
+    train(&o, &Device::Cpu).unwrap();
+    let mut o = opts(&data, &split, 6);
+    conditional(&mut o);
+    o.resume = Some(split.clone());
+    train(&o, &Device::Cpu).unwrap();
+    let (a, b) = (
+        tensors(&straight.join("train_state.safetensors")),
+        tensors(&split.join("train_state.safetensors")),
+    );
+    assert!(a.contains_key("param/class_embedding.weight"));
+    for (k, t) in &a {
+        assert_eq!(
+            max_abs_diff(t, &b[k]).unwrap(),
+            0.0,
+            "{k} differs after resume"
+        );
+    }
+    // The checkpoint says num_class_embeds in diffusers' key, and samples with guidance.
+    let saved: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(straight.join("config.json")).unwrap())
+            .unwrap();
+    assert_eq!(saved["num_class_embeds"], 3);
+    let out = dir.path().join("g.png");
+    let (ok, err) = qtaylor(&[
+        "sample",
+        "--model",
+        straight.to_str().unwrap(),
+        "--sampler",
+        "ddim",
+        "--steps",
+        "3",
+        "--classes",
+        "all",
+        "--guidance",
+        "2",
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert!(
+        ok && err.contains("4 samples") && err.contains("2 network rows"),
+        "{err}"
+    );
+    // The dropout fraction is a setting of the run; on an unconditional config it is an error.
+    let mut o = opts(&data, &split, 8);
+    o.config = cfg.to_string();
+    o.label_dropout = Some(0.5);
+    o.resume = Some(split.clone());
+    let e = format!("{:#}", train(&o, &Device::Cpu).err().unwrap());
+    assert!(e.contains("label_dropout"), "{e}");
+    let mut o = opts(&data, &dir.path().join("plain"), 2);
+    o.label_dropout = Some(0.1);
+    let e = format!("{:#}", train(&o, &Device::Cpu).err().unwrap());
+    assert!(e.contains("--label-dropout does nothing"), "{e}");
+    // Labels must leave the last class free for the null class.
+    let mut o = opts(&data, &dir.path().join("two"), 2);
+    cfg["num_class_embeds"] = 2.into();
+    o.config = cfg.to_string();
+    let e = format!("{:#}", train(&o, &Device::Cpu).err().unwrap());
+    assert!(e.contains("has label 1") && e.contains("null class"), "{e}");
 }

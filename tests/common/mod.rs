@@ -1,6 +1,7 @@
 //! Shared pieces of the integration tests: problems with known solutions, IDX files.
 #![allow(dead_code)]
 
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use anyhow::Result;
@@ -181,4 +182,125 @@ pub fn stderr(o: &std::process::Output) -> String {
 /// A path as a command-line argument.
 pub fn p(path: &std::path::Path) -> &str {
     path.to_str().expect("a UTF-8 path")
+}
+
+/// 24 strokes per split: vertical bars ("1"-like) and rings ("0"-like) at varying offsets.
+pub fn strokes(dir: &Path) -> PathBuf {
+    let d = dir.join("strokes");
+    std::fs::create_dir_all(&d).unwrap();
+    for (prefix, shift) in [("train", 0usize), ("t10k", 1)] {
+        let n = 24usize;
+        let mut img = vec![0u8; n * 784];
+        let mut lab = Vec::with_capacity(n);
+        for i in 0..n {
+            let o = (i + shift) % 5;
+            let ring = i % 2 == 1;
+            lab.push(if ring { 0 } else { 1 });
+            for y in 0..28 {
+                for x in 0..28 {
+                    let (dx, dy) = (x as f64 - 12.0 - o as f64, y as f64 - 14.0);
+                    let on = if ring {
+                        ((dx * dx + dy * dy).sqrt() - 7.0).abs() < 1.6
+                    } else {
+                        dx.abs() < 1.6 && dy.abs() < 9.0
+                    };
+                    if on {
+                        img[i * 784 + y * 28 + x] = 255;
+                    }
+                }
+            }
+        }
+        std::fs::write(
+            d.join(format!("{prefix}-images-idx3-ubyte")),
+            idx(&[n as u32, 28, 28], &img),
+        )
+        .unwrap();
+        std::fs::write(
+            d.join(format!("{prefix}-labels-idx1-ubyte")),
+            idx(&[n as u32], &lab),
+        )
+        .unwrap();
+    }
+    d
+}
+
+pub fn embedded_model(dir: &Path) -> PathBuf {
+    // The embedded default, written out as a checkpoint folder (eval takes a folder).
+    let m = dir.join("model");
+    std::fs::create_dir_all(&m).unwrap();
+    for f in [
+        "config.json",
+        "scheduler_config.json",
+        "diffusion_pytorch_model.safetensors",
+    ] {
+        std::fs::copy(Path::new("assets/mnist-unet").join(f), m.join(f)).unwrap();
+    }
+    m
+}
+
+/// A tiny UNet2DModel config for training tests (8×8 grey images).
+pub const TINY_CONFIG: &str = r#"{
+  "block_out_channels": [8, 16],
+  "layers_per_block": 1,
+  "down_block_types": ["DownBlock2D", "AttnDownBlock2D"],
+  "up_block_types": ["AttnUpBlock2D", "UpBlock2D"],
+  "norm_num_groups": 4,
+  "attention_head_dim": null,
+  "in_channels": 1,
+  "out_channels": 1
+}"#;
+
+/// 64 images 8×8 of two kinds (bright top half / bright bottom half) with a little texture.
+pub fn tiny_data(dir: &Path) -> PathBuf {
+    let d = dir.join("tiny");
+    std::fs::create_dir_all(&d).unwrap();
+    let (n, s) = (64usize, 8usize);
+    let mut img = Vec::with_capacity(n * s * s);
+    let mut lab = Vec::with_capacity(n);
+    for i in 0..n {
+        let top = i % 2 == 0;
+        lab.push(top as u8);
+        for y in 0..s {
+            for x in 0..s {
+                let bright = (y < s / 2) == top;
+                let tex = ((i * 7 + y * 3 + x * 5) % 11) as u8 * 4;
+                img.push(if bright { 215 + tex } else { tex });
+            }
+        }
+    }
+    std::fs::write(
+        d.join("train-images-idx3-ubyte"),
+        idx(&[n as u32, 8, 8], &img),
+    )
+    .unwrap();
+    std::fs::write(d.join("train-labels-idx1-ubyte"), idx(&[n as u32], &lab)).unwrap();
+    d
+}
+
+/// The embedded MNIST model made class-conditional (11 classes, a random embedding table
+/// of scale 0.3): a 28×28 network, whose CPU forward is bit-for-bit batch-independent.
+pub fn conditional_mnist(dir: &Path) -> qtaylor::checkpoint::DiffusersModel {
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("assets/mnist-unet");
+    let mut cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(src.join("config.json")).unwrap()).unwrap();
+    cfg["num_class_embeds"] = 11.into();
+    std::fs::write(dir.join("config.json"), cfg.to_string()).unwrap();
+    std::fs::copy(
+        src.join("scheduler_config.json"),
+        dir.join("scheduler_config.json"),
+    )
+    .unwrap();
+    let mut w = candle_core::safetensors::load(
+        src.join("diffusion_pytorch_model.safetensors"),
+        &Device::Cpu,
+    )
+    .unwrap();
+    let temb = w["time_embedding.linear_2.weight"].dim(0).unwrap();
+    let table = (Tensor::randn(0f32, 1.0, (11, temb), &Device::Cpu).unwrap() * 0.3).unwrap();
+    let table = table
+        .to_dtype(w["time_embedding.linear_2.weight"].dtype())
+        .unwrap();
+    w.insert("class_embedding.weight".into(), table);
+    candle_core::safetensors::save(&w, dir.join("diffusion_pytorch_model.safetensors")).unwrap();
+    qtaylor::checkpoint::DiffusersModel::load(dir, DType::F32, &Device::Cpu).unwrap()
 }

@@ -261,6 +261,99 @@ pub fn validate_timesteps(ts: &[i64], train_steps: usize) -> Result<Vec<usize>> 
     Ok(ts.iter().map(|&n| n as usize).collect())
 }
 
+/// A comma-separated list of finite numbers given with `flag` (`--timesteps`, `--sigmas`).
+pub fn parse_numbers(flag: &str, list: &str) -> Result<Vec<f64>> {
+    list.split(',')
+        .map(|v| {
+            let x: f64 = v
+                .trim()
+                .parse()
+                .map_err(|_| anyhow::anyhow!("{flag}: '{}' is not a number", v.trim()))?;
+            if !x.is_finite() {
+                bail!("{flag}: '{}' is not a finite number", v.trim());
+            }
+            Ok(x)
+        })
+        .collect()
+}
+
+/// Times of a descending list of diffusers sigmas (σ/α): λ = −ln σ, σ = 0 → t = 0 (only
+/// as the last entry).
+pub fn times_of_sigmas(schedule: &dyn Schedule, sigmas: &[f64]) -> Result<Vec<f64>> {
+    let n = sigmas.len();
+    sigmas
+        .iter()
+        .enumerate()
+        .map(|(i, &s)| {
+            if s.is_nan() || s < 0.0 {
+                bail!("--sigmas: entry {i} is {s}; sigmas are >= 0");
+            }
+            if i > 0 && s >= sigmas[i - 1] {
+                bail!(
+                    "--sigmas must decrease strictly: entry {i} is {s} after {}",
+                    sigmas[i - 1]
+                );
+            }
+            if s == 0.0 {
+                if i + 1 != n {
+                    bail!("--sigmas: 0 (x̂0) may only be the last entry, found at entry {i}");
+                }
+                return Ok(0.0);
+            }
+            schedule
+                .t_of_lambda(-s.ln())
+                .map_err(|e| anyhow::anyhow!("--sigmas: entry {i} ({s}): {e}"))
+        })
+        .collect()
+}
+
+/// Times of a strictly decreasing list of fractional network timesteps (`--timesteps
+/// 999.5,500.25,…`) through the schedule's [`Schedule::time_of_network_time`], then the final
+/// point `last` (t = 0 for [`Final::Zero`]; the last trained step for [`Final::Last`] unless
+/// the list already ends there).
+pub fn times_of_network_timesteps(
+    schedule: &dyn Schedule,
+    v: &[f64],
+    last: Final,
+) -> Result<Vec<f64>> {
+    let mut times = Vec::with_capacity(v.len() + 1);
+    for (i, &n) in v.iter().enumerate() {
+        if i > 0 && n >= v[i - 1] {
+            bail!(
+                "--timesteps must decrease strictly: entry {i} is {n} after {}",
+                v[i - 1]
+            );
+        }
+        times.push(
+            schedule
+                .time_of_network_time(n)
+                .map_err(|e| anyhow::anyhow!("--timesteps: entry {i}: {e}"))?,
+        );
+    }
+    match last {
+        Final::Zero => times.push(0.0),
+        Final::Last if v.last() != Some(&0.0) => times.push(schedule.time_of_network_time(0.0)?),
+        Final::Last => {}
+    }
+    Ok(times)
+}
+
+/// The first grid index of an image-to-image run of `strength` S on a grid of `steps`
+/// steps, by diffusers' img2img rule (`StableDiffusionImg2ImgPipeline.get_timesteps`): the
+/// last `min(⌊steps·S⌋, steps)` steps run, so the run starts at index `steps − ⌊steps·S⌋`.
+pub fn img2img_start(steps: usize, strength: f64) -> Result<usize> {
+    if !(strength > 0.0 && strength <= 1.0) {
+        bail!("--strength {strength}: expected a value in (0, 1]");
+    }
+    let run = ((steps as f64 * strength).floor() as usize).min(steps);
+    if run == 0 {
+        bail!(
+            "--strength {strength} of {steps} steps runs no step (⌊steps·strength⌋ = 0): raise --strength or --steps"
+        );
+    }
+    Ok(steps - run)
+}
+
 /// Where a discrete grid ends after its last timestep.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub enum Final {
