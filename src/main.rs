@@ -1174,8 +1174,8 @@ fn cmd_sample(a: &SampleArgs) -> Result<()> {
     Ok(())
 }
 
-/// The classes of `sample --class/--classes` for a model of `k` classes with null class
-/// `null` (`all`: every class but the null one); None without either flag.
+/// The classes of `sample --class/--classes` for a model of `k` classes (`all`: every
+/// class but the null one, `--null-class` or the last); None without either flag.
 fn sample_classes(a: &SampleArgs, k: Option<usize>) -> Result<Option<Vec<u32>>> {
     let given = a.class.is_some() || a.classes.is_some();
     if !given {
@@ -1200,7 +1200,7 @@ fn sample_classes(a: &SampleArgs, k: Option<usize>) -> Result<Option<Vec<u32>>> 
         );
     };
     let null = a.null_class.unwrap_or(k as u32 - 1);
-    Ok(Some(match (a.class, a.classes.as_deref()) {
+    let list = match (a.class, a.classes.as_deref()) {
         (Some(_), Some(_)) => bail!("give one of --class and --classes"),
         (Some(c), None) => vec![c],
         (None, Some("all")) => (0..k as u32).filter(|&c| c != null).collect(),
@@ -1213,7 +1213,11 @@ fn sample_classes(a: &SampleArgs, k: Option<usize>) -> Result<Option<Vec<u32>>> 
             })
             .collect::<Result<Vec<_>>>()?,
         (None, None) => unreachable!("checked above"),
-    }))
+    };
+    if list.is_empty() {
+        bail!("--classes all: the model's only class is the null class {null}");
+    }
+    Ok(Some(list))
 }
 
 fn cmd_tune(a: &TuneArgs) -> Result<()> {
