@@ -204,15 +204,10 @@ fn a_safetensors_header_claiming_2_pow_40_elements_is_refused_before_allocation(
 fn a_npy_header_claiming_a_billion_rows_is_refused_before_allocation() {
     let dir = tempfile::tempdir().unwrap();
     let x = dir.path().join("x.npy");
-    let mut h = "{'descr': '<f4', 'fortran_order': False, 'shape': (1000000000, 2), }".to_string();
-    while !(10 + h.len() + 1).is_multiple_of(64) {
-        h.push(' ');
-    }
-    h.push('\n');
-    let mut b = b"\x93NUMPY\x01\x00".to_vec();
-    b.extend((h.len() as u16).to_le_bytes());
-    b.extend(h.as_bytes());
-    b.extend([0u8; 32]);
+    let b = npy_with_header(
+        "{'descr': '<f4', 'fortran_order': False, 'shape': (1000000000, 2), }",
+        &[0u8; 32],
+    );
     std::fs::write(&x, b).unwrap();
     let out = dir.path().join("out.npy");
     let o = qtaylor_capped(&[
@@ -238,4 +233,86 @@ fn a_npy_header_claiming_a_billion_rows_is_refused_before_allocation() {
         ],
     );
     assert!(!out.exists());
+}
+
+fn npy_with_header(header: &str, data: &[u8]) -> Vec<u8> {
+    let mut h = header.to_string();
+    while !(10 + h.len() + 1).is_multiple_of(64) {
+        h.push(' ');
+    }
+    h.push('\n');
+    let mut b = b"\x93NUMPY\x01\x00".to_vec();
+    b.extend((h.len() as u16).to_le_bytes());
+    b.extend(h.as_bytes());
+    b.extend(data);
+    b
+}
+
+#[test]
+fn a_npy_header_claiming_more_bytes_than_the_file_or_the_address_space_is_refused() {
+    let b = npy_with_header(
+        "{'descr': '<f4', 'fortran_order': False, 'shape': (1000000000, 784), }",
+        &[0u8; 64],
+    );
+    let e = format!(
+        "{:#}",
+        qtaylor::io::parse_npy(&b, &[None, None]).unwrap_err()
+    );
+    assert!(
+        e.contains("[1000000000, 784]")
+            && e.contains("3136000000000 data bytes")
+            && e.contains("has 64"),
+        "{e}"
+    );
+    let b = npy_with_header(
+        "{'descr': '<f8', 'fortran_order': False, 'shape': (18446744073709551615, 3), }",
+        &[],
+    );
+    let e = format!(
+        "{:#}",
+        qtaylor::io::parse_npy(&b, &[None, None]).unwrap_err()
+    );
+    assert!(e.contains("overflows"), "{e}");
+}
+
+#[test]
+fn npy_in_fortran_order_or_big_endian_or_truncated_is_refused_by_name() {
+    let data = [0u8; 24];
+    for (header, want) in [
+        (
+            "{'descr': '<f4', 'fortran_order': True, 'shape': (2, 3), }",
+            "fortran_order is True",
+        ),
+        (
+            "{'descr': '>f4', 'fortran_order': False, 'shape': (2, 3), }",
+            "dtype '>f4' is not supported",
+        ),
+        (
+            "{'descr': '<f4', 'fortran_order': False, 'shape': (2, 4), }",
+            "needs 32 data bytes, the file has 24",
+        ),
+        ("{'descr': '<f4', 'fortran_order': False, }", "no 'shape'"),
+    ] {
+        let e = format!(
+            "{:#}",
+            qtaylor::io::parse_npy(&npy_with_header(header, &data), &[None, None]).unwrap_err()
+        );
+        assert!(e.contains(want), "{header}: {e}");
+    }
+    let ok = npy_with_header(
+        "{'descr': '<f4', 'fortran_order': False, 'shape': (2, 3), }",
+        &data,
+    );
+    assert_eq!(
+        qtaylor::io::parse_npy(&ok, &[None, Some(3)])
+            .unwrap()
+            .dims(),
+        &[2, 3]
+    );
+    for cut in 0..ok.len() - 1 {
+        assert!(
+            qtaylor::io::parse_npy(&ok[..cut], &[None, Some(3)]).is_err(),
+            "cut at {cut}"
+        );
+    }
 }
