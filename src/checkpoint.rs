@@ -109,6 +109,14 @@ impl SchedulerConfig {
                 "false (zero terminal SNR is not supported)",
             ));
         }
+        let max = crate::schedule::MAX_TRAIN_TIMESTEPS;
+        if c.num_train_timesteps < 2 || c.num_train_timesteps > max {
+            bail!(
+                "{}: key 'num_train_timesteps': {} is outside [2, {max}] (the stated limit)",
+                file.display(),
+                c.num_train_timesteps
+            );
+        }
         if c.clip_sample_range.is_nan() || c.clip_sample_range <= 0.0 {
             bail!(
                 "{}: key 'clip_sample_range': {} must be positive",

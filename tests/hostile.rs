@@ -150,6 +150,44 @@ fn a_config_asking_for_a_billion_pixel_sample_is_refused_before_allocation() {
 }
 
 #[test]
+fn a_scheduler_config_asking_for_a_billion_timesteps_is_refused_before_allocation() {
+    // Found by the scheduler_config fuzz target (the JSON array [288844446] set
+    // num_train_timesteps and built 2.3 GB of tables).
+    let dir = tempfile::tempdir().unwrap();
+    let model = fixture_copy(dir.path());
+    let f = model.join("scheduler/scheduler_config.json");
+    let mut c: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&f).unwrap()).unwrap();
+    c["num_train_timesteps"] = 1_000_000_000u64.into();
+    std::fs::write(&f, c.to_string()).unwrap();
+    refused_cleanly(
+        &sample_model(&model, &dir.path().join("x.png")),
+        &[
+            "scheduler_config.json",
+            "num_train_timesteps",
+            "1000000000 is outside [2, 65536]",
+        ],
+    );
+    // The same limit on a discrete problem schedule.
+    let o = qtaylor_capped(&[
+        "sample",
+        "--problem",
+        "gmm-demo",
+        "--schedule",
+        "discrete",
+        "--train-steps",
+        "1000000000",
+        "--sampler",
+        "ddim",
+        "--steps",
+        "2",
+        "--out",
+        p(&dir.path().join("x.npy")),
+    ]);
+    refused_cleanly(&o, &["1000000000 exceeds the limit of 65536"]);
+}
+
+#[test]
 fn a_safetensors_header_claiming_2_pow_40_elements_is_refused_before_allocation() {
     let dir = tempfile::tempdir().unwrap();
     let model = fixture_copy(dir.path());

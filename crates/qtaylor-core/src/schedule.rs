@@ -457,6 +457,10 @@ pub fn torch_linspace_f32(start: f64, end: f64, n: usize) -> Vec<f32> {
         .collect()
 }
 
+/// The most training timesteps a discrete schedule may have (a stated limit: diffusers'
+/// models use 1000, a few 4000; a table is built per step).
+pub const MAX_TRAIN_TIMESTEPS: usize = 1 << 16;
+
 /// The discrete betas of a diffusers `beta_schedule` (`linear`, `scaled_linear`,
 /// `squaredcos_cap_v2`), in diffusers' float32.
 pub fn diffusers_betas(
@@ -467,6 +471,9 @@ pub fn diffusers_betas(
 ) -> Result<Vec<f32>> {
     if n < 2 {
         bail!("num_train_timesteps = {n}: expected at least 2");
+    }
+    if n > MAX_TRAIN_TIMESTEPS {
+        bail!("num_train_timesteps = {n} exceeds the limit of {MAX_TRAIN_TIMESTEPS}");
     }
     Ok(match beta_schedule {
         "linear" => torch_linspace_f32(beta_start, beta_end, n),
