@@ -320,3 +320,9 @@ def test_a_large_but_finite_model_output_is_not_reported_as_nan(route):
     else:
         out = qt.sample(lambda x, t: big.clone(), torch.zeros(1, 4), "ddim", 1).x
     assert torch.isfinite(out).all()
+
+
+def test_a_billion_training_timesteps_is_a_value_error_before_any_table_is_built():
+    # The fuzzed Rust loader's finding, through the Python doors: a stated limit of 65536.
+    raises_value_error(lambda: _core.Schedule.discrete("linear", 1e-4, 0.02, 1_000_000_000), "65536")
+    raises_value_error(lambda: scheduler(num_train_timesteps=1_000_000_000), "65536")
