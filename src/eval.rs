@@ -267,7 +267,7 @@ fn draw(
             (Some(l), Some(w)) => Some(crate::guidance::Guided::new(
                 m,
                 l.clone(),
-                m.unet.num_classes().expect("conditional") as u32 - 1,
+                crate::guidance::Guided::default_null(m).expect("conditional"),
                 w,
             )?),
             _ => None,
@@ -351,9 +351,7 @@ pub fn eval(o: &EvalOptions, device: &Device) -> Result<Report> {
                     o.model.display()
                 );
             }
-            if !(w.is_finite() && w >= 0.0) {
-                bail!("--guidance {w}: expected a finite scale >= 0");
-            }
+            crate::guidance::check_scale(w)?;
         }
         (None, None) => {}
     }

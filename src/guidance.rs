@@ -22,6 +22,14 @@ use candle_core::Tensor;
 use crate::checkpoint::DiffusersModel;
 use crate::model::{Model, Parameterization};
 
+/// Checks a guidance scale: finite and ≥ 0.
+pub fn check_scale(w: f64) -> Result<()> {
+    if !(w.is_finite() && w >= 0.0) {
+        bail!("--guidance {w}: expected a finite scale >= 0 (1 = the conditional model)");
+    }
+    Ok(())
+}
+
 /// A class-conditional checkpoint sampled with labels and a guidance scale.
 pub struct Guided<'a> {
     model: &'a DiffusersModel,
@@ -39,9 +47,7 @@ impl<'a> Guided<'a> {
                 "--class/--classes: this model is not class-conditional (its config.json has no num_class_embeds)"
             );
         };
-        if !(w.is_finite() && w >= 0.0) {
-            bail!("--guidance {w}: expected a finite scale >= 0 (1 = the conditional model)");
-        }
+        check_scale(w)?;
         if null as usize >= k {
             bail!(
                 "--null-class {null}: the model has {k} classes (0 to {}); the null class is one of them",

@@ -1072,7 +1072,7 @@ fn cmd_sample(a: &SampleArgs) -> Result<()> {
         None if init_image.is_some() => {
             let img = init_image.expect("checked");
             let b = a.batch.unwrap_or(img.dims()[0].max(match &classes {
-                Some(c) if a.classes.is_some() => c.len() * c.len(),
+                Some((c, _)) if a.classes.is_some() => c.len() * c.len(),
                 _ => 1,
             }));
             if b == 0 {
@@ -1103,7 +1103,7 @@ fn cmd_sample(a: &SampleArgs) -> Result<()> {
         }
         None => {
             let b = a.batch.unwrap_or(match &classes {
-                Some(c) if a.classes.is_some() => c.len() * c.len(),
+                Some((c, _)) if a.classes.is_some() => c.len() * c.len(),
                 _ => 16,
             });
             if b == 0 {
@@ -1116,13 +1116,9 @@ fn cmd_sample(a: &SampleArgs) -> Result<()> {
     // Class labels and guidance (a class-conditional checkpoint only).
     let guided;
     let (model, rows_per_call) = match (conditional, classes) {
-        (Some(m), Some(list)) => {
+        (Some(m), Some((list, null))) => {
             let b = x.dims()[0];
             let labels: Vec<u32> = (0..b).map(|i| list[i * list.len() / b]).collect();
-            let null = a
-                .null_class
-                .or_else(|| qtaylor::guidance::Guided::default_null(m))
-                .unwrap_or(0);
             guided = qtaylor::guidance::Guided::new(m, labels, null, a.guidance.unwrap_or(1.0))?;
             let rows = guided.rows_per_call();
             (&guided as &dyn qtaylor::model::Model, rows)
@@ -1175,8 +1171,9 @@ fn cmd_sample(a: &SampleArgs) -> Result<()> {
 }
 
 /// The classes of `sample --class/--classes` for a model of `k` classes (`all`: every
-/// class but the null one, `--null-class` or the last); None without either flag.
-fn sample_classes(a: &SampleArgs, k: Option<usize>) -> Result<Option<Vec<u32>>> {
+/// class but the null one) and that null class (`--null-class`, or the last); None without
+/// either flag.
+fn sample_classes(a: &SampleArgs, k: Option<usize>) -> Result<Option<(Vec<u32>, u32)>> {
     let given = a.class.is_some() || a.classes.is_some();
     if !given {
         for (flag, set) in [
@@ -1217,7 +1214,7 @@ fn sample_classes(a: &SampleArgs, k: Option<usize>) -> Result<Option<Vec<u32>>> 
     if list.is_empty() {
         bail!("--classes all: the model's only class is the null class {null}");
     }
-    Ok(Some(list))
+    Ok(Some((list, null)))
 }
 
 fn cmd_tune(a: &TuneArgs) -> Result<()> {

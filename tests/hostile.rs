@@ -192,50 +192,38 @@ fn a_safetensors_header_claiming_2_pow_40_elements_is_refused_before_allocation(
     let dir = tempfile::tempdir().unwrap();
     let model = fixture_copy(dir.path());
     let weights = model.join("unet/diffusion_pytorch_model.safetensors");
-    let write = |header: &str, data: usize| {
-        let mut b = (header.len() as u64).to_le_bytes().to_vec();
-        b.extend(header.as_bytes());
+    let header = |json: &str, data: usize| {
+        let mut b = (json.len() as u64).to_le_bytes().to_vec();
+        b.extend(json.as_bytes());
         b.extend(vec![0u8; data]);
-        std::fs::write(&weights, b).unwrap();
+        b
     };
-    // 2^20 x 2^20 = 2^40 float32 elements (4 TiB) said to be in a 64-byte file.
-    write(
-        r#"{"conv_in.weight":{"dtype":"F32","shape":[1048576,1048576],"data_offsets":[0,4398046511104]}}"#,
-        64,
-    );
-    let o = sample_model(&model, &dir.path().join("x.png"));
-    refused_cleanly(
-        &o,
-        &[
-            "diffusion_pytorch_model.safetensors",
-            "not a valid safetensors file",
-        ],
-    );
-    // Offsets that fit the file but a shape that claims 2^40 elements.
-    write(
-        r#"{"conv_in.weight":{"dtype":"F32","shape":[1048576,1048576],"data_offsets":[0,64]}}"#,
-        64,
-    );
-    let o = sample_model(&model, &dir.path().join("x.png"));
-    refused_cleanly(
-        &o,
-        &[
-            "diffusion_pytorch_model.safetensors",
-            "not a valid safetensors file",
-        ],
-    );
     // A header length of 2^40 bytes in a small file.
-    let mut b = (1u64 << 40).to_le_bytes().to_vec();
-    b.extend(b"{}");
-    std::fs::write(&weights, b).unwrap();
-    let o = sample_model(&model, &dir.path().join("x.png"));
-    refused_cleanly(
-        &o,
-        &[
-            "diffusion_pytorch_model.safetensors",
-            "not a valid safetensors file",
-        ],
-    );
+    let mut huge_header = (1u64 << 40).to_le_bytes().to_vec();
+    huge_header.extend(b"{}");
+    for bytes in [
+        // 2^20 x 2^20 = 2^40 float32 elements (4 TiB) said to be in a 64-byte file.
+        header(
+            r#"{"conv_in.weight":{"dtype":"F32","shape":[1048576,1048576],"data_offsets":[0,4398046511104]}}"#,
+            64,
+        ),
+        // Offsets that fit the file but a shape that claims 2^40 elements.
+        header(
+            r#"{"conv_in.weight":{"dtype":"F32","shape":[1048576,1048576],"data_offsets":[0,64]}}"#,
+            64,
+        ),
+        huge_header,
+    ] {
+        std::fs::write(&weights, bytes).unwrap();
+        let o = sample_model(&model, &dir.path().join("x.png"));
+        refused_cleanly(
+            &o,
+            &[
+                "diffusion_pytorch_model.safetensors",
+                "not a valid safetensors file",
+            ],
+        );
+    }
 }
 
 #[test]
