@@ -557,6 +557,7 @@ pub fn eval(o: &EvalOptions, device: &Device) -> Result<Report> {
                 continue;
             }
         };
+        let drawn_secs = t0.elapsed().as_secs_f64();
         let (fid, k, ks, p, rc) = metrics(o, &reference, &fake)?;
         let row = Row {
             sampler: s.to_string(),
@@ -576,7 +577,7 @@ pub fn eval(o: &EvalOptions, device: &Device) -> Result<Report> {
             conditional_accuracy: hits.map(|h| h as f64 / o.n as f64),
         };
         eprintln!(
-            "eval: {:<18} NFE {:>6.1}  FID {:>8.3}  KID {:.2e}  P {:.3} R {:.3}  conf {:.3}  ({:.1} s)",
+            "eval: {:<18} NFE {:>6.1}  FID {:>8.3}  KID {:.2e}  P {:.3} R {:.3}  conf {:.3}{}  ({:.1} s: sampling and features {:.1} s, metrics {:.1} s)",
             name_of(&row),
             row.nfe,
             fid,
@@ -584,7 +585,11 @@ pub fn eval(o: &EvalOptions, device: &Device) -> Result<Report> {
             p,
             rc,
             row.confidence,
-            row.seconds
+            row.conditional_accuracy
+                .map_or(String::new(), |a| format!("  class acc {a:.3}")),
+            row.seconds,
+            drawn_secs,
+            row.seconds - drawn_secs
         );
         if budget == Some(o.grid_nfe) {
             let suffix = if grid_name == "default" {

@@ -23,6 +23,13 @@ pub fn group_norm(
     silu: bool,
 ) -> Result<Tensor> {
     if x.track_op() || weight.track_op() || bias.track_op() {
+        let fused = match x.device() {
+            candle_core::Device::Cpu => matches!(x.dtype(), DType::F32 | DType::F64),
+            _ => x.dtype() == DType::F32,
+        };
+        if fused && std::env::var_os("QTAYLOR_GN_BACKWARD").is_none_or(|v| v != "composed") {
+            return group_norm_train(x, weight, bias, groups, eps, silu);
+        }
         return group_norm_autograd(x, weight, bias, groups, eps, silu);
     }
     let x = x.contiguous()?;
@@ -62,6 +69,288 @@ pub fn group_norm_autograd(
         .broadcast_mul(&weight.reshape(affine.as_slice())?)?
         .broadcast_add(&bias.reshape(affine.as_slice())?)?;
     if silu { y.silu() } else { Ok(y) }
+}
+
+/// GroupNorm (and SiLU) in an autograd graph with a fused backward: the forward is the fast
+/// kernel of [`group_norm`] on detached inputs, and the gradients come from one pass per
+/// (sample, group) chunk ([`GroupNormBackward`]). With `x̂ = (x − μ)·r` (population variance,
+/// `r = 1/√(σ² + ε)`), `z = x̂·γ_c + β_c`, `y = z` or `SiLU(z)`, and the incoming `∂L/∂y`:
+///
+/// - `δ = ∂L/∂y` or `∂L/∂y · s(1 + z(1 − s))` with `s = sigmoid(z)` (SiLU′),
+/// - `∂L/∂β_c = Σ δ`, `∂L/∂γ_c = Σ δ·x̂` over the batch and the channel's pixels,
+/// - `∂L/∂x = r·(d − mean(d) − x̂·mean(d·x̂))` with `d = δ·γ_c`, means over the chunk
+///   (the standard normalisation backward, e.g. Ioffe & Szegedy 2015, §3).
+///
+/// [`group_norm_autograd`] composes the same function from candle operations; a test holds
+/// the two gradients equal. `QTAYLOR_GN_BACKWARD=composed` selects that path instead.
+pub fn group_norm_train(
+    x: &Tensor,
+    weight: &Tensor,
+    bias: &Tensor,
+    groups: usize,
+    eps: f64,
+    silu: bool,
+) -> Result<Tensor> {
+    let x = x.contiguous()?;
+    let y = group_norm(
+        &x.detach(),
+        &weight.detach(),
+        &bias.detach(),
+        groups,
+        eps,
+        silu,
+    )?;
+    // γ and β travel as one tensor (a custom operation has three arguments); the
+    // concatenation's own backward hands each its half of the gradient.
+    let wb = Tensor::cat(&[weight, bias], 0)?;
+    x.apply_op3(&wb, &y, GroupNormGrad { groups, eps, silu })
+}
+
+/// Returns its third argument (the group norm computed outside the graph) and supplies the
+/// gradients for `x` and `[γ, β]` through [`GroupNormBackward`].
+struct GroupNormGrad {
+    groups: usize,
+    eps: f64,
+    silu: bool,
+}
+
+fn fresh_result<S: BackendStorage>(s: &S, l: &Layout) -> Result<(S, Shape)> {
+    match l.contiguous_offsets() {
+        Some((0, end)) if end == l.shape().elem_count() => Ok((s.try_clone(l)?, l.shape().clone())),
+        _ => candle_core::bail!(
+            "group-norm-train: the forward result must be a fresh contiguous tensor"
+        ),
+    }
+}
+
+impl CustomOp3 for GroupNormGrad {
+    fn name(&self) -> &'static str {
+        "qtaylor-group-norm-train"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+        y: &CpuStorage,
+        ly: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        fresh_result(y, ly)
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        _: &candle_core::CudaStorage,
+        _: &Layout,
+        _: &candle_core::CudaStorage,
+        _: &Layout,
+        y: &candle_core::CudaStorage,
+        ly: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        fresh_result(y, ly)
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        wb: &Tensor,
+        _y: &Tensor,
+        _res: &Tensor,
+        g: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (x, wb, g) = (
+            x.detach(),
+            wb.detach().contiguous()?,
+            g.detach().contiguous()?,
+        );
+        let dims = x.dims().to_vec();
+        let (b, c) = (dims[0], dims[1]);
+        let total = x.elem_count();
+        let packed = x.apply_op3_no_bwd(
+            &wb,
+            &g,
+            &GroupNormBackward {
+                groups: self.groups,
+                eps: self.eps,
+                silu: self.silu,
+            },
+        )?;
+        let gx = packed.narrow(0, 0, total)?.reshape(dims.as_slice())?;
+        let gw = packed.narrow(0, total, b * c)?.reshape((b, c))?.sum(0)?;
+        let gb = packed
+            .narrow(0, total + b * c, b * c)?
+            .reshape((b, c))?
+            .sum(0)?;
+        Ok((Some(gx), Some(Tensor::cat(&[gw, gb], 0)?), None))
+    }
+}
+
+/// The fused group-norm backward of [`group_norm_train`]: inputs `x` `(B, C, …)`, `[γ, β]`
+/// `(2C,)` and `∂L/∂y` (the shape of x); output one flat vector `[∂L/∂x, P_γ, P_β]`, where
+/// `P_γ`, `P_β` `(B, C)` are the per-sample sums whose totals over the batch are `∂L/∂γ`,
+/// `∂L/∂β`.
+struct GroupNormBackward {
+    groups: usize,
+    eps: f64,
+    silu: bool,
+}
+
+/// The CPU form of [`GroupNormBackward`] on one contiguous slice each, f64 totals.
+#[allow(clippy::too_many_arguments)]
+fn group_norm_backward_cpu<T: WithDType>(
+    x: &[T],
+    wb: &[T],
+    gy: &[T],
+    (bs, c, hw): (usize, usize, usize),
+    groups: usize,
+    eps: f64,
+    silu: bool,
+) -> Vec<T> {
+    use rayon::prelude::*;
+    let cpg = c / groups;
+    let per = cpg * hw;
+    let total = bs * c * hw;
+    let (w, b) = (&wb[..c], &wb[c..]);
+    // Per chunk: its ∂L/∂x and the (Σδ, Σδ·x̂) of its channels.
+    type Chunk<T> = (Vec<T>, Vec<(f64, f64)>);
+    let chunks: Vec<Chunk<T>> = x
+        .par_chunks(per)
+        .zip(gy.par_chunks(per))
+        .enumerate()
+        .map(|(bg, (xi, gi))| {
+            let g = bg % groups;
+            let n = per as f64;
+            let mean = xi.iter().map(|v| v.to_f64()).sum::<f64>() / n;
+            let var = xi.iter().map(|v| (v.to_f64() - mean).powi(2)).sum::<f64>() / n;
+            let r = 1.0 / (var + eps).sqrt();
+            let delta = |k: usize, i: usize| -> (f64, f64) {
+                let ch = g * cpg + k;
+                let xn = (xi[k * hw + i].to_f64() - mean) * r;
+                let mut d = gi[k * hw + i].to_f64();
+                if silu {
+                    let z = xn * w[ch].to_f64() + b[ch].to_f64();
+                    let s = 1.0 / (1.0 + (-z).exp());
+                    d *= s * (1.0 + z * (1.0 - s));
+                }
+                (d, xn)
+            };
+            let mut sums = Vec::with_capacity(cpg);
+            let (mut a1, mut a2) = (0.0, 0.0);
+            for k in 0..cpg {
+                let (mut sb, mut sw) = (0.0, 0.0);
+                for i in 0..hw {
+                    let (d, xn) = delta(k, i);
+                    sb += d;
+                    sw += d * xn;
+                }
+                let wc = w[g * cpg + k].to_f64();
+                a1 += wc * sb;
+                a2 += wc * sw;
+                sums.push((sb, sw));
+            }
+            let (m1, m2) = (a1 / n, a2 / n);
+            let mut gx = Vec::with_capacity(per);
+            for k in 0..cpg {
+                let wc = w[g * cpg + k].to_f64();
+                for i in 0..hw {
+                    let (d, xn) = delta(k, i);
+                    gx.push(T::from_f64(r * (d * wc - m1 - xn * m2)));
+                }
+            }
+            (gx, sums)
+        })
+        .collect();
+    let mut out = Vec::with_capacity(total + 2 * bs * c);
+    for (gx, _) in &chunks {
+        out.extend_from_slice(gx);
+    }
+    for pick in [0, 1] {
+        for (_, sums) in &chunks {
+            // P_γ first (Σδ·x̂), then P_β (Σδ).
+            out.extend(
+                sums.iter()
+                    .map(|&(sb, sw)| T::from_f64(if pick == 0 { sw } else { sb })),
+            );
+        }
+    }
+    out
+}
+
+impl CustomOp3 for GroupNormBackward {
+    fn name(&self) -> &'static str {
+        "qtaylor-group-norm-backward"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let d = l1.dims();
+        if d.len() < 2
+            || !d[1].is_multiple_of(self.groups)
+            || l2.dims() != [2 * d[1]]
+            || l3.dims() != d
+        {
+            candle_core::bail!(
+                "group norm backward: input {d:?}, affine {:?}, gradient {:?}",
+                l2.dims(),
+                l3.dims()
+            );
+        }
+        let dims = (d[0], d[1], d[2..].iter().product::<usize>());
+        let len = d.iter().product::<usize>() + 2 * d[0] * d[1];
+        let (g, e, a) = (self.groups, self.eps, self.silu);
+        let out = match s1.dtype() {
+            DType::F32 => CpuStorage::F32(group_norm_backward_cpu::<f32>(
+                slice(s1, l1)?,
+                slice(s2, l2)?,
+                slice(s3, l3)?,
+                dims,
+                g,
+                e,
+                a,
+            )),
+            DType::F64 => CpuStorage::F64(group_norm_backward_cpu::<f64>(
+                slice(s1, l1)?,
+                slice(s2, l2)?,
+                slice(s3, l3)?,
+                dims,
+                g,
+                e,
+                a,
+            )),
+            dt => candle_core::bail!("group norm backward: dtype {dt:?} is not supported"),
+        };
+        Ok((out, Shape::from(len)))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+        s3: &candle_core::CudaStorage,
+        l3: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        cuda::group_norm_backward(
+            (s1, l1),
+            (s2, l2),
+            (s3, l3),
+            self.groups,
+            self.eps as f32,
+            self.silu,
+        )
+    }
 }
 
 struct GroupNormOp {
@@ -362,6 +651,52 @@ GROUP_NORM_VEC(group_norm_vec_f32, float, ld_f32, st_f32)
 GROUP_NORM_VEC(group_norm_vec_f16, unsigned short, ld_f16, st_f16)
 GROUP_NORM_VEC(group_norm_vec_bf16, unsigned short, ld_bf16, st_bf16)
 
+// The fused backward of group_norm_train (f32): one block per (sample, group) chunk. Writes
+// dx for the chunk and, per channel of the chunk, the sample's sums of delta * xhat (pw) and
+// delta (pb); see GroupNormBackward in kernels.rs for the formulas.
+__device__ __forceinline__ float gn_delta(float g, float xn, float wc, float bc, int silu) {
+    if (!silu) return g;
+    float z = xn * wc + bc;
+    float s = 1.0f / (1.0f + __expf(-z));
+    return g * s * (1.0f + z * (1.0f - s));
+}
+extern "C" __global__ void group_norm_backward_f32(const float* x, const float* wb, const float* gy, float* gx, float* pw, float* pb, int n, int cpg, int hw, int groups, float eps, int silu) {
+    __shared__ float sh[32];
+    int bg = blockIdx.x; int g = bg % groups; int c_all = groups * cpg;
+    const float* w = wb; const float* b = wb + c_all;
+    const float* xp = x + (size_t)bg * n; const float* gp = gy + (size_t)bg * n; float* gxp = gx + (size_t)bg * n;
+    float s = 0.0f;
+    for (int i = threadIdx.x; i < n; i += blockDim.x) s += xp[i];
+    float mean = block_sum(s, sh) / n;
+    float q = 0.0f;
+    for (int i = threadIdx.x; i < n; i += blockDim.x) { float d = xp[i] - mean; q += d * d; }
+    float r = rsqrtf(block_sum(q, sh) / n + eps);
+    float a1 = 0.0f, a2 = 0.0f;
+    size_t row = (size_t)(bg / groups) * c_all;
+    for (int k = 0; k < cpg; k++) {
+        int c = g * cpg + k;
+        float wc = w[c], bc = b[c];
+        float sb = 0.0f, sw = 0.0f;
+        for (int i = threadIdx.x; i < hw; i += blockDim.x) {
+            int j = k * hw + i;
+            float xn = (xp[j] - mean) * r;
+            float d = gn_delta(gp[j], xn, wc, bc, silu);
+            sb += d; sw += d * xn;
+        }
+        sb = block_sum(sb, sh); sw = block_sum(sw, sh);
+        if (threadIdx.x == 0) { pb[row + c] = sb; pw[row + c] = sw; }
+        a1 += wc * sb; a2 += wc * sw;
+    }
+    float m1 = a1 / n, m2 = a2 / n;
+    for (int i = threadIdx.x; i < n; i += blockDim.x) {
+        int c = g * cpg + i / hw;
+        float wc = w[c];
+        float xn = (xp[i] - mean) * r;
+        float d = gn_delta(gp[i], xn, wc, b[c], silu);
+        gxp[i] = r * (d * wc - m1 - xn * m2);
+    }
+}
+
 // Scalar form: any alignment, up to 2^31 elements (32-bit indices; the launcher checks).
 #define EPILOGUE(NAME, T, LD, ST) \
 extern "C" __global__ void NAME(T* y, const T* b, const T* r, unsigned int total, unsigned int k, unsigned int hw, int per_sample, int has_r, float scale) { \
@@ -538,6 +873,79 @@ SOFTMAX(softmax_bf16, unsigned short, ld_bf16, st_bf16)
             dt => candle_core::bail!("group_norm on CUDA: dtype {dt:?} is not supported"),
         };
         Ok((out, l1.shape().clone()))
+    }
+
+    /// [`super::GroupNormBackward`] on CUDA (f32): `[∂L/∂x, P_γ, P_β]` in one allocation.
+    pub(crate) fn group_norm_backward(
+        x: (&CudaStorage, &Layout),
+        wb: (&CudaStorage, &Layout),
+        gy: (&CudaStorage, &Layout),
+        groups: usize,
+        eps: f32,
+        silu: bool,
+    ) -> Result<(CudaStorage, Shape)> {
+        let d = x.1.dims();
+        if x.0.dtype() != DType::F32
+            || d.len() < 2
+            || !d[1].is_multiple_of(groups)
+            || wb.1.dims() != [2 * d[1]]
+            || gy.1.dims() != d
+        {
+            candle_core::bail!(
+                "group norm backward on CUDA: input {d:?} {:?}, affine {:?}, gradient {:?}",
+                x.0.dtype(),
+                wb.1.dims(),
+                gy.1.dims()
+            );
+        }
+        let (b, c) = (d[0], d[1]);
+        let hw: usize = d[2..].iter().product();
+        let total = b * c * hw;
+        if total > i32::MAX as usize {
+            candle_core::bail!("group norm backward: {total} elements exceed 2^31");
+        }
+        let dev = x.0.device().clone();
+        let (xv, wv, gv) = (view::<f32>(x)?, view::<f32>(wb)?, view::<f32>(gy)?);
+        let mut out = unsafe { dev.alloc::<f32>(total + 2 * b * c)? };
+        {
+            let (mut gx, mut rest) = out.split_at_mut(total);
+            let (mut pw, mut pb) = rest.split_at_mut(b * c);
+            let func = dev.get_or_load_custom_func(
+                "group_norm_backward_f32",
+                "qtaylor_group_norm",
+                ptx()?,
+            )?;
+            let cfg = LaunchConfig {
+                grid_dim: ((b * groups) as u32, 1, 1),
+                block_dim: (256, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            let (n, cpg, hw_i, g) = (
+                (c / groups * hw) as i32,
+                (c / groups) as i32,
+                hw as i32,
+                groups as i32,
+            );
+            let silu = i32::from(silu);
+            let mut builder = func.builder();
+            builder.arg(&xv);
+            builder.arg(&wv);
+            builder.arg(&gv);
+            builder.arg(&mut gx);
+            builder.arg(&mut pw);
+            builder.arg(&mut pb);
+            builder.arg(&n);
+            builder.arg(&cpg);
+            builder.arg(&hw_i);
+            builder.arg(&g);
+            builder.arg(&eps);
+            builder.arg(&silu);
+            unsafe { builder.launch(cfg) }.w()?;
+        }
+        Ok((
+            CudaStorage::wrap_cuda_slice(out, dev),
+            Shape::from(total + 2 * b * c),
+        ))
     }
 
     fn view_mut<'a, T: CudaDType>(
@@ -1308,6 +1716,61 @@ mod tests {
             let m = b.abs().unwrap().max_all().unwrap();
             let rel = d.to_scalar::<f32>().unwrap() / m.to_scalar::<f32>().unwrap();
             assert!(rel < 1e-5, "relative difference {rel}");
+        }
+    }
+
+    #[test]
+    fn fused_group_norm_backward_equals_the_composed_gradients() {
+        // f64, so that the two orders of summation agree to rounding; with and without the
+        // fused SiLU, 1 and several channels per group, images and flat inputs.
+        let dev = Device::Cpu;
+        for (shape, groups, silu) in [
+            (vec![3, 8, 5, 4], 4, true),
+            (vec![3, 8, 5, 4], 4, false),
+            (vec![2, 6, 7], 6, true),
+            (vec![2, 12, 3, 3], 3, false),
+        ] {
+            let c = shape[1];
+            let x = Tensor::randn(0.5f64, 2.0, shape.as_slice(), &dev).unwrap();
+            let w = Tensor::randn(1f64, 0.5, c, &dev).unwrap();
+            let b = Tensor::randn(0f64, 0.5, c, &dev).unwrap();
+            let probe = Tensor::randn(0f64, 1.0, shape.as_slice(), &dev).unwrap();
+            let run = |fused: bool| {
+                let vs: Vec<candle_core::Var> = [&x, &w, &b]
+                    .iter()
+                    .map(|t| candle_core::Var::from_tensor(t).unwrap())
+                    .collect();
+                let (xv, wv, bv) = (vs[0].as_tensor(), vs[1].as_tensor(), vs[2].as_tensor());
+                let y = if fused {
+                    group_norm_train(xv, wv, bv, groups, 1e-5, silu).unwrap()
+                } else {
+                    group_norm_autograd(xv, wv, bv, groups, 1e-5, silu).unwrap()
+                };
+                let g = (&y * &probe)
+                    .unwrap()
+                    .sum_all()
+                    .unwrap()
+                    .backward()
+                    .unwrap();
+                let mut out = vec![y];
+                out.extend(vs.iter().map(|v| g.get(v.as_tensor()).unwrap().clone()));
+                out
+            };
+            let (want, got) = (run(false), run(true));
+            for (what, (a, b)) in ["y", "dx", "dw", "db"].iter().zip(want.iter().zip(&got)) {
+                let d = crate::ops::max_abs_diff(a, b).unwrap();
+                let m = a
+                    .abs()
+                    .unwrap()
+                    .max_all()
+                    .unwrap()
+                    .to_scalar::<f64>()
+                    .unwrap();
+                assert!(
+                    d <= 1e-10 * m.max(1.0),
+                    "{shape:?} silu {silu}: {what} differs by {d}"
+                );
+            }
         }
     }
 

@@ -1781,6 +1781,38 @@ fn cmd_train(a: &TrainArgs) -> Result<()> {
         r.last_loss,
         a.out.display()
     );
+    if let Some((steps, secs)) = r.steady.filter(|&(n, _)| n > 0) {
+        eprintln!(
+            "steady rate (after the first {} steps): {:.3} steps/s, {:.1} ms per step of batch {}",
+            qtaylor::train::WARM_UP_STEPS,
+            steps as f64 / secs,
+            1e3 * secs / steps as f64,
+            a.batch
+        );
+        if let Some(b) = qtaylor::kernels::cuda_peak_allocated(&device)? {
+            eprintln!(
+                "peak device memory allocated (CUDA memory pool high-water mark, as torch.cuda.max_memory_allocated): {:.0} MiB",
+                b as f64 / (1u64 << 20) as f64
+            );
+        }
+        let profile = qtaylor::unet::profile_report()?;
+        if !profile.is_empty() {
+            eprintln!(
+                "profile (QTAYLOR_PROFILE; {}; {steps} steps after the warm-up; nested operations count in each row, `backward: X` is from X's backward marker to the next):",
+                if device.is_cuda() {
+                    "GPU time between CUDA events"
+                } else {
+                    "wall time, device synchronized around each operation"
+                }
+            );
+            for (name, s, calls) in profile {
+                eprintln!(
+                    "  {name:<40} {:>9.2} ms per step ({calls} calls)",
+                    1e3 * s / steps as f64
+                );
+            }
+        }
+    }
     Ok(())
 }
 

@@ -37,7 +37,7 @@ use serde::{Deserialize, Serialize};
 use crate::checkpoint::SchedulerConfig;
 use crate::data::{ImageSet, Split, load_image_set};
 use crate::schedule::{diffusers_alphas_cumprod, diffusers_betas};
-use crate::unet::{UNet2D, UNet2DConfig, Weights};
+use crate::unet::{UNet2D, UNet2DConfig, Weights, timed};
 
 /// The MNIST network: diffusers' `UNet2DModel` with channels (32, 64, 64), two resnets per
 /// level, self-attention at the lowest resolution (7×7) and in the middle block.
@@ -196,16 +196,43 @@ impl RunSettings {
 }
 
 /// The trainable state: weights, Adam moments and the EMA, by parameter name.
+/// The weights (one `Var` per tensor, for autograd) and the optimiser state. Both Adam
+/// moments and the EMA are flat f32 vectors: the parameters laid end to end in the order of
+/// `names`, so that one AdamW step is a handful of operations on 1.6 M numbers instead of
+/// twenty per tensor (250 tensors); [`State::pieces`] cuts a flat vector back into tensors.
 struct State {
     step: usize,
     names: Vec<String>,
     params: Vec<Var>,
-    m: Vec<Tensor>,
-    v: Vec<Tensor>,
-    ema: Vec<Tensor>,
+    m: Tensor,
+    v: Tensor,
+    ema: Tensor,
+}
+
+/// Tensors laid end to end as one flat vector.
+fn flatten(ts: &[Tensor]) -> Result<Tensor> {
+    let flat: Vec<Tensor> = ts
+        .iter()
+        .map(|t| t.flatten_all())
+        .collect::<candle_core::Result<_>>()?;
+    Ok(Tensor::cat(&flat, 0)?)
 }
 
 impl State {
+    /// `flat` cut into tensors of the parameters' shapes (views, no copies).
+    fn pieces(&self, flat: &Tensor) -> Result<Vec<Tensor>> {
+        let mut at = 0;
+        self.params
+            .iter()
+            .map(|p| {
+                let n = p.as_tensor().elem_count();
+                let piece = flat.narrow(0, at, n)?.reshape(p.as_tensor().shape())?;
+                at += n;
+                Ok(piece)
+            })
+            .collect()
+    }
+
     fn weights(&self, device: &Device) -> Weights {
         let map: HashMap<String, Tensor> = self
             .names
@@ -216,14 +243,19 @@ impl State {
         Weights::from_tensors("<training weights>", map, DType::F32, device)
     }
 
-    fn ema_weights(&self, device: &Device) -> Weights {
+    fn ema_weights(&self, device: &Device) -> Result<Weights> {
         let map: HashMap<String, Tensor> = self
             .names
             .iter()
             .cloned()
-            .zip(self.ema.iter().cloned())
+            .zip(self.pieces(&self.ema)?)
             .collect();
-        Weights::from_tensors("<EMA weights>", map, DType::F32, device)
+        Ok(Weights::from_tensors(
+            "<EMA weights>",
+            map,
+            DType::F32,
+            device,
+        ))
     }
 }
 
@@ -237,7 +269,13 @@ pub struct TrainReport {
     pub last_loss: f64,
     pub seconds: f64,
     pub parameters: usize,
+    /// Steps and seconds after the first [`WARM_UP_STEPS`] of this run (CUDA kernel
+    /// compilation, cuDNN plans and memory-pool growth happen in those): the steady rate.
+    pub steady: Option<(usize, f64)>,
 }
+
+/// Steps of a run left out of [`TrainReport::steady`] and of the `QTAYLOR_PROFILE` table.
+pub const WARM_UP_STEPS: usize = 10;
 
 const STATE_FILE: &str = "train_state.safetensors";
 const LOG_FILE: &str = "train_log.csv";
@@ -364,23 +402,26 @@ fn init_state(p: &Prepared, seed: u64, device: &Device) -> Result<State> {
     let w = Weights::synthetic(seed, DType::F32, &Device::Cpu);
     UNet2D::new(p.config.clone(), &w)?;
     let made: BTreeMap<String, Tensor> = w.synthetic_tensors().into_iter().collect();
-    let mut s = State {
-        step: 0,
-        names: Vec::new(),
-        params: Vec::new(),
-        m: Vec::new(),
-        v: Vec::new(),
-        ema: Vec::new(),
-    };
+    let mut names = Vec::new();
+    let mut params = Vec::new();
     for (name, t) in made {
-        let t = t.to_device(device)?;
-        s.m.push(t.zeros_like()?);
-        s.v.push(t.zeros_like()?);
-        s.ema.push(t.copy()?);
-        s.params.push(Var::from_tensor(&t)?);
-        s.names.push(name);
+        params.push(Var::from_tensor(&t.to_device(device)?)?);
+        names.push(name);
     }
-    Ok(s)
+    let ema = flatten(
+        &params
+            .iter()
+            .map(|p| p.as_tensor().detach())
+            .collect::<Vec<_>>(),
+    )?;
+    Ok(State {
+        step: 0,
+        names,
+        params,
+        m: ema.zeros_like()?,
+        v: ema.zeros_like()?,
+        ema,
+    })
 }
 
 /// Reads `train_state.safetensors` of a folder and checks it continues this run.
@@ -437,22 +478,22 @@ fn load_state(dir: &Path, p: &Prepared, device: &Device) -> Result<State> {
         }
         Ok(t.to_dtype(DType::F32)?.to_device(device)?)
     };
-    let mut s = State {
-        step: m.step,
-        names: fresh.names.clone(),
-        params: Vec::new(),
-        m: Vec::new(),
-        v: Vec::new(),
-        ema: Vec::new(),
-    };
+    let (mut params, mut ms, mut vs, mut emas) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     for (name, like) in fresh.names.iter().zip(&fresh.params) {
         let like = like.as_tensor();
-        s.params.push(Var::from_tensor(&get("param", name, like)?)?);
-        s.m.push(get("adam_m", name, like)?);
-        s.v.push(get("adam_v", name, like)?);
-        s.ema.push(get("ema", name, like)?);
+        params.push(Var::from_tensor(&get("param", name, like)?)?);
+        ms.push(get("adam_m", name, like)?);
+        vs.push(get("adam_v", name, like)?);
+        emas.push(get("ema", name, like)?);
     }
-    Ok(s)
+    Ok(State {
+        step: m.step,
+        names: fresh.names.clone(),
+        params,
+        m: flatten(&ms)?,
+        v: flatten(&vs)?,
+        ema: flatten(&emas)?,
+    })
 }
 
 fn write_checkpoint(
@@ -466,12 +507,17 @@ fn write_checkpoint(
     let cpu = |t: &Tensor| t.to_device(&Device::Cpu);
     let mut state: Vec<(String, Tensor)> = Vec::with_capacity(4 * s.names.len());
     let mut model: Vec<(String, Tensor)> = Vec::with_capacity(s.names.len());
+    let (m, v, ema) = (
+        s.pieces(&cpu(&s.m)?)?,
+        s.pieces(&cpu(&s.v)?)?,
+        s.pieces(&cpu(&s.ema)?)?,
+    );
     for (i, name) in s.names.iter().enumerate() {
         state.push((format!("param/{name}"), cpu(s.params[i].as_tensor())?));
-        state.push((format!("adam_m/{name}"), cpu(&s.m[i])?));
-        state.push((format!("adam_v/{name}"), cpu(&s.v[i])?));
-        state.push((format!("ema/{name}"), cpu(&s.ema[i])?));
-        model.push((name.clone(), cpu(&s.ema[i])?.to_dtype(save_dtype)?));
+        state.push((format!("adam_m/{name}"), m[i].contiguous()?));
+        state.push((format!("adam_v/{name}"), v[i].contiguous()?));
+        state.push((format!("ema/{name}"), ema[i].contiguous()?));
+        model.push((name.clone(), ema[i].to_dtype(save_dtype)?.contiguous()?));
     }
     let meta = serde_json::json!({ "step": s.step, "settings": p.settings });
     let meta = HashMap::from([(META_KEY.to_string(), meta.to_string())]);
@@ -646,47 +692,60 @@ fn train_step(
 ) -> Result<f64> {
     let k = s.step + 1;
     let classes = p.config.num_class_embeds.zip(p.settings.label_dropout);
-    let sb = make_batch(b, &p.alpha_bars, s.step, classes, device)?;
-    let net = UNet2D::new(p.config.clone(), &s.weights(device))?;
-    let pred = net.forward_labels(&sb.xt, &sb.ts, sb.labels.as_deref())?;
-    let loss = (pred - &sb.eps)?.sqr()?.mean_all()?;
+    let sb = timed("train: batch (host draws, upload)", device, || {
+        make_batch(b, &p.alpha_bars, s.step, classes, device)
+    })?;
+    let loss = timed("train: forward and loss", device, || {
+        let net = UNet2D::new(p.config.clone(), &s.weights(device))?;
+        let pred = net.forward_labels(&sb.xt, &sb.ts, sb.labels.as_deref())?;
+        Ok((pred - &sb.eps)?.sqr()?.mean_all()?)
+    })?;
     let loss_value = f64::from(loss.to_scalar::<f32>()?);
     if !loss_value.is_finite() {
         bail!(
             "the loss became {loss_value} at step {k}; nothing of this run after the last checkpoint was saved (try a smaller --lr)"
         );
     }
-    let grads = loss.backward()?;
-    let mut g: Vec<Tensor> = Vec::with_capacity(s.params.len());
-    let mut sq = Tensor::zeros((), DType::F32, device)?;
-    for var in &s.params {
-        let gi = match grads.get(var.as_tensor()) {
-            Some(t) => t.clone(),
-            None => var.as_tensor().zeros_like()?,
-        };
-        // Detached: a gradient that still carried its graph would chain every step's
-        // activations into the moments (a leak of one step's graph per step).
-        let gi = gi.detach();
-        sq = (sq + gi.sqr()?.sum_all()?)?;
-        g.push(gi);
-    }
-    let norm = f64::from(sq.to_scalar::<f32>()?).sqrt();
-    let clip = if norm > 1.0 { 1.0 / (norm + 1e-6) } else { 1.0 };
+    let grads = timed("train: backward", device, || Ok(loss.backward()?))?;
+    crate::unet::profile_backward_done(device)?;
+    let optimizer = crate::unet::profile_start("train: norm, clip, AdamW, EMA", device)?;
+    let g: Vec<Tensor> = s
+        .params
+        .iter()
+        .map(|var| match grads.get(var.as_tensor()) {
+            // Detached: a gradient that still carried its graph would chain every step's
+            // activations into the moments (a leak of one step's graph per step).
+            Some(t) => Ok(t.detach()),
+            None => var.as_tensor().zeros_like(),
+        })
+        .collect::<candle_core::Result<_>>()?;
+    let g = flatten(&g)?;
+    // Clipping to a global norm of 1 on the device (no read-back): the factor is
+    // 1/(‖g‖ + 1e-6) where ‖g‖ > 1, else 1.
+    let norm = g.sqr()?.sum_all()?.sqrt()?;
+    let one = Tensor::ones((), DType::F32, device)?;
+    let clip = norm.gt(1.0)?.where_cond(&(norm + 1e-6)?.recip()?, &one)?;
+    let g = g.broadcast_mul(&clip)?;
     let lr = lr_at(opts, k);
     let (b1, b2, eps_adam) = (0.9f64, 0.999f64, 1e-8f64);
     let (c1, c2) = (1.0 - b1.powi(k as i32), 1.0 - b2.powi(k as i32));
     let decay = opts.ema.min((1.0 + k as f64) / (10.0 + k as f64));
-    for (i, gi) in g.iter().enumerate() {
-        let gi = (gi * clip)?;
-        s.m[i] = ((&s.m[i] * b1)? + (&gi * (1.0 - b1))?)?;
-        s.v[i] = ((&s.v[i] * b2)? + (gi.sqr()? * (1.0 - b2))?)?;
-        let p_old = s.params[i].as_tensor().detach();
-        let p_decayed = (&p_old * (1.0 - lr * opts.weight_decay))?;
-        let update = ((&s.m[i] / c1)? / ((&s.v[i] / c2)?.sqrt()? + eps_adam)?)?;
-        let p_new = (p_decayed - (update * lr)?)?;
-        s.ema[i] = ((&s.ema[i] * decay)? + (&p_new * (1.0 - decay))?)?;
-        s.params[i].set(&p_new)?;
+    s.m = ((&s.m * b1)? + (&g * (1.0 - b1))?)?;
+    s.v = ((&s.v * b2)? + (g.sqr()? * (1.0 - b2))?)?;
+    let p_old = flatten(
+        &s.params
+            .iter()
+            .map(|p| p.as_tensor().detach())
+            .collect::<Vec<_>>(),
+    )?;
+    let p_decayed = (&p_old * (1.0 - lr * opts.weight_decay))?;
+    let update = ((&s.m / c1)? / ((&s.v / c2)?.sqrt()? + eps_adam)?)?;
+    let p_new = (p_decayed - (update * lr)?)?;
+    s.ema = ((&s.ema * decay)? + (&p_new * (1.0 - decay))?)?;
+    for (var, piece) in s.params.iter().zip(s.pieces(&p_new)?) {
+        var.set(&piece)?;
     }
+    crate::unet::profile_end(optimizer, device)?;
     s.step = k;
     Ok(loss_value)
 }
@@ -741,8 +800,13 @@ pub fn train(opts: &TrainOptions, device: &Device) -> Result<TrainReport> {
         crate::progress::Progress::hidden()
     };
     let started = Instant::now();
+    let mut steady_start = None;
     let mut losses = Vec::new();
     while s.step < opts.steps {
+        if s.step - start_step == WARM_UP_STEPS {
+            crate::unet::profile_reset()?;
+            steady_start = Some((s.step, Instant::now()));
+        }
         let loss = train_step(&mut s, &p, &mut batcher, opts, device)?;
         losses.push(loss);
         log.push((s.step, loss, lr_at(opts, s.step)));
@@ -775,6 +839,7 @@ pub fn train(opts: &TrainOptions, device: &Device) -> Result<TrainReport> {
         last_loss: mean(&losses[losses.len() - n..]),
         seconds: started.elapsed().as_secs_f64(),
         parameters,
+        steady: steady_start.map(|(k, t)| (s.step - k, t.elapsed().as_secs_f64())),
     })
 }
 
@@ -789,7 +854,7 @@ fn same_dir(a: &Path, b: &Path) -> bool {
 pub fn load_ema_unet(dir: &Path, opts: &TrainOptions, device: &Device) -> Result<UNet2D> {
     let p = prepare(opts)?;
     let s = load_state(dir, &p, device)?;
-    UNet2D::new(p.config.clone(), &s.ema_weights(device))
+    UNet2D::new(p.config.clone(), &s.ema_weights(device)?)
 }
 
 #[cfg(test)]
@@ -844,7 +909,7 @@ mod tests {
         for _ in 0..2 {
             train_step(&mut s, &p, &mut batcher, &o, &dev).unwrap();
         }
-        for t in s.m.iter().chain(&s.v).chain(&s.ema) {
+        for t in [&s.m, &s.v, &s.ema] {
             assert!(
                 !t.track_op(),
                 "optimizer state of shape {:?} holds a graph",

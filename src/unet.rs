@@ -319,6 +319,10 @@ impl UNet2DConfig {
 #[derive(Default)]
 struct ProfileTable {
     totals: HashMap<&'static str, (f64, usize)>,
+    /// Backward markers in the order they fired; an `(end)` entry closes each pass.
+    backward: Vec<(&'static str, BackwardMark)>,
+    /// Spans from [`profile_start`] / [`profile_end`].
+    spans: Vec<(&'static str, BackwardMark, BackwardMark)>,
     #[cfg(feature = "cuda")]
     pending: Vec<(
         &'static str,
@@ -341,8 +345,14 @@ fn add(t: &mut ProfileTable, name: &'static str, secs: f64) {
     e.1 += 1;
 }
 
-/// Runs `f`, timing it under `name` when profiling is on.
-fn timed<T>(name: &'static str, device: &Device, f: impl FnOnce() -> Result<T>) -> Result<T> {
+/// Runs `f`, timing it under `name` when profiling is on. A tensor result that is part of an
+/// autograd graph (training) also gets a backward marker ([`BackwardMarker`]), so the
+/// backward pass is timed per forward operation too.
+pub(crate) fn timed<T: 'static>(
+    name: &'static str,
+    device: &Device,
+    f: impl FnOnce() -> Result<T>,
+) -> Result<T> {
     let Some(table) = profiler() else {
         return f();
     };
@@ -359,7 +369,7 @@ fn timed<T>(name: &'static str, device: &Device, f: impl FnOnce() -> Result<T>) 
             .expect("profile lock")
             .pending
             .push((name, start, end));
-        return Ok(out);
+        return mark_backward(name, out);
     }
     device.synchronize()?;
     let t0 = std::time::Instant::now();
@@ -370,7 +380,162 @@ fn timed<T>(name: &'static str, device: &Device, f: impl FnOnce() -> Result<T>) 
         name,
         t0.elapsed().as_secs_f64(),
     );
+    mark_backward(name, out)
+}
+
+/// `out` itself, or (a tensor in an autograd graph, profiling on) a copy of it through
+/// [`BackwardMarker`].
+fn mark_backward<T: 'static>(name: &'static str, mut out: T) -> Result<T> {
+    if let Some(t) = (&mut out as &mut dyn std::any::Any).downcast_mut::<Tensor>()
+        && t.track_op()
+    {
+        *t = t.apply_op1(BackwardMarker(name))?;
+    }
     Ok(out)
+}
+
+/// The identity, whose backward records when the gradient of the marked operation's output
+/// arrives (a CUDA event, or the wall clock after a synchronization elsewhere). The time from
+/// one marker to the next is the backward of the marked operation (and of any unmarked
+/// operations between them); [`profile_report`] lists it as `backward: <name>`.
+struct BackwardMarker(&'static str);
+
+impl candle_core::CustomOp1 for BackwardMarker {
+    fn name(&self) -> &'static str {
+        "profile-backward-marker"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s: &candle_core::CpuStorage,
+        l: &candle_core::Layout,
+    ) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
+        marker_copy(s, l)
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s: &candle_core::CudaStorage,
+        l: &candle_core::Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, candle_core::Shape)> {
+        marker_copy(s, l)
+    }
+
+    fn bwd(
+        &self,
+        _arg: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<Option<Tensor>> {
+        if let Some(table) = profiler() {
+            let mark = BackwardMark::now(grad.device())?;
+            table
+                .lock()
+                .expect("profile lock")
+                .backward
+                .push((self.0, mark));
+        }
+        Ok(Some(grad.clone()))
+    }
+}
+
+fn marker_copy<S: candle_core::backend::BackendStorage>(
+    s: &S,
+    l: &candle_core::Layout,
+) -> candle_core::Result<(S, candle_core::Shape)> {
+    match l.contiguous_offsets() {
+        Some((0, end)) if end == l.shape().elem_count() => Ok((s.try_clone(l)?, l.shape().clone())),
+        _ => candle_core::bail!("profile marker: a non-contiguous tensor"),
+    }
+}
+
+/// When a backward marker fired: a CUDA event on the device's stream, or a wall-clock instant
+/// after synchronizing the device.
+enum BackwardMark {
+    #[cfg(feature = "cuda")]
+    Event(candle_core::cuda_backend::cudarc::driver::CudaEvent),
+    Instant(std::time::Instant),
+}
+
+impl BackwardMark {
+    fn now(device: &Device) -> candle_core::Result<Self> {
+        #[cfg(feature = "cuda")]
+        if let Device::Cuda(d) = device {
+            use candle_core::cuda_backend::cudarc::driver::sys::CUevent_flags;
+            let e = d
+                .cuda_stream()
+                .record_event(Some(CUevent_flags::CU_EVENT_DEFAULT))
+                .map_err(candle_core::Error::wrap)?;
+            return Ok(Self::Event(e));
+        }
+        device.synchronize()?;
+        Ok(Self::Instant(std::time::Instant::now()))
+    }
+
+    /// Seconds from `self` to `later`.
+    fn until(&self, later: &Self) -> candle_core::Result<f64> {
+        match (self, later) {
+            #[cfg(feature = "cuda")]
+            (Self::Event(a), Self::Event(b)) => {
+                b.synchronize().map_err(candle_core::Error::wrap)?;
+                Ok(f64::from(a.elapsed_ms(b).map_err(candle_core::Error::wrap)?) / 1e3)
+            }
+            (Self::Instant(a), Self::Instant(b)) => Ok((*b - *a).as_secs_f64()),
+            #[allow(unreachable_patterns)]
+            _ => candle_core::bail!("profile: backward marks of two kinds"),
+        }
+    }
+}
+
+/// The start of a timed span that is not one closure (see [`profile_end`]); `None` when
+/// profiling is off.
+pub(crate) struct ProfileSpan(&'static str, BackwardMark);
+
+pub(crate) fn profile_start(name: &'static str, device: &Device) -> Result<Option<ProfileSpan>> {
+    if profiler().is_none() {
+        return Ok(None);
+    }
+    Ok(Some(ProfileSpan(name, BackwardMark::now(device)?)))
+}
+
+/// Closes a span from [`profile_start`]; its time is added to the table at the report.
+pub(crate) fn profile_end(span: Option<ProfileSpan>, device: &Device) -> Result<()> {
+    if let (Some(table), Some(ProfileSpan(name, start))) = (profiler(), span) {
+        let end = BackwardMark::now(device)?;
+        table
+            .lock()
+            .expect("profile lock")
+            .spans
+            .push((name, start, end));
+    }
+    Ok(())
+}
+
+/// Marks the end of a backward pass (call right after `backward()` returns), so that the
+/// last marked operation's backward is closed.
+pub(crate) fn profile_backward_done(device: &Device) -> Result<()> {
+    if let Some(table) = profiler() {
+        let mark = BackwardMark::now(device)?;
+        table
+            .lock()
+            .expect("profile lock")
+            .backward
+            .push(("(end)", mark));
+    }
+    Ok(())
+}
+
+/// `backward: <name>`, made once per name (the table's keys are static).
+fn backward_label(name: &'static str) -> &'static str {
+    static LABELS: Mutex<Vec<(&'static str, &'static str)>> = Mutex::new(Vec::new());
+    let mut labels = LABELS.lock().expect("profile labels");
+    if let Some((_, l)) = labels.iter().find(|(n, _)| *n == name) {
+        return l;
+    }
+    let l: &'static str = Box::leak(format!("backward: {name}").into_boxed_str());
+    labels.push((name, l));
+    l
 }
 
 /// Empties the profile table (call after a warm-up pass).
@@ -378,6 +543,8 @@ pub fn profile_reset() -> Result<()> {
     if let Some(table) = profiler() {
         let mut t = table.lock().expect("profile lock");
         t.totals.clear();
+        t.backward.clear();
+        t.spans.clear();
         #[cfg(feature = "cuda")]
         t.pending.clear();
     }
@@ -397,6 +564,19 @@ pub fn profile_report() -> Result<Vec<(&'static str, f64, usize)>> {
         end.synchronize().map_err(candle_core::Error::wrap)?;
         let ms = start.elapsed_ms(&end).map_err(candle_core::Error::wrap)?;
         add(&mut t, name, f64::from(ms) / 1e3);
+    }
+    for (name, from, to) in std::mem::take(&mut t.spans) {
+        let secs = from.until(&to)?;
+        add(&mut t, name, secs);
+    }
+    let marks = std::mem::take(&mut t.backward);
+    for pair in marks.windows(2) {
+        let ((name, from), (_, to)) = (&pair[0], &pair[1]);
+        if *name == "(end)" {
+            continue;
+        }
+        let secs = from.until(to)?;
+        add(&mut t, backward_label(name), secs);
     }
     let mut v: Vec<_> = t.totals.iter().map(|(k, (s, n))| (*k, *s, *n)).collect();
     v.sort_by(|a, b| b.1.total_cmp(&a.1));
@@ -800,12 +980,24 @@ impl Upsample {
             })?;
             return Ok(y);
         }
-        let (_, _, hh, ww) = h.dims4()?;
-        let up = timed("pad, cat, upsample", dev, || {
-            Ok(h.upsample_nearest2d(2 * hh, 2 * ww)?)
-        })?;
+        let up = timed("pad, cat, upsample", dev, || upsample_nearest_2x(h))?;
         self.conv.forward(&up)
     }
+}
+
+/// Nearest-neighbour 2× upsampling of `(B, C, H, W)`. In an autograd graph (training) it is
+/// a broadcast of each pixel over a 2 × 2 block, whose gradient is a sum over the 4 copies
+/// (candle's own `upsample_nearest2d` backward is a grouped convolution, run as one
+/// convolution per channel); otherwise candle's `upsample_nearest2d`. Both give the same
+/// values.
+fn upsample_nearest_2x(h: &Tensor) -> Result<Tensor> {
+    let (b, c, hh, ww) = h.dims4()?;
+    if !h.track_op() {
+        return Ok(h.upsample_nearest2d(2 * hh, 2 * ww)?);
+    }
+    Ok(h.reshape((b, c, hh, 1, ww, 1))?
+        .broadcast_as((b, c, hh, 2, ww, 2))?
+        .reshape((b, c, 2 * hh, 2 * ww))?)
 }
 
 /// A convolution. 3×3 / stride 1 / padding 1 convolutions on the CPU (most of the UNet)
@@ -1745,6 +1937,40 @@ mod tests {
             Tensor::randn(0f32, 0.2, (c, c), &dev).unwrap(),
             Some(Tensor::randn(seed as f32, 0.2, c, &dev).unwrap()),
         )
+    }
+
+    #[test]
+    fn training_upsampling_equals_nearest_upsampling_and_its_gradient_sums_each_block() {
+        let dev = Device::Cpu;
+        let x =
+            candle_core::Var::from_tensor(&Tensor::randn(0f64, 1.0, (2, 3, 4, 5), &dev).unwrap())
+                .unwrap();
+        let want = x.as_tensor().detach().upsample_nearest2d(8, 10).unwrap();
+        let got = upsample_nearest_2x(x.as_tensor()).unwrap();
+        assert_eq!(
+            (got.clone() - &want)
+                .unwrap()
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar::<f64>()
+                .unwrap(),
+            0.0
+        );
+        // d/dx of sum(u * y): each input pixel collects its 2 × 2 block of u.
+        let u = Tensor::randn(0f64, 1.0, (2, 3, 8, 10), &dev).unwrap();
+        let g = (got * &u).unwrap().sum_all().unwrap().backward().unwrap();
+        let gx = g.get(x.as_tensor()).unwrap();
+        let blocks = u
+            .reshape((2, 3, 4, 2, 5, 2))
+            .unwrap()
+            .sum(5)
+            .unwrap()
+            .sum(3)
+            .unwrap();
+        let d = (gx - blocks).unwrap().abs().unwrap().max_all().unwrap();
+        assert!(d.to_scalar::<f64>().unwrap() < 1e-12);
     }
 
     #[test]
