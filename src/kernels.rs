@@ -114,15 +114,6 @@ struct GroupNormGrad {
     silu: bool,
 }
 
-fn fresh_result<S: BackendStorage>(s: &S, l: &Layout) -> Result<(S, Shape)> {
-    match l.contiguous_offsets() {
-        Some((0, end)) if end == l.shape().elem_count() => Ok((s.try_clone(l)?, l.shape().clone())),
-        _ => candle_core::bail!(
-            "group-norm-train: the forward result must be a fresh contiguous tensor"
-        ),
-    }
-}
-
 impl CustomOp3 for GroupNormGrad {
     fn name(&self) -> &'static str {
         "qtaylor-group-norm-train"
@@ -137,7 +128,7 @@ impl CustomOp3 for GroupNormGrad {
         y: &CpuStorage,
         ly: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        fresh_result(y, ly)
+        fresh_copy(y, ly, "group-norm-train")
     }
 
     #[cfg(feature = "cuda")]
@@ -150,7 +141,7 @@ impl CustomOp3 for GroupNormGrad {
         y: &candle_core::CudaStorage,
         ly: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        fresh_result(y, ly)
+        fresh_copy(y, ly, "group-norm-train")
     }
 
     fn bwd(
@@ -1601,12 +1592,12 @@ pub fn conv3x3_train(x: &Tensor, w: &Tensor) -> Result<Tensor> {
 /// convolution's gradients for the first two.
 struct Conv3x3Grad;
 
-fn fresh_copy<S: BackendStorage>(s: &S, l: &Layout) -> Result<(S, Shape)> {
+/// A copy of a fresh contiguous tensor's storage: the forward of the custom operations that
+/// return a result computed outside the autograd graph (`op` names the operation in the error).
+pub(crate) fn fresh_copy<S: BackendStorage>(s: &S, l: &Layout, op: &str) -> Result<(S, Shape)> {
     match l.contiguous_offsets() {
         Some((0, end)) if end == l.shape().elem_count() => Ok((s.try_clone(l)?, l.shape().clone())),
-        _ => candle_core::bail!(
-            "conv3x3-train: the forward result must be a fresh contiguous tensor"
-        ),
+        _ => candle_core::bail!("{op}: the forward result must be a fresh contiguous tensor"),
     }
 }
 
@@ -1624,7 +1615,7 @@ impl CustomOp3 for Conv3x3Grad {
         y: &CpuStorage,
         ly: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        fresh_copy(y, ly)
+        fresh_copy(y, ly, "conv3x3-train")
     }
 
     #[cfg(feature = "cuda")]
@@ -1637,7 +1628,7 @@ impl CustomOp3 for Conv3x3Grad {
         y: &candle_core::CudaStorage,
         ly: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        fresh_copy(y, ly)
+        fresh_copy(y, ly, "conv3x3-train")
     }
 
     fn bwd(

@@ -410,7 +410,7 @@ impl candle_core::CustomOp1 for BackwardMarker {
         s: &candle_core::CpuStorage,
         l: &candle_core::Layout,
     ) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
-        marker_copy(s, l)
+        crate::kernels::fresh_copy(s, l, "profile marker")
     }
 
     #[cfg(feature = "cuda")]
@@ -419,7 +419,7 @@ impl candle_core::CustomOp1 for BackwardMarker {
         s: &candle_core::CudaStorage,
         l: &candle_core::Layout,
     ) -> candle_core::Result<(candle_core::CudaStorage, candle_core::Shape)> {
-        marker_copy(s, l)
+        crate::kernels::fresh_copy(s, l, "profile marker")
     }
 
     fn bwd(
@@ -437,16 +437,6 @@ impl candle_core::CustomOp1 for BackwardMarker {
                 .push((self.0, mark));
         }
         Ok(Some(grad.clone()))
-    }
-}
-
-fn marker_copy<S: candle_core::backend::BackendStorage>(
-    s: &S,
-    l: &candle_core::Layout,
-) -> candle_core::Result<(S, candle_core::Shape)> {
-    match l.contiguous_offsets() {
-        Some((0, end)) if end == l.shape().elem_count() => Ok((s.try_clone(l)?, l.shape().clone())),
-        _ => candle_core::bail!("profile marker: a non-contiguous tensor"),
     }
 }
 
