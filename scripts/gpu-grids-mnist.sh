@@ -38,7 +38,7 @@ if [ "$PART" = tune ]; then
   start=$(date +%s)
   for s in ${SAMPLERS//,/ }; do
     for n in ${NFES//,/ }; do
-      "$Q" tune --sampler "$s" --nfe "$n" --device cuda --out "$OUT/grids/$s-$n.json" \
+      "$Q" tune --model assets/mnist-unet --sampler "$s" --nfe "$n" --device cuda --out "$OUT/grids/$s-$n.json" \
         2>/dev/null | tee -a "$OUT/tune.log" | grep -E "held-out|tuning time"
     done
   done

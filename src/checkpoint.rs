@@ -247,21 +247,23 @@ impl DiffusersModel {
         Self::from_parts(&files, &cfg_text, &sch_text, &bytes, dtype, device)
     }
 
-    /// The model shipped inside the binary (`assets/mnist-unet/`, trained by `qtaylor train`
-    /// on MNIST; see `assets/mnist-unet/TRAINING.md`), in the given dtype.
+    /// The model shipped inside the binary, in the given dtype: the class-conditional MNIST
+    /// UNet of `assets/mnist-cond-unet/` (ten digit classes and the null class 10, trained by
+    /// `qtaylor train` with label dropout; see its `TRAINING.md`). The unconditional
+    /// `assets/mnist-unet/` stays a checkpoint folder.
     pub fn embedded_mnist(dtype: DType, device: &Device) -> Result<Self> {
         let files = CheckpointFiles {
-            config: PathBuf::from("<embedded>/assets/mnist-unet/config.json"),
-            scheduler: PathBuf::from("<embedded>/assets/mnist-unet/scheduler_config.json"),
+            config: PathBuf::from("<embedded>/assets/mnist-cond-unet/config.json"),
+            scheduler: PathBuf::from("<embedded>/assets/mnist-cond-unet/scheduler_config.json"),
             weights: PathBuf::from(
-                "<embedded>/assets/mnist-unet/diffusion_pytorch_model.safetensors",
+                "<embedded>/assets/mnist-cond-unet/diffusion_pytorch_model.safetensors",
             ),
         };
         Self::from_parts(
             &files,
-            include_str!("../assets/mnist-unet/config.json"),
-            include_str!("../assets/mnist-unet/scheduler_config.json"),
-            include_bytes!("../assets/mnist-unet/diffusion_pytorch_model.safetensors"),
+            include_str!("../assets/mnist-cond-unet/config.json"),
+            include_str!("../assets/mnist-cond-unet/scheduler_config.json"),
+            include_bytes!("../assets/mnist-cond-unet/diffusion_pytorch_model.safetensors"),
             dtype,
             device,
         )

@@ -144,6 +144,10 @@ pub struct Row {
     pub recall: f64,
     /// Mean top-1 softmax probability of the classifier on the samples.
     pub confidence: f64,
+    /// The fraction of samples the classifier is confident about: top-1 probability above
+    /// [`CONFIDENT`].
+    #[serde(default)]
+    pub confident: f64,
     pub seconds: f64,
     /// Class-conditional sampling: the fraction of samples the classifier assigns to the
     /// class they were asked for.
@@ -165,6 +169,14 @@ pub struct Report {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub guidance: Option<f64>,
     pub rows: Vec<Row>,
+}
+
+/// The top-1 probability above which a sample counts as confidently classified.
+pub const CONFIDENT: f64 = 0.9;
+
+/// The fraction of `conf` above [`CONFIDENT`].
+fn confident(conf: &[f64]) -> f64 {
+    conf.iter().filter(|&&c| c > CONFIDENT).count() as f64 / conf.len().max(1) as f64
 }
 
 /// Reference statistics of the test split.
@@ -573,11 +585,12 @@ pub fn eval(o: &EvalOptions, device: &Device) -> Result<Report> {
             precision: p,
             recall: rc,
             confidence: mean(&conf),
+            confident: confident(&conf),
             seconds: t0.elapsed().as_secs_f64(),
             conditional_accuracy: hits.map(|h| h as f64 / o.n as f64),
         };
         eprintln!(
-            "eval: {:<18} NFE {:>6.1}  FID {:>8.3}  KID {:.2e}  P {:.3} R {:.3}  conf {:.3}{}  ({:.1} s: sampling and features {:.1} s, metrics {:.1} s)",
+            "eval: {:<18} NFE {:>6.1}  FID {:>8.3}  KID {:.2e}  P {:.3} R {:.3}  conf {:.3} (>{CONFIDENT}: {:.3}){}  ({:.1} s: sampling and features {:.1} s, metrics {:.1} s)",
             name_of(&row),
             row.nfe,
             fid,
@@ -585,6 +598,7 @@ pub fn eval(o: &EvalOptions, device: &Device) -> Result<Report> {
             p,
             rc,
             row.confidence,
+            row.confident,
             row.conditional_accuracy
                 .map_or(String::new(), |a| format!("  class acc {a:.3}")),
             row.seconds,
@@ -651,6 +665,7 @@ fn data_row(
         precision: p,
         recall: rc,
         confidence: mean(&conf),
+        confident: confident(&conf),
         seconds: t0.elapsed().as_secs_f64(),
         conditional_accuracy: None,
     })
@@ -684,11 +699,11 @@ fn label(r: &Row) -> String {
 /// CSV text of the rows.
 pub fn csv(report: &Report) -> String {
     let mut s = String::from(
-        "sampler,grid,nfe_budget,tolerance,steps,nfe,n,fid_mnist_features,kid,kid_std,precision,recall,confidence,seconds,conditional_accuracy\n",
+        "sampler,grid,nfe_budget,tolerance,steps,nfe,n,fid_mnist_features,kid,kid_std,precision,recall,confidence,seconds,conditional_accuracy,confident\n",
     );
     for r in &report.rows {
         s += &format!(
-            "{},{},{},{},{},{:.2},{},{:.6},{:.6e},{:.3e},{:.4},{:.4},{:.4},{:.2},{}\n",
+            "{},{},{},{},{},{:.2},{},{:.6},{:.6e},{:.3e},{:.4},{:.4},{:.4},{:.2},{},{:.4}\n",
             r.sampler,
             r.grid,
             r.nfe_budget.map_or(String::new(), |b| b.to_string()),
@@ -704,7 +719,8 @@ pub fn csv(report: &Report) -> String {
             r.confidence,
             r.seconds,
             r.conditional_accuracy
-                .map_or(String::new(), |a| format!("{a:.4}"))
+                .map_or(String::new(), |a| format!("{a:.4}")),
+            r.confident
         );
     }
     s
@@ -766,15 +782,15 @@ pub fn markdown(report: &Report) -> String {
              NFE counts guided calls (2 network rows per sample when w is not 0 or 1).\n\n"
         );
     }
-    s += "## All rows\n\n| run | steps | NFE | FID (MNIST features) | KID | precision | recall | confidence | n | seconds |";
+    s += "## All rows\n\n| run | steps | NFE | FID (MNIST features) | KID | precision | recall | confidence | confident | n | seconds |";
     s += if cond {
-        " conditional accuracy |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n"
+        " conditional accuracy |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n"
     } else {
-        "\n|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n"
+        "\n|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n"
     };
     for r in &report.rows {
         s += &format!(
-            "| {} | {} | {:.1} | {:.3} | {:.2e} ± {:.1e} | {:.3} | {:.3} | {:.3} | {} | {:.1} |",
+            "| {} | {} | {:.1} | {:.3} | {:.2e} ± {:.1e} | {:.3} | {:.3} | {:.3} | {:.3} | {} | {:.1} |",
             label(r),
             r.steps,
             r.nfe,
@@ -784,6 +800,7 @@ pub fn markdown(report: &Report) -> String {
             r.precision,
             r.recall,
             r.confidence,
+            r.confident,
             r.n,
             r.seconds
         );
@@ -796,8 +813,9 @@ pub fn markdown(report: &Report) -> String {
     }
     s += "\nKID: unbiased MMD² with the cubic kernel, mean ± std over random subsets. \
           Precision/recall: k = 3 nearest neighbours (Kynkäänniemi et al. 2019) against the \
-          first n test images. Confidence: the classifier's mean top-1 probability. Samples are \
-          quantised to 8 bits before the features are taken.\n";
+          first n test images. Confidence: the classifier's mean top-1 probability; confident: \
+          the fraction of samples whose top-1 probability is above 0.9. Samples are quantised \
+          to 8 bits before the features are taken.\n";
     s
 }
 
@@ -863,4 +881,16 @@ fn write_report(dir: &Path, report: &Report) -> Result<()> {
         )?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_confident_fraction_counts_top_1_probabilities_strictly_above_the_bound() {
+        assert_eq!(confident(&[0.95, 0.5, 0.91, CONFIDENT]), 0.5);
+        assert_eq!(confident(&[1.0; 3]), 1.0);
+        assert_eq!(confident(&[]), 0.0);
+    }
 }

@@ -68,6 +68,20 @@ impl<'a> Guided<'a> {
         })
     }
 
+    /// The unconditional (null-class) model of a class-conditional checkpoint, for a batch of
+    /// any size: what `sample` runs without --class/--classes, and what `tune` tunes.
+    pub fn unconditional(model: &'a DiffusersModel) -> Result<Self> {
+        let Some(null) = Self::default_null(model) else {
+            bail!("this model is not class-conditional (its config.json has no num_class_embeds)");
+        };
+        Guided::new(model, Vec::new(), null, 0.0)
+    }
+
+    /// The null class it samples with (`--null-class`, or the model's last class).
+    pub fn null(&self) -> u32 {
+        self.null
+    }
+
     /// The default null class of a model: its last class.
     pub fn default_null(model: &DiffusersModel) -> Option<u32> {
         model.unet.num_classes().map(|k| k as u32 - 1)
@@ -86,7 +100,8 @@ impl Model for Guided<'_> {
 
     fn predict(&self, x: &Tensor, t: &[f64]) -> Result<Tensor> {
         let b = x.dim(0)?;
-        if self.labels.len() != b {
+        // w = 0 takes no labels but the null class: any batch.
+        if self.w != 0.0 && self.labels.len() != b {
             bail!("{} class labels for a batch of {b} rows", self.labels.len());
         }
         let out = if self.w == 1.0 {

@@ -39,9 +39,9 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Draw samples with one sampler: from the MNIST model embedded in the binary (default;
-    /// writes a PNG grid), a diffusers checkpoint (--model; PNG) or an exact-score problem
-    /// (--problem; writes a .npy array).
+    /// Draw samples with one sampler: from the class-conditional MNIST model embedded in the
+    /// binary (default; writes a PNG grid; --classes all --guidance W for one row per digit),
+    /// a diffusers checkpoint (--model; PNG) or an exact-score problem (--problem; .npy).
     Sample(Box<SampleArgs>),
     /// Error vs NFE of several samplers against a high-accuracy reference.
     Bench(BenchArgs),
@@ -421,7 +421,8 @@ struct TuneArgs {
     /// f32 | f64: the state's dtype
     #[arg(long, default_value = "f32")]
     dtype: String,
-    /// A diffusers checkpoint folder [default without --problem: the embedded MNIST model]
+    /// A diffusers checkpoint folder [default without --problem: the embedded class-conditional
+    /// MNIST model, whose unconditional (null-class) model is tuned]
     #[arg(long)]
     model: Option<PathBuf>,
     /// --model: the network's dtype f32 | f16 | bf16
@@ -462,7 +463,7 @@ struct SampleArgs {
     #[arg(long)]
     x_init: Option<PathBuf>,
     /// A diffusers checkpoint folder (unet/ + scheduler/, or flat) [default without --problem:
-    /// the embedded MNIST model, assets/mnist-unet]
+    /// the embedded class-conditional MNIST model, assets/mnist-cond-unet]
     #[arg(long)]
     model: Option<PathBuf>,
     /// --model: the network's dtype f32 | f16 | bf16
@@ -879,7 +880,7 @@ fn model_id(model: Option<&Path>, problem: Option<&str>) -> String {
     match (model, problem) {
         (Some(d), _) => d.display().to_string(),
         (None, Some(p)) => p.to_string(),
-        (None, None) => "embedded:mnist-unet".into(),
+        (None, None) => "embedded:mnist-cond-unet".into(),
     }
 }
 
@@ -1123,6 +1124,14 @@ fn cmd_sample(a: &SampleArgs) -> Result<()> {
             let rows = guided.rows_per_call();
             (&guided as &dyn qtaylor::model::Model, rows)
         }
+        (Some(m), None) if m.unet.num_classes().is_some() => {
+            guided = qtaylor::guidance::Guided::unconditional(m)?;
+            eprintln!(
+                "note: {name} is class-conditional; without --class/--classes it samples the unconditional model (null class {}); --classes all --guidance 2 gives one row per class",
+                guided.null()
+            );
+            (&guided as &dyn qtaylor::model::Model, 1)
+        }
         _ => (model, 1),
     };
     let pb = qtaylor::progress::Progress::new(
@@ -1172,7 +1181,7 @@ fn cmd_sample(a: &SampleArgs) -> Result<()> {
 
 /// The classes of `sample --class/--classes` for a model of `k` classes (`all`: every
 /// class but the null one) and that null class (`--null-class`, or the last); None without
-/// either flag.
+/// either flag (a class-conditional model then samples its null class).
 fn sample_classes(a: &SampleArgs, k: Option<usize>) -> Result<Option<(Vec<u32>, u32)>> {
     let given = a.class.is_some() || a.classes.is_some();
     if !given {
@@ -1184,11 +1193,7 @@ fn sample_classes(a: &SampleArgs, k: Option<usize>) -> Result<Option<(Vec<u32>, 
                 bail!("{flag} does nothing without --class or --classes");
             }
         }
-        if let Some(k) = k {
-            bail!(
-                "this model is class-conditional ({k} classes, the last the null class): give --class N or --classes LIST|all (and --guidance W)"
-            );
-        }
+        // A class-conditional model without a class: its unconditional (null-class) model.
         return Ok(None);
     }
     let Some(k) = k else {
@@ -1247,6 +1252,7 @@ fn cmd_tune(a: &TuneArgs) -> Result<()> {
     let dtype = parse_dtype(&a.dtype)?;
     let device = parse_device(&a.common.device)?;
     let checkpoint;
+    let guided;
     let problem;
     let (model, schedule, item, grid, opts, t_min): (
         &dyn qtaylor::model::Model,
@@ -1282,14 +1288,17 @@ fn cmd_tune(a: &TuneArgs) -> Result<()> {
             let item = m.item_shape(None)?;
             let opts = options(&a.common, Some(&m.scheduler.variance_type))?;
             checkpoint = m;
-            (
-                &checkpoint as &dyn qtaylor::model::Model,
-                schedule,
-                item,
-                grid,
-                opts,
-                t_min,
-            )
+            let model: &dyn qtaylor::model::Model = if checkpoint.unet.num_classes().is_some() {
+                guided = qtaylor::guidance::Guided::unconditional(&checkpoint)?;
+                eprintln!(
+                    "note: the model is class-conditional; tuning its unconditional model (null class {})",
+                    guided.null()
+                );
+                &guided
+            } else {
+                &checkpoint
+            };
+            (model, schedule, item, grid, opts, t_min)
         }
         Some(p) => {
             if a.model.is_some() {

@@ -1,5 +1,5 @@
-//! `qtaylor eval` on the embedded MNIST model and the committed MNIST classifier, against a
-//! small synthetic 28×28 IDX data set (CI has no MNIST download): outputs are written and
+//! `qtaylor eval` on the shipped unconditional MNIST model (and the embedded conditional one)
+//! and the committed MNIST classifier, against a small synthetic 28×28 IDX data set (CI has no MNIST download): outputs are written and
 //! labelled, metrics are finite, and results do not depend on the batch size.
 
 use std::path::{Path, PathBuf};
@@ -10,11 +10,11 @@ use qtaylor::eval::{EvalOptions, FID_LABEL, eval};
 use qtaylor::ops::max_abs_diff;
 
 mod common;
-use common::{conditional_mnist, embedded_model, strokes};
+use common::{conditional_mnist, mnist_unet_folder, strokes};
 
 fn options(dir: &Path, out: &str, batch: usize) -> EvalOptions {
     let data = strokes(dir);
-    let mut o = EvalOptions::new(&embedded_model(dir), &["ddim", "qt-2"], &dir.join(out));
+    let mut o = EvalOptions::new(&mnist_unet_folder(dir), &["ddim", "qt-2"], &dir.join(out));
     o.nfe = vec![2, 3];
     o.n = 6;
     o.batch = batch;
@@ -34,12 +34,15 @@ fn eval_writes_labelled_reports_with_finite_metrics_and_a_reference_row() {
     // data floor + ddpm reference + 2 samplers × 2 budgets
     assert_eq!(r.rows.len(), 6, "{:?}", r.rows);
     assert_eq!(r.rows[0].sampler, "data:train");
+    // Real training digits: the classifier is confident about (nearly) all of them.
+    assert!(r.rows[0].confident >= 5.0 / 6.0, "{:?}", r.rows[0]);
     let last = r.rows.last().unwrap();
     assert_eq!((last.sampler.as_str(), last.steps), ("ddpm", 4));
     for row in &r.rows {
         assert!(row.fid.is_finite() && row.fid >= 0.0, "{row:?}");
         assert!((0.0..=1.0).contains(&row.precision) && (0.0..=1.0).contains(&row.recall));
         assert!(row.confidence > 0.1 && row.confidence <= 1.0);
+        assert!((0.0..=1.0).contains(&row.confident));
     }
     // budget-major order: ddim 2, qt-2 2, ddim 3, qt-2 3
     let nfe: Vec<f64> = r.rows[1..5].iter().map(|r| r.nfe).collect();
@@ -106,10 +109,12 @@ fn an_unknown_sampler_or_a_model_of_the_wrong_size_is_a_clear_error() {
 fn the_embedded_model_equals_its_checkpoint_folder() {
     let dev = Device::Cpu;
     let a = DiffusersModel::embedded_mnist(DType::F32, &dev).unwrap();
-    let b = DiffusersModel::load(Path::new("assets/mnist-unet"), DType::F32, &dev).unwrap();
+    let b = DiffusersModel::load(Path::new("assets/mnist-cond-unet"), DType::F32, &dev).unwrap();
+    assert_eq!(a.unet.num_classes(), Some(11));
     let x = candle_core::Tensor::randn(0f32, 1.0, (2, 1, 28, 28), &dev).unwrap();
-    let ya = a.unet.forward(&x, &[10.0, 700.0]).unwrap();
-    let yb = b.unet.forward(&x, &[10.0, 700.0]).unwrap();
+    let labels = Some(&[3u32, 10][..]);
+    let ya = a.unet.forward_labels(&x, &[10.0, 700.0], labels).unwrap();
+    let yb = b.unet.forward_labels(&x, &[10.0, 700.0], labels).unwrap();
     let d = max_abs_diff(&ya, &yb).unwrap();
     assert_eq!(d, 0.0);
     assert!(a.parameters > 1_000_000);
@@ -123,11 +128,17 @@ fn a_sample_network_output_does_not_depend_on_the_batch_it_is_in() {
     let m = DiffusersModel::embedded_mnist(DType::F32, &dev).unwrap();
     let x = candle_core::Tensor::randn(0f32, 1.0, (9, 1, 28, 28), &dev).unwrap();
     let ts = [999.0, 500.0, 500.0, 3.0, 250.5, 999.0, 10.0, 10.0, 700.0];
-    let full = m.unet.forward(&x, &ts).unwrap();
+    let labels = [0u32, 10, 7, 7, 3, 9, 10, 1, 2];
+    let full = m.unet.forward_labels(&x, &ts, Some(&labels)).unwrap();
     for (start, len) in [(0, 1), (0, 2), (3, 4), (8, 1), (1, 8)] {
+        let rows = start..start + len;
         let part = m
             .unet
-            .forward(&x.narrow(0, start, len).unwrap(), &ts[start..start + len])
+            .forward_labels(
+                &x.narrow(0, start, len).unwrap(),
+                &ts[rows.clone()],
+                Some(&labels[rows]),
+            )
             .unwrap();
         let same = full.narrow(0, start, len).unwrap();
         let d = max_abs_diff(&part, &same).unwrap();
@@ -158,7 +169,7 @@ fn eval_with_guidance_reports_conditional_accuracy_and_refuses_a_mismatched_mode
         csv.lines()
             .next()
             .unwrap()
-            .ends_with(",conditional_accuracy")
+            .ends_with(",conditional_accuracy,confident")
     );
     let md = std::fs::read_to_string(o.out.join("report.md")).unwrap();
     assert!(

@@ -185,7 +185,8 @@ fn qtaylor(args: &[&str]) -> std::process::Output {
 }
 
 #[test]
-fn sample_takes_classes_and_guidance_on_a_conditional_checkpoint_and_refuses_them_elsewhere() {
+fn sample_takes_classes_and_guidance_on_a_conditional_checkpoint_samples_its_null_class_without_one_and_refuses_them_elsewhere()
+ {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("grid.png");
     let npy = dir.path().join("x.npy");
@@ -227,8 +228,27 @@ fn sample_takes_classes_and_guidance_on_a_conditional_checkpoint_and_refuses_the
             .iter()
             .all(|v| v.is_finite())
     );
+    // Without a class: the unconditional (null-class) model, the same samples as w = 0.
+    let (u, z) = (dir.path().join("u.npy"), dir.path().join("z.npy"));
+    let r = run(&["--batch", "5", "--save-npy", &u.display().to_string()]);
+    let e = String::from_utf8_lossy(&r.stderr).to_string();
+    assert!(
+        r.status.success() && e.contains("samples the unconditional model (null class 3)"),
+        "{e}"
+    );
+    let args = [
+        "--batch",
+        "5",
+        "--class",
+        "1",
+        "--guidance",
+        "0",
+        "--save-npy",
+    ];
+    let r = run(&[&args[..], &[&z.display().to_string()]].concat());
+    assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+    assert_eq!(std::fs::read(&u).unwrap(), std::fs::read(&z).unwrap());
     let refused: &[(&[&str], &str)] = &[
-        (&[], "class-conditional (4 classes"),
         (&["--class", "4"], "--class 4: the model has 4 classes"),
         (
             &["--class", "1", "--classes", "all"],

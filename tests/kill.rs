@@ -14,7 +14,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{TINY_CONFIG, embedded_model, p, strokes, tiny_data};
+use common::{TINY_CONFIG, mnist_unet_folder, p, strokes, tiny_data};
 
 /// A small deterministic generator for the kill times (xorshift64*).
 struct Delays(u64);
@@ -119,7 +119,7 @@ fn sample_args<'a>(model: &'a str, out: &'a str, seed: &'a str) -> Vec<&'a str> 
 #[test]
 fn a_sample_killed_at_random_points_leaves_the_previous_file_or_the_whole_new_one() {
     let dir = tempfile::tempdir().unwrap();
-    let model = embedded_model(dir.path());
+    let model = mnist_unet_folder(dir.path());
     let (new, old, out) = (
         dir.path().join("new.png"),
         dir.path().join("old.png"),
@@ -157,7 +157,7 @@ fn a_sample_killed_at_random_points_leaves_the_previous_file_or_the_whole_new_on
 #[test]
 fn two_processes_writing_one_path_leave_one_whole_file() {
     let dir = tempfile::tempdir().unwrap();
-    let model = embedded_model(dir.path());
+    let model = mnist_unet_folder(dir.path());
     let (a, b, out) = (
         dir.path().join("a.npy"),
         dir.path().join("b.npy"),
@@ -305,7 +305,7 @@ fn train_killed_at_random_points_resumes_to_the_same_weights_bit_for_bit() {
 #[test]
 fn an_eval_killed_at_random_points_leaves_each_report_whole() {
     let dir = tempfile::tempdir().unwrap();
-    let model = embedded_model(dir.path());
+    let model = mnist_unet_folder(dir.path());
     let data = strokes(dir.path());
     let args = |out: &Path, seed: &'static str| -> Vec<String> {
         [

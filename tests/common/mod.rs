@@ -224,8 +224,8 @@ pub fn strokes(dir: &Path) -> PathBuf {
     d
 }
 
-pub fn embedded_model(dir: &Path) -> PathBuf {
-    // The embedded default, written out as a checkpoint folder (eval takes a folder).
+pub fn mnist_unet_folder(dir: &Path) -> PathBuf {
+    // The shipped unconditional MNIST model, as a checkpoint folder (eval takes a folder).
     let m = dir.join("model");
     std::fs::create_dir_all(&m).unwrap();
     for f in [
