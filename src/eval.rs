@@ -145,9 +145,9 @@ pub struct Row {
     /// Mean top-1 softmax probability of the classifier on the samples.
     pub confidence: f64,
     /// The fraction of samples the classifier is confident about: top-1 probability above
-    /// [`CONFIDENT`].
-    #[serde(default)]
-    pub confident: f64,
+    /// [`CONFIDENT`] (None in reports written before it was measured).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub confident: Option<f64>,
     pub seconds: f64,
     /// Class-conditional sampling: the fraction of samples the classifier assigns to the
     /// class they were asked for.
@@ -585,12 +585,12 @@ pub fn eval(o: &EvalOptions, device: &Device) -> Result<Report> {
             precision: p,
             recall: rc,
             confidence: mean(&conf),
-            confident: confident(&conf),
+            confident: Some(confident(&conf)),
             seconds: t0.elapsed().as_secs_f64(),
             conditional_accuracy: hits.map(|h| h as f64 / o.n as f64),
         };
         eprintln!(
-            "eval: {:<18} NFE {:>6.1}  FID {:>8.3}  KID {:.2e}  P {:.3} R {:.3}  conf {:.3} (>{CONFIDENT}: {:.3}){}  ({:.1} s: sampling and features {:.1} s, metrics {:.1} s)",
+            "eval: {:<18} NFE {:>6.1}  FID {:>8.3}  KID {:.2e}  P {:.3} R {:.3}  conf {:.3} (>{CONFIDENT}: {}){}  ({:.1} s: sampling and features {:.1} s, metrics {:.1} s)",
             name_of(&row),
             row.nfe,
             fid,
@@ -598,7 +598,7 @@ pub fn eval(o: &EvalOptions, device: &Device) -> Result<Report> {
             p,
             rc,
             row.confidence,
-            row.confident,
+            row.confident.map_or("–".into(), |f| format!("{f:.3}")),
             row.conditional_accuracy
                 .map_or(String::new(), |a| format!("  class acc {a:.3}")),
             row.seconds,
@@ -665,7 +665,7 @@ fn data_row(
         precision: p,
         recall: rc,
         confidence: mean(&conf),
-        confident: confident(&conf),
+        confident: Some(confident(&conf)),
         seconds: t0.elapsed().as_secs_f64(),
         conditional_accuracy: None,
     })
@@ -703,7 +703,7 @@ pub fn csv(report: &Report) -> String {
     );
     for r in &report.rows {
         s += &format!(
-            "{},{},{},{},{},{:.2},{},{:.6},{:.6e},{:.3e},{:.4},{:.4},{:.4},{:.2},{},{:.4}\n",
+            "{},{},{},{},{},{:.2},{},{:.6},{:.6e},{:.3e},{:.4},{:.4},{:.4},{:.2},{},{}\n",
             r.sampler,
             r.grid,
             r.nfe_budget.map_or(String::new(), |b| b.to_string()),
@@ -720,7 +720,7 @@ pub fn csv(report: &Report) -> String {
             r.seconds,
             r.conditional_accuracy
                 .map_or(String::new(), |a| format!("{a:.4}")),
-            r.confident
+            r.confident.map_or(String::new(), |f| format!("{f:.4}"))
         );
     }
     s
@@ -790,7 +790,7 @@ pub fn markdown(report: &Report) -> String {
     };
     for r in &report.rows {
         s += &format!(
-            "| {} | {} | {:.1} | {:.3} | {:.2e} ± {:.1e} | {:.3} | {:.3} | {:.3} | {:.3} | {} | {:.1} |",
+            "| {} | {} | {:.1} | {:.3} | {:.2e} ± {:.1e} | {:.3} | {:.3} | {:.3} | {} | {} | {:.1} |",
             label(r),
             r.steps,
             r.nfe,
@@ -800,7 +800,7 @@ pub fn markdown(report: &Report) -> String {
             r.precision,
             r.recall,
             r.confidence,
-            r.confident,
+            r.confident.map_or("–".into(), |f| format!("{f:.3}")),
             r.n,
             r.seconds
         );

@@ -35,14 +35,14 @@ fn eval_writes_labelled_reports_with_finite_metrics_and_a_reference_row() {
     assert_eq!(r.rows.len(), 6, "{:?}", r.rows);
     assert_eq!(r.rows[0].sampler, "data:train");
     // Real training digits: the classifier is confident about (nearly) all of them.
-    assert!(r.rows[0].confident >= 5.0 / 6.0, "{:?}", r.rows[0]);
+    assert!(r.rows[0].confident.unwrap() >= 5.0 / 6.0, "{:?}", r.rows[0]);
     let last = r.rows.last().unwrap();
     assert_eq!((last.sampler.as_str(), last.steps), ("ddpm", 4));
     for row in &r.rows {
         assert!(row.fid.is_finite() && row.fid >= 0.0, "{row:?}");
         assert!((0.0..=1.0).contains(&row.precision) && (0.0..=1.0).contains(&row.recall));
         assert!(row.confidence > 0.1 && row.confidence <= 1.0);
-        assert!((0.0..=1.0).contains(&row.confident));
+        assert!((0.0..=1.0).contains(&row.confident.unwrap()));
     }
     // budget-major order: ddim 2, qt-2 2, ddim 3, qt-2 3
     let nfe: Vec<f64> = r.rows[1..5].iter().map(|r| r.nfe).collect();
