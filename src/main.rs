@@ -1652,33 +1652,46 @@ fn cmd_speed(a: &SpeedArgs) -> Result<()> {
     if let Some(p) = peak_rss_mib() {
         println!("peak resident memory: {p:.0} MiB");
     }
-    if let Some(b) = qtaylor::kernels::cuda_peak_allocated(&device)? {
-        println!(
+    let span = format!("after the warm-up, {} timed passes", a.repeats);
+    for line in device_report(&device, &span, None)? {
+        println!("{line}");
+    }
+    Ok(())
+}
+
+/// The lines `speed` and `train` end with: CUDA's peak allocation, and the QTAYLOR_PROFILE
+/// table of what `span` covers: each operation's total time, or its mean per `unit` over
+/// `count` of them (nested operations count in each row; `backward: X` runs from X's backward
+/// marker to the next).
+fn device_report(device: &Device, span: &str, per: Option<(&str, usize)>) -> Result<Vec<String>> {
+    let mut lines = Vec::new();
+    if let Some(b) = qtaylor::kernels::cuda_peak_allocated(device)? {
+        lines.push(format!(
             "peak device memory allocated (CUDA memory pool high-water mark, as torch.cuda.max_memory_allocated): {:.0} MiB",
             b as f64 / (1u64 << 20) as f64
-        );
+        ));
     }
     let profile = qtaylor::unet::profile_report()?;
     if !profile.is_empty() {
-        let total: f64 = profile.iter().map(|p| p.1).sum();
-        println!(
-            "profile (QTAYLOR_PROFILE; {}; after the warm-up, {} timed passes):",
+        lines.push(format!(
+            "profile (QTAYLOR_PROFILE; {}; {span}; nested operations count in each row, `backward: X` is from X's backward marker to the next):",
             if device.is_cuda() {
                 "GPU time between CUDA events"
             } else {
                 "wall time, device synchronized around each operation"
-            },
-            a.repeats
-        );
+            }
+        ));
         for (name, secs, calls) in profile {
-            println!(
-                "  {name:<20} {:>8.1} ms {:>5.1} %  ({calls} calls)",
-                1e3 * secs,
-                100.0 * secs / total
-            );
+            lines.push(match per {
+                Some((unit, count)) => format!(
+                    "  {name:<40} {:>9.2} ms per {unit} ({calls} calls)",
+                    1e3 * secs / count.max(1) as f64
+                ),
+                None => format!("  {name:<40} {:>9.1} ms ({calls} calls)", 1e3 * secs),
+            });
         }
     }
-    Ok(())
+    Ok(lines)
 }
 
 fn cmd_init_model(a: &InitArgs) -> Result<()> {
@@ -1798,28 +1811,9 @@ fn cmd_train(a: &TrainArgs) -> Result<()> {
             1e3 * secs / steps as f64,
             a.batch
         );
-        if let Some(b) = qtaylor::kernels::cuda_peak_allocated(&device)? {
-            eprintln!(
-                "peak device memory allocated (CUDA memory pool high-water mark, as torch.cuda.max_memory_allocated): {:.0} MiB",
-                b as f64 / (1u64 << 20) as f64
-            );
-        }
-        let profile = qtaylor::unet::profile_report()?;
-        if !profile.is_empty() {
-            eprintln!(
-                "profile (QTAYLOR_PROFILE; {}; {steps} steps after the warm-up; nested operations count in each row, `backward: X` is from X's backward marker to the next):",
-                if device.is_cuda() {
-                    "GPU time between CUDA events"
-                } else {
-                    "wall time, device synchronized around each operation"
-                }
-            );
-            for (name, s, calls) in profile {
-                eprintln!(
-                    "  {name:<40} {:>9.2} ms per step ({calls} calls)",
-                    1e3 * s / steps as f64
-                );
-            }
+        let span = format!("{steps} steps after the warm-up");
+        for line in device_report(&device, &span, Some(("step", steps)))? {
+            eprintln!("{line}");
         }
     }
     Ok(())
