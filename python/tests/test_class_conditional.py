@@ -1,11 +1,14 @@
 """A class-conditional checkpoint written by ``qtaylor train`` (``num_class_embeds`` in
 its config, trained with label dropout) is a diffusers checkpoint: ``UNet2DModel`` loads it
 and its outputs with ``class_labels`` equal qtaylor's to 1e-5 (checked by ``qtaylor
-parity`` against diffusers' own outputs)."""
+parity`` against diffusers' own outputs); so are the shipped ``assets/mnist-cond-unet`` (the
+embedded default) and ``assets/fashion-cond-unet``."""
 import gzip
 import json
+import shutil
 import struct
 import subprocess
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -65,3 +68,33 @@ def test_diffusers_loads_a_class_conditional_qtaylor_checkpoint_with_equal_outpu
                        capture_output=True, text=True)
     assert r.returncode == 0, r.stderr + r.stdout
     assert "out_labels" in r.stdout
+
+
+def test_diffusers_loads_the_shipped_class_conditional_models_with_equal_outputs(qtaylor_bin, tmp_path):
+    # The embedded default (assets/mnist-cond-unet) and the Fashion-MNIST model, f16 weights run
+    # in f32 on both sides, at the null class 10 and at real labels.
+    repo = Path(__file__).resolve().parents[2]
+    for name in ["mnist-cond-unet", "fashion-cond-unet"]:
+        ckpt = tmp_path / name
+        ckpt.mkdir()
+        for f in ["config.json", "scheduler_config.json", "diffusion_pytorch_model.safetensors"]:
+            shutil.copy(repo / "assets" / name / f, ckpt / f)
+        model = UNet2DModel.from_pretrained(ckpt, torch_dtype=torch.float32).eval()
+        assert model.config.num_class_embeds == 11
+        x = torch.randn(2, 1, 28, 28, generator=torch.Generator().manual_seed(3))
+        null = {"class_labels": torch.tensor([10, 10])}
+        with torch.no_grad():
+            ref = {
+                "x": x,
+                "out": model(x, torch.tensor([3, 999]), **null).sample,
+                "out_t500": model(x, torch.tensor([500, 500]), **null).sample,
+                "out_t37_5": model(x, torch.tensor([37.5, 37.5]), **null).sample,
+                "labels": torch.tensor([7.0, 2.0]),
+                "out_labels": model(x, torch.tensor([3, 999]), class_labels=torch.tensor([7, 2])).sample,
+            }
+        assert (ref["out_labels"] - ref["out"]).abs().max() > 1e-3, name
+        save_file({k: v.contiguous() for k, v in ref.items()}, str(ckpt / "reference.safetensors"))
+        r = subprocess.run([str(qtaylor_bin), "parity", "--model", str(ckpt), "--tol", "1e-5"],
+                           capture_output=True, text=True)
+        assert r.returncode == 0, name + ": " + r.stderr + r.stdout
+        assert "out_labels" in r.stdout, name
