@@ -32,6 +32,7 @@ pub mod progress;
 pub mod reference;
 pub mod rng;
 pub mod samplers;
+pub mod shard;
 pub mod train;
 pub mod tune;
 pub mod unet;

@@ -70,6 +70,19 @@ enum Command {
     /// Inception FID), KID, precision/recall and classifier confidence per sampler and NFE,
     /// with a 1000-step DDPM reference row; writes CSV, JSON, Markdown, a plot and grids.
     Eval(EvalArgs),
+    /// Join the parts of a `sample --shard I/N` run (the folders their --out named) into the
+    /// output the unsharded run writes: the same .npy or PNG bytes.
+    Merge(MergeArgs),
+}
+
+#[derive(Args)]
+struct MergeArgs {
+    /// Folders holding part-I-of-N.json / .npy files
+    #[arg(required = true)]
+    dirs: Vec<PathBuf>,
+    /// The merged output: .npy, or .png for a model's run (a grid of all samples)
+    #[arg(long)]
+    out: PathBuf,
 }
 
 #[derive(Args)]
@@ -475,12 +488,17 @@ struct SampleArgs {
     /// --model: do not clip x̂0 even if the scheduler config says clip_sample
     #[arg(long)]
     no_clip: bool,
-    /// Output: .npy for problems; a PNG grid for --model
+    /// Output: .npy for problems; a PNG grid for --model; with --shard a folder for the part
     #[arg(long)]
     out: PathBuf,
     /// --model: also write the samples as .npy (B, C, H, W)
     #[arg(long)]
     save_npy: Option<PathBuf>,
+    /// Draw only shard I of N (0-based) of the --batch samples, the consecutive rows
+    /// ⌊I·B/N⌋..⌊(I+1)·B/N⌋, into the folder --out; `qtaylor merge` joins the parts into the
+    /// unsharded run's output, byte for byte
+    #[arg(long)]
+    shard: Option<String>,
     /// A class-conditional --model: the class of every sample
     #[arg(long)]
     class: Option<u32>,
@@ -886,7 +904,29 @@ fn model_id(model: Option<&Path>, problem: Option<&str>) -> String {
 
 fn cmd_sample(a: &SampleArgs) -> Result<()> {
     let sampler: Sampler = a.sampler.parse()?;
-    qtaylor::io::check_out_dir("--out", &a.out)?;
+    let shard = a
+        .shard
+        .as_deref()
+        .map(qtaylor::shard::Shard::parse)
+        .transpose()?;
+    if shard.is_none() {
+        qtaylor::io::check_out_dir("--out", &a.out)?;
+    } else if a.out.is_file() {
+        bail!(
+            "--out {}: with --shard, --out is the folder of the parts, not a file",
+            a.out.display()
+        );
+    } else {
+        for (flag, set) in [
+            ("--x-init", a.x_init.is_some()),
+            ("--init-image", a.init_image.is_some()),
+            ("--save-npy", a.save_npy.is_some()),
+        ] {
+            if set {
+                bail!("--shard takes no {flag} (merge writes the joined output)");
+            }
+        }
+    }
     if let Some(p) = &a.save_npy {
         qtaylor::io::check_out_dir("--save-npy", p)?;
     }
@@ -912,7 +952,7 @@ fn cmd_sample(a: &SampleArgs) -> Result<()> {
             }
             check_schedule_flags(&a.common, true)?;
             let ext = a.out.extension().and_then(|e| e.to_str()).unwrap_or("");
-            if !ext.eq_ignore_ascii_case("png") {
+            if shard.is_none() && !ext.eq_ignore_ascii_case("png") {
                 bail!(
                     "--out {}: with --model the output is a PNG grid (use --save-npy for the array)",
                     a.out.display()
@@ -967,7 +1007,7 @@ fn cmd_sample(a: &SampleArgs) -> Result<()> {
                 bail!("--image-size, --save-npy and --no-clip apply to --model");
             }
             let ext = a.out.extension().and_then(|e| e.to_str()).unwrap_or("");
-            if !ext.eq_ignore_ascii_case("npy") {
+            if shard.is_none() && !ext.eq_ignore_ascii_case("npy") {
                 bail!(
                     "--out {}: a problem's samples are written as a NumPy array; name the file .npy (PNG grids are for image models: --model, or neither flag for the embedded one)",
                     a.out.display()
@@ -1049,6 +1089,9 @@ fn cmd_sample(a: &SampleArgs) -> Result<()> {
             eprintln!("warning: grid file {}: {w}", path.display());
         }
     }
+    // A shard's rows: first_row..first_row + rows of the run's `total_rows` (None: unsharded).
+    let mut first_row = 0usize;
+    let mut total_rows: Option<usize> = None;
     let (x, mut noise) = match &a.x_init {
         Some(path) => {
             let mut want = vec![None];
@@ -1110,16 +1153,30 @@ fn cmd_sample(a: &SampleArgs) -> Result<()> {
             if b == 0 {
                 bail!("--batch 0: at least one sample is needed");
             }
-            let mut noise = NoiseStreams::new(a.common.seed, 0, b);
+            total_rows = Some(b);
+            let (first, end) = shard.map_or((0, b), |s| s.range(b));
+            if first == end {
+                bail!(
+                    "--shard {}: no samples in it (--batch {b} is split into more shards than samples)",
+                    a.shard.as_deref().unwrap_or("")
+                );
+            }
+            first_row = first;
+            let mut noise = NoiseStreams::new(a.common.seed, first, end - first);
             (noise.normal(&item, dtype, &device)?, noise)
         }
     };
     // Class labels and guidance (a class-conditional checkpoint only).
+    let total = total_rows;
     let guided;
     let (model, rows_per_call) = match (conditional, classes) {
         (Some(m), Some((list, null))) => {
+            // Sample i's class from its index in the whole run (a shard's rows start at first_row).
             let b = x.dims()[0];
-            let labels: Vec<u32> = (0..b).map(|i| list[i * list.len() / b]).collect();
+            let total = total.unwrap_or(b);
+            let labels: Vec<u32> = (first_row..first_row + b)
+                .map(|i| list[i * list.len() / total])
+                .collect();
             guided = qtaylor::guidance::Guided::new(m, labels, null, a.guidance.unwrap_or(1.0))?;
             let rows = guided.rows_per_call();
             (&guided as &dyn qtaylor::model::Model, rows)
@@ -1152,7 +1209,34 @@ fn cmd_sample(a: &SampleArgs) -> Result<()> {
         Some(&pb),
     )?;
     pb.finish();
-    if a.model.is_some() || a.common.problem.is_none() {
+    let image = a.model.is_some() || a.common.problem.is_none();
+    if let Some(s) = shard {
+        let args: Vec<String> = std::env::args().skip(1).collect();
+        let config = qtaylor::shard::config_of(&args);
+        let b = run.x.dims()[0];
+        let part = qtaylor::shard::Part {
+            config_hash: qtaylor::shard::config_hash(&config),
+            config,
+            shard: s.index,
+            shards: s.count,
+            start: first_row,
+            end: first_row + b,
+            total: total.unwrap_or(b),
+            kind: if image { "png" } else { "npy" }.into(),
+        };
+        let json = qtaylor::shard::write_part(&a.out, &part, &run.x)?;
+        eprintln!(
+            "shard {}/{}: samples {}..{} of {} -> {} (qtaylor merge joins the parts)",
+            s.index,
+            s.count,
+            part.start,
+            part.end,
+            part.total,
+            json.display()
+        );
+        return Ok(());
+    }
+    if image {
         qtaylor::io::write_png_grid(&a.out, &run.x)?;
         if let Some(npy) = &a.save_npy {
             qtaylor::io::write_npy(npy, &run.x)?;
@@ -1819,6 +1903,33 @@ fn cmd_train(a: &TrainArgs) -> Result<()> {
     Ok(())
 }
 
+fn cmd_merge(a: &MergeArgs) -> Result<()> {
+    qtaylor::io::check_out_dir("--out", &a.out)?;
+    let (part, rows) = qtaylor::shard::merge(&a.dirs)?;
+    let ext = a.out.extension().and_then(|e| e.to_str()).unwrap_or("");
+    if !ext.eq_ignore_ascii_case(&part.kind) {
+        bail!(
+            "--out {}: the parts are of a run whose output is .{} (configuration {})",
+            a.out.display(),
+            part.kind,
+            part.config_hash
+        );
+    }
+    if part.kind == "png" {
+        qtaylor::io::write_png_grid(&a.out, &rows)?;
+    } else {
+        qtaylor::io::write_npy(&a.out, &rows)?;
+    }
+    eprintln!(
+        "merged {} shards ({} samples, configuration {}) -> {}",
+        part.shards,
+        part.total,
+        part.config_hash,
+        a.out.display()
+    );
+    Ok(())
+}
+
 fn cmd_eval(a: &EvalArgs) -> Result<()> {
     if a.render_only {
         if a.model.is_some() || a.guidance.is_some() {
@@ -1940,6 +2051,7 @@ fn main() -> ExitCode {
         Command::Train(a) => cmd_train(a),
         Command::TrainClassifier(a) => cmd_train_classifier(a),
         Command::Eval(a) => cmd_eval(a),
+        Command::Merge(a) => cmd_merge(a),
         Command::Samplers => {
             cmd_samplers();
             Ok(())
