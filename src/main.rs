@@ -1223,6 +1223,7 @@ fn cmd_sample(a: &SampleArgs) -> Result<()> {
             end: first_row + b,
             total: total.unwrap_or(b),
             kind: if image { "png" } else { "npy" }.into(),
+            item: run.x.dims()[1..].to_vec(),
         };
         let json = qtaylor::shard::write_part(&a.out, &part, &run.x)?;
         eprintln!(

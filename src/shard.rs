@@ -64,6 +64,8 @@ pub struct Part {
     pub total: usize,
     /// `png` (a grid of the whole run) or `npy`.
     pub kind: String,
+    /// The shape of one sample (e.g. [1, 28, 28], or [64] for a problem).
+    pub item: Vec<usize>,
 }
 
 /// FNV-1a, 64 bit, over the arguments joined by NUL: a stable configuration hash (no new
@@ -152,6 +154,7 @@ pub fn merge(dirs: &[PathBuf]) -> Result<(Part, Tensor)> {
             || part.shards != first.shards
             || part.total != first.total
             || part.kind != first.kind
+            || part.item != first.item
         {
             bail!(
                 "merge: {} is of another run than {} (configuration {} with {} shards, against {} with {}): merge the parts of one run",
@@ -207,9 +210,9 @@ pub fn merge(dirs: &[PathBuf]) -> Result<(Part, Tensor)> {
     let mut rows = Vec::with_capacity(first.shards);
     for json in seen.into_iter().flatten() {
         let npy = json.with_extension("npy");
-        let t = crate::io::read_npy(&npy, &[None])
-            .or_else(|_| crate::io::read_npy(&npy, &[None, None]))
-            .or_else(|_| crate::io::read_npy(&npy, &[None, None, None, None]))
+        let mut want = vec![None];
+        want.extend(first.item.iter().map(|&d| Some(d)));
+        let t = crate::io::read_npy(&npy, &want)
             .with_context(|| format!("merge: the rows of {}", json.display()))?;
         rows.push(t);
     }

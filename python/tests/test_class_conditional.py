@@ -33,6 +33,21 @@ def idx(dims, data):
     return head + bytes(data)
 
 
+def reference(model, x, null, labels):
+    """diffusers' outputs in the layout `qtaylor parity` reads: at the null class for three
+    timestep sets, and at `labels`."""
+    n = {"class_labels": torch.tensor([null] * len(labels))}
+    with torch.no_grad():
+        return {
+            "x": x,
+            "out": model(x, torch.tensor([3, 999]), **n).sample,
+            "out_t500": model(x, torch.tensor([500, 500]), **n).sample,
+            "out_t37_5": model(x, torch.tensor([37.5, 37.5]), **n).sample,
+            "labels": torch.tensor([float(c) for c in labels]),
+            "out_labels": model(x, torch.tensor([3, 999]), class_labels=torch.tensor(labels)).sample,
+        }
+
+
 def test_diffusers_loads_a_class_conditional_qtaylor_checkpoint_with_equal_outputs(qtaylor_bin, tmp_path):
     rng = np.random.default_rng(0)
     images = rng.integers(0, 256, size=(32, 8, 8), dtype=np.uint8)
@@ -51,16 +66,7 @@ def test_diffusers_loads_a_class_conditional_qtaylor_checkpoint_with_equal_outpu
     assert model.config.num_class_embeds == 3 and model.class_embedding is not None
     g = torch.Generator().manual_seed(1)
     x = torch.randn(2, 1, 8, 8, generator=g)
-    null = {"class_labels": torch.tensor([2, 2])}
-    with torch.no_grad():
-        ref = {
-            "x": x,
-            "out": model(x, torch.tensor([3, 999]), **null).sample,
-            "out_t500": model(x, torch.tensor([500, 500]), **null).sample,
-            "out_t37_5": model(x, torch.tensor([37.5, 37.5]), **null).sample,
-            "labels": torch.tensor([1.0, 0.0]),
-            "out_labels": model(x, torch.tensor([3, 999]), class_labels=torch.tensor([1, 0])).sample,
-        }
+    ref = reference(model, x, null=2, labels=[1, 0])
     # The label changes the output (the class embedding is wired in, not ignored).
     assert (ref["out_labels"] - ref["out"]).abs().max() > 1e-4
     save_file({k: v.contiguous() for k, v in ref.items()}, str(ckpt / "reference.safetensors"))
@@ -82,16 +88,7 @@ def test_diffusers_loads_the_shipped_class_conditional_models_with_equal_outputs
         model = UNet2DModel.from_pretrained(ckpt, torch_dtype=torch.float32).eval()
         assert model.config.num_class_embeds == 11
         x = torch.randn(2, 1, 28, 28, generator=torch.Generator().manual_seed(3))
-        null = {"class_labels": torch.tensor([10, 10])}
-        with torch.no_grad():
-            ref = {
-                "x": x,
-                "out": model(x, torch.tensor([3, 999]), **null).sample,
-                "out_t500": model(x, torch.tensor([500, 500]), **null).sample,
-                "out_t37_5": model(x, torch.tensor([37.5, 37.5]), **null).sample,
-                "labels": torch.tensor([7.0, 2.0]),
-                "out_labels": model(x, torch.tensor([3, 999]), class_labels=torch.tensor([7, 2])).sample,
-            }
+        ref = reference(model, x, null=10, labels=[7, 2])
         assert (ref["out_labels"] - ref["out"]).abs().max() > 1e-3, name
         save_file({k: v.contiguous() for k, v in ref.items()}, str(ckpt / "reference.safetensors"))
         r = subprocess.run([str(qtaylor_bin), "parity", "--model", str(ckpt), "--tol", "1e-5"],
