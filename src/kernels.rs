@@ -1456,7 +1456,8 @@ fn default_pool(
 /// opened, in bytes: the high-water mark of the CUDA memory pool that every allocation of
 /// this process comes from (`CU_MEMPOOL_ATTR_USED_MEM_HIGH`), the analogue of PyTorch's
 /// `torch.cuda.max_memory_allocated` (memory kept by the pool but not in use, the CUDA
-/// context and the libraries' own workspaces are not counted). `None` off CUDA.
+/// context and the libraries' own workspaces are not counted), plus the high-water mark of
+/// the graph memory pool that CUDA-graph replays allocate from. `None` off CUDA.
 pub fn cuda_peak_allocated(device: &candle_core::Device) -> Result<Option<u64>> {
     #[cfg(feature = "cuda")]
     if let candle_core::Device::Cuda(d) = device {
@@ -1473,7 +1474,20 @@ pub fn cuda_peak_allocated(device: &candle_core::Device) -> Result<Option<u64>> 
             .result()
             .map_err(candle_core::Error::wrap)?;
         }
-        return Ok(Some(high));
+        // Passes replayed from CUDA graphs (src/cuda_graph.rs) allocate from the device's
+        // graph memory pool instead: counted too.
+        let mut graph_high = 0u64;
+        // SAFETY: a live device; the attribute is a u64.
+        unsafe {
+            sys::cuDeviceGetGraphMemAttribute(
+                d.cuda_stream().context().cu_device(),
+                sys::CUgraphMem_attribute::CU_GRAPH_MEM_ATTR_USED_MEM_HIGH,
+                &mut graph_high as *mut u64 as *mut std::ffi::c_void,
+            )
+            .result()
+            .map_err(candle_core::Error::wrap)?;
+        }
+        return Ok(Some(high + graph_high));
     }
     let _ = device;
     Ok(None)

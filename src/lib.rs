@@ -16,6 +16,7 @@ pub mod checkpoint;
 pub mod classifier;
 #[cfg(feature = "cudnn")]
 pub mod conv_cudnn;
+pub mod cuda_graph;
 pub mod data;
 pub mod eval;
 pub mod feature_metrics;

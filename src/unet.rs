@@ -333,6 +333,11 @@ struct ProfileTable {
 
 static PROFILE: std::sync::OnceLock<Option<Mutex<ProfileTable>>> = std::sync::OnceLock::new();
 
+/// Whether `QTAYLOR_PROFILE` times every operation (which synchronizes around each).
+pub(crate) fn profiling() -> bool {
+    profiler().is_some()
+}
+
 fn profiler() -> Option<&'static Mutex<ProfileTable>> {
     PROFILE
         .get_or_init(|| std::env::var_os("QTAYLOR_PROFILE").map(|_| Mutex::default()))
@@ -1530,6 +1535,8 @@ pub struct UNet2D {
     /// The embedding's frequencies `(1, half)` on a GPU, uploaded once (see
     /// [`UNet2D::timestep_embedding_on_device`]).
     freq: std::sync::OnceLock<Tensor>,
+    /// Inference passes captured as CUDA graphs, per input shape (`QTAYLOR_CUDA_GRAPH`).
+    graphs: crate::cuda_graph::Graphs,
 }
 
 impl UNet2D {
@@ -1676,6 +1683,7 @@ impl UNet2D {
             conv_out: w.conv("conv_out", ch[0], c.out_channels, 3, 1, 1)?,
             dtype: w.dtype,
             freq: std::sync::OnceLock::new(),
+            graphs: Default::default(),
             config,
         })
     }
@@ -1867,11 +1875,28 @@ impl UNet2D {
                 index: Some(index),
             }
         };
-        let mut h = self.conv_in.forward(&x)?;
+        // Inference on a GPU with QTAYLOR_CUDA_GRAPH=on: the pass after the time embedding
+        // is replayed from a CUDA graph (src/cuda_graph.rs); training passes never are.
+        match &temb.index {
+            Some(index) if !x.track_op() => self.graphs.run(&[&x, &temb.rows, index], |i| {
+                let temb = Temb {
+                    rows: i[1].clone(),
+                    index: Some(i[2].clone()),
+                };
+                self.body(&i[0], &temb, in_dtype)
+            }),
+            _ => self.body(&x, &temb, in_dtype),
+        }
+    }
+
+    /// The network from its input convolution to its output, for images `x` in the weights'
+    /// dtype and their time embedding; the output in `out_dtype`.
+    fn body(&self, x: &Tensor, temb: &Temb, out_dtype: DType) -> Result<Tensor> {
+        let mut h = self.conv_in.forward(x)?;
         let mut skips = vec![h.clone()];
         for blk in &self.down {
             for (j, r) in blk.resnets.iter().enumerate() {
-                h = r.forward(&h, &temb)?;
+                h = r.forward(&h, temb)?;
                 if let Some(a) = blk.attentions.get(j) {
                     h = a.forward(&h)?;
                 }
@@ -1888,11 +1913,11 @@ impl UNet2D {
             }
         }
         if let Some(m) = &self.mid {
-            h = m.r0.forward(&h, &temb)?;
+            h = m.r0.forward(&h, temb)?;
             if let Some(a) = &m.attn {
                 h = a.forward(&h)?;
             }
-            h = m.r1.forward(&h, &temb)?;
+            h = m.r1.forward(&h, temb)?;
         }
         for blk in &self.up {
             for (j, r) in blk.resnets.iter().enumerate() {
@@ -1902,7 +1927,7 @@ impl UNet2D {
                 })?;
                 // Only the concatenation is needed from here on.
                 drop((h, skip));
-                h = r.forward(&joined, &temb)?;
+                h = r.forward(&joined, temb)?;
                 if let Some(a) = blk.attentions.get(j) {
                     h = a.forward(&h)?;
                 }
@@ -1913,7 +1938,7 @@ impl UNet2D {
         }
         let h = norm_act(&self.norm_out, Act::Silu, &h)?;
         let out = self.conv_out.forward(&h)?;
-        Ok(out.to_dtype(in_dtype)?)
+        Ok(out.to_dtype(out_dtype)?)
     }
 }
 
