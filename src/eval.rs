@@ -26,7 +26,16 @@
 //! Outputs, each written atomically and rewritten after every row (so a stopped run keeps
 //! what it measured): `results.csv`, `results.json`, `report.md`, `fid_vs_nfe.png`, and
 //! `grid-<sampler>-nfe<N>.png` (the first 64 samples at the grid budget).
+//!
+//! Sharded ([`eval_shard`], `eval --shard I/N`): a shard draws samples ⌊I·n/N⌋..⌊(I+1)·n/N⌋
+//! of every row (the same numbers the unsharded run draws for them: noise stream (seed, i),
+//! class i mod classes, batch-independent network and classifier on the CPU), takes its
+//! share of the training and test images' features, and writes the per-sample results as a
+//! part; [`merge`] computes every row from the merged per-sample results. Its results equal
+//! the unsharded run's but for the `seconds` column, which is then the shards' compute time
+//! added up.
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
@@ -43,6 +52,7 @@ use crate::grid::{Final, TimeGrid};
 use crate::plot::{Line, Panel, loglog_png};
 use crate::rng::NoiseStreams;
 use crate::samplers::{self, Options, Sampler};
+use crate::shard::{EVAL_KIND, Part, Shard};
 
 /// The label every report carries.
 pub const FID_LABEL: &str = "MNIST-feature FID (not comparable to Inception FID)";
@@ -120,7 +130,7 @@ impl EvalOptions {
 }
 
 /// One row of the table.
-#[derive(Clone, Debug, Serialize, Deserialize)]
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 pub struct Row {
     /// Sampler name (`data:train` for the training-image floor).
     pub sampler: String,
@@ -148,6 +158,9 @@ pub struct Row {
     /// [`CONFIDENT`] (None in reports written before it was measured).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub confident: Option<f64>,
+    /// Sampling, features and metrics of the row. A merged sharded run: the shards'
+    /// sampling-and-feature seconds added up plus merge's metric seconds (compute spent, not
+    /// the wall clock of any one process).
     pub seconds: f64,
     /// Class-conditional sampling: the fraction of samples the classifier assigns to the
     /// class they were asked for.
@@ -156,7 +169,7 @@ pub struct Row {
 }
 
 /// The whole report.
-#[derive(Clone, Debug, Serialize, Deserialize)]
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 pub struct Report {
     pub metric: String,
     pub model: String,
@@ -187,6 +200,21 @@ struct Reference {
     pr_real: Vec<Vec<f64>>,
 }
 
+impl Reference {
+    /// The reference of the test-split features `features` (all of them, in index order)
+    /// for rows of `n` samples.
+    fn new(features: Vec<Vec<f64>>, n: usize) -> Result<Self> {
+        if n > features.len() {
+            bail!("--n {n}: the test split has {} images", features.len());
+        }
+        Ok(Reference {
+            moments: gaussian_moments(&features)?,
+            pr_real: features[..n].to_vec(),
+            features,
+        })
+    }
+}
+
 /// Images in [−1, 1] → the 8-bit grey levels a PNG would store → back to [−1, 1].
 fn quantise(x: &Tensor) -> Result<Tensor> {
     let q = ((x.to_dtype(DType::F32)?.clamp(-1f32, 1f32)? + 1.0)? * 127.5)?.round()?;
@@ -214,21 +242,56 @@ fn eval_labels(k: usize, start: usize, count: usize) -> Vec<u32> {
         .collect()
 }
 
-fn metrics(o: &EvalOptions, r: &Reference, fake: &[Vec<f64>]) -> Result<(f64, f64, f64, f64, f64)> {
+/// What a row's metrics depend on besides the per-sample results: recorded in every eval
+/// part, so that `merge` needs nothing but the parts.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct MetricSettings {
+    /// Samples per row.
+    pub n: usize,
+    /// The run's seed: noise streams and KID's subsets.
+    pub seed: u64,
+    pub kid_subsets: usize,
+    pub kid_subset_size: usize,
+    /// The grid PNGs show samples `0..grid_images` (the first batch's first 64).
+    pub grid_images: usize,
+}
+
+impl MetricSettings {
+    /// The settings of a run with options `o`.
+    fn of(o: &EvalOptions) -> Self {
+        MetricSettings {
+            n: o.n,
+            seed: o.seed,
+            kid_subsets: o.kid_subsets,
+            kid_subset_size: o.kid_subset_size,
+            grid_images: 64.min(o.batch).min(o.n),
+        }
+    }
+}
+
+/// FID, KID (mean, std), precision and recall of the sample features `fake`.
+fn metrics(
+    o: &MetricSettings,
+    r: &Reference,
+    fake: &[Vec<f64>],
+) -> Result<(f64, f64, f64, f64, f64)> {
     let fid = fid_from_moments(&gaussian_moments(fake)?, &r.moments)?;
     let (k, ks) = kid(fake, &r.features, o.kid_subsets, o.kid_subset_size, o.seed)?;
     let (p, rc) = precision_recall(&r.pr_real, fake, 3)?;
     Ok((fid, k, ks, p, rc))
 }
 
-/// What one sampler setting produced.
+/// What one sampler setting produced for the samples of one index range.
 struct Drawn {
     features: Vec<Vec<f64>>,
     confidence: Vec<f64>,
-    /// Mean NFE per sample.
-    nfe: f64,
-    /// The first (up to) 64 samples, for the grid.
-    first: Tensor,
+    /// Top-1 classes of the classifier.
+    top: Vec<u32>,
+    /// Network evaluations summed over the samples (NFE per sample × samples; an integer,
+    /// so that the sum does not depend on how the samples were batched).
+    row_evals: u64,
+    /// The samples of the range among `0..grid_images`, for the grid (None: none of them).
+    first: Option<Tensor>,
     /// Class-conditional: samples the classifier put in their requested class.
     hits: Option<usize>,
 }
@@ -243,38 +306,146 @@ struct Planned {
     /// Grid name, and its times when they do not come from the default grid.
     grid: String,
     times: Option<Vec<f64>>,
+    /// The resolved time grid.
+    ts: Vec<f64>,
 }
 
-/// Draws `o.n` samples with one sampler setting.
+impl Planned {
+    /// The grid PNG this row writes: `grid-<sampler>-nfe<N>[-<grid>].png` at the grid
+    /// budget, `grid-ddpm-<steps>steps.png` for the DDPM reference row.
+    fn png(&self, grid_nfe: usize) -> Option<String> {
+        if self.budget == Some(grid_nfe) {
+            let suffix = if self.grid == "default" {
+                String::new()
+            } else {
+                format!("-{}", self.grid)
+            };
+            Some(format!("grid-{}-nfe{grid_nfe}{suffix}.png", self.sampler))
+        } else if self.sampler == Sampler::Ddpm && self.budget.is_none() {
+            Some(format!("grid-ddpm-{}steps.png", self.steps))
+        } else {
+            None
+        }
+    }
+
+    /// The row's description as a part records it.
+    fn cell_plan(&self, grid_nfe: usize) -> CellPlan {
+        let bits: Vec<String> = self
+            .ts
+            .iter()
+            .map(|t| format!("{:x}", t.to_bits()))
+            .collect();
+        CellPlan {
+            sampler: self.sampler.to_string(),
+            grid: self.grid.clone(),
+            nfe_budget: self.budget,
+            tolerance: self.tol,
+            steps: if self.sampler.is_adaptive() {
+                0
+            } else {
+                self.ts.len() - 1
+            },
+            times_hash: crate::shard::config_hash(&bits),
+            png: self.png(grid_nfe),
+        }
+    }
+}
+
+/// One row of the run as an eval part describes it (the same in every part of a run).
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct CellPlan {
+    pub sampler: String,
+    pub grid: String,
+    pub nfe_budget: Option<usize>,
+    pub tolerance: Option<f64>,
+    /// The row's `steps` column (0 for an adaptive sampler).
+    pub steps: usize,
+    /// FNV-1a of the time grid's f64 bits: parts whose grids differ (a changed grid file)
+    /// are of different runs.
+    pub times_hash: String,
+    /// The grid PNG the row writes, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub png: Option<String>,
+}
+
+/// What one shard's samples of a row came to (their per-sample results are in the part's
+/// safetensors file as `cell<K>.features`, `cell<K>.confidence`, `cell<K>.top` and, for a
+/// row with a grid PNG, `cell<K>.first`).
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct CellDrawn {
+    /// Network evaluations summed over the shard's samples.
+    pub row_evals: u64,
+    /// Class-conditional: samples put in their requested class.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hits: Option<usize>,
+    /// Seconds the shard spent sampling and taking features (not comparable to an
+    /// unsharded run's wall clock: merge adds them up).
+    pub seconds: f64,
+}
+
+/// One row in one eval part: its plan, and the shard's outcome.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct CellPart {
+    pub plan: CellPlan,
+    /// None: the sampler could not run (see `skipped`); merge drops the row, as the
+    /// unsharded run does.
+    pub drawn: Option<CellDrawn>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub skipped: Option<String>,
+}
+
+/// The eval section of a part manifest ([`crate::shard::Part::eval`]): everything `merge`
+/// needs besides the per-sample arrays of `part-I-of-N.safetensors` (`test.features`: the
+/// shard's share of the test split; `data.features`, `data.confidence`: its training
+/// images of the `data:train` row; and the rows' `cell<K>.*`).
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct EvalPart {
+    /// The report's header (no rows).
+    pub header: Report,
+    pub settings: MetricSettings,
+    /// This shard's test images [test_start, test_end) of test_total.
+    pub test_start: usize,
+    pub test_end: usize,
+    pub test_total: usize,
+    /// Seconds spent on the `data:train` row's training images.
+    pub data_seconds: f64,
+    pub cells: Vec<CellPart>,
+}
+
+/// Draws samples `start..end` (of the run's `o.n`) with one planned row, in batches of
+/// `o.batch` from `start`: sample i from noise stream (seed, i), with class i mod classes.
 #[allow(clippy::too_many_arguments)]
 fn draw(
     o: &EvalOptions,
     m: &DiffusersModel,
     c: &Classifier,
-    sampler: Sampler,
-    opts: &Options,
-    ts: &[f64],
+    p: &Planned,
+    start: usize,
+    end: usize,
+    grid_images: usize,
     device: &Device,
 ) -> Result<Drawn> {
     let item = m.item_shape(None)?;
-    let mut feats = Vec::with_capacity(o.n);
-    let mut conf = Vec::with_capacity(o.n);
-    let mut nfe_total = 0.0;
-    let mut first: Option<Tensor> = None;
+    let count_all = end - start;
+    let mut feats = Vec::with_capacity(count_all);
+    let mut conf = Vec::with_capacity(count_all);
+    let mut tops = Vec::with_capacity(count_all);
+    let mut row_evals = 0u64;
+    let mut first: Vec<Tensor> = Vec::new();
     let mut hits: Option<usize> = None;
     let pb = crate::progress::Progress::new(
         "eval",
         "sample",
-        o.n as u64,
+        count_all as u64,
         "{bar:30} {pos}/{len} samples {msg} [{elapsed_precise}]",
     );
-    pb.set_message(sampler.to_string());
-    for start in (0..o.n).step_by(o.batch) {
-        pb.set_position(start as u64);
-        let count = o.batch.min(o.n - start);
-        let mut noise = NoiseStreams::new(o.seed, start, count);
+    pb.set_message(p.sampler.to_string());
+    for b0 in (start..end).step_by(o.batch) {
+        pb.set_position((b0 - start) as u64);
+        let count = o.batch.min(end - b0);
+        let mut noise = NoiseStreams::new(o.seed, b0, count);
         let x = noise.normal(&item, DType::F32, device)?;
-        let labels = m.unet.num_classes().map(|k| eval_labels(k, start, count));
+        let labels = m.unet.num_classes().map(|k| eval_labels(k, b0, count));
         let guided = match (&labels, o.guidance) {
             (Some(l), Some(w)) => Some(crate::guidance::Guided::new(
                 m,
@@ -291,30 +462,39 @@ fn draw(
         let run = samplers::sample(
             model,
             m.schedule.as_ref(),
-            sampler,
-            opts,
-            ts,
+            p.sampler,
+            &p.opts,
+            &p.ts,
             x,
             &mut noise,
             None,
         )?;
-        nfe_total += run.nfe * count as f64;
+        // run.nfe is per sample, averaged over the batch: × count it is the (integer)
+        // number of network evaluations of the batch's samples.
+        row_evals += (run.nfe * count as f64).round() as u64;
         let (f, cf, top) = features_and_confidence(c, &run.x)?;
         feats.extend(f);
         conf.extend(cf);
         if let Some(l) = &labels {
             *hits.get_or_insert(0) += top.iter().zip(l).filter(|(a, b)| a == b).count();
         }
-        if first.is_none() {
-            first = Some(run.x.narrow(0, 0, count.min(64))?.to_device(&Device::Cpu)?);
+        tops.extend(top);
+        if b0 < grid_images {
+            let k = count.min(grid_images - b0);
+            first.push(run.x.narrow(0, 0, k)?.to_device(&Device::Cpu)?);
         }
     }
     pb.finish();
     Ok(Drawn {
         features: feats,
         confidence: conf,
-        nfe: nfe_total / o.n as f64,
-        first: first.expect("n ≥ 1"),
+        top: tops,
+        row_evals,
+        first: if first.is_empty() {
+            None
+        } else {
+            Some(Tensor::cat(&first, 0)?)
+        },
         hits,
     })
 }
@@ -323,8 +503,151 @@ fn mean(v: &[f64]) -> f64 {
     v.iter().sum::<f64>() / v.len() as f64
 }
 
-/// Runs the evaluation and writes its outputs; returns the report.
-pub fn eval(o: &EvalOptions, device: &Device) -> Result<Report> {
+/// The `data:train` row's description.
+fn data_plan() -> CellPlan {
+    CellPlan {
+        sampler: "data:train".into(),
+        grid: default_grid_name(),
+        nfe_budget: None,
+        tolerance: None,
+        steps: 0,
+        times_hash: String::new(),
+        png: None,
+    }
+}
+
+/// The `data:train` row: the training images' features `fake` and confidences `conf`
+/// against the reference, as a sampler's row ([`row_of`]).
+fn data_row(
+    set: &MetricSettings,
+    r: &Reference,
+    fake: &[Vec<f64>],
+    conf: &[f64],
+    secs: f64,
+) -> Result<Row> {
+    row_of(set, r, &data_plan(), fake, conf, 0, None, secs)
+}
+
+/// A table row from the per-sample results of all `n` samples of a row, in index order:
+/// the feature metrics against `r`, the mean and the confident share of the top-1
+/// probabilities `conf`, the class accuracy from `hits`, and the mean NFE from `row_evals`.
+/// Its seconds are `drawn_seconds` plus the time the metrics take.
+#[allow(clippy::too_many_arguments)]
+fn row_of(
+    set: &MetricSettings,
+    r: &Reference,
+    plan: &CellPlan,
+    fake: &[Vec<f64>],
+    conf: &[f64],
+    row_evals: u64,
+    hits: Option<usize>,
+    drawn_seconds: f64,
+) -> Result<Row> {
+    let t0 = Instant::now();
+    let n = fake.len();
+    let (fid, k, ks, p, rc) = metrics(set, r, fake)?;
+    Ok(Row {
+        sampler: plan.sampler.clone(),
+        grid: plan.grid.clone(),
+        nfe_budget: plan.nfe_budget,
+        tolerance: plan.tolerance,
+        steps: plan.steps,
+        nfe: row_evals as f64 / n as f64,
+        n,
+        fid,
+        kid: k,
+        kid_std: ks,
+        precision: p,
+        recall: rc,
+        confidence: mean(conf),
+        confident: Some(confident(conf)),
+        seconds: drawn_seconds + t0.elapsed().as_secs_f64(),
+        conditional_accuracy: hits.map(|h| h as f64 / n as f64),
+    })
+}
+
+/// The progress line of a finished row (`drawn_secs`: its sampling and feature time).
+fn print_row(row: &Row, drawn_secs: f64) {
+    eprintln!(
+        "eval: {:<18} NFE {:>6.1}  FID {:>8.3}  KID {:.2e}  P {:.3} R {:.3}  conf {:.3} (>{CONFIDENT}: {}){}  ({:.1} s: sampling and features {:.1} s, metrics {:.1} s)",
+        name_of(row),
+        row.nfe,
+        row.fid,
+        row.kid,
+        row.precision,
+        row.recall,
+        row.confidence,
+        row.confident.map_or("–".into(), |f| format!("{f:.3}")),
+        row.conditional_accuracy
+            .map_or(String::new(), |a| format!("  class acc {a:.3}")),
+        row.seconds,
+        drawn_secs,
+        row.seconds - drawn_secs
+    );
+}
+
+/// Images `start..end` of a set as a set of their own.
+fn subset(set: &ImageSet, start: usize, end: usize) -> ImageSet {
+    let d = set.h * set.w;
+    ImageSet {
+        n: end - start,
+        h: set.h,
+        w: set.w,
+        images: set.images[start * d..end * d].to_vec(),
+        labels: set.labels[start..end].to_vec(),
+    }
+}
+
+/// Classifier features, top-1 confidences and classes of images `start..end` of a set (in
+/// batches of 500 from `start`; each image on its own, so the batching does not matter).
+#[allow(clippy::type_complexity)]
+fn set_features(
+    c: &Classifier,
+    set: &ImageSet,
+    start: usize,
+    end: usize,
+) -> Result<(Vec<Vec<f64>>, Vec<f64>, Vec<u32>)> {
+    let mut fake = Vec::with_capacity(end - start);
+    let mut conf = Vec::with_capacity(end - start);
+    let mut tops = Vec::with_capacity(end - start);
+    for b0 in (start..end).step_by(500) {
+        let idx: Vec<usize> = (b0..(b0 + 500).min(end)).collect();
+        let x = crate::classifier::image_batch(set, &idx, c.device())?;
+        let (f, cf, top) = features_and_confidence(c, &x)?;
+        fake.extend(f);
+        conf.extend(cf);
+        tops.extend(top);
+    }
+    Ok((fake, conf, tops))
+}
+
+/// The training split (its first n images make the `data:train` row).
+fn load_train(o: &EvalOptions) -> Result<ImageSet> {
+    let train = load_image_set(&o.data, Split::Train)?;
+    if o.n > train.n {
+        bail!(
+            "--n {}: the training split of '{}' has {} images",
+            o.n,
+            o.data,
+            train.n
+        );
+    }
+    Ok(train)
+}
+
+/// Everything a run needs before it draws: the checked inputs, and its rows.
+struct Setup {
+    m: DiffusersModel,
+    c: Classifier,
+    test: ImageSet,
+    runs: Vec<Planned>,
+    /// The report without rows.
+    header: Report,
+}
+
+/// Checks the options, loads the model, the classifier and the test split, and plans the
+/// rows (their samplers, budgets and time grids). Writes nothing.
+fn setup(o: &EvalOptions, device: &Device) -> Result<Setup> {
     if o.n < 4 || o.batch == 0 {
         bail!(
             "--n {} and --batch {}: n must be at least 4 and batch at least 1",
@@ -384,15 +707,7 @@ pub fn eval(o: &EvalOptions, device: &Device) -> Result<Report> {
             test.n
         );
     }
-    std::fs::create_dir_all(&o.out)
-        .with_context(|| format!("{}: cannot create the folder", o.out.display()))?;
-    let features = c.features_of_set(&test, test.n)?;
-    let reference = Reference {
-        moments: gaussian_moments(&features)?,
-        pr_real: features[..o.n].to_vec(),
-        features,
-    };
-    let mut report = Report {
+    let header = Report {
         metric: FID_LABEL.into(),
         model: o.model.display().to_string(),
         classifier: o.classifier.display().to_string(),
@@ -403,18 +718,6 @@ pub fn eval(o: &EvalOptions, device: &Device) -> Result<Report> {
         guidance: o.guidance,
         rows: Vec::new(),
     };
-    let started = Instant::now();
-    let out_of_time = || {
-        o.max_seconds
-            .is_some_and(|s| started.elapsed().as_secs_f64() > s)
-    };
-
-    // The floor: n training images.
-    let t0 = Instant::now();
-    let train = load_image_set(&o.data, Split::Train)?;
-    report.rows.push(data_row(o, &c, &reference, &train, t0)?);
-    write_report(&o.out, &report)?;
-
     let grid = TimeGrid::Discrete {
         spacing: m.scheduler.timestep_spacing.parse()?,
         offset: m.scheduler.steps_offset,
@@ -475,6 +778,7 @@ pub fn eval(o: &EvalOptions, device: &Device) -> Result<Report> {
         steps,
         grid: "default".into(),
         times: None,
+        ts: Vec::new(),
     };
     let mut budgets = o.nfe.clone();
     budgets.sort_unstable();
@@ -535,90 +839,81 @@ pub fn eval(o: &EvalOptions, device: &Device) -> Result<Report> {
             o.reference_steps,
         ));
     }
-    for Planned {
-        sampler: s,
-        opts,
-        budget,
-        tol,
-        steps,
-        grid: grid_name,
-        times,
-    } in runs
-    {
+    for p in &mut runs {
+        p.ts = match p.times.take() {
+            Some(t) => t,
+            None => grid.times(m.schedule.as_ref(), p.steps)?,
+        };
+    }
+    Ok(Setup {
+        m,
+        c,
+        test,
+        runs,
+        header,
+    })
+}
+
+/// Runs the evaluation and writes its outputs; returns the report.
+pub fn eval(o: &EvalOptions, device: &Device) -> Result<Report> {
+    let Setup {
+        m,
+        c,
+        test,
+        runs,
+        header,
+    } = setup(o, device)?;
+    std::fs::create_dir_all(&o.out)
+        .with_context(|| format!("{}: cannot create the folder", o.out.display()))?;
+    let set = MetricSettings::of(o);
+    let reference = Reference::new(c.features_of_set(&test, test.n)?, o.n)?;
+    let mut report = header;
+    let started = Instant::now();
+    let out_of_time = || {
+        o.max_seconds
+            .is_some_and(|s| started.elapsed().as_secs_f64() > s)
+    };
+
+    // The floor: n training images.
+    let t0 = Instant::now();
+    let train = load_train(o)?;
+    let (fake, conf, _) = set_features(&c, &train, 0, o.n)?;
+    let secs = t0.elapsed().as_secs_f64();
+    report
+        .rows
+        .push(data_row(&set, &reference, &fake, &conf, secs)?);
+    write_report(&o.out, &report)?;
+
+    for p in &runs {
         if out_of_time() {
             eprintln!("eval: --max-seconds reached; the remaining rows were not run");
             break;
         }
         let t0 = Instant::now();
-        let ts = match times {
-            Some(t) => t,
-            None => grid.times(m.schedule.as_ref(), steps)?,
-        };
         // A sampler that cannot run on this model (e.g. a grid it does not take) loses its
         // row, not the whole table.
-        let Drawn {
-            features: fake,
-            confidence: conf,
-            nfe,
-            first,
-            hits,
-        } = match draw(o, &m, &c, s, &opts, &ts, device) {
+        let d = match draw(o, &m, &c, p, 0, o.n, set.grid_images, device) {
             Ok(v) => v,
             Err(e) => {
-                eprintln!("eval: {s}, {steps} steps: skipped: {e:#}");
+                eprintln!("eval: {}, {} steps: skipped: {e:#}", p.sampler, p.steps);
                 continue;
             }
         };
         let drawn_secs = t0.elapsed().as_secs_f64();
-        let (fid, k, ks, p, rc) = metrics(o, &reference, &fake)?;
-        let row = Row {
-            sampler: s.to_string(),
-            grid: grid_name.clone(),
-            nfe_budget: budget,
-            tolerance: tol,
-            steps: if s.is_adaptive() { 0 } else { ts.len() - 1 },
-            nfe,
-            n: o.n,
-            fid,
-            kid: k,
-            kid_std: ks,
-            precision: p,
-            recall: rc,
-            confidence: mean(&conf),
-            confident: Some(confident(&conf)),
-            seconds: t0.elapsed().as_secs_f64(),
-            conditional_accuracy: hits.map(|h| h as f64 / o.n as f64),
-        };
-        eprintln!(
-            "eval: {:<18} NFE {:>6.1}  FID {:>8.3}  KID {:.2e}  P {:.3} R {:.3}  conf {:.3} (>{CONFIDENT}: {}){}  ({:.1} s: sampling and features {:.1} s, metrics {:.1} s)",
-            name_of(&row),
-            row.nfe,
-            fid,
-            k,
-            p,
-            rc,
-            row.confidence,
-            row.confident.map_or("–".into(), |f| format!("{f:.3}")),
-            row.conditional_accuracy
-                .map_or(String::new(), |a| format!("  class acc {a:.3}")),
-            row.seconds,
+        let plan = p.cell_plan(o.grid_nfe);
+        let row = row_of(
+            &set,
+            &reference,
+            &plan,
+            &d.features,
+            &d.confidence,
+            d.row_evals,
+            d.hits,
             drawn_secs,
-            row.seconds - drawn_secs
-        );
-        if budget == Some(o.grid_nfe) {
-            let suffix = if grid_name == "default" {
-                String::new()
-            } else {
-                format!("-{grid_name}")
-            };
-            crate::io::write_png_grid(
-                &o.out
-                    .join(format!("grid-{s}-nfe{}{suffix}.png", o.grid_nfe)),
-                &first,
-            )?;
-        }
-        if s == Sampler::Ddpm && budget.is_none() {
-            crate::io::write_png_grid(&o.out.join(format!("grid-ddpm-{steps}steps.png")), &first)?;
+        )?;
+        print_row(&row, drawn_secs);
+        if let (Some(name), Some(first)) = (&plan.png, &d.first) {
+            crate::io::write_png_grid(&o.out.join(name), first)?;
         }
         report.rows.push(row);
         write_report(&o.out, &report)?;
@@ -626,49 +921,348 @@ pub fn eval(o: &EvalOptions, device: &Device) -> Result<Report> {
     Ok(report)
 }
 
-fn data_row(
+/// A `(rows, d)` f64 tensor of feature rows (all of length `d`).
+fn rows_tensor(rows: &[Vec<f64>]) -> Result<Tensor> {
+    let d = rows.first().map_or(0, |r| r.len());
+    let flat: Vec<f64> = rows.iter().flatten().copied().collect();
+    Ok(Tensor::from_vec(flat, (rows.len(), d), &Device::Cpu)?)
+}
+
+/// Runs shard `shard` of the evaluation `o` — samples ⌊I·n/N⌋..⌊(I+1)·n/N⌋ of every row,
+/// the same training images of the `data:train` row, and test images ⌊I·T/N⌋..⌊(I+1)·T/N⌋
+/// of the reference — and writes its part into the folder `o.out`: the per-sample results
+/// as `part-I-of-N.safetensors`, then the manifest `part-I-of-N.json` with `config` (the
+/// command line without `--shard`/`--out`) and its hash. Returns the manifest's path.
+pub fn eval_shard(
     o: &EvalOptions,
-    c: &Classifier,
-    r: &Reference,
-    train: &ImageSet,
-    t0: Instant,
-) -> Result<Row> {
-    if o.n > train.n {
+    shard: Shard,
+    config: Vec<String>,
+    device: &Device,
+) -> Result<PathBuf> {
+    if o.max_seconds.is_some() {
         bail!(
-            "--n {}: the training split of '{}' has {} images",
-            o.n,
-            o.data,
-            train.n
+            "--shard takes no --max-seconds: every shard must draw every row (a shard out of time would leave rows merge cannot complete)"
         );
     }
-    let mut fake = Vec::with_capacity(o.n);
-    let mut conf = Vec::with_capacity(o.n);
-    for start in (0..o.n).step_by(500) {
-        let idx: Vec<usize> = (start..(start + 500).min(o.n)).collect();
-        let x = crate::classifier::image_batch(train, &idx, c.device())?;
-        let (f, cf, _) = features_and_confidence(c, &x)?;
-        fake.extend(f);
-        conf.extend(cf);
+    let (start, end) = shard.range(o.n);
+    if start == end {
+        bail!(
+            "--shard {}/{}: no samples in it (--n {} is split into more shards than samples)",
+            shard.index,
+            shard.count,
+            o.n
+        );
     }
-    let (fid, k, ks, p, rc) = metrics(o, r, &fake)?;
-    Ok(Row {
-        sampler: "data:train".into(),
-        grid: default_grid_name(),
-        nfe_budget: None,
-        tolerance: None,
-        steps: 0,
-        nfe: 0.0,
-        n: o.n,
-        fid,
-        kid: k,
-        kid_std: ks,
-        precision: p,
-        recall: rc,
-        confidence: mean(&conf),
-        confident: Some(confident(&conf)),
-        seconds: t0.elapsed().as_secs_f64(),
-        conditional_accuracy: None,
+    let Setup {
+        m,
+        c,
+        test,
+        runs,
+        header,
+    } = setup(o, device)?;
+    let set = MetricSettings::of(o);
+    let mut tensors: HashMap<String, Tensor> = HashMap::new();
+    let (ts0, ts1) = shard.range(test.n);
+    let test_features = c.features_of_set(&subset(&test, ts0, ts1), ts1 - ts0)?;
+    tensors.insert("test.features".into(), rows_tensor(&test_features)?);
+    let t0 = Instant::now();
+    let train = load_train(o)?;
+    let (fake, conf, _) = set_features(&c, &train, start, end)?;
+    let data_seconds = t0.elapsed().as_secs_f64();
+    tensors.insert("data.features".into(), rows_tensor(&fake)?);
+    tensors.insert(
+        "data.confidence".into(),
+        Tensor::new(conf.as_slice(), &Device::Cpu)?,
+    );
+    let mut cells = Vec::with_capacity(runs.len());
+    for (k, p) in runs.iter().enumerate() {
+        let t0 = Instant::now();
+        let plan = p.cell_plan(o.grid_nfe);
+        match draw(o, &m, &c, p, start, end, set.grid_images, device) {
+            Ok(d) => {
+                let seconds = t0.elapsed().as_secs_f64();
+                tensors.insert(format!("cell{k}.features"), rows_tensor(&d.features)?);
+                tensors.insert(
+                    format!("cell{k}.confidence"),
+                    Tensor::new(d.confidence.as_slice(), &Device::Cpu)?,
+                );
+                tensors.insert(
+                    format!("cell{k}.top"),
+                    Tensor::new(d.top.as_slice(), &Device::Cpu)?,
+                );
+                if let (Some(_), Some(first)) = (&plan.png, d.first) {
+                    tensors.insert(format!("cell{k}.first"), first);
+                }
+                eprintln!(
+                    "eval: shard {}/{}: {:<18} samples {start}..{end} drawn ({seconds:.1} s)",
+                    shard.index, shard.count, plan.sampler
+                );
+                cells.push(CellPart {
+                    plan,
+                    drawn: Some(CellDrawn {
+                        row_evals: d.row_evals,
+                        hits: d.hits,
+                        seconds,
+                    }),
+                    skipped: None,
+                });
+            }
+            Err(e) => {
+                eprintln!("eval: {}, {} steps: skipped: {e:#}", p.sampler, p.steps);
+                cells.push(CellPart {
+                    plan,
+                    drawn: None,
+                    skipped: Some(format!("{e:#}")),
+                });
+            }
+        }
+    }
+    let part = Part {
+        config_hash: crate::shard::config_hash(&config),
+        config,
+        shard: shard.index,
+        shards: shard.count,
+        start,
+        end,
+        total: o.n,
+        kind: EVAL_KIND.into(),
+        item: vec![1, 28, 28],
+        eval: Some(EvalPart {
+            header,
+            settings: set,
+            test_start: ts0,
+            test_end: ts1,
+            test_total: test.n,
+            data_seconds,
+            cells,
+        }),
+    };
+    crate::shard::create_parts_dir(&o.out)?;
+    let data = o.out.join(format!("{}.safetensors", shard.stem()));
+    crate::io::write_atomic_with(&data, |tmp| {
+        Ok(candle_core::safetensors::save(&tensors, tmp)?)
+    })?;
+    crate::shard::write_manifest(&o.out, &part)
+}
+
+/// The per-sample results of one shard's row.
+struct CellData {
+    features: Vec<Vec<f64>>,
+    confidence: Vec<f64>,
+    first: Option<Tensor>,
+}
+
+/// The per-sample results of one eval part, checked against its manifest.
+pub struct PartData {
+    test: Vec<Vec<f64>>,
+    data_features: Vec<Vec<f64>>,
+    data_confidence: Vec<f64>,
+    /// Per row of the manifest; None for a skipped row.
+    cells: Vec<Option<CellData>>,
+}
+
+/// Reads the per-sample results of the eval part whose manifest is `json` (its
+/// `part-I-of-N.safetensors`) and checks every array's presence, type and shape against the
+/// manifest; errors name the file and the array.
+pub fn read_part_data(json: &Path, part: &Part) -> Result<PartData> {
+    let info = part.eval.as_ref().with_context(|| {
+        format!(
+            "{}: an eval part without its 'eval' section",
+            json.display()
+        )
+    })?;
+    if (info.test_start, info.test_end) != part.shard().range(info.test_total) {
+        bail!(
+            "{}: test images {}..{} of {} are not shard {}/{}'s",
+            json.display(),
+            info.test_start,
+            info.test_end,
+            info.test_total,
+            part.shard,
+            part.shards
+        );
+    }
+    let path = part.data_path(json);
+    if !path.is_file() {
+        bail!(
+            "{}: no such file (the per-sample results of {})",
+            path.display(),
+            json.display()
+        );
+    }
+    let t = candle_core::safetensors::load(&path, &Device::Cpu)
+        .with_context(|| format!("{}: not a safetensors file of eval results", path.display()))?;
+    let get = |name: &str, shape: &[usize], dtype: DType| -> Result<Tensor> {
+        let x = t
+            .get(name)
+            .with_context(|| format!("{}: no array '{name}'", path.display()))?;
+        if x.dims() != shape || x.dtype() != dtype {
+            bail!(
+                "{}: array '{name}' is {:?} {:?}, expected {dtype:?} {shape:?}",
+                path.display(),
+                x.dtype(),
+                x.dims()
+            );
+        }
+        Ok(x.clone())
+    };
+    let dim = t
+        .get("test.features")
+        .and_then(|x| x.dims().get(1).copied())
+        .with_context(|| format!("{}: no 2-d array 'test.features'", path.display()))?;
+    let rows = part.end - part.start;
+    let test = get(
+        "test.features",
+        &[info.test_end - info.test_start, dim],
+        DType::F64,
+    )?
+    .to_vec2::<f64>()?;
+    let data_features = get("data.features", &[rows, dim], DType::F64)?.to_vec2::<f64>()?;
+    let data_confidence = get("data.confidence", &[rows], DType::F64)?.to_vec1::<f64>()?;
+    let g = info.settings.grid_images;
+    let first_rows = g.min(part.end).saturating_sub(part.start);
+    let mut cells = Vec::with_capacity(info.cells.len());
+    for (k, cell) in info.cells.iter().enumerate() {
+        if cell.drawn.is_none() {
+            cells.push(None);
+            continue;
+        }
+        let features =
+            get(&format!("cell{k}.features"), &[rows, dim], DType::F64)?.to_vec2::<f64>()?;
+        let confidence =
+            get(&format!("cell{k}.confidence"), &[rows], DType::F64)?.to_vec1::<f64>()?;
+        get(&format!("cell{k}.top"), &[rows], DType::U32)?;
+        let first = match (&cell.plan.png, first_rows) {
+            (Some(_), r) if r > 0 => {
+                let mut shape = vec![r];
+                shape.extend(&part.item);
+                Some(get(&format!("cell{k}.first"), &shape, DType::F32)?)
+            }
+            _ => None,
+        };
+        cells.push(Some(CellData {
+            features,
+            confidence,
+            first,
+        }));
+    }
+    Ok(PartData {
+        test,
+        data_features,
+        data_confidence,
+        cells,
     })
+}
+
+/// Merges the eval parts `parts` — one run's, shards 0..N once each, in shard order, as
+/// [`crate::shard::read_parts`] returns them — into the results folder `out`: every row's
+/// metrics are computed from the merged per-sample features (not from per-shard scores), so
+/// `results.json`, `results.csv`, `report.md`, `fid_vs_nfe.png` and the grid PNGs hold the
+/// numbers the unsharded run writes. Only `seconds` differs: a merged row's seconds are the
+/// shards' sampling-and-feature seconds added up, plus merge's metric time (compute spent,
+/// not wall clock). A row some shard skipped is dropped. Writes nothing on an error.
+pub fn merge_parts(parts: &[(PathBuf, Part)], out: &Path) -> Result<Report> {
+    let (first_path, first) = parts.first().context("merge: no parts")?;
+    if first.kind != EVAL_KIND {
+        bail!(
+            "merge: {} is a part of `sample` (its output is .{}), not of `eval`",
+            first_path.display(),
+            first.kind
+        );
+    }
+    let section = |p: &Path, part: &Part| -> Result<EvalPart> {
+        part.eval.clone().with_context(|| {
+            format!(
+                "merge: {}: an eval part without its 'eval' section",
+                p.display()
+            )
+        })
+    };
+    let info0 = section(first_path, first)?;
+    let plans = |i: &EvalPart| i.cells.iter().map(|c| c.plan.clone()).collect::<Vec<_>>();
+    let mut infos = Vec::with_capacity(parts.len());
+    let mut data = Vec::with_capacity(parts.len());
+    for (p, part) in parts {
+        let info = section(p, part)?;
+        if info.header != info0.header
+            || info.settings != info0.settings
+            || info.test_total != info0.test_total
+            || plans(&info) != plans(&info0)
+        {
+            bail!(
+                "merge: {} is of another run than {} (their classifier, data, settings or rows differ): merge the parts of one run",
+                p.display(),
+                first_path.display()
+            );
+        }
+        data.push(read_part_data(p, part).context("merge")?);
+        infos.push(info);
+    }
+    let set = &info0.settings;
+    let test: Vec<Vec<f64>> = data.iter().flat_map(|d| d.test.clone()).collect();
+    let reference = Reference::new(test, set.n)?;
+    let mut report = info0.header.clone();
+    let fake: Vec<Vec<f64>> = data.iter().flat_map(|d| d.data_features.clone()).collect();
+    let conf: Vec<f64> = data
+        .iter()
+        .flat_map(|d| d.data_confidence.clone())
+        .collect();
+    let secs: f64 = infos.iter().map(|i| i.data_seconds).sum();
+    report
+        .rows
+        .push(data_row(set, &reference, &fake, &conf, secs)?);
+    let mut pngs: Vec<(String, Tensor)> = Vec::new();
+    for (k, plan) in plans(&info0).iter().enumerate() {
+        if let Some((p, why)) = parts.iter().zip(&infos).find_map(|((_, part), i)| {
+            i.cells[k]
+                .drawn
+                .is_none()
+                .then(|| (part.shard(), i.cells[k].skipped.clone().unwrap_or_default()))
+        }) {
+            eprintln!(
+                "eval: {}, {} steps: skipped (in shard {}/{}: {why})",
+                plan.sampler, plan.steps, p.index, p.count
+            );
+            continue;
+        }
+        let cells: Vec<&CellData> = data
+            .iter()
+            .map(|d| d.cells[k].as_ref().expect("drawn in every shard"))
+            .collect();
+        let drawn: Vec<&CellDrawn> = infos
+            .iter()
+            .map(|i| i.cells[k].drawn.as_ref().expect("drawn in every shard"))
+            .collect();
+        let fake: Vec<Vec<f64>> = cells.iter().flat_map(|c| c.features.clone()).collect();
+        let conf: Vec<f64> = cells.iter().flat_map(|c| c.confidence.clone()).collect();
+        let row_evals = drawn.iter().map(|d| d.row_evals).sum();
+        let hits = drawn
+            .iter()
+            .try_fold(0usize, |acc, d| d.hits.map(|h| acc + h));
+        let secs: f64 = drawn.iter().map(|d| d.seconds).sum();
+        let row = row_of(set, &reference, plan, &fake, &conf, row_evals, hits, secs)?;
+        print_row(&row, secs);
+        if let Some(name) = &plan.png {
+            let firsts: Vec<Tensor> = cells.iter().filter_map(|c| c.first.clone()).collect();
+            if !firsts.is_empty() {
+                pngs.push((name.clone(), Tensor::cat(&firsts, 0)?));
+            }
+        }
+        report.rows.push(row);
+    }
+    std::fs::create_dir_all(out)
+        .with_context(|| format!("--out {}: cannot create the folder", out.display()))?;
+    for (name, images) in &pngs {
+        crate::io::write_png_grid(&out.join(name), images)?;
+    }
+    write_report(out, &report)?;
+    Ok(report)
+}
+
+/// Reads the eval parts under the folders `dirs` ([`crate::shard::read_parts`]) and merges
+/// them into the results folder `out` ([`merge_parts`]).
+pub fn merge(dirs: &[PathBuf], out: &Path) -> Result<Report> {
+    merge_parts(&crate::shard::read_parts(dirs)?, out)
 }
 
 fn default_grid_name() -> String {

@@ -70,17 +70,19 @@ enum Command {
     /// Inception FID), KID, precision/recall and classifier confidence per sampler and NFE,
     /// with a 1000-step DDPM reference row; writes CSV, JSON, Markdown, a plot and grids.
     Eval(EvalArgs),
-    /// Join the parts of a `sample --shard I/N` run (the folders their --out named) into the
-    /// output the unsharded run writes: the same .npy or PNG bytes.
+    /// Join the parts of a `sample --shard I/N` or `eval --shard I/N` run (the folders their
+    /// --out named) into the output the unsharded run writes: the same .npy or PNG bytes; for
+    /// eval the results folder, computed from the merged per-sample features.
     Merge(MergeArgs),
 }
 
 #[derive(Args)]
 struct MergeArgs {
-    /// Folders holding part-I-of-N.json / .npy files
+    /// Folders holding part-I-of-N.json files (with their .npy or .safetensors data)
     #[arg(required = true)]
     dirs: Vec<PathBuf>,
-    /// The merged output: .npy, or .png for a model's run (a grid of all samples)
+    /// The merged output: sample parts: .npy, or .png for a model's run (a grid of all
+    /// samples); eval parts: the results folder (results.json, results.csv, report.md, ...)
     #[arg(long)]
     out: PathBuf,
 }
@@ -151,6 +153,16 @@ struct EvalArgs {
     /// cpu | cuda
     #[arg(long, default_value = "cpu")]
     device: String,
+    /// Draw only shard I of N (0-based) of the --n samples of every row, ⌊I·n/N⌋..⌊(I+1)·n/N⌋,
+    /// and write their per-sample results as a part into the folder --out; `qtaylor merge`
+    /// computes the results from the merged parts. A complete part of this configuration
+    /// already in --out is not redone
+    #[arg(long)]
+    shard: Option<String>,
+    /// Run one shard per device at once (child processes), e.g. cuda:0,cuda:1, and merge them
+    /// into the results folder --out (instead of --device)
+    #[arg(long)]
+    devices: Option<String>,
 }
 
 #[derive(Args)]
@@ -499,6 +511,10 @@ struct SampleArgs {
     /// unsharded run's output, byte for byte
     #[arg(long)]
     shard: Option<String>,
+    /// Run one shard per device at once (child processes), e.g. cuda:0,cuda:1, and merge them
+    /// into --out: the unsharded run's output (instead of --device)
+    #[arg(long)]
+    devices: Option<String>,
     /// A class-conditional --model: the class of every sample
     #[arg(long)]
     class: Option<u32>,
@@ -577,7 +593,23 @@ fn parse_device(s: &str) -> Result<Device> {
         "cuda" => bail!(
             "--device cuda: this binary was built without CUDA support; build it with scripts/build-cuda.sh"
         ),
-        other => bail!("--device {other}: expected cpu or cuda"),
+        other if other.starts_with("cuda:") => {
+            let n: usize = other[5..].parse().map_err(|_| {
+                anyhow::anyhow!(
+                    "--device {other}: expected cuda:N with a GPU number N, e.g. cuda:1"
+                )
+            })?;
+            if !cfg!(feature = "cuda") {
+                bail!(
+                    "--device {other}: this binary was built without CUDA support; build it with scripts/build-cuda.sh"
+                );
+            }
+            qtaylor::kernels::open_cuda(n).map_err(|e| {
+                let first = e.to_string().lines().next().unwrap_or_default().to_string();
+                anyhow::anyhow!("--device {other}: no usable CUDA device {n} ({first})")
+            })
+        }
+        other => bail!("--device {other}: expected cpu, cuda or cuda:N"),
     }
 }
 
@@ -904,11 +936,11 @@ fn model_id(model: Option<&Path>, problem: Option<&str>) -> String {
 
 fn cmd_sample(a: &SampleArgs) -> Result<()> {
     let sampler: Sampler = a.sampler.parse()?;
-    let shard = a
-        .shard
-        .as_deref()
-        .map(qtaylor::shard::Shard::parse)
-        .transpose()?;
+    if let Some(d) = &a.devices {
+        qtaylor::io::check_out_dir("--out", &a.out)?;
+        return run_on_devices(d, &a.out);
+    }
+    let shard = parse_shard(a.shard.as_deref())?;
     if shard.is_none() {
         qtaylor::io::check_out_dir("--out", &a.out)?;
     } else if a.out.is_file() {
@@ -926,6 +958,11 @@ fn cmd_sample(a: &SampleArgs) -> Result<()> {
                 bail!("--shard takes no {flag} (merge writes the joined output)");
             }
         }
+    }
+    if let Some(s) = shard
+        && skip_finished_shard(&a.out, s)?
+    {
+        return Ok(());
     }
     if let Some(p) = &a.save_npy {
         qtaylor::io::check_out_dir("--save-npy", p)?;
@@ -1224,6 +1261,7 @@ fn cmd_sample(a: &SampleArgs) -> Result<()> {
             total: total.unwrap_or(b),
             kind: if image { "png" } else { "npy" }.into(),
             item: run.x.dims()[1..].to_vec(),
+            eval: None,
         };
         let json = qtaylor::shard::write_part(&a.out, &part, &run.x)?;
         eprintln!(
@@ -1643,13 +1681,18 @@ fn cmd_speed(a: &SpeedArgs) -> Result<()> {
     // the pass, the pass is bound by the host's launch overhead, not by the GPU.
     let enqueue = median(enqueue.split_off(1));
     println!(
-        "model {} ({:.2} M parameters), {:?}, dtype {}, batch {}; convolutions: {}",
+        "model {} ({:.2} M parameters), {:?}, dtype {}, batch {}; convolutions: {}{}",
         a.model.display(),
         m.parameters as f64 / 1e6,
         item,
         a.model_dtype,
         a.batch,
-        qtaylor::kernels::conv_path(&device)
+        qtaylor::kernels::conv_path(&device),
+        if device.is_cuda() && qtaylor::cuda_graph::enabled()? {
+            "; passes replayed from CUDA graphs (QTAYLOR_CUDA_GRAPH=on)"
+        } else {
+            ""
+        }
     );
     println!(
         "forward: {:.4} s per batch, {:.1} images/s (median of {})",
@@ -1904,9 +1947,71 @@ fn cmd_train(a: &TrainArgs) -> Result<()> {
     Ok(())
 }
 
+/// A shard about to run (`--shard`, parts folder `out`): true when its complete part of this
+/// configuration is already in `out` (a note says so and the run is skipped); an error when
+/// `out` holds a part of another run.
+fn skip_finished_shard(out: &Path, s: qtaylor::shard::Shard) -> Result<bool> {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let config = qtaylor::shard::config_of(&args);
+    match qtaylor::shard::existing_part(out, s, &config)? {
+        Some(json) => {
+            eprintln!(
+                "note: shard {}/{} is already done: {} is complete for configuration {}; not redone (delete it to redo the shard)",
+                s.index,
+                s.count,
+                json.display(),
+                qtaylor::shard::config_hash(&config)
+            );
+            Ok(true)
+        }
+        None => Ok(false),
+    }
+}
+
+/// `--shard I/N`, if given.
+fn parse_shard(s: Option<&str>) -> Result<Option<qtaylor::shard::Shard>> {
+    s.map(qtaylor::shard::Shard::parse).transpose()
+}
+
+/// `--devices D1,D2,...`: shard I of this command on device I, all at once in child processes
+/// ([`qtaylor::shard::run_on_devices`]), then their merge into `out`; the parts are removed
+/// once merged.
+fn run_on_devices(devices: &str, out: &Path) -> Result<()> {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let exe = std::env::current_exe().context("--devices: locating this program")?;
+    let parts = qtaylor::shard::run_on_devices(&exe, &args, devices, out)?;
+    cmd_merge(&MergeArgs {
+        dirs: vec![parts.clone()],
+        out: out.to_path_buf(),
+    })?;
+    std::fs::remove_dir_all(&parts)
+        .with_context(|| format!("removing the merged parts {}", parts.display()))
+}
+
 fn cmd_merge(a: &MergeArgs) -> Result<()> {
+    let parts = qtaylor::shard::read_parts(&a.dirs)?;
+    let part = parts[0].1.clone();
+    if part.kind == qtaylor::shard::EVAL_KIND {
+        let ext = a.out.extension().and_then(|e| e.to_str()).unwrap_or("");
+        if a.out.is_file() || ["npy", "png"].iter().any(|e| ext.eq_ignore_ascii_case(e)) {
+            bail!(
+                "--out {}: the parts are of `eval` (configuration {}): --out is the results folder, not a file",
+                a.out.display(),
+                part.config_hash
+            );
+        }
+        let report = qtaylor::eval::merge_parts(&parts, &a.out)?;
+        println!("{}", qtaylor::eval::markdown(&report));
+        eprintln!(
+            "merged {} eval shards ({} samples per row, configuration {}) -> {}",
+            part.shards,
+            part.total,
+            part.config_hash,
+            a.out.display()
+        );
+        return Ok(());
+    }
     qtaylor::io::check_out_dir("--out", &a.out)?;
-    let (part, rows) = qtaylor::shard::merge(&a.dirs)?;
     let ext = a.out.extension().and_then(|e| e.to_str()).unwrap_or("");
     if !ext.eq_ignore_ascii_case(&part.kind) {
         bail!(
@@ -1916,6 +2021,7 @@ fn cmd_merge(a: &MergeArgs) -> Result<()> {
             part.config_hash
         );
     }
+    let (part, rows) = qtaylor::shard::join_rows(&parts)?;
     if part.kind == "png" {
         qtaylor::io::write_png_grid(&a.out, &rows)?;
     } else {
@@ -1932,6 +2038,37 @@ fn cmd_merge(a: &MergeArgs) -> Result<()> {
 }
 
 fn cmd_eval(a: &EvalArgs) -> Result<()> {
+    if let Some(d) = &a.devices {
+        if a.out.is_file() {
+            bail!(
+                "--out {}: eval writes a results folder, not a file",
+                a.out.display()
+            );
+        }
+        return run_on_devices(d, &a.out);
+    }
+    let shard = parse_shard(a.shard.as_deref())?;
+    if let Some(s) = shard {
+        for (flag, set) in [
+            ("--render-only", a.render_only),
+            ("--max-seconds", a.max_seconds.is_some()),
+        ] {
+            if set {
+                bail!(
+                    "--shard takes no {flag}: every shard draws every row, and merge writes the results"
+                );
+            }
+        }
+        if a.out.is_file() {
+            bail!(
+                "--out {}: with --shard, --out is the folder of the parts, not a file",
+                a.out.display()
+            );
+        }
+        if skip_finished_shard(&a.out, s)? {
+            return Ok(());
+        }
+    }
     if a.render_only {
         if a.model.is_some() || a.guidance.is_some() {
             bail!("--model and --guidance do nothing with --render-only (it re-renders --out)");
@@ -1968,6 +2105,20 @@ fn cmd_eval(a: &EvalArgs) -> Result<()> {
         .collect();
     o.grid_dir = a.grid_dir.clone();
     o.guidance = a.guidance;
+    if let Some(s) = shard {
+        let args: Vec<String> = std::env::args().skip(1).collect();
+        let config = qtaylor::shard::config_of(&args);
+        let json = qtaylor::eval::eval_shard(&o, s, config, &device)?;
+        let (start, end) = s.range(o.n);
+        eprintln!(
+            "shard {}/{}: samples {start}..{end} of {} of every row -> {} (qtaylor merge computes the results)",
+            s.index,
+            s.count,
+            o.n,
+            json.display()
+        );
+        return Ok(());
+    }
     let report = qtaylor::eval::eval(&o, &device)?;
     println!("{}", qtaylor::eval::markdown(&report));
     eprintln!("wrote {}", a.out.display());

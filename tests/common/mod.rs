@@ -304,3 +304,289 @@ pub fn conditional_mnist(dir: &Path) -> qtaylor::checkpoint::DiffusersModel {
     candle_core::safetensors::save(&w, dir.join("diffusion_pytorch_model.safetensors")).unwrap();
     qtaylor::checkpoint::DiffusersModel::load(dir, DType::F32, &Device::Cpu).unwrap()
 }
+
+/// Runs the `qtaylor` binary with `args` and asserts that it succeeds; returns its output.
+pub fn run_ok<S: AsRef<std::ffi::OsStr> + std::fmt::Debug>(args: &[S]) -> std::process::Output {
+    let o = std::process::Command::new(env!("CARGO_BIN_EXE_qtaylor"))
+        .args(args)
+        .output()
+        .expect("the binary runs");
+    assert!(o.status.success(), "{args:?}: {}", stderr(&o));
+    o
+}
+
+/// `&[String]` as `Vec<&str>`, for [`qtaylor`].
+pub fn strs(args: &[String]) -> Vec<&str> {
+    args.iter().map(String::as_str).collect()
+}
+
+/// `qtaylor sample` of the exact-score `gmm-demo` problem: `batch` samples with `sampler`
+/// on `steps` steps (the command line the CLI and shard tests share).
+pub fn gmm_sample(sampler: &str, steps: usize, batch: usize) -> Vec<String> {
+    [
+        "sample",
+        "--problem",
+        "gmm-demo",
+        "--sampler",
+        sampler,
+        "--steps",
+        &steps.to_string(),
+        "--batch",
+        &batch.to_string(),
+    ]
+    .map(String::from)
+    .to_vec()
+}
+
+/// A small `qtaylor eval` for CPU tests: one command line, given as eval flags
+/// ([`SmallEval::args`]) or as the environment of `scripts/slurm/*.sbatch`
+/// ([`SmallEval::env`]).
+#[derive(Clone, Debug)]
+pub struct SmallEval {
+    pub model: PathBuf,
+    pub data: PathBuf,
+    pub samplers: String,
+    pub nfe: String,
+    pub n: usize,
+    pub batch: usize,
+    pub reference_steps: usize,
+    pub guidance: Option<String>,
+    /// Further flags (QTAYLOR_EVAL_ARGS for the Slurm scripts).
+    pub extra: Vec<String>,
+}
+
+impl SmallEval {
+    /// The shipped unconditional MNIST model (a folder copy in `dir`) on the synthetic strokes
+    /// data (24 images per split): ddim and the stochastic qit-2 at NFE 2 with their grid
+    /// PNGs and a 3-step (stochastic) DDPM reference row; n = 7 in batches of 3, so that 4
+    /// shards cut batches and the grid's 3 samples.
+    pub fn new(dir: &Path) -> Self {
+        SmallEval {
+            model: mnist_unet_folder(dir),
+            data: strokes(dir),
+            samplers: "ddim,qit-2".into(),
+            nfe: "2".into(),
+            n: 7,
+            batch: 3,
+            reference_steps: 3,
+            guidance: None,
+            extra: ["--grid-nfe", "2"].map(String::from).to_vec(),
+        }
+    }
+
+    /// `qtaylor eval …` without `--shard` and `--out`.
+    pub fn args(&self) -> Vec<String> {
+        let mut a: Vec<String> = vec![
+            "eval".into(),
+            "--model".into(),
+            p(&self.model).into(),
+            "--data".into(),
+            p(&self.data).into(),
+            "--samplers".into(),
+            self.samplers.clone(),
+            "--nfe".into(),
+            self.nfe.clone(),
+            "--n".into(),
+            self.n.to_string(),
+            "--batch".into(),
+            self.batch.to_string(),
+            "--reference-steps".into(),
+            self.reference_steps.to_string(),
+        ];
+        if let Some(g) = &self.guidance {
+            a.extend(["--guidance".into(), g.clone()]);
+        }
+        a.extend(self.extra.iter().cloned());
+        a
+    }
+
+    /// [`SmallEval::args`] plus `--shard I/N --out DIR`.
+    pub fn shard_args(&self, i: usize, n: usize, out: &Path) -> Vec<String> {
+        let mut a = self.args();
+        a.extend([
+            "--shard".into(),
+            format!("{i}/{n}"),
+            "--out".into(),
+            p(out).into(),
+        ]);
+        a
+    }
+
+    /// The same run as the environment `scripts/slurm/eval-array.sbatch` reads.
+    pub fn env(&self) -> Vec<(String, String)> {
+        let mut e = vec![
+            ("QTAYLOR_BIN", env!("CARGO_BIN_EXE_qtaylor").to_string()),
+            ("QTAYLOR_MODEL", p(&self.model).to_string()),
+            ("QTAYLOR_DATA", p(&self.data).to_string()),
+            ("QTAYLOR_SAMPLERS", self.samplers.clone()),
+            ("QTAYLOR_NFE", self.nfe.clone()),
+            ("QTAYLOR_N", self.n.to_string()),
+            ("QTAYLOR_BATCH", self.batch.to_string()),
+            ("QTAYLOR_REFERENCE_STEPS", self.reference_steps.to_string()),
+            ("QTAYLOR_EVAL_ARGS", self.extra.join(" ")),
+        ];
+        if let Some(g) = &self.guidance {
+            e.push(("QTAYLOR_GUIDANCE", g.clone()));
+        }
+        e.into_iter().map(|(k, v)| (k.to_string(), v)).collect()
+    }
+}
+
+/// The cells of a table (`sep`-separated lines) without the column headed `column`: CSV
+/// (`,`) or a Markdown table (`|`; each table's header line names its columns).
+pub fn without_column(text: &str, sep: char, column: &str) -> String {
+    let mut drop: Option<usize> = None;
+    let mut out = String::new();
+    for line in text.lines() {
+        let cells: Vec<&str> = line.split(sep).collect();
+        if let Some(i) = cells.iter().position(|c| c.trim() == column) {
+            drop = Some(i);
+        } else if cells.len() < 2 {
+            drop = None;
+        }
+        let kept: Vec<&str> = cells
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| Some(*i) != drop)
+            .map(|(_, c)| *c)
+            .collect();
+        out += &kept.join(&sep.to_string());
+        out.push('\n');
+    }
+    out
+}
+
+/// What an eval results folder says, but for its timing: `results.csv` and `report.md`
+/// without their `seconds` columns, `results.json` with every row's seconds set to 0, and
+/// every PNG's bytes (grids and the FID plot), by name.
+pub fn eval_results_but_seconds(
+    dir: &Path,
+) -> (String, serde_json::Value, String, Vec<(String, Vec<u8>)>) {
+    let read = |f: &str| {
+        std::fs::read_to_string(dir.join(f))
+            .unwrap_or_else(|e| panic!("{}: {e}", dir.join(f).display()))
+    };
+    let csv = without_column(&read("results.csv"), ',', "seconds");
+    let mut json: serde_json::Value = serde_json::from_str(&read("results.json")).unwrap();
+    for row in json["rows"].as_array_mut().expect("rows") {
+        row["seconds"] = 0.into();
+    }
+    let md = without_column(&read("report.md"), '|', "seconds");
+    let mut pngs: Vec<(String, Vec<u8>)> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|f| f.extension().is_some_and(|e| e == "png"))
+        .map(|f| {
+            let name = f.file_name().unwrap().to_string_lossy().into_owned();
+            (name, std::fs::read(&f).unwrap())
+        })
+        .collect();
+    pngs.sort();
+    (csv, json, md, pngs)
+}
+
+/// Asserts that two eval results folders hold the same results but for the seconds.
+pub fn assert_same_eval_results(a: &Path, b: &Path) {
+    let (ca, ja, ma, pa) = eval_results_but_seconds(a);
+    let (cb, jb, mb, pb) = eval_results_but_seconds(b);
+    assert_eq!(ca, cb, "results.csv of {} and {}", a.display(), b.display());
+    assert_eq!(
+        ja,
+        jb,
+        "results.json of {} and {}",
+        a.display(),
+        b.display()
+    );
+    assert_eq!(ma, mb, "report.md of {} and {}", a.display(), b.display());
+    let names = |v: &[(String, Vec<u8>)]| v.iter().map(|x| x.0.clone()).collect::<Vec<_>>();
+    assert_eq!(
+        names(&pa),
+        names(&pb),
+        "PNGs of {} and {}",
+        a.display(),
+        b.display()
+    );
+    for ((n, x), (_, y)) in pa.iter().zip(&pb) {
+        assert!(
+            x == y,
+            "{n} differs between {} and {}",
+            a.display(),
+            b.display()
+        );
+    }
+}
+
+/// A stand-in for Slurm's `sbatch` in the folder `bin` (put it first on PATH): it runs the
+/// job at once with the variables Slurm sets (a job array's tasks one after another, each
+/// with SLURM_ARRAY_TASK_ID/COUNT/MIN/MAX, SLURM_ARRAY_JOB_ID, SLURM_JOB_ID), honours
+/// `--dependency=afterok:ID` (the job runs only if job ID succeeded), prints the job id as
+/// `--parsable` does, and appends each command line to `bin/sbatch.log` and each job's
+/// output to `bin/job-<id>[_<task>].out`.
+pub fn stub_sbatch(bin: &Path) -> PathBuf {
+    std::fs::create_dir_all(bin).unwrap();
+    let f = bin.join("sbatch");
+    std::fs::write(
+        &f,
+        r#"#!/usr/bin/env bash
+set -euo pipefail
+state=$(dirname "$0")
+echo "$*" >>"$state/sbatch.log"
+array="" dep=""
+while [[ $# -gt 1 ]]; do
+    case $1 in
+    --array=*) array=${1#--array=} ;;
+    --dependency=*) dep=${1#--dependency=} ;;
+    -*) ;;
+    *) break ;;
+    esac
+    shift
+done
+script=$1
+job=$(($(cat "$state/next-id" 2>/dev/null || echo 1000) + 1))
+echo "$job" >"$state/next-id"
+echo "$job"
+if [[ -n $dep && ! -f $state/ok-${dep#afterok:} ]]; then
+    echo "dependency $dep never satisfied" >"$state/job-$job.out"
+    exit 0
+fi
+ok=1
+if [[ -n $array ]]; then
+    lo=${array%-*} hi=${array#*-}
+    for ((t = lo; t <= hi; t++)); do
+        SLURM_JOB_ID=$((job * 100 + t)) SLURM_ARRAY_JOB_ID=$job SLURM_ARRAY_TASK_ID=$t \
+            SLURM_ARRAY_TASK_COUNT=$((hi - lo + 1)) SLURM_ARRAY_TASK_MIN=$lo SLURM_ARRAY_TASK_MAX=$hi \
+            SLURM_SUBMIT_DIR=$PWD bash "$script" >"$state/job-${job}_$t.out" 2>&1 || ok=0
+    done
+else
+    SLURM_JOB_ID=$job SLURM_SUBMIT_DIR=$PWD bash "$script" >"$state/job-$job.out" 2>&1 || ok=0
+fi
+if ((ok)); then touch "$state/ok-$job"; fi
+"#,
+    )
+    .unwrap();
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&f, std::fs::Permissions::from_mode(0o755)).unwrap();
+    }
+    f
+}
+
+/// Everything the stub `sbatch` in `bin` logged and its jobs printed, for failure messages.
+pub fn stub_sbatch_logs(bin: &Path) -> String {
+    let mut files: Vec<PathBuf> = std::fs::read_dir(bin)
+        .map(|d| d.map(|e| e.unwrap().path()).collect())
+        .unwrap_or_default();
+    files.sort();
+    files
+        .iter()
+        .filter(|f| f.extension().is_some_and(|e| e == "out" || e == "log"))
+        .map(|f| {
+            format!(
+                "== {}\n{}",
+                f.display(),
+                std::fs::read_to_string(f).unwrap_or_default()
+            )
+        })
+        .collect()
+}
