@@ -425,6 +425,7 @@ fn the_running_at_scale_commands_of_the_readme_run_as_written() {
     let script = running_at_scale_blocks();
     for needle in [
         "--shard $i/4",
+        "--devices cpu,cpu",
         "qtaylor merge",
         "qtaylor eval",
         "scripts/slurm/submit-eval.sh",
@@ -466,6 +467,12 @@ fn the_running_at_scale_commands_of_the_readme_run_as_written() {
         std::fs::read(work.join("merged.png")).unwrap(),
         "merged.png is not digits.png"
     );
+    assert_eq!(
+        std::fs::read(work.join("digits.png")).unwrap(),
+        std::fs::read(work.join("devices.png")).unwrap(),
+        "devices.png is not digits.png"
+    );
+    assert!(!work.join("devices.png.parts").exists());
     assert_same_eval_results(&work.join("full"), &work.join("merged"));
     assert_same_eval_results(&work.join("full"), &work.join("qtaylor-results"));
     let log = std::fs::read_to_string(bin.join("sbatch.log")).unwrap();
