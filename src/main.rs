@@ -70,9 +70,9 @@ enum Command {
     /// Inception FID), KID, precision/recall and classifier confidence per sampler and NFE,
     /// with a 1000-step DDPM reference row; writes CSV, JSON, Markdown, a plot and grids.
     Eval(EvalArgs),
-    /// Join the parts of a `sample --shard I/N` or `eval --shard I/N` run (the folders their
+    /// Join the parts of a `sample`, `eval` or `bench` run with --shard I/N (the folders their
     /// --out named) into the output the unsharded run writes: the same .npy or PNG bytes; for
-    /// eval the results folder, computed from the merged per-sample features.
+    /// eval and bench the results folder, computed from the merged per-sample results.
     Merge(MergeArgs),
 }
 
@@ -82,7 +82,8 @@ struct MergeArgs {
     #[arg(required = true)]
     dirs: Vec<PathBuf>,
     /// The merged output: sample parts: .npy, or .png for a model's run (a grid of all
-    /// samples); eval parts: the results folder (results.json, results.csv, report.md, ...)
+    /// samples); eval and bench parts: the results folder (results.json, results.csv,
+    /// report.md, ...)
     #[arg(long)]
     out: PathBuf,
 }
@@ -567,9 +568,20 @@ struct BenchArgs {
     /// rtol = atol of the reference solution
     #[arg(long, default_value_t = 1e-9)]
     ref_tol: f64,
-    /// Output folder (results.csv, results.json, report.md, error_vs_nfe.png)
+    /// Output folder (results.csv, results.json, report.md, error_vs_nfe.png); with --shard
+    /// the folder of the parts
     #[arg(long)]
     out: PathBuf,
+    /// Run every cell on shard I of N (0-based) of the --batch samples only, the consecutive
+    /// rows ⌊I·B/N⌋..⌊(I+1)·B/N⌋, and write their per-sample end points as a part into the
+    /// folder --out; `qtaylor merge` computes the unsharded run's results from the parts. A
+    /// complete part of this configuration already in --out is not redone
+    #[arg(long)]
+    shard: Option<String>,
+    /// Run one shard per device at once (child processes), e.g. cuda:0,cuda:1, and merge them
+    /// into the results folder --out (instead of --device)
+    #[arg(long)]
+    devices: Option<String>,
 }
 
 fn parse_dtype(s: &str) -> Result<DType> {
@@ -1543,6 +1555,34 @@ fn cmd_tune(a: &TuneArgs) -> Result<()> {
 }
 
 fn cmd_bench(a: &BenchArgs) -> Result<()> {
+    if a.out.is_file() {
+        bail!(
+            "--out {}: bench writes a results folder{}, not a file",
+            a.out.display(),
+            if a.shard.is_some() {
+                " (with --shard: the folder of the parts)"
+            } else {
+                ""
+            }
+        );
+    }
+    if let Some(d) = &a.devices {
+        return run_on_devices(d, &a.out);
+    }
+    let shard = parse_shard(a.shard.as_deref())?;
+    if let Some(s) = shard {
+        let (start, end) = s.range(a.batch);
+        if start == end {
+            bail!(
+                "--shard {}: no samples in it (--batch {} is split into more shards than samples)",
+                a.shard.as_deref().unwrap_or(""),
+                a.batch
+            );
+        }
+        if skip_finished_shard(&a.out, s)? {
+            return Ok(());
+        }
+    }
     let device = parse_device(&a.common.device)?;
     let (schedule, discrete) = schedule_of(&a.common)?;
     let grid = time_grid(
@@ -1605,6 +1645,31 @@ fn cmd_bench(a: &BenchArgs) -> Result<()> {
         projections: 128,
     };
     let start = Instant::now();
+    if let Some(s) = shard {
+        let rows = s.range(a.batch);
+        let data = qtaylor::bench::bench_rows(
+            problem.as_ref(),
+            schedule.as_ref(),
+            &device,
+            &cfg,
+            rows,
+            true,
+        )?;
+        let args: Vec<String> = std::env::args().skip(1).collect();
+        let config = qtaylor::shard::config_of(&args);
+        let json = qtaylor::bench::write_part(&a.out, s, config, problem.item_shape(), &data)?;
+        eprintln!(
+            "shard {}/{}: samples {}..{} of {} of every cell ({:.1} s) -> {} (qtaylor merge computes the results)",
+            s.index,
+            s.count,
+            rows.0,
+            rows.1,
+            a.batch,
+            start.elapsed().as_secs_f64(),
+            json.display()
+        );
+        return Ok(());
+    }
     let report = run_bench(problem.as_ref(), schedule.as_ref(), &device, &cfg, true)?;
     report.write(&a.out)?;
     println!("{}", report.markdown());
@@ -1991,15 +2056,32 @@ fn run_on_devices(devices: &str, out: &Path) -> Result<()> {
 fn cmd_merge(a: &MergeArgs) -> Result<()> {
     let parts = qtaylor::shard::read_parts(&a.dirs)?;
     let part = parts[0].1.clone();
-    if part.kind == qtaylor::shard::EVAL_KIND {
+    let results = [qtaylor::shard::EVAL_KIND, qtaylor::shard::BENCH_KIND];
+    if results.contains(&part.kind.as_str()) {
         let ext = a.out.extension().and_then(|e| e.to_str()).unwrap_or("");
         if a.out.is_file() || ["npy", "png"].iter().any(|e| ext.eq_ignore_ascii_case(e)) {
             bail!(
-                "--out {}: the parts are of `eval` (configuration {}): --out is the results folder, not a file",
+                "--out {}: the parts are of `{}` (configuration {}): --out is the results folder, not a file",
                 a.out.display(),
+                part.kind,
                 part.config_hash
             );
         }
+    }
+    if part.kind == qtaylor::shard::BENCH_KIND {
+        let report = qtaylor::bench::merge_parts(&parts)?;
+        report.write(&a.out)?;
+        println!("{}", report.markdown());
+        eprintln!(
+            "merged {} bench shards ({} samples, configuration {}) -> {}",
+            part.shards,
+            part.total,
+            part.config_hash,
+            a.out.display()
+        );
+        return Ok(());
+    }
+    if part.kind == qtaylor::shard::EVAL_KIND {
         let report = qtaylor::eval::merge_parts(&parts, &a.out)?;
         println!("{}", qtaylor::eval::markdown(&report));
         eprintln!(

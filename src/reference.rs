@@ -32,9 +32,12 @@ pub struct Reference {
     pub check: f64,
     /// Model evaluations per sample of the tol run.
     pub nfe: f64,
+    /// Model evaluations of the tol run summed over the samples (`nfe` × rows, exactly).
+    pub row_evals: u64,
 }
 
-/// Integrates the PF-ODE from `x_init` at `t_max` to `t_min` with rtol = atol = `tol`.
+/// Integrates the PF-ODE from `x_init` at `t_max` to `t_min` with rtol = atol = `tol`;
+/// returns the end points and the model evaluations per sample.
 pub fn integrate_pf_ode(
     model: &dyn Model,
     schedule: &dyn Schedule,
@@ -43,6 +46,20 @@ pub fn integrate_pf_ode(
     t_min: f64,
     tol: f64,
 ) -> Result<(Tensor, f64)> {
+    let b = x_init.dims()[0];
+    let (x, evals) = integrate(model, schedule, x_init, t_max, t_min, tol)?;
+    Ok((x, evals as f64 / b as f64))
+}
+
+/// [`integrate_pf_ode`], returning the model evaluations summed over the samples.
+fn integrate(
+    model: &dyn Model,
+    schedule: &dyn Schedule,
+    x_init: &Tensor,
+    t_max: f64,
+    t_min: f64,
+    tol: f64,
+) -> Result<(Tensor, u64)> {
     let b = x_init.dims()[0];
     let x = x_init.to_dtype(DType::F64)?;
     let (l0, l1) = (schedule.lambda(t_max), schedule.lambda(t_min));
@@ -70,8 +87,8 @@ pub fn integrate_pf_ode(
     let sol = with_ctx(model, schedule, &mut noise, "reference", |ctx| {
         dopri5(ctx, &mut field, y0, l0, l1, tol, tol, 10_000_000)
     })?;
-    let nfe = sol.evals.iter().sum::<usize>() as f64 / b as f64;
-    Ok(((sol.y * schedule.sigma(t_min))?, nfe))
+    let evals = sol.evals.iter().sum::<usize>() as u64;
+    Ok(((sol.y * schedule.sigma(t_min))?, evals))
 }
 
 /// The reference end point, computed at `tol` and at `tol/2`; `check` is their largest
@@ -87,8 +104,9 @@ pub fn reference_endpoint(
     if tol.is_nan() || tol <= 0.0 {
         bail!("reference tolerance must be positive, got {tol}");
     }
-    let (x, nfe) = integrate_pf_ode(model, schedule, x_init, t_max, t_min, tol)?;
-    let (x2, _) = integrate_pf_ode(model, schedule, x_init, t_max, t_min, tol / 2.0)?;
+    let b = x_init.dims()[0];
+    let (x, row_evals) = integrate(model, schedule, x_init, t_max, t_min, tol)?;
+    let (x2, _) = integrate(model, schedule, x_init, t_max, t_min, tol / 2.0)?;
     let check = rows_f64(&x)?
         .iter()
         .flatten()
@@ -99,6 +117,7 @@ pub fn reference_endpoint(
         x: x2,
         tol: tol / 2.0,
         check,
-        nfe,
+        nfe: row_evals as f64 / b as f64,
+        row_evals,
     })
 }

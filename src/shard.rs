@@ -1,7 +1,7 @@
-//! Sharded runs: `sample --shard I/N` and `eval --shard I/N` compute only their share of the
-//! sample indices and write a self-describing part; `merge` joins the parts into the output
-//! one unsharded run writes (sample: the same bytes; eval: the same results, computed from
-//! the merged per-sample features).
+//! Sharded runs: `sample --shard I/N`, `eval --shard I/N` and `bench --shard I/N` compute
+//! only their share of the sample indices and write a self-describing part; `merge` joins the
+//! parts into the output one unsharded run writes (sample: the same bytes; eval and bench:
+//! the same results, computed from the merged per-sample features or end points).
 //!
 //! Sample i's start noise and its sampler noise come from stream (seed, i) and its class from
 //! its global index, and the CPU network is batch-independent bit for bit, so rows
@@ -9,7 +9,7 @@
 //! part is `part-I-of-N.json` (a [`Part`]: the shard, its rows, the output kind, and the
 //! run's configuration — the command line without `--shard` and `--out` — with a hash of it)
 //! next to its data: `part-I-of-N.npy` (sample's rows) or `part-I-of-N.safetensors` (eval's
-//! per-sample features, [`crate::eval`]). Both are written atomically, the manifest last, so
+//! per-sample features, [`crate::eval`]; bench's per-sample end points, [`crate::bench`]). Both are written atomically, the manifest last, so
 //! a part with a manifest is complete and a killed shard leaves none.
 //!
 //! [`read_parts`] refuses parts of two configurations, a missing shard and a duplicated one,
@@ -58,6 +58,9 @@ impl Shard {
 /// The part kind of `eval --shard` ([`Part::kind`]).
 pub const EVAL_KIND: &str = "eval";
 
+/// The part kind of `bench --shard` ([`Part::kind`]).
+pub const BENCH_KIND: &str = "bench";
+
 /// What a part records about itself (`part-I-of-N.json`).
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 pub struct Part {
@@ -71,8 +74,10 @@ pub struct Part {
     pub start: usize,
     pub end: usize,
     pub total: usize,
-    /// `png` (sample: a grid of the whole run), `npy` (sample: the rows) or `eval` (the
-    /// per-sample results of `eval`, in `part-I-of-N.safetensors`; see [`Part::eval`]).
+    /// `png` (sample: a grid of the whole run), `npy` (sample: the rows), `eval` (the
+    /// per-sample results of `eval`, in `part-I-of-N.safetensors`; see [`Part::eval`]) or
+    /// `bench` (the per-sample end points of `bench`, in `part-I-of-N.safetensors`, which
+    /// also describes them: [`crate::bench::BenchPart`]).
     pub kind: String,
     /// The shape of one sample (e.g. [1, 28, 28], or [64] for a problem).
     pub item: Vec<usize>,
@@ -92,7 +97,7 @@ impl Part {
 
     /// The file next to the manifest `json` that holds this part's data.
     pub fn data_path(&self, json: &Path) -> PathBuf {
-        json.with_extension(if self.kind == EVAL_KIND {
+        json.with_extension(if self.kind == EVAL_KIND || self.kind == BENCH_KIND {
             "safetensors"
         } else {
             "npy"
@@ -380,6 +385,8 @@ fn read_rows(json: &Path, part: &Part) -> Result<Tensor> {
 pub fn check_part_data(json: &Path, part: &Part) -> Result<()> {
     if part.kind == EVAL_KIND {
         crate::eval::read_part_data(json, part).map(|_| ())
+    } else if part.kind == BENCH_KIND {
+        crate::bench::read_part_data(json, part).map(|_| ())
     } else {
         read_rows(json, part).map(|_| ())
     }
@@ -393,6 +400,12 @@ pub fn join_rows(parts: &[(PathBuf, Part)]) -> Result<(Part, Tensor)> {
     if first.kind == EVAL_KIND {
         bail!(
             "merge: these are parts of `eval` (configuration {}): they merge into a results folder",
+            first.config_hash
+        );
+    }
+    if first.kind == BENCH_KIND {
+        bail!(
+            "merge: these are parts of `bench` (configuration {}): they merge into a results folder",
             first.config_hash
         );
     }

@@ -1,6 +1,8 @@
 //! Sharded runs end to end, each shard a separate process: `sample --shard I/N` + `merge` is
 //! byte-identical to the unsharded run; `eval --shard I/N` + `merge` writes the unsharded
-//! eval's results (every column but the seconds, the grids and the plot); merge refuses a
+//! eval's results (every column but the seconds, the grids and the plot), and `bench --shard
+//! I/N` + `merge` the unsharded bench's (report.md and the plot byte for byte, the CSV and
+//! JSON but for the seconds); merge refuses a
 //! missing, a duplicated or a foreign shard by name and writes nothing; a re-run shard whose
 //! part is complete is not redone, a killed one leaves no part, and another run's part in its
 //! folder is refused; flags that cannot shard are refused; and README.md's "Running at scale"
@@ -8,8 +10,8 @@
 
 mod common;
 use common::{
-    SmallEval, assert_same_eval_results, gmm_sample, p, qtaylor, run_ok, stderr, strokes, strs,
-    stub_sbatch, stub_sbatch_logs,
+    SmallEval, assert_same_eval_results, gmm_bench, gmm_sample, p, qtaylor, run_ok, stderr,
+    strokes, strs, stub_sbatch, stub_sbatch_logs,
 };
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -78,6 +80,21 @@ fn merge_fails(dirs: &[&Path], out: &Path, want: &[&str]) {
     assert!(!e.contains("panicked") && !out.exists(), "{e}");
 }
 
+/// Runs the 3 shards of `base` into `d/one` and shard 1/3 of the same run with another seed
+/// into `d/other`; returns the two folders.
+fn three_shards_and_a_foreign_one(base: &[String], d: &Path) -> (PathBuf, PathBuf) {
+    let (one, other) = (d.join("one"), d.join("other"));
+    for i in 0..3 {
+        let s = format!("{i}/3");
+        run_ok(&with(base, &["--shard", &s, "--out", p(&one)]));
+    }
+    run_ok(&with(
+        base,
+        &["--seed", "9", "--shard", "1/3", "--out", p(&other)],
+    ));
+    (one, other)
+}
+
 /// `merge` of the parts folder `one` (shards 0..3 of 3) given twice, and with `other` (shard
 /// 1/3 of another configuration), fails naming the part, and writes nothing at `out`.
 fn merge_refuses_a_duplicated_and_a_foreign_shard(one: &Path, other: &Path, out: &Path) {
@@ -94,15 +111,7 @@ fn merge_refuses_a_missing_a_duplicated_or_a_foreign_shard_by_name_and_writes_no
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
     let base = gmm_sample("ddim", 3, 6);
-    let (one, other) = (d.join("one"), d.join("other"));
-    for i in 0..3 {
-        let s = format!("{i}/3");
-        run_ok(&with(&base, &["--shard", &s, "--out", p(&one)]));
-    }
-    run_ok(&with(
-        &base,
-        &["--seed", "9", "--shard", "1/3", "--out", p(&other)],
-    ));
+    let (one, other) = three_shards_and_a_foreign_one(&base, d);
     let out = d.join("m.npy");
     merge_refuses_a_duplicated_and_a_foreign_shard(&one, &other, &out);
     std::fs::remove_file(one.join("part-2-of-3.json")).unwrap();
@@ -121,16 +130,13 @@ fn merge_refuses_a_missing_a_duplicated_or_a_foreign_shard_by_name_and_writes_no
     assert!(!d.join("z").exists());
 }
 
-/// Runs `e` unsharded into `dir/full`, as `shards` shards (separate processes, all at once,
-/// like the tasks of a job array) into `dir/parts`, merges them into `dir/merged` and checks
-/// that both results folders say the same but for the seconds. Returns the two folders.
-fn eval_shards_then_merge(e: &SmallEval, dir: &Path, shards: usize) -> (PathBuf, PathBuf) {
-    let (full, parts, merged) = (dir.join("full"), dir.join("parts"), dir.join("merged"));
-    run_ok(&with(&e.args(), &["--out", p(&full)]));
+/// Runs the `shards` commands `args(i)` as separate processes all at once (like the tasks of
+/// a job array) and checks that each succeeds.
+fn run_shards_at_once(shards: usize, args: impl Fn(usize) -> Vec<String>) {
     let children: Vec<_> = (0..shards)
         .map(|i| {
             Command::new(env!("CARGO_BIN_EXE_qtaylor"))
-                .args(e.shard_args(i, shards, &parts))
+                .args(args(i))
                 .stdout(std::process::Stdio::null())
                 .stderr(std::process::Stdio::piped())
                 .spawn()
@@ -141,6 +147,15 @@ fn eval_shards_then_merge(e: &SmallEval, dir: &Path, shards: usize) -> (PathBuf,
         let o = c.wait_with_output().unwrap();
         assert!(o.status.success(), "shard {i}/{shards}: {}", stderr(&o));
     }
+}
+
+/// Runs `e` unsharded into `dir/full`, as `shards` shards (separate processes, all at once,
+/// like the tasks of a job array) into `dir/parts`, merges them into `dir/merged` and checks
+/// that both results folders say the same but for the seconds. Returns the two folders.
+fn eval_shards_then_merge(e: &SmallEval, dir: &Path, shards: usize) -> (PathBuf, PathBuf) {
+    let (full, parts, merged) = (dir.join("full"), dir.join("parts"), dir.join("merged"));
+    run_ok(&with(&e.args(), &["--out", p(&full)]));
+    run_shards_at_once(shards, |i| e.shard_args(i, shards, &parts));
     let o = run_ok(&["merge", p(&parts), "--out", p(&merged)]);
     assert!(stderr(&o).contains(&format!("merged {shards} eval shards")));
     assert_same_eval_results(&full, &merged);
@@ -527,4 +542,163 @@ fn a_devices_run_merges_one_shard_per_device_into_the_unsharded_output() {
         assert!(!stderr(&o).contains("panicked"));
         assert!(!d.join("bad.npy").exists());
     }
+}
+
+/// A bench for the shard tests: a deterministic, a stochastic, a two-stage and two adaptive
+/// samplers (whose tolerance sweeps stop on the mean NFE) at NFE 3 and 30 on 10 samples.
+fn small_bench() -> Vec<String> {
+    gmm_bench("ddim,qit-2,heun,rk45,dpm-solver-12", "3,30", 10)
+}
+
+/// Asserts that two bench results folders say the same: report.md and error_vs_nfe.png byte
+/// for byte, results.csv and results.json but for the seconds (the shards' compute time).
+fn assert_same_bench_results(a: &Path, b: &Path) {
+    assert_same_eval_results(a, b);
+    for f in ["report.md", "error_vs_nfe.png"] {
+        assert!(
+            std::fs::read(a.join(f)).unwrap() == std::fs::read(b.join(f)).unwrap(),
+            "{f} of {} and {}",
+            a.display(),
+            b.display()
+        );
+    }
+}
+
+#[test]
+fn four_bench_shards_merged_give_the_unsharded_bench_but_for_the_seconds() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let base = small_bench();
+    let (full, parts, merged) = (d.join("full"), d.join("parts"), d.join("merged"));
+    run_ok(&with(&base, &["--out", p(&full)]));
+    // The shards at once, like the tasks of a job array (rows 0..2, 2..5, 5..7, 7..10).
+    run_shards_at_once(4, |i| {
+        with(&base, &["--shard", &format!("{i}/4"), "--out", p(&parts)])
+    });
+    let o = run_ok(&["merge", p(&parts), "--out", p(&merged)]);
+    assert!(
+        stderr(&o).contains("merged 4 bench shards"),
+        "{}",
+        stderr(&o)
+    );
+    assert_same_bench_results(&full, &merged);
+    // The adaptive samplers' sweeps picked a tolerance at NFE 30, and the stochastic one ran.
+    let rows = rows(&merged);
+    for s in ["rk45", "dpm-solver-12"] {
+        assert!(
+            rows.iter()
+                .any(|r| r["sampler"] == s && r["rtol"].is_number() && r["nfe_budget"] == 30),
+            "{s}: {rows:?}"
+        );
+    }
+    assert!(
+        rows.iter()
+            .any(|r| r["sampler"] == "qit-2" && r["sw2"].is_number())
+    );
+}
+
+#[test]
+fn a_devices_bench_merges_one_shard_per_device_into_the_unsharded_bench() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let base = small_bench();
+    run_ok(&with(&base, &["--out", p(&d.join("full"))]));
+    let o = run_ok(&with(
+        &base,
+        &["--devices", "cpu,cpu", "--out", p(&d.join("devices"))],
+    ));
+    assert!(
+        stderr(&o).contains("merged 2 bench shards"),
+        "{}",
+        stderr(&o)
+    );
+    assert_same_bench_results(&d.join("full"), &d.join("devices"));
+    assert!(!d.join("devices.parts").exists());
+}
+
+#[test]
+fn merge_refuses_a_missing_a_duplicated_a_foreign_or_a_damaged_bench_shard_by_name_and_writes_nothing()
+ {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let base = gmm_bench("ddim,rk45", "3,10", 6);
+    let (one, other) = three_shards_and_a_foreign_one(&base, d);
+    let out = d.join("results");
+    merge_refuses_a_duplicated_and_a_foreign_shard(&one, &other, &out);
+    // Bench parts merge into a folder, not into a sample's output file.
+    merge_fails(&[&one], &d.join("m.npy"), &["results folder", "`bench`"]);
+    // Per-sample results that do not match their manifest.
+    let data = one.join("part-1-of-3.safetensors");
+    let good = std::fs::read(&data).unwrap();
+    std::fs::write(&data, &good[..good.len() / 2]).unwrap();
+    merge_fails(&[&one], &out, &["part-1-of-3.safetensors"]);
+    std::fs::write(&data, good).unwrap();
+    std::fs::remove_file(one.join("part-2-of-3.json")).unwrap();
+    merge_fails(&[&one], &out, &["shard 2/3", "missing"]);
+}
+
+#[test]
+fn a_rerun_bench_shard_is_not_redone_and_a_bench_shard_refuses_what_cannot_shard() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let base = gmm_bench("ddim,rk45", "3,10", 6);
+    let parts = d.join("parts");
+    let shard = with(&base, &["--shard", "1/3", "--out", p(&parts)]);
+    let o = run_ok(&shard);
+    assert!(stderr(&o).contains("samples 2..4 of 6"), "{}", stderr(&o));
+    let files = [
+        parts.join("part-1-of-3.json"),
+        parts.join("part-1-of-3.safetensors"),
+    ];
+    let before: Vec<_> = files.iter().map(|f| stamp(f)).collect();
+    let o = run_ok(&shard);
+    let err = stderr(&o);
+    assert!(
+        err.contains("shard 1/3 is already done") && err.contains("part-1-of-3.json"),
+        "{err}"
+    );
+    assert!(before == files.iter().map(|f| stamp(f)).collect::<Vec<_>>());
+    // A damaged part of this run is redone (its numbers the same, its seconds its own), and
+    // is then complete.
+    std::fs::write(&files[1], b"not a safetensors file").unwrap();
+    let err = stderr(&run_ok(&shard));
+    assert!(
+        err.contains("damaged") && err.contains("samples 2..4"),
+        "{err}"
+    );
+    assert!(stderr(&run_ok(&shard)).contains("already done"));
+    // Another run's part in the folder, a file as --out, an empty shard, no such shard.
+    let file = d.join("file.txt");
+    std::fs::write(&file, "x").unwrap();
+    let empty = d.join("empty");
+    for (args, want) in [
+        (
+            with(
+                &base,
+                &["--seed", "9", "--shard", "0/3", "--out", p(&parts)],
+            ),
+            "is a part of another run",
+        ),
+        (
+            with(&base, &["--shard", "0/3", "--out", p(&file)]),
+            "not a file",
+        ),
+        (
+            with(&base, &["--shard", "0/7", "--out", p(&empty)]),
+            "--shard 0/7: no samples in it",
+        ),
+        (
+            with(&base, &["--shard", "3/3", "--out", p(&empty)]),
+            "--shard 3/3",
+        ),
+    ] {
+        let o = qtaylor(&strs(&args));
+        let err = stderr(&o);
+        assert!(!o.status.success(), "{args:?} succeeded");
+        assert!(
+            err.contains(want) && !err.contains("panicked"),
+            "{want}: {err}"
+        );
+    }
+    assert!(!empty.exists());
 }

@@ -338,6 +338,25 @@ pub fn gmm_sample(sampler: &str, steps: usize, batch: usize) -> Vec<String> {
     .to_vec()
 }
 
+/// `qtaylor bench` of the exact-score `gmm-demo` problem: `samplers` (comma-separated) at
+/// the NFE budgets `nfe` on `batch` samples, without `--out` (the command line the shard
+/// tests share). Its results folder compares with [`assert_same_eval_results`].
+pub fn gmm_bench(samplers: &str, nfe: &str, batch: usize) -> Vec<String> {
+    [
+        "bench",
+        "--problem",
+        "gmm-demo",
+        "--samplers",
+        samplers,
+        "--nfe",
+        nfe,
+        "--batch",
+        &batch.to_string(),
+    ]
+    .map(String::from)
+    .to_vec()
+}
+
 /// A small `qtaylor eval` for CPU tests: one command line, given as eval flags
 /// ([`SmallEval::args`]) or as the environment of `scripts/slurm/*.sbatch`
 /// ([`SmallEval::env`]).
