@@ -37,22 +37,20 @@ def log(*a):
     print(*a, flush=True)
 
 
-def matmul_peak(dtype, repeats):
-    n = 8192
-    a = torch.randn(n, n, device="cuda", dtype=dtype)
-    b = torch.randn(n, n, device="cuda", dtype=dtype)
+def matmul_peak(dtype, repeats, device, sync):
+    n = 8192 if device == "cuda" else 512
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
     for _ in range(3):
         a @ b
-    torch.cuda.synchronize()
+    sync()
     best = float("inf")
     for _ in range(repeats):
-        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        s.record()
+        t0 = time.perf_counter()
         for _ in range(10):
             a @ b
-        e.record()
-        torch.cuda.synchronize()
-        best = min(best, s.elapsed_time(e) / 1e3 / 10)
+        sync()
+        best = min(best, (time.perf_counter() - t0) / 10)
     return 2 * n**3 / best
 
 
@@ -75,7 +73,11 @@ def main():
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--peak-repeats", type=int, default=5)
     ap.add_argument("--json")
+    ap.add_argument("--device", default="cuda", help="cuda, or cpu to check the script without a GPU")
     a = ap.parse_args()
+    dev = a.device
+    cuda = dev == "cuda"
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
     import diffusers
     from diffusers import UNet2DModel
 
@@ -86,17 +88,18 @@ def main():
     dtype = torch.bfloat16 if a.dtype == "bf16" else torch.float32
     deadline = float(os.environ.get("DEADLINE", "inf"))
     sub = "unet" if os.path.isdir(os.path.join(a.model, "unet")) else None
-    base = UNet2DModel.from_pretrained(a.model, subfolder=sub).to("cuda").eval()
+    base = UNet2DModel.from_pretrained(a.model, subfolder=sub).to(dev).eval()
     ref32 = base  # the exact-f32 reference (TF32 off while it runs)
-    peak = matmul_peak(dtype, a.peak_repeats)
-    log(f"torch {torch.__version__}, diffusers {diffusers.__version__}, {torch.cuda.get_device_name()}, "
+    peak = matmul_peak(dtype, a.peak_repeats, dev, sync)
+    card = torch.cuda.get_device_name() if cuda else "cpu"
+    log(f"torch {torch.__version__}, diffusers {diffusers.__version__}, {card}, "
         f"dtype {a.dtype}; dense {a.dtype} matmul peak (8192^3): {peak / 1e12:.0f} TFLOP/s")
     rows = []
 
     def save():  # after every row, atomically, so that a run cut short keeps what it measured
         if a.json:
             meta = dict(torch=torch.__version__, diffusers=diffusers.__version__,
-                        device=torch.cuda.get_device_name(), peak_flops=peak, dtype=a.dtype)
+                        device=card, peak_flops=peak, dtype=a.dtype)
             with open(a.json + ".tmp", "w") as f:
                 json.dump(dict(meta, rows=rows), f, indent=1)
             os.replace(a.json + ".tmp", a.json)
@@ -105,8 +108,8 @@ def main():
     size = size if isinstance(size, int) else size[0]
     for batch in [int(b) for b in a.batches.split(",")]:
         g = torch.Generator(device="cpu").manual_seed(0)
-        x32 = torch.randn(batch, base.config.in_channels, size, size, generator=g).cuda()
-        t = torch.full((batch,), 500.0, device="cuda")
+        x32 = torch.randn(batch, base.config.in_channels, size, size, generator=g).to(dev)
+        t = torch.full((batch,), 500.0, device=dev)
         torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
         with torch.no_grad():
             want = ref32(x32, t, return_dict=False)[0].float()
@@ -120,7 +123,7 @@ def main():
                 log(f"batch {batch} {variant}: skipped (deadline)")
                 continue
             torch._dynamo.reset()
-            m = UNet2DModel.from_pretrained(a.model, subfolder=sub).to("cuda", dtype).eval()
+            m = UNet2DModel.from_pretrained(a.model, subfolder=sub, torch_dtype=dtype).to(dev).eval()
             cl = variant != "eager"
             if cl:
                 m = m.to(memory_format=torch.channels_last)
@@ -138,12 +141,13 @@ def main():
                     torch.compiler.cudagraph_mark_step_begin()
                 return fn(xx, tt, return_dict=False)[0]
 
-            torch.cuda.reset_peak_memory_stats()
+            if cuda:
+                torch.cuda.reset_peak_memory_stats()
             with torch.no_grad():
                 t0 = time.perf_counter()
                 call(x, t)
                 call(x, t)
-                torch.cuda.synchronize()
+                sync()
                 row["compile_s"] = time.perf_counter() - t0
                 got = call(x, t).float()
                 row["max_rel_err"] = ((got - want).abs().max() / want.abs().max()).item()
@@ -151,7 +155,7 @@ def main():
                 for _ in range(a.repeats):
                     t0 = time.perf_counter()
                     call(x, t)
-                    torch.cuda.synchronize()
+                    sync()
                     per.append(time.perf_counter() - t0)
                 row["per_call_s"] = statistics.median(per)
                 chains = []
@@ -159,11 +163,11 @@ def main():
                     t0 = time.perf_counter()
                     for _ in range(a.chain):
                         call(x, t)
-                    torch.cuda.synchronize()
+                    sync()
                     chains.append((time.perf_counter() - t0) / a.chain)
                 row["back_to_back_s"] = min(chains)
-                ts = torch.linspace(999, 0, a.steps, device="cuda")
-                tvec = [torch.full((batch,), float(s), device="cuda") for s in ts]
+                ts = torch.linspace(999, 0, a.steps, device=dev)
+                tvec = [torch.full((batch,), float(s), device=dev) for s in ts]
                 samples = []
                 for _ in range(3):
                     t0 = time.perf_counter()
@@ -174,7 +178,7 @@ def main():
                     xs.float().cpu()
                     samples.append(time.perf_counter() - t0)
                 row["sample_s"] = statistics.median(samples)
-            row["peak_mib"] = torch.cuda.max_memory_allocated() / 2**20
+            row["peak_mib"] = torch.cuda.max_memory_allocated() / 2**20 if cuda else float("nan")
             row["tflops"] = flops / row["per_call_s"] / 1e12
             row["share_of_peak"] = flops / row["per_call_s"] / peak
             rows.append(row)
@@ -184,7 +188,8 @@ def main():
                 f"peak {row['peak_mib']:.0f} MiB, max rel err vs f32 eager {row['max_rel_err']:.1e}")
             save()
             del fn, m
-            torch.cuda.empty_cache()
+            if cuda:
+                torch.cuda.empty_cache()
     save()
 
 
