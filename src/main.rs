@@ -151,7 +151,7 @@ struct EvalArgs {
     /// class i mod classes; adds a conditional-accuracy column)
     #[arg(long)]
     guidance: Option<f64>,
-    /// cpu | cuda
+    /// cpu, cuda or cuda:N (GPU N)
     #[arg(long, default_value = "cpu")]
     device: String,
     /// Draw only shard I of N (0-based) of the --n samples of every row, ⌊I·n/N⌋..⌊(I+1)·n/N⌋,
@@ -186,7 +186,7 @@ struct TrainClassifierArgs {
     /// Seed of the initial weights and the batch order
     #[arg(long, default_value_t = 0)]
     seed: u64,
-    /// cpu | cuda
+    /// cpu, cuda or cuda:N (GPU N)
     #[arg(long, default_value = "cpu")]
     device: String,
 }
@@ -239,7 +239,7 @@ struct TrainArgs {
     /// dropped to the null class (the last one) for classifier-free guidance [default: 0.1]
     #[arg(long)]
     label_dropout: Option<f64>,
-    /// cpu | cuda
+    /// cpu, cuda or cuda:N (GPU N)
     #[arg(long, default_value = "cpu")]
     device: String,
 }
@@ -249,7 +249,7 @@ struct ParityArgs {
     /// Fixture folder (unet/, scheduler/, reference.safetensors)
     #[arg(long)]
     model: PathBuf,
-    /// cpu | cuda
+    /// cpu, cuda or cuda:N (GPU N)
     #[arg(long, default_value = "cpu")]
     device: String,
     /// f32 | f16 | bf16
@@ -283,7 +283,7 @@ struct SpeedArgs {
     /// Timed repetitions (after one warm-up)
     #[arg(long, default_value_t = 5)]
     repeats: usize,
-    /// cpu | cuda
+    /// cpu, cuda or cuda:N (GPU N)
     #[arg(long, default_value = "cpu")]
     device: String,
     /// f32 | f16 | bf16
@@ -405,7 +405,7 @@ struct Common {
     /// Add one NFE at the end that returns x̂0 at the last time
     #[arg(long)]
     denoise_final: bool,
-    /// cpu | cuda (cuda needs a binary built with --features cuda)
+    /// cpu, cuda or cuda:N (GPU N; CUDA needs a binary built with --features cuda)
     #[arg(long, default_value = "cpu")]
     device: String,
 }
