@@ -91,8 +91,9 @@ impl Graphs {
     ) -> Result<Tensor> {
         let owned: Vec<Tensor> = inputs.iter().map(|t| (*t).clone()).collect();
         let on_cuda = inputs.first().is_some_and(|t| t.device().is_cuda());
-        if !on_cuda || !enabled()? || crate::unet::profiling() {
-            if enabled()? {
+        let on = enabled()?;
+        if !on_cuda || !on || crate::unet::profiling() {
+            if on {
                 static SAID: std::sync::Once = std::sync::Once::new();
                 SAID.call_once(|| {
                     eprintln!(

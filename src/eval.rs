@@ -944,15 +944,7 @@ pub fn eval_shard(
             "--shard takes no --max-seconds: every shard must draw every row (a shard out of time would leave rows merge cannot complete)"
         );
     }
-    let (start, end) = shard.range(o.n);
-    if start == end {
-        bail!(
-            "--shard {}/{}: no samples in it (--n {} is split into more shards than samples)",
-            shard.index,
-            shard.count,
-            o.n
-        );
-    }
+    let (start, end) = shard.rows(o.n, "--n")?;
     let Setup {
         m,
         c,

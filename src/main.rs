@@ -1203,13 +1203,10 @@ fn cmd_sample(a: &SampleArgs) -> Result<()> {
                 bail!("--batch 0: at least one sample is needed");
             }
             total_rows = Some(b);
-            let (first, end) = shard.map_or((0, b), |s| s.range(b));
-            if first == end {
-                bail!(
-                    "--shard {}: no samples in it (--batch {b} is split into more shards than samples)",
-                    a.shard.as_deref().unwrap_or("")
-                );
-            }
+            let (first, end) = match shard {
+                Some(s) => s.rows(b, "--batch")?,
+                None => (0, b),
+            };
             first_row = first;
             let mut noise = NoiseStreams::new(a.common.seed, first, end - first);
             (noise.normal(&item, dtype, &device)?, noise)
@@ -1571,14 +1568,7 @@ fn cmd_bench(a: &BenchArgs) -> Result<()> {
     }
     let shard = parse_shard(a.shard.as_deref())?;
     if let Some(s) = shard {
-        let (start, end) = s.range(a.batch);
-        if start == end {
-            bail!(
-                "--shard {}: no samples in it (--batch {} is split into more shards than samples)",
-                a.shard.as_deref().unwrap_or(""),
-                a.batch
-            );
-        }
+        s.rows(a.batch, "--batch")?;
         if skip_finished_shard(&a.out, s)? {
             return Ok(());
         }

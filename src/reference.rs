@@ -37,22 +37,8 @@ pub struct Reference {
 }
 
 /// Integrates the PF-ODE from `x_init` at `t_max` to `t_min` with rtol = atol = `tol`;
-/// returns the end points and the model evaluations per sample.
+/// returns the end points and the model evaluations summed over the samples.
 pub fn integrate_pf_ode(
-    model: &dyn Model,
-    schedule: &dyn Schedule,
-    x_init: &Tensor,
-    t_max: f64,
-    t_min: f64,
-    tol: f64,
-) -> Result<(Tensor, f64)> {
-    let b = x_init.dims()[0];
-    let (x, evals) = integrate(model, schedule, x_init, t_max, t_min, tol)?;
-    Ok((x, evals as f64 / b as f64))
-}
-
-/// [`integrate_pf_ode`], returning the model evaluations summed over the samples.
-fn integrate(
     model: &dyn Model,
     schedule: &dyn Schedule,
     x_init: &Tensor,
@@ -105,8 +91,8 @@ pub fn reference_endpoint(
         bail!("reference tolerance must be positive, got {tol}");
     }
     let b = x_init.dims()[0];
-    let (x, row_evals) = integrate(model, schedule, x_init, t_max, t_min, tol)?;
-    let (x2, _) = integrate(model, schedule, x_init, t_max, t_min, tol / 2.0)?;
+    let (x, row_evals) = integrate_pf_ode(model, schedule, x_init, t_max, t_min, tol)?;
+    let (x2, _) = integrate_pf_ode(model, schedule, x_init, t_max, t_min, tol / 2.0)?;
     let check = rows_f64(&x)?
         .iter()
         .flatten()

@@ -49,6 +49,20 @@ impl Shard {
         )
     }
 
+    /// [`Shard::range`] of `total` samples (the value of the flag `flag`, e.g. `--batch`),
+    /// refused when it is empty.
+    pub fn rows(&self, total: usize, flag: &str) -> Result<(usize, usize)> {
+        let (start, end) = self.range(total);
+        if start == end {
+            bail!(
+                "--shard {}/{}: no samples in it ({flag} {total} is split into more shards than samples)",
+                self.index,
+                self.count
+            );
+        }
+        Ok((start, end))
+    }
+
     /// The file stem of this shard's part: `part-I-of-N`.
     pub fn stem(&self) -> String {
         format!("part-{}-of-{}", self.index, self.count)

@@ -17,6 +17,18 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::SystemTime;
 
+/// Runs `qtaylor args` and checks that it fails, without a panic, with every one of `want`
+/// in its error.
+fn assert_refused(args: &[String], want: &[&str]) {
+    let o = qtaylor(&strs(args));
+    let err = stderr(&o);
+    assert!(!o.status.success(), "{args:?} succeeded");
+    for w in want {
+        assert!(err.contains(w), "{w}: {err}");
+    }
+    assert!(!err.contains("panicked"), "{err}");
+}
+
 /// `base` with `more` appended.
 fn with(base: &[String], more: &[&str]) -> Vec<String> {
     let mut a = base.to_vec();
@@ -68,16 +80,11 @@ fn four_shards_merged_are_byte_identical_to_the_unsharded_run() {
 /// Runs `merge DIRS --out OUT` and checks that it fails with every one of `want` in its
 /// error, without a panic, and writes nothing at `out`.
 fn merge_fails(dirs: &[&Path], out: &Path, want: &[&str]) {
-    let mut args = vec!["merge"];
-    args.extend(dirs.iter().map(|x| p(x)));
-    args.extend(["--out", p(out)]);
-    let o = qtaylor(&args);
-    let e = stderr(&o);
-    assert!(!o.status.success(), "{args:?} succeeded");
-    for w in want {
-        assert!(e.contains(w), "'{w}' not in: {e}");
-    }
-    assert!(!e.contains("panicked") && !out.exists(), "{e}");
+    let mut args = vec!["merge".to_string()];
+    args.extend(dirs.iter().map(|x| p(x).to_string()));
+    args.extend(["--out".to_string(), p(out).to_string()]);
+    assert_refused(&args, want);
+    assert!(!out.exists(), "{args:?} wrote {}", out.display());
 }
 
 /// Runs the 3 shards of `base` into `d/one` and shard 1/3 of the same run with another seed
@@ -309,14 +316,7 @@ fn a_rerun_shard_with_its_complete_part_is_not_redone_and_another_runs_part_is_r
             &with(&e.args(), extra),
             &["--shard", shard, "--out", p(&parts)],
         );
-        let o = qtaylor(&strs(&args));
-        let err = stderr(&o);
-        assert!(!o.status.success(), "{args:?} succeeded");
-        assert!(
-            err.contains("is a part of another run") && err.contains("part-0-of-3.json"),
-            "{err}"
-        );
-        assert!(!err.contains("panicked"), "{err}");
+        assert_refused(&args, &["is a part of another run", "part-0-of-3.json"]);
     }
     assert!(before == files.iter().map(|f| stamp(f)).collect::<Vec<_>>());
     // A damaged part of this run is redone.
@@ -396,13 +396,7 @@ fn eval_shard_refuses_flags_that_cannot_shard_and_an_empty_shard_and_writes_noth
             &with(&e.args(), extra),
             &["--shard", shard, "--out", p(out)],
         );
-        let o = qtaylor(&strs(&args));
-        let err = stderr(&o);
-        assert!(!o.status.success(), "{args:?} succeeded");
-        assert!(
-            err.contains(want) && !err.contains("panicked"),
-            "{want}: {err}"
-        );
+        assert_refused(&args, &[want]);
     }
     assert!(!out.exists());
 }
@@ -532,14 +526,7 @@ fn a_devices_run_merges_one_shard_per_device_into_the_unsharded_output() {
             &["--devices", "cpu,cpu", "--out", p(&d.join("bad.npy"))],
         );
         a.extend(extra.iter().map(|s| s.to_string()));
-        let o = qtaylor(&strs(&a));
-        assert!(!o.status.success());
-        assert!(
-            stderr(&o).contains("--devices runs one shard per device"),
-            "{}",
-            stderr(&o)
-        );
-        assert!(!stderr(&o).contains("panicked"));
+        assert_refused(&a, &["--devices runs one shard per device"]);
         assert!(!d.join("bad.npy").exists());
     }
 }
@@ -692,13 +679,7 @@ fn a_rerun_bench_shard_is_not_redone_and_a_bench_shard_refuses_what_cannot_shard
             "--shard 3/3",
         ),
     ] {
-        let o = qtaylor(&strs(&args));
-        let err = stderr(&o);
-        assert!(!o.status.success(), "{args:?} succeeded");
-        assert!(
-            err.contains(want) && !err.contains("panicked"),
-            "{want}: {err}"
-        );
+        assert_refused(&args, &[want]);
     }
     assert!(!empty.exists());
 }
