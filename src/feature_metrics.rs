@@ -13,7 +13,7 @@
 //! on the number of rayon threads.
 
 use anyhow::{Result, bail};
-use nalgebra::{DMatrix, SymmetricEigen};
+use nalgebra::{DMatrix, DVector, SymmetricEigen};
 use rand::SeedableRng;
 use rand_chacha::ChaCha12Rng;
 use rayon::prelude::*;
@@ -121,12 +121,50 @@ fn symmetrize(m: &DMatrix<f64>) -> DMatrix<f64> {
     (m + m.transpose()) * 0.5
 }
 
-/// Eigenvalues of a symmetric matrix with tiny negative ones (rounding of a positive
-/// semi-definite matrix) clamped to 0.
-fn psd_eigen(m: &DMatrix<f64>) -> SymmetricEigen<f64, nalgebra::Dyn> {
-    let mut e = SymmetricEigen::new(symmetrize(m));
-    e.eigenvalues.iter_mut().for_each(|l| *l = l.max(0.0));
-    e
+/// Eigenvalues and eigenvectors (columns) of a symmetric positive semi-definite matrix, with
+/// tiny negative eigenvalues (rounding) clamped to 0.
+///
+/// nalgebra's symmetric QR iteration returns NaN or ∞ on some covariance matrices
+/// (dimforge/nalgebra#379, open). It happened here on the 128-d features of 10 000 MNIST
+/// samples, and the NaN was reported as FID 0. Then the singular value decomposition is used
+/// instead: a symmetric PSD matrix is M = U Σ Uᵀ, so its singular values are its eigenvalues
+/// and U holds the eigenvectors.
+fn psd_eigen(m: &DMatrix<f64>) -> (DVector<f64>, DMatrix<f64>) {
+    let s = symmetrize(m);
+    let e = SymmetricEigen::new(s.clone());
+    let finite = e
+        .eigenvalues
+        .iter()
+        .chain(e.eigenvectors.iter())
+        .all(|v| v.is_finite());
+    let (mut values, vectors) = if finite {
+        (e.eigenvalues, e.eigenvectors)
+    } else {
+        psd_eigen_by_svd(&s)
+    };
+    // Not `l.max(0.0)`, which would turn a NaN into 0.
+    values
+        .iter_mut()
+        .filter(|l| **l < 0.0)
+        .for_each(|l| *l = 0.0);
+    (values, vectors)
+}
+
+/// [`psd_eigen`]'s fallback: the SVD of a symmetric PSD matrix (unordered, at most 10 000
+/// iterations). A matrix with a non-finite entry, or an SVD that does not converge, gives NaN
+/// eigenvalues, which [`fid_from_moments`] reports as an error.
+fn psd_eigen_by_svd(s: &DMatrix<f64>) -> (DVector<f64>, DMatrix<f64>) {
+    let nan = || (DVector::from_element(s.nrows(), f64::NAN), s.clone());
+    if !s.iter().all(|v| v.is_finite()) {
+        return nan();
+    }
+    match nalgebra::SVD::try_new_unordered(s.clone(), true, false, f64::EPSILON, 10_000) {
+        Some(svd) => match svd.u {
+            Some(u) => (svd.singular_values, u),
+            None => nan(),
+        },
+        None => nan(),
+    }
 }
 
 /// Fréchet distance between N(μa, Σa) and N(μb, Σb) (Heusel et al. 2017, Eq. 6; Dowson &
@@ -152,19 +190,26 @@ pub fn fid_from_moments(a: &GaussianMoments, b: &GaussianMoments) -> Result<f64>
     let d = a.dim;
     let sa = DMatrix::from_row_slice(d, d, &a.cov);
     let sb = DMatrix::from_row_slice(d, d, &b.cov);
-    let ea = psd_eigen(&sa);
-    let root_a = &ea.eigenvectors
-        * DMatrix::from_diagonal(&ea.eigenvalues.map(f64::sqrt))
-        * ea.eigenvectors.transpose();
-    let inner = psd_eigen(&(&root_a * &sb * &root_a));
-    let tr_cross: f64 = inner.eigenvalues.iter().map(|l| l.sqrt()).sum();
+    let (values, vectors) = psd_eigen(&sa);
+    let root_a = &vectors * DMatrix::from_diagonal(&values.map(f64::sqrt)) * vectors.transpose();
+    let (inner, _) = psd_eigen(&(&root_a * &sb * &root_a));
+    let tr_cross: f64 = inner.iter().map(|l| l.sqrt()).sum();
     let mean_term: f64 = a
         .mean
         .iter()
         .zip(&b.mean)
         .map(|(x, y)| (x - y) * (x - y))
         .sum();
-    Ok((mean_term + sa.trace() + sb.trace() - 2.0 * tr_cross).max(0.0))
+    let d2 = mean_term + sa.trace() + sb.trace() - 2.0 * tr_cross;
+    // `f64::max` would turn a NaN into 0, the best possible score: refuse it instead.
+    if !d2.is_finite() {
+        bail!(
+            "FID: the distance came out {d2} (mean term {mean_term:e}, traces {:e} and {:e}, cross term {tr_cross:e}): the covariances are too large or ill-conditioned for the eigendecomposition",
+            sa.trace(),
+            sb.trace()
+        );
+    }
+    Ok(d2.max(0.0))
 }
 
 /// Fréchet Inception Distance of two feature sets (Heusel et al. 2017): [`fid_from_moments`]
@@ -440,6 +485,35 @@ mod tests {
         // unrotated pair), so the cross term is really computed
         let naive = closed_form(&a.mean, &[1.0, 4.0, 0.5], &b.mean, &[3.0, 0.2, 1.0]);
         assert!((ab - naive).abs() > 1e-3, "{ab} vs {naive}");
+    }
+
+    #[test]
+    fn the_svd_fallback_gives_the_symmetric_eigendecomposition_of_a_covariance() {
+        let set = normal_set(200, 12, 5);
+        let m = gaussian_moments(&set).unwrap();
+        let cov = DMatrix::from_row_slice(12, 12, &m.cov);
+        let e = SymmetricEigen::new(cov.clone());
+        let (mut want, mut got): (Vec<f64>, Vec<f64>) = (
+            e.eigenvalues.iter().copied().collect(),
+            psd_eigen_by_svd(&cov).0.iter().copied().collect(),
+        );
+        want.sort_by(f64::total_cmp);
+        got.sort_by(f64::total_cmp);
+        for (a, b) in want.iter().zip(&got) {
+            assert!((a - b).abs() <= 1e-12 * want[11], "{want:?} vs {got:?}");
+        }
+        let (values, vectors) = psd_eigen_by_svd(&cov);
+        let back = &vectors * DMatrix::from_diagonal(&values) * vectors.transpose();
+        assert!((back - &cov).abs().max() <= 1e-12 * want[11]);
+    }
+
+    #[test]
+    fn a_distance_that_is_not_a_number_is_an_error_not_a_perfect_score() {
+        // Finite moments whose cross term overflows (1e150 · 1e300 · 1e150 = inf), so the
+        // distance is −inf or NaN. It used to be reported as FID 0.
+        let huge = diag_moments(&[0.0, 0.0], &[1e300, 1e300]);
+        let e = fid_from_moments(&huge, &huge).unwrap_err().to_string();
+        assert!(e.contains("FID: the distance came out"), "{e}");
     }
 
     #[test]
