@@ -7,21 +7,31 @@
 #   3. cargo build --release --features cuda (kernels compiled for compute capability 90),
 #   4. a stripped binary in dist/cuda/qtaylor (ignored by git).
 # Rerunnable (each step is skipped when its result is there); fails loudly on any error.
-# Usage: scripts/build-cuda.sh [--cudnn]     Env: CUDA_COMPUTE_CAP (default 90)
+# Usage: scripts/build-cuda.sh [--cudnn] [--nccl]     Env: CUDA_COMPUTE_CAP (default 90)
+#   --cudnn  cuDNN convolutions (the fast path);
+#   --nccl   NCCL all-reduce for data-parallel `train --devices cuda:0,cuda:1,...` (links
+#            libnccl.so.2 2.28.9, the version PyTorch 2.11's cu13 wheels carry).
 # Run on the GPU machine with:
 #   LD_LIBRARY_PATH=/opt/torch/.venv/lib/python3.12/site-packages/nvidia/cu13/lib:$LD_LIBRARY_PATH dist/cuda/qtaylor ...
 set -euo pipefail
 repo=$(cd "$(dirname "$0")/.." && pwd)
 cd "$repo"
 features=cuda
-[ "${1:-}" = "--cudnn" ] && features=cudnn
+for a in "$@"; do
+  case $a in
+    --cudnn) features+=,cudnn ;;
+    --nccl) features+=,nccl ;;
+    *) echo "usage: scripts/build-cuda.sh [--cudnn] [--nccl] (not $a)" >&2; exit 2 ;;
+  esac
+done
 venv=$repo/target/cuda-venv
 links=$repo/target/cuda-links
 export CARGO_TARGET_DIR=$repo/target/cuda
 pkgs=(nvidia-cuda-nvcc==13.0.88 nvidia-cuda-runtime==13.0.88 nvidia-cuda-cccl==13.0.85
       nvidia-cuda-crt==13.0.88 nvidia-nvvm==13.0.88 nvidia-cublas==13.0.2.14
       nvidia-curand==10.4.0.35 nvidia-cuda-nvrtc==13.0.88)
-[ "$features" = cudnn ] && pkgs+=(nvidia-cudnn-cu13)
+[[ $features == *cudnn* ]] && pkgs+=(nvidia-cudnn-cu13)
+[[ $features == *nccl* ]] && pkgs+=(nvidia-nccl-cu13==2.28.9)
 
 step() { echo "== $*" >&2; }
 
@@ -42,7 +52,11 @@ for lib in cublas cublasLt cudart curand nvrtc; do
   [ -n "$f" ] || { echo "error: lib$lib.so.* not found in $cu/lib" >&2; exit 1; }
   ln -sf "$f" "$links/lib$lib.so"
 done
-if [ "$features" = cudnn ]; then
+if [[ $features == *nccl* ]]; then
+  d=$("$venv/bin/python" -c 'import nvidia.nccl, os; print(os.path.join(list(nvidia.nccl.__path__)[0], "lib"))')
+  ln -sf "$d/libnccl.so.2" "$links/libnccl.so"
+fi
+if [[ $features == *cudnn* ]]; then
   d=$("$venv/bin/python" -c 'import nvidia.cudnn, os; print(os.path.join(list(nvidia.cudnn.__path__)[0], "lib"))')
   for f in "$d"/libcudnn*.so.*; do
     b=$(basename "$f"); ln -sf "$f" "$links/${b%%.so.*}.so"

@@ -1,9 +1,9 @@
-# Sourced by the scripts that run on the GPU machine (from the repository root): puts the CUDA 13
-# and cuDNN libraries of the machine's PyTorch environment on LD_LIBRARY_PATH, sets Q to the
+# Sourced by the scripts that run on the GPU machine (from the repository root): puts the CUDA 13,
+# cuDNN and NCCL libraries of the machine's PyTorch environment on LD_LIBRARY_PATH, sets Q to the
 # CUDA binary (dist/cuda/qtaylor, or dist/cuda/qtaylor.xz / .gz unpacked to /tmp/qtaylor) unless Q is
 # set, PY to PyTorch's python, creates $OUT and prints the card.
 NV=/opt/torch/.venv/lib/python3.12/site-packages/nvidia
-export LD_LIBRARY_PATH=$NV/cu13/lib:$NV/cudnn/lib:${LD_LIBRARY_PATH:-}
+export LD_LIBRARY_PATH=$NV/cu13/lib:$NV/cudnn/lib:$NV/nccl/lib:${LD_LIBRARY_PATH:-}
 if [ -z "${Q:-}" ]; then
   Q=dist/cuda/qtaylor
   if [ ! -x "$Q" ] && [ -f dist/cuda/qtaylor.xz ]; then

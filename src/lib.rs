@@ -18,6 +18,7 @@ pub mod classifier;
 pub mod conv_cudnn;
 pub mod cuda_graph;
 pub mod data;
+pub mod data_parallel;
 pub mod eval;
 pub mod feature_metrics;
 pub mod gridfile;

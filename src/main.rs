@@ -242,6 +242,12 @@ struct TrainArgs {
     /// cpu, cuda or cuda:N (GPU N)
     #[arg(long, default_value = "cpu")]
     device: String,
+    /// Data-parallel training, one replica per device (instead of --device): e.g.
+    /// cuda:0,cuda:1 (gradients all-reduced with NCCL) or cpu,cpu. --batch is the global
+    /// batch, split evenly over the devices; checkpoints are the one-device format, and
+    /// --resume works with any number of devices
+    #[arg(long, conflicts_with = "device")]
+    devices: Option<String>,
 }
 
 #[derive(Args)]
@@ -1950,8 +1956,37 @@ fn cmd_parity(a: &ParityArgs) -> Result<()> {
     Ok(())
 }
 
+/// `--devices D1,D2,...` of `train`: the devices, each GPU at most once.
+fn parse_device_list(list: &str) -> Result<Vec<Device>> {
+    let names: Vec<&str> = list.split(',').map(str::trim).collect();
+    if names.iter().any(|d| d.is_empty()) {
+        bail!("--devices {list}: expected a comma-separated list of devices, e.g. cuda:0,cuda:1");
+    }
+    let gpu = |d: &str| match d {
+        "cuda" => Some(0),
+        _ => d
+            .strip_prefix("cuda:")
+            .and_then(|n| n.parse::<usize>().ok()),
+    };
+    for (i, a) in names.iter().enumerate() {
+        if let Some(n) = gpu(a)
+            && names[..i].iter().any(|b| gpu(b) == Some(n))
+        {
+            bail!("--devices {list}: GPU {n} appears twice; give each GPU once");
+        }
+    }
+    names
+        .iter()
+        .map(|d| parse_device(d).map_err(|e| anyhow::anyhow!("--devices {list}: {e}")))
+        .collect()
+}
+
 fn cmd_train(a: &TrainArgs) -> Result<()> {
-    let device = parse_device(&a.device)?;
+    let devices = match &a.devices {
+        Some(list) => parse_device_list(list)?,
+        None => vec![parse_device(&a.device)?],
+    };
+    let device = devices[0].clone();
     let mut o = qtaylor::train::TrainOptions::new(&a.data, &a.out);
     if let Some(c) = &a.config {
         o.config = std::fs::read_to_string(c)
@@ -1975,7 +2010,13 @@ fn cmd_train(a: &TrainArgs) -> Result<()> {
         other => bail!("--save-dtype {other}: expected f32 or f16"),
     };
     o.progress = true;
-    let r = qtaylor::train::train(&o, &device)?;
+    // `--devices` takes the data-parallel path even with one device (how a one-GPU machine
+    // runs the NCCL code); `--device` the plain one.
+    let r = if a.devices.is_some() {
+        qtaylor::train::train_on(&o, &devices)?
+    } else {
+        qtaylor::train::train(&o, &device)?
+    };
     eprintln!(
         "trained steps {}..{} ({:.2} M parameters) in {:.1} s: loss {:.4} (first 100 steps of this run) -> {:.4} (last 100); wrote {}",
         r.start_step,
@@ -1988,11 +2029,20 @@ fn cmd_train(a: &TrainArgs) -> Result<()> {
     );
     if let Some((steps, secs)) = r.steady.filter(|&(n, _)| n > 0) {
         eprintln!(
-            "steady rate (after the first {} steps): {:.3} steps/s, {:.1} ms per step of batch {}",
+            "steady rate (after the first {} steps): {:.3} steps/s, {:.1} ms per step of batch {}{}",
             qtaylor::train::WARM_UP_STEPS,
             steps as f64 / secs,
             1e3 * secs / steps as f64,
-            a.batch
+            a.batch,
+            if devices.len() > 1 {
+                format!(
+                    " ({} replicas of batch {})",
+                    devices.len(),
+                    a.batch / devices.len()
+                )
+            } else {
+                String::new()
+            }
         );
         let span = format!("{steps} steps after the warm-up");
         for line in device_report(&device, &span, Some(("step", steps)))? {

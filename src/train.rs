@@ -36,6 +36,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::checkpoint::SchedulerConfig;
 use crate::data::{ImageSet, Split, load_image_set};
+use crate::data_parallel::{Group, Reducer, new_nccl_id};
 use crate::schedule::{diffusers_alphas_cumprod, diffusers_betas};
 use crate::unet::{UNet2D, UNet2DConfig, Weights, timed};
 
@@ -624,11 +625,14 @@ struct StepBatch {
     labels: Option<Vec<u32>>,
 }
 
+/// Only `rows` of the global batch are kept (a data-parallel replica's slice); the draws are
+/// those of the whole batch, so the slices of R replicas together are the one-device batch.
 fn make_batch(
     b: &mut Batcher,
     alpha_bars: &[f64],
     k: usize,
     classes: Option<(usize, f64)>,
+    rows: std::ops::Range<usize>,
     device: &Device,
 ) -> Result<StepBatch> {
     let (h, w) = (b.data.h, b.data.w);
@@ -653,8 +657,9 @@ fn make_batch(
         })
         .collect();
     let d = h * w;
-    let mut xt = Vec::with_capacity(x0.len());
-    for (j, &n) in ts.iter().enumerate() {
+    let mut xt = Vec::with_capacity(rows.len() * d);
+    for j in rows.clone() {
+        let n = ts[j];
         let (a, s) = (
             alpha_bars[n].sqrt() as f32,
             (1.0 - alpha_bars[n]).sqrt() as f32,
@@ -663,12 +668,12 @@ fn make_batch(
             xt.push(a * x0[i] + s * eps[i]);
         }
     }
-    let shape = (b.batch, 1, h, w);
+    let shape = (rows.len(), 1, h, w);
     Ok(StepBatch {
         xt: Tensor::from_vec(xt, shape, device)?,
-        ts: ts.iter().map(|&n| n as f64).collect(),
-        eps: Tensor::from_vec(eps, shape, device)?,
-        labels,
+        ts: ts[rows.clone()].iter().map(|&n| n as f64).collect(),
+        eps: Tensor::from_vec(eps[rows.start * d..rows.end * d].to_vec(), shape, device)?,
+        labels: labels.map(|l: Vec<u32>| l[rows].to_vec()),
     })
 }
 
@@ -682,29 +687,40 @@ fn lr_at(opts: &TrainOptions, k: usize) -> f64 {
 }
 
 /// One AdamW step with global-norm gradient clipping (max norm 1) and the EMA update.
-/// Returns the loss.
+/// Returns the loss. With R replicas ([`crate::data_parallel`]) this replica computes the
+/// loss and gradient of its slice of the batch, and the step uses their mean over replicas.
 fn train_step(
     s: &mut State,
     p: &Prepared,
     b: &mut Batcher,
     opts: &TrainOptions,
+    reducer: &Reducer,
     device: &Device,
 ) -> Result<f64> {
     let k = s.step + 1;
     let classes = p.config.num_class_embeds.zip(p.settings.label_dropout);
+    let (world, parallel) = (reducer.world(), !matches!(reducer, Reducer::One));
+    let part = opts.batch / world;
+    let rows = reducer.rank() * part..(reducer.rank() + 1) * part;
     let sb = timed("train: batch (host draws, upload)", device, || {
-        make_batch(b, &p.alpha_bars, s.step, classes, device)
+        make_batch(b, &p.alpha_bars, s.step, classes, rows, device)
     })?;
     let loss = timed("train: forward and loss", device, || {
         let net = UNet2D::new(p.config.clone(), &s.weights(device))?;
         let pred = net.forward_labels(&sb.xt, &sb.ts, sb.labels.as_deref())?;
         Ok((pred - &sb.eps)?.sqr()?.mean_all()?)
     })?;
-    let loss_value = f64::from(loss.to_scalar::<f32>()?);
-    if !loss_value.is_finite() {
-        bail!(
+    let nan = |loss_value: f64| {
+        anyhow::anyhow!(
             "the loss became {loss_value} at step {k}; nothing of this run after the last checkpoint was saved (try a smaller --lr)"
-        );
+        )
+    };
+    let mut loss_value = 0.0;
+    if !parallel {
+        loss_value = f64::from(loss.to_scalar::<f32>()?);
+        if !loss_value.is_finite() {
+            return Err(nan(loss_value));
+        }
     }
     let grads = timed("train: backward", device, || Ok(loss.backward()?))?;
     crate::unet::profile_backward_done(device)?;
@@ -719,7 +735,19 @@ fn train_step(
             None => var.as_tensor().zeros_like(),
         })
         .collect::<candle_core::Result<_>>()?;
-    let g = flatten(&g)?;
+    let mut g = flatten(&g)?;
+    if parallel {
+        // The mean over replicas of (gradient, loss): one all-reduce of both.
+        let n = g.elem_count();
+        let both = Tensor::cat(&[&g, &loss.detach().reshape(1)?], 0)?;
+        let sum = timed("train: all-reduce", device, || reducer.sum(&both))?;
+        let sum = (sum / world as f64)?;
+        loss_value = f64::from(sum.narrow(0, n, 1)?.to_vec1::<f32>()?[0]);
+        if !loss_value.is_finite() {
+            return Err(nan(loss_value));
+        }
+        g = sum.narrow(0, 0, n)?;
+    }
     // Clipping to a global norm of 1 on the device (no read-back): the factor is
     // 1/(‖g‖ + 1e-6) where ‖g‖ > 1, else 1.
     let norm = g.sqr()?.sum_all()?.sqrt()?;
@@ -754,6 +782,71 @@ fn train_step(
 /// `opts.out`. Everything is checked before the first file is written.
 pub fn train(opts: &TrainOptions, device: &Device) -> Result<TrainReport> {
     let p = prepare(opts)?;
+    check_out(opts)?;
+    run_replica(&p, opts, &Reducer::One, device)
+}
+
+/// [`train`] with one replica per device, data parallel ([`crate::data_parallel`]): the global
+/// batch `opts.batch` is split evenly over the devices and the replicas' gradients are
+/// averaged (NCCL on GPUs). Replica 0 writes the checkpoints, in the one-device format; a run
+/// may be resumed on any number of devices. One device takes the same path (a communicator
+/// of one), which is how a one-GPU machine runs the NCCL code.
+pub fn train_on(opts: &TrainOptions, devices: &[Device]) -> Result<TrainReport> {
+    let world = devices.len();
+    if world == 0 {
+        bail!("--devices: no device given");
+    }
+    if world > 1 {
+        if !opts.batch.is_multiple_of(world) {
+            bail!(
+                "--batch {}: a data-parallel run splits the batch evenly over its {world} --devices; give a multiple of {world}",
+                opts.batch
+            );
+        }
+        let cpu = devices.iter().filter(|d| d.is_cpu()).count();
+        if cpu != 0 && cpu != world {
+            bail!("--devices: the replicas must all be CPUs or all GPUs, not a mix");
+        }
+    }
+    let p = prepare(opts)?;
+    check_out(opts)?;
+    let group = Group::new(world);
+    let id = new_nccl_id(devices)?;
+    let results: Vec<Result<TrainReport>> = std::thread::scope(|scope| {
+        let handles: Vec<_> = devices
+            .iter()
+            .enumerate()
+            .map(|(rank, device)| {
+                let (group, p) = (&group, &p);
+                scope.spawn(move || {
+                    // A replica that panics must release the others from their next exchange.
+                    let _release = group.on_panic(rank);
+                    let r = Reducer::new(group, rank, device, id)
+                        .and_then(|reducer| run_replica(p, opts, &reducer, device));
+                    if let Err(e) = &r {
+                        group.fail(rank, &format!("{e:#}"));
+                    }
+                    r
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().unwrap_or_else(|_| bail!("a replica panicked")))
+            .collect()
+    });
+    // The first replica that failed names the cause; the others only saw its failure.
+    let first = group.first_failure().unwrap_or(0);
+    let mut results = results;
+    match results.swap_remove(first) {
+        Ok(report) => Ok(report),
+        Err(e) if world > 1 => Err(e.context(format!("replica {first} on {:?}", devices[first]))),
+        Err(e) => Err(e),
+    }
+}
+
+/// Refuses an `--out` that holds another run (one that `--resume` does not continue).
+fn check_out(opts: &TrainOptions) -> Result<()> {
     let out_state = opts.out.join(STATE_FILE);
     let resuming_here = opts.resume.as_ref().is_some_and(|r| same_dir(r, &opts.out));
     if out_state.exists() && !resuming_here {
@@ -763,9 +856,21 @@ pub fn train(opts: &TrainOptions, device: &Device) -> Result<TrainReport> {
             opts.out.display()
         );
     }
+    Ok(())
+}
+
+/// One replica's run (all of it when there is one device): rank 0 reports progress and
+/// writes the checkpoints.
+fn run_replica(
+    p: &Prepared,
+    opts: &TrainOptions,
+    reducer: &Reducer,
+    device: &Device,
+) -> Result<TrainReport> {
+    let lead = reducer.rank() == 0;
     let mut s = match &opts.resume {
-        Some(dir) => load_state(dir, &p, device)?,
-        None => init_state(&p, opts.seed, device)?,
+        Some(dir) => load_state(dir, p, device)?,
+        None => init_state(p, opts.seed, device)?,
     };
     if s.step >= opts.steps {
         bail!(
@@ -789,7 +894,7 @@ pub fn train(opts: &TrainOptions, device: &Device) -> Result<TrainReport> {
         batch: opts.batch,
         cached: None,
     };
-    let bar = if opts.progress {
+    let bar = if opts.progress && lead {
         crate::progress::Progress::new(
             "train",
             "step",
@@ -807,7 +912,7 @@ pub fn train(opts: &TrainOptions, device: &Device) -> Result<TrainReport> {
             crate::unet::profile_reset()?;
             steady_start = Some((s.step, Instant::now()));
         }
-        let loss = train_step(&mut s, &p, &mut batcher, opts, device)?;
+        let loss = train_step(&mut s, p, &mut batcher, opts, reducer, device)?;
         losses.push(loss);
         log.push((s.step, loss, lr_at(opts, s.step)));
         let recent = &losses[losses.len().saturating_sub(100)..];
@@ -819,11 +924,13 @@ pub fn train(opts: &TrainOptions, device: &Device) -> Result<TrainReport> {
             recent.iter().sum::<f64>() / recent.len() as f64
         ));
         bar.inc(1);
-        let out_of_time = opts
-            .max_seconds
-            .is_some_and(|m| started.elapsed().as_secs_f64() >= m);
-        if s.step % opts.save_every == 0 || s.step == opts.steps || out_of_time {
-            write_checkpoint(&opts.out, &p, &s, &log, opts.save_dtype)?;
+        // Replica 0's clock decides for all.
+        let out_of_time = match opts.max_seconds {
+            Some(m) => reducer.any(lead && started.elapsed().as_secs_f64() >= m)?,
+            None => false,
+        };
+        if lead && (s.step % opts.save_every == 0 || s.step == opts.steps || out_of_time) {
+            write_checkpoint(&opts.out, p, &s, &log, opts.save_dtype)?;
         }
         if out_of_time {
             break;
@@ -907,7 +1014,7 @@ mod tests {
             cached: None,
         };
         for _ in 0..2 {
-            train_step(&mut s, &p, &mut batcher, &o, &dev).unwrap();
+            train_step(&mut s, &p, &mut batcher, &o, &Reducer::One, &dev).unwrap();
         }
         for t in [&s.m, &s.v, &s.ema] {
             assert!(
@@ -915,6 +1022,52 @@ mod tests {
                 "optimizer state of shape {:?} holds a graph",
                 t.shape()
             );
+        }
+    }
+
+    #[test]
+    fn the_replicas_slices_of_a_step_make_up_the_one_device_batch() {
+        let data = ImageSet {
+            n: 40,
+            h: 4,
+            w: 4,
+            images: (0..40 * 16).map(|i| (i * 37 % 256) as u8).collect(),
+            labels: (0..40).map(|i| (i % 3) as u8).collect(),
+        };
+        let betas = diffusers_betas("linear", 1e-4, 0.02, 1000).unwrap();
+        let abars = diffusers_alphas_cumprod(&betas);
+        let dev = Device::Cpu;
+        let batcher = || Batcher {
+            data: &data,
+            seed: 3,
+            batch: 12,
+            cached: None,
+        };
+        let classes = Some((4, 0.3));
+        for k in [0usize, 5] {
+            let whole = make_batch(&mut batcher(), &abars, k, classes, 0..12, &dev).unwrap();
+            let parts: Vec<StepBatch> = [0..4, 4..8, 8..12]
+                .into_iter()
+                .map(|rows| make_batch(&mut batcher(), &abars, k, classes, rows, &dev).unwrap())
+                .collect();
+            let cat = |f: &dyn Fn(&StepBatch) -> &Tensor| {
+                Tensor::cat(&parts.iter().map(f).collect::<Vec<_>>(), 0).unwrap()
+            };
+            let same = |a: &Tensor, b: &Tensor| {
+                a.flatten_all().unwrap().to_vec1::<f32>().unwrap()
+                    == b.flatten_all().unwrap().to_vec1::<f32>().unwrap()
+            };
+            assert!(same(&whole.xt, &cat(&|b| &b.xt)), "step {k}: x_t");
+            assert!(same(&whole.eps, &cat(&|b| &b.eps)), "step {k}: noise");
+            let ts: Vec<f64> = parts.iter().flat_map(|b| b.ts.clone()).collect();
+            assert_eq!(whole.ts, ts, "step {k}: timesteps");
+            let labels: Vec<u32> = parts
+                .iter()
+                .flat_map(|b| b.labels.clone().unwrap())
+                .collect();
+            assert_eq!(whole.labels.unwrap(), labels, "step {k}: labels");
+            // The slices differ from one another: each replica sees its own images.
+            assert!(!same(&parts[0].xt, &parts[1].xt));
         }
     }
 

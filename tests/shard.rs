@@ -438,6 +438,7 @@ fn the_running_at_scale_commands_of_the_readme_run_as_written() {
         "qtaylor merge",
         "qtaylor eval",
         "scripts/slurm/submit-eval.sh",
+        "qtaylor train",
     ] {
         assert!(script.contains(needle), "README lost '{needle}':\n{script}");
     }
@@ -486,6 +487,20 @@ fn the_running_at_scale_commands_of_the_readme_run_as_written() {
     assert_same_eval_results(&work.join("full"), &work.join("qtaylor-results"));
     let log = std::fs::read_to_string(bin.join("sbatch.log")).unwrap();
     assert!(log.contains("--array=0-3"), "{log}");
+    let losses = |run: &str| -> Vec<f64> {
+        std::fs::read_to_string(work.join(run).join("train_log.csv"))
+            .unwrap()
+            .lines()
+            .skip(1)
+            .map(|l| l.split(',').nth(1).unwrap().parse().unwrap())
+            .collect()
+    };
+    let (one, two) = (losses("one-device"), losses("two-replicas"));
+    assert_eq!(one.len(), 2);
+    assert_eq!(one.len(), two.len());
+    for (a, b) in one.iter().zip(&two) {
+        assert!((a - b).abs() <= 2e-6, "{one:?} vs {two:?}");
+    }
 }
 
 #[test]

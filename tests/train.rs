@@ -7,7 +7,7 @@ use std::process::Command;
 use candle_core::{DType, Device, Tensor};
 use qtaylor::checkpoint::DiffusersModel;
 use qtaylor::ops::max_abs_diff;
-use qtaylor::train::{TrainOptions, train};
+use qtaylor::train::{TrainOptions, train, train_on};
 
 mod common;
 use common::{TINY_CONFIG, tiny_data};
@@ -335,4 +335,158 @@ fn a_class_conditional_run_drops_labels_to_the_null_class_resumes_exactly_and_sa
     o.config = cfg.to_string();
     let e = format!("{:#}", train(&o, &Device::Cpu).err().unwrap());
     assert!(e.contains("has label 1") && e.contains("null class"), "{e}");
+}
+
+/// The relative gap between two training states for one kind of tensor (`param`, `adam_m`,
+/// `adam_v`, `ema`): max|a − b| over the kind's tensors divided by max|a| over them.
+fn state_gap(a: &Path, b: &Path, kind: &str) -> f64 {
+    let (a, b) = (
+        tensors(&a.join("train_state.safetensors")),
+        tensors(&b.join("train_state.safetensors")),
+    );
+    assert_eq!(a.len(), b.len());
+    let (mut gap, mut scale) = (0.0f64, 0.0f64);
+    for (k, t) in a.iter().filter(|(k, _)| k.starts_with(&format!("{kind}/"))) {
+        let s = t
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        scale = scale.max(s as f64);
+        gap = gap.max(max_abs_diff(t, &b[k]).unwrap() as f64);
+    }
+    gap / scale
+}
+
+/// Two runs that should agree to rounding: the Adam moments (the second one would be R²
+/// times larger if the replicas' gradients were summed instead of averaged) and the saved
+/// model's loss on a fixed batch. The weights themselves are not compared element by element:
+/// a gradient that is zero up to rounding (attention's key bias: softmax ignores it) gets
+/// Adam steps of size ~lr from rounding noise alone, in both runs alike but not the same.
+fn assert_same_training(a: &Path, b: &Path) {
+    for kind in ["adam_m", "adam_v"] {
+        let gap = state_gap(a, b, kind);
+        eprintln!("{}: {kind} relative gap {gap:.1e}", b.display());
+        assert!(gap < 1e-5, "{}: {kind} differs by {gap:e}", b.display());
+    }
+    let (la, lb) = (fixed_loss(a), fixed_loss(b));
+    eprintln!("{}: fixed-batch loss {la:.7} vs {lb:.7}", b.display());
+    assert!(
+        (la - lb).abs() <= 1e-5 * la,
+        "fixed-batch loss {la} vs {lb}"
+    );
+}
+
+/// The logged losses of a run.
+fn logged_losses(dir: &Path) -> Vec<f64> {
+    std::fs::read_to_string(dir.join("train_log.csv"))
+        .unwrap()
+        .lines()
+        .skip(1)
+        .map(|l| l.split(',').nth(1).unwrap().parse().unwrap())
+        .collect()
+}
+
+#[test]
+fn data_parallel_training_follows_the_one_device_run_at_the_same_global_batch() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = tiny_data(dir.path());
+    let (one, two, four) = (
+        dir.path().join("one"),
+        dir.path().join("two"),
+        dir.path().join("four"),
+    );
+    train(&opts(&data, &one, 6), &Device::Cpu).unwrap();
+    let r = train_on(&opts(&data, &two, 6), &[Device::Cpu, Device::Cpu]).unwrap();
+    assert_eq!((r.start_step, r.end_step), (0, 6));
+    train_on(&opts(&data, &four, 6), &vec![Device::Cpu; 4]).unwrap();
+    let reference = logged_losses(&one);
+    for run in [&two, &four] {
+        // Only the order of the floating-point sums differs: the losses agree to rounding
+        // (the log keeps 6 decimals), and so does the training.
+        let losses = logged_losses(run);
+        assert_eq!(losses.len(), 6);
+        for (a, b) in reference.iter().zip(&losses) {
+            assert!((a - b).abs() <= 2e-6, "{reference:?} vs {losses:?}");
+        }
+        assert_same_training(&one, run);
+    }
+}
+
+#[test]
+fn a_data_parallel_run_resumes_on_another_number_of_devices() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = tiny_data(dir.path());
+    let (straight, split) = (dir.path().join("straight"), dir.path().join("split"));
+    train(&opts(&data, &straight, 8), &Device::Cpu).unwrap();
+    train_on(&opts(&data, &split, 3), &vec![Device::Cpu; 4]).unwrap();
+    let mut o = opts(&data, &split, 6);
+    o.resume = Some(split.clone());
+    train_on(&o, &vec![Device::Cpu; 2]).unwrap();
+    let mut o = opts(&data, &split, 8);
+    o.resume = Some(split.clone());
+    let r = train(&o, &Device::Cpu).unwrap();
+    assert_eq!((r.start_step, r.end_step), (6, 8));
+    assert_same_training(&straight, &split);
+    assert_eq!(logged_losses(&split).len(), 8);
+}
+
+#[test]
+fn a_batch_that_does_not_split_over_the_devices_is_refused_before_anything_is_written() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = tiny_data(dir.path());
+    let out = dir.path().join("run");
+    let mut o = opts(&data, &out, 2);
+    o.batch = 15;
+    let e = train_on(&o, &[Device::Cpu, Device::Cpu])
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("--batch 15") && e.contains("multiple of 2"),
+        "{e}"
+    );
+    assert!(!out.exists());
+    let cfg = dir.path().join("tiny.json");
+    std::fs::write(&cfg, TINY_CONFIG).unwrap();
+    let base = [
+        "train",
+        "--data",
+        data.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+        "--config",
+        cfg.to_str().unwrap(),
+        "--steps",
+        "2",
+        "--batch",
+        "8",
+    ];
+    for (extra, want) in [
+        (
+            &["--devices", "cpu,cpu", "--device", "cpu"][..],
+            "cannot be used with",
+        ),
+        (&["--devices", "cpu,,cpu"][..], "comma-separated"),
+        (&["--devices", "cuda:0,cuda"][..], "GPU 0 appears twice"),
+        (
+            &["--devices", "cpu,tpu"][..],
+            "--device tpu: expected cpu, cuda or cuda:N",
+        ),
+    ] {
+        let args: Vec<&str> = base.iter().chain(extra).copied().collect();
+        let (ok, err) = qtaylor(&args);
+        assert!(!ok && err.contains(want), "{extra:?}: {err}");
+        assert!(!out.exists(), "{extra:?} wrote {}", out.display());
+    }
+    // The same run through the command line trains.
+    let args: Vec<&str> = base
+        .iter()
+        .copied()
+        .chain(["--devices", "cpu,cpu"])
+        .collect();
+    let (ok, err) = qtaylor(&args);
+    assert!(ok, "{err}");
+    assert_eq!(logged_losses(&out).len(), 2);
 }
