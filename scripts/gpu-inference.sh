@@ -7,21 +7,25 @@
 # weights (the CIFAR-10 DDPM architecture from `qtaylor init-model`).
 #   PART=graphs   CUDA-graph replay (QTAYLOR_CUDA_GRAPH=on) against plain passes: samples
 #                 bit for bit equal (fixture UNet f32, CIFAR-10 architecture bf16, the
-#                 class-conditional default with guidance)
+#                 class-conditional default with guidance), and with $DATA the eval and
+#                 tune paths: FID/KID within 1e-4 and the tuned grid equal with graphs on and off
 #   PART=qtaylor  qtaylor speed, batches $BATCHES in bf16 with graphs off and on; TF32 and
 #                 exact f32 at batch 256
 #   PART=torch    the PyTorch variants: bf16 at $BATCHES, TF32 and exact f32 at 256
 #   PART=all      (default) all three
-# Env: WORK (default /tmp/qtaylor-inf), OUT (results), DEADLINE (epoch s: PyTorch variants
+# Env: WORK (default /tmp/qtaylor-inf), OUT (results), DATA (MNIST IDX files for the graphs
+# part's eval and tune checks, default data/mnist-gz; skipped when absent), DEADLINE (epoch s: PyTorch variants
 # that would start later are skipped), TORCH_BATCHES (default $BATCHES), TORCH_VARIANTS.
 # Compile times on the H200 machine (16 cores): max-autotune-no-cudagraphs took 478 s at
 # batch 256 in bf16, so the whole PyTorch matrix (10 compiled variants) needs more device time
-# than one 30-minute session: split it with TORCH_BATCHES / TORCH_VARIANTS.
+# than one 30-minute session: split it with TORCH_BATCHES / TORCH_VARIANTS / TORCH_PRECISIONS
+# (default bf16,tf32,f32: bf16 at TORCH_BATCHES, TF32 and exact f32 at 256).
 set -uo pipefail
 WORK=${WORK:-/tmp/qtaylor-inf}
 : "${OUT:=$WORK}"
 PART=${PART:-all}
 BATCHES=${BATCHES:-1,8,64,256}
+DATA=${DATA:-data/mnist-gz}
 . "$(dirname "$0")/gpu-env.sh"
 mkdir -p "$WORK"
 fail=0
@@ -52,6 +56,43 @@ for name in ["fix", "cif", "cond"]:
     bad |= not same
 sys.exit(bad)
 EOF
+  if [ -d "$DATA" ]; then
+    say "CUDA graphs on the eval and tune paths (MNIST model, $DATA)"
+    for g in off on; do
+      t0=$(date +%s%N)
+      QTAYLOR_CUDA_GRAPH=$g "$Q" eval --model assets/mnist-unet --data "$DATA" --samplers unipc-3,qt-3 --nfe 5,10 \
+        --n 2000 --batch 500 --seed 0 --device cuda --reference-steps 0 --out "$WORK/eval-$g" >/dev/null 2>"$WORK/eval-$g.log" || fail=1
+      t1=$(date +%s%N)
+      QTAYLOR_CUDA_GRAPH=$g "$Q" tune --model assets/mnist-unet --sampler unipc-3 --nfe 5 --samples 32 --holdout 16 \
+        --refine-sweeps 3 --device cuda --out "$WORK/tune-$g.json" 2>"$WORK/tune-$g.log" || fail=1
+      t2=$(date +%s%N)
+      echo "  graphs $g: eval $(( (t1 - t0) / 1000000 )) ms, tune $(( (t2 - t1) / 1000000 )) ms (wall, with start-up)"
+    done
+    "$PY" - "$WORK" <<'EOF' || fail=1
+import csv, json, sys
+d = sys.argv[1]
+bad = 0
+# The CUDA eval path is not bitwise reproducible from run to run even without graphs (two
+# graph-off runs differed by 4e-6 relative in FID on 2026-12-03), so FID and KID are compared
+# to 1e-4 relative and every other column exactly.
+rows = {g: list(csv.DictReader(open(f"{d}/eval-{g}/results.csv"))) for g in ["off", "on"]}
+worst = 0.0
+for a, b in zip(rows["off"], rows["on"]):
+    for k in a:
+        if k in ("fid_mnist_features", "kid"):
+            x, y = float(a[k]), float(b[k])
+            worst = max(worst, abs(x - y) / max(abs(x), 1e-12))
+        elif k not in ("seconds", "kid_std", "precision", "recall", "confidence", "confident"):
+            bad |= a[k] != b[k]
+ok = len(rows["off"]) == len(rows["on"]) and worst <= 1e-4
+print(f"  eval, {len(rows['off'])} rows: FID and KID with graphs on within {worst:.1e} relative of graphs off ({'ok' if ok else 'TOO FAR'})")
+bad |= not ok
+t = {g: json.load(open(f"{d}/tune-{g}.json"))["times"] for g in ["off", "on"]}
+print(f"  tune: grid {'identical' if t['off'] == t['on'] else 'DIFFERS'} with graphs on: {t['on']}")
+bad |= t["off"] != t["on"]
+sys.exit(bad)
+EOF
+  fi
 fi
 
 speed() { # label env... -- args
@@ -84,9 +125,15 @@ if [ "$PART" = all ] || [ "$PART" = torch ]; then
 for w in sorted(glob.glob("dist/wheels/*.whl")): zipfile.ZipFile(w).extractall("/tmp/pydeps")' || exit 1
   export PYTHONPATH=/tmp/pydeps TORCHINDUCTOR_CACHE_DIR=$WORK/inductor
   tb=${TORCH_BATCHES:-$BATCHES}
-  "$PY" scripts/torch_diffusers_bench.py --model "$WORK/cifar10" --dtype bf16 --batches "$tb" --variants "${TORCH_VARIANTS:-eager,eager-cl,compile-nocg,compile}" --json "$OUT/torch-bf16.json" 2>"$OUT/torch-bf16.log" | tee "$OUT/torch-bf16.out"; [ "${PIPESTATUS[0]}" = 0 ] || { tail -20 "$OUT/torch-bf16.log"; fail=1; }
-  "$PY" scripts/torch_diffusers_bench.py --model "$WORK/cifar10" --dtype tf32 --batches 256 --json "$OUT/torch-tf32.json" 2>"$OUT/torch-tf32.log" | tee "$OUT/torch-tf32.out"; [ "${PIPESTATUS[0]}" = 0 ] || { tail -20 "$OUT/torch-tf32.log"; fail=1; }
-  "$PY" scripts/torch_diffusers_bench.py --model "$WORK/cifar10" --dtype f32 --batches 256 --variants eager,eager-cl --json "$OUT/torch-f32.json" 2>"$OUT/torch-f32.log" | tee "$OUT/torch-f32.out"; [ "${PIPESTATUS[0]}" = 0 ] || { tail -20 "$OUT/torch-f32.log"; fail=1; }
+  precisions=,${TORCH_PRECISIONS:-bf16,tf32,f32},
+  torch() { # dtype batches variants
+    "$PY" scripts/torch_diffusers_bench.py --model "$WORK/cifar10" --dtype "$1" --batches "$2" --variants "$3" \
+      --json "$OUT/torch-$1.json" 2>"$OUT/torch-$1.log" | tee "$OUT/torch-$1.out"
+    [ "${PIPESTATUS[0]}" = 0 ] || { tail -20 "$OUT/torch-$1.log"; fail=1; }
+  }
+  [[ $precisions == *,bf16,* ]] && torch bf16 "$tb" "${TORCH_VARIANTS:-eager,eager-cl,compile-nocg,compile}"
+  [[ $precisions == *,tf32,* ]] && torch tf32 256 "${TORCH_VARIANTS:-eager,eager-cl,compile-nocg,compile}"
+  [[ $precisions == *,f32,* ]] && torch f32 256 eager,eager-cl
 fi
 say "result"
 [ $fail = 0 ] && echo "all steps ran" || echo "SOME STEPS FAILED"
