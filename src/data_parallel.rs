@@ -27,8 +27,9 @@ use std::sync::{Arc, Condvar, Mutex};
 use anyhow::{Result, bail};
 use candle_core::{Device, Tensor};
 
-/// The host side of R replicas: a reusable rendezvous where each replica hands in a vector and
-/// receives the sum of all of them, and the first failure, which every later exchange reports.
+/// The host side of R replicas: a reusable rendezvous where each replica hands in an f64
+/// vector and receives the sum of all of them (training's CPU replicas and data-parallel
+/// tuning use it as their all-reduce), and the first failure, which every later exchange reports.
 pub struct Group {
     world: usize,
     round: Mutex<Round>,
@@ -38,8 +39,8 @@ pub struct Group {
 #[derive(Default)]
 struct Round {
     generation: u64,
-    slots: Vec<Option<Vec<f32>>>,
-    sum: Arc<Vec<f32>>,
+    slots: Vec<Option<Vec<f64>>>,
+    sum: Arc<Vec<f64>>,
     failed: Option<(usize, String)>,
 }
 
@@ -63,14 +64,14 @@ impl Group {
     /// Replica `rank`'s `v` in, Σ_r v_r (added in rank order) out, once every replica has
     /// handed its vector in. An error when a replica has failed (before or while waiting) or
     /// the lengths differ.
-    pub fn exchange(&self, rank: usize, v: Vec<f32>) -> Result<Arc<Vec<f32>>> {
+    pub fn exchange(&self, rank: usize, v: Vec<f64>) -> Result<Arc<Vec<f64>>> {
         let mut r = self.round.lock().unwrap_or_else(|p| p.into_inner());
         if let Some((who, why)) = &r.failed {
             bail!("replica {who} failed: {why}");
         }
         r.slots[rank] = Some(v);
         if r.slots.iter().all(Option::is_some) {
-            let vs: Vec<Vec<f32>> = r
+            let vs: Vec<Vec<f64>> = r
                 .slots
                 .iter_mut()
                 .map(|s| s.take().expect("all in"))
@@ -206,8 +207,9 @@ impl<'a> Reducer<'a> {
         match self {
             Reducer::One => Ok(x.clone()),
             Reducer::Host { group, rank } => {
-                let s = group.exchange(*rank, x.to_vec1::<f32>()?)?;
-                Ok(Tensor::from_slice(&s, s.len(), x.device())?)
+                let v = x.to_dtype(candle_core::DType::F64)?.to_vec1::<f64>()?;
+                let s = group.exchange(*rank, v)?;
+                Ok(Tensor::from_slice(&s, s.len(), x.device())?.to_dtype(x.dtype())?)
             }
             #[cfg(feature = "nccl")]
             Reducer::Nccl { group, rank, comm } => {
@@ -222,11 +224,11 @@ impl<'a> Reducer<'a> {
         match self {
             Reducer::One => Ok(flag),
             Reducer::Host { group, rank } => {
-                Ok(group.exchange(*rank, vec![f32::from(u8::from(flag))])?[0] > 0.0)
+                Ok(group.exchange(*rank, vec![f64::from(u8::from(flag))])?[0] > 0.0)
             }
             #[cfg(feature = "nccl")]
             Reducer::Nccl { group, rank, .. } => {
-                Ok(group.exchange(*rank, vec![f32::from(u8::from(flag))])?[0] > 0.0)
+                Ok(group.exchange(*rank, vec![f64::from(u8::from(flag))])?[0] > 0.0)
             }
         }
     }
@@ -317,14 +319,14 @@ mod tests {
     #[test]
     fn the_host_sum_adds_every_replicas_vector_in_rank_order() {
         let g = Group::new(3);
-        let sums: Vec<Vec<f32>> = std::thread::scope(|s| {
+        let sums: Vec<Vec<f64>> = std::thread::scope(|s| {
             let hs: Vec<_> = (0..3)
                 .map(|r| {
                     let g = &g;
                     s.spawn(move || {
                         let mut out = Vec::new();
                         for round in 0..50 {
-                            let v = vec![r as f32 + round as f32, 1.0];
+                            let v = vec![r as f64 + round as f64, 1.0];
                             out.extend(g.exchange(r, v).unwrap().iter().copied());
                         }
                         out
@@ -333,8 +335,8 @@ mod tests {
                 .collect();
             hs.into_iter().map(|h| h.join().unwrap()).collect()
         });
-        let want: Vec<f32> = (0..50)
-            .flat_map(|round| [3.0 + 3.0 * round as f32, 3.0])
+        let want: Vec<f64> = (0..50)
+            .flat_map(|round| [3.0 + 3.0 * round as f64, 3.0])
             .collect();
         for s in &sums {
             assert_eq!(s, &want);

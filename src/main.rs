@@ -463,6 +463,11 @@ struct TuneArgs {
     /// Where to write the grid file (JSON)
     #[arg(long)]
     out: PathBuf,
+    /// Data-parallel tuning, one replica per device (instead of --device), e.g.
+    /// cuda:0,cuda:1: each holds its share of the --samples and --holdout samples, and every
+    /// error is the mean over all of them; the grid is the one-device grid
+    #[arg(long, conflicts_with = "device")]
+    devices: Option<String>,
 }
 
 #[derive(Args)]
@@ -1388,7 +1393,11 @@ fn cmd_tune(a: &TuneArgs) -> Result<()> {
     }
     qtaylor::io::check_out_dir("--out", &a.out)?;
     let dtype = parse_dtype(&a.dtype)?;
-    let device = parse_device(&a.common.device)?;
+    let devices = match &a.devices {
+        Some(list) => parse_device_list(list)?,
+        None => vec![parse_device(&a.common.device)?],
+    };
+    let device = devices[0].clone();
     let checkpoint;
     let guided;
     let problem;
@@ -1460,6 +1469,41 @@ fn cmd_tune(a: &TuneArgs) -> Result<()> {
             )
         }
     };
+    // The other replicas' copies of the model (data-parallel tuning).
+    let mut copies = Vec::new();
+    let mut problems = Vec::new();
+    for d in &devices[1..] {
+        match &a.common.problem {
+            None => copies.push(match &a.model {
+                Some(dir) => qtaylor::checkpoint::DiffusersModel::load(
+                    dir,
+                    parse_model_dtype(&a.model_dtype)?,
+                    d,
+                )?,
+                None => qtaylor::checkpoint::DiffusersModel::embedded_mnist(
+                    parse_model_dtype(&a.model_dtype)?,
+                    d,
+                )?,
+            }),
+            Some(p) => problems.push(load_problem(p, schedule.clone(), d)?),
+        }
+    }
+    let guided_copies = copies
+        .iter()
+        .filter(|c| c.unet.num_classes().is_some())
+        .map(qtaylor::guidance::Guided::unconditional)
+        .collect::<Result<Vec<_>>>()?;
+    let mut models: Vec<&dyn qtaylor::model::Model> = vec![model];
+    if !guided_copies.is_empty() {
+        models.extend(
+            guided_copies
+                .iter()
+                .map(|g| g as &dyn qtaylor::model::Model),
+        );
+    } else {
+        models.extend(copies.iter().map(|c| c as &dyn qtaylor::model::Model));
+    }
+    models.extend(problems.iter().map(|p| p.model()));
     check_sampler_options(&a.common, &[sampler], &opts)?;
     qtaylor::tune::check_tunable(sampler, &opts)?;
     let zero = grid.ends_at_zero();
@@ -1483,7 +1527,15 @@ fn cmd_tune(a: &TuneArgs) -> Result<()> {
         device: device.clone(),
     };
     let mut log = qtaylor::progress::Log::new("tune");
-    let r = qtaylor::tune::tune(model, schedule.as_ref(), &item, &cfg, &mut |m| log.line(m))?;
+    let r = if devices.len() == 1 {
+        let whole = qtaylor::tune::Share::whole();
+        qtaylor::tune::tune(model, schedule.as_ref(), &item, &cfg, whole, &mut |m| {
+            log.line(m)
+        })?
+    } else {
+        tune_on_devices(&models, &devices, schedule.as_ref(), &item, &cfg, &mut log)?
+    };
+    let device_name = a.devices.as_deref().unwrap_or(&a.common.device);
     let nfe = sampler.nfe(steps, zero, &opts).unwrap_or(a.nfe);
     let tuning = serde_json::json!({
         "method": "GITS-style dynamic programming over a fine candidate grid (arXiv 2405.11326), then a compass search on the full run's end-point error",
@@ -1504,7 +1556,7 @@ fn cmd_tune(a: &TuneArgs) -> Result<()> {
         "error_default": r.error_default,
         "error_tuned": r.error_tuned,
         "seconds": r.seconds,
-        "device": a.common.device,
+        "device": device_name,
     });
     let file = qtaylor::gridfile::GridFile::new(
         &sampler.to_string(),
@@ -1549,12 +1601,66 @@ fn cmd_tune(a: &TuneArgs) -> Result<()> {
     println!(
         "  tuning time {:.1} s on {} ({} samples, {} candidates) -> {}",
         r.seconds,
-        a.common.device,
+        device_name,
         a.samples,
         a.candidates,
         a.out.display()
     );
     Ok(())
+}
+
+/// `tune --devices`: one replica per device, replica `r` on `models[r]` (a copy of the model
+/// on `devices[r]`), in threads that gather their per-sample errors through a
+/// [`qtaylor::data_parallel::Group`]; replica 0 logs and its result is returned.
+fn tune_on_devices(
+    models: &[&dyn qtaylor::model::Model],
+    devices: &[Device],
+    schedule: &dyn Schedule,
+    item: &[usize],
+    cfg: &qtaylor::tune::TuneConfig,
+    log: &mut qtaylor::progress::Log,
+) -> Result<qtaylor::tune::Tuned> {
+    let group = qtaylor::data_parallel::Group::new(devices.len());
+    let mut log = Some(log);
+    let results: Vec<Result<qtaylor::tune::Tuned>> = std::thread::scope(|scope| {
+        let handles: Vec<_> = models
+            .iter()
+            .zip(devices)
+            .enumerate()
+            .map(|(rank, (&model, device))| {
+                let group = &group;
+                let mut cfg = cfg.clone();
+                cfg.device = device.clone();
+                let mut log = log.take();
+                scope.spawn(move || {
+                    let _release = group.on_panic(rank);
+                    let share = qtaylor::tune::Share {
+                        rank,
+                        group: Some(group),
+                    };
+                    let mut progress = |m: &str| {
+                        if let Some(l) = log.as_deref_mut() {
+                            l.line(m)
+                        }
+                    };
+                    let r = qtaylor::tune::tune(model, schedule, item, &cfg, share, &mut progress);
+                    if let Err(e) = &r {
+                        group.fail(rank, &format!("{e:#}"));
+                    }
+                    r
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().unwrap_or_else(|_| bail!("a replica panicked")))
+            .collect()
+    });
+    let first = group.first_failure().unwrap_or(0);
+    let mut results = results;
+    results
+        .swap_remove(first)
+        .map_err(|e| e.context(format!("tune: replica {first} on {:?}", devices[first])))
 }
 
 fn cmd_bench(a: &BenchArgs) -> Result<()> {

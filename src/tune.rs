@@ -28,12 +28,20 @@
 //! The held-out check draws `H` more samples from other streams (from 2⁴¹ on) and reports
 //! the full sampler's end-point RMSE against the teacher on the default grid, the dynamic
 //! program's grid and the tuned (refined) grid.
+//!
+//! Every error above is a mean over samples of a per-sample RMS, so tuning runs data
+//! parallel (`tune --devices`, [`Share`]): replica r holds samples ⌊r·M/R⌋..⌊(r+1)·M/R⌋ of
+//! each set (the same noise streams), and each mean is taken over the per-sample values of
+//! all replicas gathered in sample order. The replicas see the same costs and objective values
+//! and make the same decisions. On the CPU, where the network computes each sample
+//! independently of its batch, the result is bit for bit the one-device result.
 
 use std::time::Instant;
 
 use anyhow::{Result, bail};
 use candle_core::{DType, Device, Tensor};
 
+use crate::data_parallel::Group;
 use crate::model::{Model, Parameterization};
 use crate::ops::Coef;
 use crate::rng::NoiseStreams;
@@ -158,12 +166,72 @@ impl Backend for Recording<'_> {
     }
 }
 
-/// Mean over samples of the per-sample RMS difference.
-pub fn mean_rmse(a: &Tensor, b: &Tensor) -> Result<f64> {
+/// The per-sample RMS difference of two batches, in f64.
+fn per_sample_rmse(a: &Tensor, b: &Tensor) -> Result<Vec<f64>> {
     let rows = a.dims()[0];
     let d = (a.to_dtype(DType::F64)? - b.to_dtype(DType::F64)?)?.reshape((rows, ()))?;
-    let per = d.sqr()?.mean(1)?.sqrt()?;
-    Ok(per.mean_all()?.to_scalar::<f64>()?)
+    Ok(d.sqr()?.mean(1)?.sqrt()?.to_vec1::<f64>()?)
+}
+
+/// This replica's share of the samples in data-parallel tuning (see the module doc).
+#[derive(Clone, Copy)]
+pub struct Share<'a> {
+    pub rank: usize,
+    /// With `world` > 1: the group through which the replicas gather per-sample errors.
+    pub group: Option<&'a Group>,
+}
+
+impl Share<'_> {
+    /// All samples on one device.
+    pub fn whole() -> Self {
+        Share {
+            rank: 0,
+            group: None,
+        }
+    }
+
+    fn world(&self) -> usize {
+        self.group.map_or(1, Group::world)
+    }
+
+    /// This replica's samples `lo..hi` of a set of `n`.
+    pub fn range(&self, n: usize) -> (usize, usize) {
+        let w = self.world();
+        (self.rank * n / w, (self.rank + 1) * n / w)
+    }
+
+    /// The means over all `n` samples of a set of each of `locals` (this replica's per-sample
+    /// values): gathered in sample order (zeros elsewhere, summed over the replicas, which
+    /// is exact), then summed in that order.
+    fn means(&self, n: usize, locals: &[Vec<f64>]) -> Result<Vec<f64>> {
+        let full: Vec<f64> = match self.group {
+            None => locals.concat(),
+            Some(g) => {
+                let (lo, hi) = self.range(n);
+                let mut v = vec![0.0; n * locals.len()];
+                for (j, l) in locals.iter().enumerate() {
+                    if l.len() != hi - lo {
+                        bail!(
+                            "replica {}: {} values for samples {lo}..{hi}",
+                            self.rank,
+                            l.len()
+                        );
+                    }
+                    v[j * n + lo..j * n + hi].copy_from_slice(l);
+                }
+                g.exchange(self.rank, v)?.to_vec()
+            }
+        };
+        Ok(full
+            .chunks(n)
+            .map(|c| c.iter().sum::<f64>() / n as f64)
+            .collect())
+    }
+
+    /// [`Share::means`] of one per-sample RMS difference.
+    fn mean_rmse(&self, n: usize, a: &Tensor, b: &Tensor) -> Result<f64> {
+        Ok(self.means(n, &[per_sample_rmse(a, b)?])?[0])
+    }
 }
 
 /// `n` times uniform in λ from `hi` to `lo` (end points exact).
@@ -281,12 +349,14 @@ pub fn check_tunable(sampler: Sampler, opts: &Options) -> Result<()> {
     Ok(())
 }
 
-/// Tunes the grid of `cfg.sampler` for `model`.
+/// Tunes the grid of `cfg.sampler` for `model`; `share` is this replica's part of a
+/// data-parallel run ([`Share::whole`] on one device).
 pub fn tune(
     model: &dyn Model,
     schedule: &dyn Schedule,
     item: &[usize],
     cfg: &TuneConfig,
+    share: Share,
     progress: &mut dyn FnMut(&str),
 ) -> Result<Tuned> {
     check_tunable(cfg.sampler, &cfg.opts)?;
@@ -319,8 +389,18 @@ pub fn tune(
     if zero {
         cand.push(0.0);
     }
+    for (flag, n) in [("--samples", cfg.samples), ("--holdout", cfg.holdout)] {
+        if n < share.world() {
+            bail!(
+                "{flag} {n}: data-parallel tuning needs at least one sample per device ({})",
+                share.world()
+            );
+        }
+    }
+    // This replica's samples of a set of `n` whose streams start at `first`.
     let noise_x = |first: usize, n: usize| -> Result<Tensor> {
-        let mut s = NoiseStreams::new(cfg.seed, first, n);
+        let (lo, hi) = share.range(n);
+        let mut s = NoiseStreams::new(cfg.seed, first + lo, hi - lo);
         s.normal(item, cfg.dtype, &cfg.device)
     };
     progress(&format!(
@@ -341,6 +421,7 @@ pub fn tune(
     };
     for k in 0..last {
         progress(&format!("costs from candidate {k} of {last}"));
+        let mut locals = Vec::with_capacity(n - k - 1);
         for l in k + 1..n {
             // A step to σ = 0 is x̂0 whatever the sampler: only from the last positive
             // candidate that the path can still reach in time.
@@ -356,7 +437,10 @@ pub fn tune(
                 &[cand[k], cand[l]],
                 &states[k],
             )?;
-            cost[k][l] = mean_rmse(&x, &states[l])?;
+            locals.push(per_sample_rmse(&x, &states[l])?);
+        }
+        for (l, c) in (k + 1..n).zip(share.means(cfg.samples, &locals)?) {
+            cost[k][l] = c;
         }
     }
     let (path, total) = qtaylor_core::tune::cheapest_path(&cost, steps)?;
@@ -365,7 +449,7 @@ pub fn tune(
     let teacher_end = states.last().expect("teacher end");
     let full = |ts: &[f64]| -> Result<f64> {
         let x = run(model, schedule, cfg.sampler, &cfg.opts, ts, &x_tune)?;
-        mean_rmse(&x, teacher_end)
+        share.mean_rmse(cfg.samples, &x, teacher_end)
     };
     let (start_times, start_cost) = {
         let g = full(&gits_times)?;
@@ -422,7 +506,7 @@ pub fn tune(
     let hold_end = hs.last().expect("teacher end");
     let err = |ts: &[f64]| -> Result<f64> {
         let x = run(model, schedule, cfg.sampler, &cfg.opts, ts, &x_hold)?;
-        mean_rmse(&x, hold_end)
+        share.mean_rmse(cfg.holdout, &x, hold_end)
     };
     let error_default = err(def)?;
     let error_gits = err(&gits_times)?;

@@ -374,3 +374,54 @@ fn continuous_grids_run_on_discrete_schedules_and_keep_the_flags_honest() {
     assert!(o.status.success(), "{}", stderr(&o));
     assert!(stderr(&o).contains("3 steps"), "{}", stderr(&o));
 }
+
+#[test]
+fn tuning_on_several_devices_gives_the_one_device_grid_bit_for_bit() {
+    // Three CPU replicas, each with a third of the tuning and held-out samples (24 of each,
+    // so 8 apiece); every error is the mean over all 24, gathered in sample order, so the
+    // search takes the same steps and lands on the same grid.
+    let dir = tempfile::tempdir().unwrap();
+    let (one, three) = (dir.path().join("one.json"), dir.path().join("three.json"));
+    for (sampler, nfe) in [("unipc-3", "6"), ("qt-2", "5")] {
+        let o = tune_gmm(&one, sampler, nfe, &["--refine-sweeps", "4"]);
+        assert!(o.status.success(), "{}", stderr(&o));
+        let o3 = tune_gmm(
+            &three,
+            sampler,
+            nfe,
+            &["--refine-sweeps", "4", "--devices", "cpu,cpu,cpu"],
+        );
+        assert!(o3.status.success(), "{}", stderr(&o3));
+        let (a, b) = (
+            GridFile::read(&one, &VpLinear::default()).unwrap(),
+            GridFile::read(&three, &VpLinear::default()).unwrap(),
+        );
+        assert_eq!(a.times, b.times, "{sampler} at {nfe} NFE");
+        assert_eq!(errors(&o), errors(&o3), "{sampler} at {nfe} NFE");
+    }
+    // More devices than samples is refused before anything is written.
+    let none = dir.path().join("none.json");
+    let o = qtaylor(&[
+        "tune",
+        "--problem",
+        "gmm-demo",
+        "--sampler",
+        "ddim",
+        "--nfe",
+        "5",
+        "--samples",
+        "2",
+        "--devices",
+        "cpu,cpu,cpu",
+        "--out",
+        p(&none),
+    ]);
+    assert!(!o.status.success());
+    assert!(
+        stderr(&o)
+            .contains("--samples 2: data-parallel tuning needs at least one sample per device (3)"),
+        "{}",
+        stderr(&o)
+    );
+    assert!(!none.exists());
+}
