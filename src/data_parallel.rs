@@ -127,6 +127,46 @@ impl Group {
     }
 }
 
+/// Runs `replica(rank, device, group)` for every device at once, one thread each, sharing one
+/// [`Group`] of `devices.len()` replicas. A replica that fails or panics marks the group
+/// failed, which releases the others from their next exchange. Returns replica 0's result,
+/// or the error of the replica that failed first (the others only saw its failure), naming
+/// it and its device when there are several.
+pub fn run_replicas<T: Send>(
+    devices: &[Device],
+    replica: impl Fn(usize, &Device, &Group) -> Result<T> + Sync,
+) -> Result<T> {
+    let group = Group::new(devices.len());
+    let mut results: Vec<Result<T>> = std::thread::scope(|scope| {
+        let handles: Vec<_> = devices
+            .iter()
+            .enumerate()
+            .map(|(rank, device)| {
+                let (group, replica) = (&group, &replica);
+                scope.spawn(move || {
+                    let _release = group.on_panic(rank);
+                    let r = replica(rank, device, group);
+                    if let Err(e) = &r {
+                        group.fail(rank, &format!("{e:#}"));
+                    }
+                    r
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().unwrap_or_else(|_| bail!("a replica panicked")))
+            .collect()
+    });
+    let first = group.first_failure().unwrap_or(0);
+    match results.swap_remove(first) {
+        Err(e) if devices.len() > 1 => {
+            Err(e.context(format!("replica {first} on {:?}", devices[first])))
+        }
+        r => r,
+    }
+}
+
 /// See [`Group::on_panic`].
 pub struct PanicGuard<'a> {
     group: &'a Group,
@@ -184,22 +224,22 @@ impl<'a> Reducer<'a> {
         }
     }
 
-    pub fn world(&self) -> usize {
+    /// The group and this replica's rank in it (none when not data parallel).
+    fn member(&self) -> Option<(&Group, usize)> {
         match self {
-            Reducer::One => 1,
-            Reducer::Host { group, .. } => group.world(),
+            Reducer::One => None,
+            Reducer::Host { group, rank } => Some((group, *rank)),
             #[cfg(feature = "nccl")]
-            Reducer::Nccl { group, .. } => group.world(),
+            Reducer::Nccl { group, rank, .. } => Some((group, *rank)),
         }
     }
 
+    pub fn world(&self) -> usize {
+        self.member().map_or(1, |(g, _)| g.world())
+    }
+
     pub fn rank(&self) -> usize {
-        match self {
-            Reducer::One => 0,
-            Reducer::Host { rank, .. } => *rank,
-            #[cfg(feature = "nccl")]
-            Reducer::Nccl { rank, .. } => *rank,
-        }
+        self.member().map_or(0, |(_, r)| r)
     }
 
     /// Σ_r x_r of a flat f32 vector `x` on this replica's device, on the same device.
@@ -221,14 +261,10 @@ impl<'a> Reducer<'a> {
 
     /// Whether any replica's `flag` is set (a host rendezvous of all replicas).
     pub fn any(&self, flag: bool) -> Result<bool> {
-        match self {
-            Reducer::One => Ok(flag),
-            Reducer::Host { group, rank } => {
-                Ok(group.exchange(*rank, vec![f64::from(u8::from(flag))])?[0] > 0.0)
-            }
-            #[cfg(feature = "nccl")]
-            Reducer::Nccl { group, rank, .. } => {
-                Ok(group.exchange(*rank, vec![f64::from(u8::from(flag))])?[0] > 0.0)
+        match self.member() {
+            None => Ok(flag),
+            Some((group, rank)) => {
+                Ok(group.exchange(rank, vec![f64::from(u8::from(flag))])?[0] > 0.0)
             }
         }
     }

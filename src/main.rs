@@ -1620,47 +1620,21 @@ fn tune_on_devices(
     cfg: &qtaylor::tune::TuneConfig,
     log: &mut qtaylor::progress::Log,
 ) -> Result<qtaylor::tune::Tuned> {
-    let group = qtaylor::data_parallel::Group::new(devices.len());
-    let mut log = Some(log);
-    let results: Vec<Result<qtaylor::tune::Tuned>> = std::thread::scope(|scope| {
-        let handles: Vec<_> = models
-            .iter()
-            .zip(devices)
-            .enumerate()
-            .map(|(rank, (&model, device))| {
-                let group = &group;
-                let mut cfg = cfg.clone();
-                cfg.device = device.clone();
-                let mut log = log.take();
-                scope.spawn(move || {
-                    let _release = group.on_panic(rank);
-                    let share = qtaylor::tune::Share {
-                        rank,
-                        group: Some(group),
-                    };
-                    let mut progress = |m: &str| {
-                        if let Some(l) = log.as_deref_mut() {
-                            l.line(m)
-                        }
-                    };
-                    let r = qtaylor::tune::tune(model, schedule, item, &cfg, share, &mut progress);
-                    if let Err(e) = &r {
-                        group.fail(rank, &format!("{e:#}"));
-                    }
-                    r
-                })
-            })
-            .collect();
-        handles
-            .into_iter()
-            .map(|h| h.join().unwrap_or_else(|_| bail!("a replica panicked")))
-            .collect()
-    });
-    let first = group.first_failure().unwrap_or(0);
-    let mut results = results;
-    results
-        .swap_remove(first)
-        .map_err(|e| e.context(format!("tune: replica {first} on {:?}", devices[first])))
+    let log = std::sync::Mutex::new(log);
+    qtaylor::data_parallel::run_replicas(devices, |rank, device, group| {
+        let mut cfg = cfg.clone();
+        cfg.device = device.clone();
+        let share = qtaylor::tune::Share {
+            rank,
+            group: Some(group),
+        };
+        let mut progress = |m: &str| {
+            if rank == 0 {
+                log.lock().unwrap_or_else(|p| p.into_inner()).line(m)
+            }
+        };
+        qtaylor::tune::tune(models[rank], schedule, item, &cfg, share, &mut progress)
+    })
 }
 
 fn cmd_bench(a: &BenchArgs) -> Result<()> {

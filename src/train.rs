@@ -36,7 +36,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::checkpoint::SchedulerConfig;
 use crate::data::{ImageSet, Split, load_image_set};
-use crate::data_parallel::{Group, Reducer, new_nccl_id};
+use crate::data_parallel::{Reducer, new_nccl_id, run_replicas};
 use crate::schedule::{diffusers_alphas_cumprod, diffusers_betas};
 use crate::unet::{UNet2D, UNet2DConfig, Weights, timed};
 
@@ -810,39 +810,11 @@ pub fn train_on(opts: &TrainOptions, devices: &[Device]) -> Result<TrainReport> 
     }
     let p = prepare(opts)?;
     check_out(opts)?;
-    let group = Group::new(world);
     let id = new_nccl_id(devices)?;
-    let results: Vec<Result<TrainReport>> = std::thread::scope(|scope| {
-        let handles: Vec<_> = devices
-            .iter()
-            .enumerate()
-            .map(|(rank, device)| {
-                let (group, p) = (&group, &p);
-                scope.spawn(move || {
-                    // A replica that panics must release the others from their next exchange.
-                    let _release = group.on_panic(rank);
-                    let r = Reducer::new(group, rank, device, id)
-                        .and_then(|reducer| run_replica(p, opts, &reducer, device));
-                    if let Err(e) = &r {
-                        group.fail(rank, &format!("{e:#}"));
-                    }
-                    r
-                })
-            })
-            .collect();
-        handles
-            .into_iter()
-            .map(|h| h.join().unwrap_or_else(|_| bail!("a replica panicked")))
-            .collect()
-    });
-    // The first replica that failed names the cause; the others only saw its failure.
-    let first = group.first_failure().unwrap_or(0);
-    let mut results = results;
-    match results.swap_remove(first) {
-        Ok(report) => Ok(report),
-        Err(e) if world > 1 => Err(e.context(format!("replica {first} on {:?}", devices[first]))),
-        Err(e) => Err(e),
-    }
+    run_replicas(devices, |rank, device, group| {
+        let reducer = Reducer::new(group, rank, device, id)?;
+        run_replica(&p, opts, &reducer, device)
+    })
 }
 
 /// Refuses an `--out` that holds another run (one that `--resume` does not continue).
