@@ -36,7 +36,8 @@ done
 say "parity of the non-default GPU paths (largest relative error per setting)"
 for v in "QTAYLOR_CONV=candle:f32:1e-3:" "QTAYLOR_CONV=candle:bf16:5e-2:" "QTAYLOR_CUDNN_ALGO=heuristic:f32:1e-4:" \
          "QTAYLOR_CUDNN_ALGO=graph-find:bf16:5e-2:" "QTAYLOR_UPSAMPLE=transposed:f32:1e-2:--tf32" \
-         "QTAYLOR_UPSAMPLE=nearest:f16:1e-2:" "QTAYLOR_DOWNSAMPLE=pad:f32:1e-4:"; do
+         "QTAYLOR_UPSAMPLE=nearest:f16:1e-2:" "QTAYLOR_DOWNSAMPLE=pad:f32:1e-4:" "QTAYLOR_LAYOUT=nchw:bf16:5e-2:" \
+         "QTAYLOR_LAYOUT=nchw:f16:1e-2:" "QTAYLOR_LAYOUT=nhwc:f32:1e-4:" "QTAYLOR_LAYOUT=nhwc:f32:1e-2:--tf32"; do
   IFS=: read -r e d tol flag <<<"$v"
   worst=0
   for f in tests/fixtures/unet2d/*/; do

@@ -9,10 +9,12 @@
 #                 bit for bit equal (fixture UNet f32, CIFAR-10 architecture bf16, the
 #                 class-conditional default with guidance), and with $DATA the eval and
 #                 tune paths: FID/KID within 1e-4 and the tuned grid equal with graphs on and off
+#   PART=layout   channels last (the bf16 default) against QTAYLOR_LAYOUT=nchw: samples close,
+#                 speed at $BATCHES with graphs off and on, per-operation GPU time at 256
 #   PART=qtaylor  qtaylor speed, batches $BATCHES in bf16 with graphs off and on; TF32 and
 #                 exact f32 at batch 256
 #   PART=torch    the PyTorch variants: bf16 at $BATCHES, TF32 and exact f32 at 256
-#   PART=all      (default) all three
+#   PART=all      (default) all four
 # Env: WORK (default /tmp/qtaylor-inf), OUT (results), DATA (MNIST IDX files for the graphs
 # part's eval and tune checks, default data/mnist-gz; skipped when absent), DEADLINE (epoch s: PyTorch variants
 # that would start later are skipped), TORCH_BATCHES (default $BATCHES), TORCH_VARIANTS.
@@ -100,6 +102,36 @@ speed() { # label env... -- args
   echo "qtaylor $label:"
   env "$@" 2>&1 | grep -E "^(forward|  host|sample|  per step|peak device|CUDA)|error" | sed 's/^/  /' || fail=1
 }
+if [ "$PART" = all ] || [ "$PART" = layout ]; then
+  say "channels last (QTAYLOR_LAYOUT=auto: NHWC in bf16) against NCHW (QTAYLOR_LAYOUT=nchw)"
+  for l in nchw auto; do
+    QTAYLOR_LAYOUT=$l "$Q" sample --model "$WORK/cifar10" --model-dtype bf16 --sampler qt-3 --steps 10 --batch 16 \
+      --device cuda --out "$WORK/lay-$l.png" --save-npy "$WORK/lay-$l.npy" 2>"$WORK/lay-$l.log" || { fail=1; tail -3 "$WORK/lay-$l.log"; }
+  done
+  "$PY" - "$WORK" <<'EOF' || fail=1
+import sys, numpy as np
+d = sys.argv[1]
+a, b = np.load(f"{d}/lay-nchw.npy").astype(np.float64), np.load(f"{d}/lay-auto.npy").astype(np.float64)
+rel = np.sqrt(np.mean((a - b) ** 2) / np.mean(a ** 2))
+print(f"  10-NFE qt-3 samples {a.shape}, bf16: NHWC vs NCHW relative RMS difference {rel:.2e}, max abs {np.abs(a - b).max():.2e} ({'ok' if rel < 5e-2 else 'TOO FAR'})")
+sys.exit(0 if rel < 5e-2 else 1)
+EOF
+  for b in ${BATCHES//,/ }; do
+    r=10; (( b <= 8 )) && r=30
+    for l in nchw auto; do
+      for g in off on; do
+        speed "bf16 batch $b layout $l graphs $g" QTAYLOR_LAYOUT=$l QTAYLOR_CUDA_GRAPH=$g "$Q" speed --model "$WORK/cifar10" \
+          --device cuda --model-dtype bf16 --batch "$b" --repeats $r --sampler qt-3 --steps 10
+      done
+    done
+  done
+  for l in nchw auto; do
+    echo "qtaylor bf16 batch 256 layout $l, QTAYLOR_PROFILE=1 (GPU time per operation):"
+    QTAYLOR_LAYOUT=$l QTAYLOR_PROFILE=1 "$Q" speed --model "$WORK/cifar10" --device cuda --model-dtype bf16 --batch 256 \
+      --repeats 5 --sampler none 2>&1 | sed -n '/^profile/,$p' | sed 's/^/  /' || fail=1
+  done
+fi
+
 if [ "$PART" = all ] || [ "$PART" = qtaylor ]; then
   say "qtaylor speed, CIFAR-10 DDPM architecture (35.7 M parameters)"
   for b in ${BATCHES//,/ }; do

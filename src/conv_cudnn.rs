@@ -124,6 +124,42 @@ pub fn conv2d(x: &Tensor, w: &Tensor, padding: usize, stride: usize) -> Result<T
             padding,
             stride,
             op: Op::Forward,
+            nhwc: false,
+        },
+    )
+}
+
+/// [`conv2d`] for channels-last operands: `x: (N, H, W, C)`, `w: (K, R, S, C)` (the filter in
+/// cuDNN's NHWC filter order), output `(N, H', W', K)`. cuDNN's tensor-core kernels work in
+/// this layout, so no NCHW↔NHWC transforms run around them (BENCHMARKS.md §4.5). f32, f16
+/// and bf16 on CUDA. Keeps no autograd graph.
+pub fn conv2d_nhwc(x: &Tensor, w: &Tensor, padding: usize, stride: usize) -> Result<Tensor> {
+    x.contiguous()?.apply_op2_no_bwd(
+        &w.contiguous()?,
+        &ConvOp {
+            padding,
+            stride,
+            op: Op::Forward,
+            nhwc: true,
+        },
+    )
+}
+
+/// [`conv_transpose2d`] for channels-last operands: `x: (N, H', W', K)`, `w: (K, R, S, C)`
+/// (the forward convolution's filter in NHWC filter order), output `(N, H, W, C)`.
+pub fn conv_transpose2d_nhwc(
+    x: &Tensor,
+    w: &Tensor,
+    padding: usize,
+    stride: usize,
+) -> Result<Tensor> {
+    x.contiguous()?.apply_op2_no_bwd(
+        &w.contiguous()?,
+        &ConvOp {
+            padding,
+            stride,
+            op: Op::DataGrad,
+            nhwc: true,
         },
     )
 }
@@ -144,6 +180,7 @@ pub fn conv_transpose2d(x: &Tensor, w: &Tensor, padding: usize, stride: usize) -
             padding,
             stride,
             op: Op::DataGrad,
+            nhwc: false,
         },
     )
 }
@@ -164,6 +201,7 @@ pub fn conv2d_backward_filter(
             padding,
             stride,
             op: Op::FilterGrad(r, s),
+            nhwc: false,
         },
     )
 }
@@ -183,6 +221,8 @@ struct ConvOp {
     padding: usize,
     stride: usize,
     op: Op,
+    /// Channels-last operands (`(N, H, W, C)` tensors, `(K, R, S, C)` filters).
+    nhwc: bool,
 }
 
 impl CustomOp2 for ConvOp {
@@ -220,23 +260,32 @@ impl CustomOp2 for ConvOp {
             ))
         };
         // The forward convolution's shapes: input (n, c, h, wd), filter (k, c, r, s), output
-        // (n, k, oh, ow).
+        // (n, k, oh, ow), whatever the layout (`logical` reads a channels-last shape in this
+        // order).
+        let nhwc = self.nhwc;
+        let logical = |l: &Layout| -> Result<(usize, usize, usize, usize)> {
+            let (a, b, c, d) = l.shape().dims4()?;
+            Ok(if nhwc { (a, d, b, c) } else { (a, b, c, d) })
+        };
         let (n, c, h, wd, k, r, s) = match self.op {
             Op::Forward => {
-                let (n, c, h, wd) = l1.shape().dims4()?;
-                let (k, c2, r, s) = l2.shape().dims4()?;
+                let (n, c, h, wd) = logical(l1)?;
+                let (k, c2, r, s) = logical(l2)?;
                 if c2 != c {
                     return Err(misfit());
                 }
                 (n, c, h, wd, k, r, s)
+            }
+            Op::FilterGrad(..) if nhwc => {
+                candle_core::bail!("cudnn-conv2d: no channels-last filter gradient")
             }
             Op::FilterGrad(r, s) => {
                 let (n, c, h, wd) = l1.shape().dims4()?;
                 (n, c, h, wd, l2.dim(1)?, r, s)
             }
             Op::DataGrad => {
-                let (n, k, oh, ow) = l1.shape().dims4()?;
-                let (k2, c, r, s) = l2.shape().dims4()?;
+                let (n, k, oh, ow) = logical(l1)?;
+                let (k2, c, r, s) = logical(l2)?;
                 let (h, wd) = ((oh.max(1) - 1) * st + r, (ow.max(1) - 1) * st + s);
                 if k2 != k || oh == 0 || ow == 0 || h <= 2 * p || wd <= 2 * p {
                     return Err(misfit());
@@ -249,11 +298,11 @@ impl CustomOp2 for ConvOp {
         }
         let (oh, ow) = ((h + 2 * p - r) / st + 1, (wd + 2 * p - s) / st + 1);
         let dy_dims = match self.op {
-            Op::FilterGrad(..) => Some(l2.dims()),
-            Op::DataGrad => Some(l1.dims()),
+            Op::FilterGrad(..) => Some(l2.shape().dims4()?),
+            Op::DataGrad => Some(logical(l1)?),
             Op::Forward => None,
         };
-        if dy_dims.is_some_and(|d| d != [n, k, oh, ow]) {
+        if dy_dims.is_some_and(|d| d != (n, k, oh, ow)) {
             return Err(misfit());
         }
         let i = |v: usize| v as i32;
@@ -281,10 +330,13 @@ impl CustomOp2 for ConvOp {
                 }
             },
             op: self.op,
+            nhwc,
         };
         let (len, shape) = match self.op {
+            Op::Forward if nhwc => (n * k * oh * ow, Shape::from((n, oh, ow, k))),
             Op::Forward => (n * k * oh * ow, Shape::from((n, k, oh, ow))),
             Op::FilterGrad(..) => (k * c * r * s, Shape::from((k, c, r, s))),
+            Op::DataGrad if nhwc => (n * c * h * wd, Shape::from((n, h, wd, c))),
             Op::DataGrad => (n * c * h * wd, Shape::from((n, c, h, wd))),
         };
         let out = match s1.dtype() {
@@ -307,6 +359,8 @@ struct Key {
     tf32: bool,
     choice: Choice,
     op: Op,
+    /// Channels-last tensors and filter (the shapes above stay in NCHW / KCRS order).
+    nhwc: bool,
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -443,7 +497,11 @@ macro_rules! candidates {
 impl Plan {
     fn new(handle: sys::cudnnHandle_t, key: &Key, timer: Option<&mut Timer>) -> Result<Plan> {
         use sys::cudnnMathType_t as M;
-        use sys::cudnnTensorFormat_t::CUDNN_TENSOR_NCHW as NCHW;
+        let format = if key.nhwc {
+            sys::cudnnTensorFormat_t::CUDNN_TENSOR_NHWC
+        } else {
+            sys::cudnnTensorFormat_t::CUDNN_TENSOR_NCHW
+        };
         let e = |what: &'static str| move |x| err(what, key, x);
         let dt = data_type(key.dtype);
         let [n, _, h, w] = key.x;
@@ -475,7 +533,7 @@ impl Plan {
                             key.pad,
                             key.stride,
                             key.dtype,
-                            if key.tf32 { " tf32" } else { "" },
+                            flags(key),
                             workspace
                         );
                     }
@@ -501,10 +559,12 @@ impl Plan {
         };
         // SAFETY: the descriptors were just created and belong to this plan.
         unsafe {
-            cr::set_tensor4d_descriptor(plan.x, NCHW, dt, key.x).map_err(e("input descriptor"))?;
-            cr::set_tensor4d_descriptor(plan.y, NCHW, dt, [n, k, oh, ow])
+            cr::set_tensor4d_descriptor(plan.x, format, dt, key.x)
+                .map_err(e("input descriptor"))?;
+            cr::set_tensor4d_descriptor(plan.y, format, dt, [n, k, oh, ow])
                 .map_err(e("output descriptor"))?;
-            cr::set_filter4d_descriptor(plan.w, dt, NCHW, key.w).map_err(e("filter descriptor"))?;
+            cr::set_filter4d_descriptor(plan.w, dt, format, key.w)
+                .map_err(e("filter descriptor"))?;
             cr::set_convolution2d_descriptor(
                 plan.conv,
                 key.pad,
@@ -642,7 +702,7 @@ impl Plan {
                 key.pad,
                 key.stride,
                 key.dtype,
-                if key.tf32 { " tf32" } else { "" },
+                flags(key),
                 algo_name(algo),
                 algo_math,
                 plan.workspace
@@ -842,7 +902,17 @@ fn finalize(d: sys::cudnnBackendDescriptor_t, what: &str) -> std::result::Result
         .map_err(|e| format!("finalizing {what}: {e:?}"))
 }
 
-/// The forward convolution of `key` as a cuDNN graph (one convolution node, NCHW strides),
+/// The precision and layout notes of a plan's log line.
+fn flags(key: &Key) -> String {
+    format!(
+        "{}{}",
+        if key.tf32 { " tf32" } else { "" },
+        if key.nhwc { " nhwc" } else { "" }
+    )
+}
+
+/// The forward convolution of `key` as a cuDNN graph (one convolution node, NCHW or NHWC
+/// strides),
 /// planned with cuDNN's heuristic mode A: the first engine configuration that finalizes.
 /// This is the API PyTorch's cuDNN v8+ path uses; it reaches the Hopper (sm90) kernels that
 /// the legacy `cudnnConvolutionForward` does not. Returns the execution plan and its
@@ -861,8 +931,13 @@ fn graph_plan(
     let [k, _, r, s] = key.w.map(i64::from);
     let (p, st) = (i64::from(key.pad), i64::from(key.stride));
     let (oh, ow) = ((h + 2 * p - r) / st + 1, (w + 2 * p - s) / st + 1);
+    // Dimensions in (N, C, H, W) order; the strides say where they lie in memory.
     let tensor = |uid: i64, dims: [i64; 4], keep: &mut Vec<_>| {
-        let strides = [dims[1] * dims[2] * dims[3], dims[2] * dims[3], dims[3], 1];
+        let strides = if key.nhwc {
+            [dims[1] * dims[2] * dims[3], 1, dims[3] * dims[1], dims[1]]
+        } else {
+            [dims[1] * dims[2] * dims[3], dims[2] * dims[3], dims[3], 1]
+        };
         let t = create(D::CUDNN_BACKEND_TENSOR_DESCRIPTOR, keep)?;
         let align = 16i64;
         // SAFETY: each pointer names the number of elements given.

@@ -12,7 +12,9 @@
 //!
 //! The graph is captured with `CUDA_GRAPH_INSTANTIATE_FLAG_AUTO_FREE_ON_LAUNCH`: the pass's
 //! intermediates are allocated and freed inside the graph (from the driver's graph memory
-//! pool, counted by [`crate::kernels::cuda_peak_allocated`]), and its output buffer keeps one
+//! pool, counted by [`crate::kernels::cuda_peak_allocated`]; before the capture the default
+//! pool returns the warm-up pass's freed memory, [`crate::kernels::before_graph_capture`]),
+//! and its output buffer keeps one
 //! address across replays, so each replay's output is copied out before it returns. Event
 //! tracking of the CUDA context is switched off when graphs are on (one stream: every kernel,
 //! cuDNN and cuBLAS call runs on candle's stream, in order), because waiting inside a capture
@@ -191,6 +193,7 @@ fn capture(inputs: &[Tensor], body: &dyn Fn(&[Tensor]) -> Result<Tensor>) -> Res
         )
     };
     stream.synchronize().map_err(|e| cuda("synchronize", &e))?;
+    crate::kernels::before_graph_capture(statics[0].device())?;
     // SAFETY: one stream does all of this process's GPU work (see the module doc).
     unsafe { stream.context().disable_event_tracking() };
     stream

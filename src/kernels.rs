@@ -36,8 +36,115 @@ pub fn group_norm(
     x.apply_op3_no_bwd(
         &weight.contiguous()?,
         &bias.contiguous()?,
-        &GroupNormOp { groups, eps, silu },
+        &GroupNormOp {
+            groups,
+            eps,
+            silu,
+            channels_last: false,
+        },
     )
+}
+
+/// [`group_norm`] (and SiLU) of a channels-last input `(B, H, W, C)`: the same statistics per
+/// (sample, group), each group's `C/groups` channels read from every pixel. Inference only
+/// (no autograd graph). On CUDA one kernel reads and writes the activation in place of the
+/// NCHW kernel; elsewhere the input is moved to `(B, C, H, W)` and back around [`group_norm`].
+pub fn group_norm_nhwc(
+    x: &Tensor,
+    weight: &Tensor,
+    bias: &Tensor,
+    groups: usize,
+    eps: f64,
+    silu: bool,
+) -> Result<Tensor> {
+    if x.rank() < 2 {
+        candle_core::bail!("group norm: a channels-last input {:?}", x.dims());
+    }
+    if !x.device().is_cuda() {
+        let last = x.rank() - 1;
+        let y = group_norm(
+            &x.detach().transpose(1, last)?.contiguous()?,
+            &weight.detach(),
+            &bias.detach(),
+            groups,
+            eps,
+            silu,
+        )?;
+        return y.transpose(1, last)?.contiguous();
+    }
+    x.contiguous()?.apply_op3_no_bwd(
+        &weight.contiguous()?,
+        &bias.contiguous()?,
+        &GroupNormOp {
+            groups,
+            eps,
+            silu,
+            channels_last: true,
+        },
+    )
+}
+
+/// `[a, b]` along the last dimension for channels-last activations (`(…, Ca)` and `(…, Cb)`
+/// with the same leading dimensions): on CUDA one kernel moving 16-byte vectors when both
+/// channel counts are multiples of the vector width and both inputs start 16-byte aligned
+/// (candle's concatenation copies element by element, one pass per input); elsewhere
+/// candle's `Tensor::cat`. Keeps no autograd graph.
+pub fn concat_channels_last(a: &Tensor, b: &Tensor) -> Result<Tensor> {
+    let last = a.rank().saturating_sub(1);
+    let (ca, cb) = (a.dim(last)?, b.dim(last)?);
+    let width = 16 / a.dtype().size_in_bytes().max(1);
+    let aligned = |t: &Tensor| {
+        (t.layout().start_offset() * t.dtype().size_in_bytes()).is_multiple_of(16)
+            && t.is_contiguous()
+    };
+    let lead_ok = a.rank() >= 1 && a.dims()[..last] == b.dims()[..last] && a.dtype() == b.dtype();
+    if !a.device().is_cuda()
+        || !lead_ok
+        || !matches!(a.dtype(), DType::F32 | DType::F16 | DType::BF16)
+        || !ca.is_multiple_of(width)
+        || !cb.is_multiple_of(width)
+        || !aligned(a)
+        || !aligned(b)
+    {
+        return Tensor::cat(&[a, b], last);
+    }
+    a.detach().apply_op2_no_bwd(&b.detach(), &ConcatLast)
+}
+
+struct ConcatLast;
+
+impl candle_core::CustomOp2 for ConcatLast {
+    fn name(&self) -> &'static str {
+        "concat-channels-last"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        candle_core::bail!("concat-channels-last runs on CUDA only")
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        let (d1, d2) = (l1.dims(), l2.dims());
+        let last = d1.len() - 1;
+        let (ca, cb) = (d1[last], d2[last]);
+        let rows: usize = d1[..last].iter().product();
+        let mut dims = d1.to_vec();
+        dims[last] = ca + cb;
+        let out = cuda::concat_last((s1, l1), (s2, l2), (rows, ca, cb))?;
+        Ok((out, Shape::from(dims)))
+    }
 }
 
 /// The same GroupNorm composed of candle operations, so that gradients flow (training):
@@ -348,6 +455,8 @@ struct GroupNormOp {
     groups: usize,
     eps: f64,
     silu: bool,
+    /// `(B, …, C)` input (CUDA only; [`group_norm_nhwc`] moves CPU inputs to NCHW).
+    channels_last: bool,
 }
 
 /// (batch, channels, spatial size) of a group-norm input, checked against the affine.
@@ -360,6 +469,36 @@ fn dims(l: &Layout, lw: &Layout, groups: usize) -> Result<(usize, usize, usize)>
         );
     }
     Ok((d[0], d[1], d[2..].iter().product()))
+}
+
+/// `QTAYLOR_GN_NHWC_BYTES`: the most bytes of a pixel's channels one block of the
+/// channels-last group norm covers (default 64: on the H200 at batch 256 a bf16 forward took
+/// 9.6 ms with 64 and 10.1 ms with 32, BENCHMARKS.md §4.5; 0 or less than one group: one group
+/// per block).
+#[cfg(feature = "cuda")]
+fn gn_run_bytes() -> Result<usize> {
+    match std::env::var("QTAYLOR_GN_NHWC_BYTES") {
+        Err(_) => Ok(64),
+        Ok(v) => v.parse::<usize>().map_err(|_| {
+            candle_core::Error::Msg(format!(
+                "environment variable QTAYLOR_GN_NHWC_BYTES={v:?}: expected a byte count such as 64"
+            ))
+        }),
+    }
+}
+
+/// (batch, channels, spatial size) of a channels-last group-norm input `(B, …, C)`.
+#[cfg(feature = "cuda")]
+fn dims_channels_last(l: &Layout, lw: &Layout, groups: usize) -> Result<(usize, usize, usize)> {
+    let d = l.dims();
+    let c = *d.last().unwrap_or(&0);
+    if d.len() < 2 || groups == 0 || !c.is_multiple_of(groups) || lw.dims() != [c] {
+        candle_core::bail!(
+            "group_norm: channels-last input {d:?}, affine {:?}, {groups} groups",
+            lw.dims()
+        );
+    }
+    Ok((d[0], c, d[1..d.len() - 1].iter().product()))
 }
 
 fn slice<'a, T: WithDType>(s: &'a CpuStorage, l: &Layout) -> Result<&'a [T]> {
@@ -476,6 +615,9 @@ impl CustomOp3 for GroupNormOp {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
+        if self.channels_last {
+            candle_core::bail!("group_norm: channels-last input on the CPU");
+        }
         let d = dims(l1, l2, self.groups)?;
         let (g, e, a) = (self.groups, self.eps, self.silu);
         let out = match s1.dtype() {
@@ -540,6 +682,7 @@ impl CustomOp3 for GroupNormOp {
             self.groups,
             self.eps as f32,
             self.silu,
+            self.channels_last,
         )
     }
 }
@@ -642,6 +785,99 @@ GROUP_NORM_VEC(group_norm_vec_f32, float, ld_f32, st_f32)
 GROUP_NORM_VEC(group_norm_vec_f16, unsigned short, ld_f16, st_f16)
 GROUP_NORM_VEC(group_norm_vec_bf16, unsigned short, ld_bf16, st_bf16)
 
+// Sums of v over the threads of each group, for blocks that cover `gb` groups of a pixel's
+// channels: in each aligned run of `upp` = gb * upg lanes (a power of two dividing 32), lanes
+// [gl * upg, (gl + 1) * upg) hold group gl. A butterfly over the lane bits that do not select
+// the group gives each lane its warp's total, then every thread adds the warps' totals in
+// warp order: the same fixed order on every run. gb == 1 is block_sum.
+__device__ float group_sum(float v, float* sh, int gl, int gb, int upg, int upp) {
+    if (gb == 1) return block_sum(v, sh);
+    for (int o = 1; o < 32; o <<= 1) {
+        if (o >= upg && o < upp) continue;
+        v += __shfl_xor_sync(0xffffffff, v, o);
+    }
+    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    if (lane < upp && lane % upg == 0) sh[warp * gb + gl] = v;
+    __syncthreads();
+    float r = 0.0f;
+    for (int w = 0; w < (int)(blockDim.x >> 5); w++) r += sh[w * gb + gl];
+    __syncthreads();
+    return r;
+}
+
+// Channels-last form: x (B, HW, C) with C = groups * cpg. One block per (sample, run of gb
+// groups): hw pixels x gb * cpg channels, read in units of V consecutive channels (VT: a type
+// of V elements; V divides cpg, so every unit is aligned and lies in one group). With gb > 1 a
+// warp reads whole runs of gb * cpg channels of consecutive pixels instead of cpg-channel
+// slivers 1/groups of a pixel apart. blockDim is a multiple of upp = gb * cpg / V, so each
+// thread keeps one unit position j, hence one group (and blockDim is a multiple of 32 for
+// the reductions). With `cached` the block's data is kept
+// in shared memory as in GROUP_NORM.
+// Each pass takes four units per thread at a time (GN_UNROLL loads in flight before the first
+// is used).
+#define GN_UNROLL 4
+#define GROUP_NORM_NHWC(NAME, T, LD, ST, VT, V) \
+extern "C" __global__ void NAME(const T* x, const T* w, const T* b, T* y, int hw, int c, int cpg, int gb, int groups, float eps, int silu, int cached) { \
+    __shared__ float sh[256]; \
+    extern __shared__ __align__(16) unsigned char qt_cache[]; \
+    VT* cache = (VT*)qt_cache; \
+    int runs = groups / gb; \
+    int g0 = (blockIdx.x % runs) * gb; size_t nb = blockIdx.x / runs; \
+    int upg = cpg / V, upp = gb * upg; int nu = hw * upp; float n = (float)hw * cpg; \
+    int j = threadIdx.x % upp, gl = j / upg; \
+    const T* xb = x + nb * hw * c + g0 * cpg + j * V; T* yb = y + nb * hw * c + g0 * cpg + j * V; \
+    int step = blockDim.x; \
+    float s = 0.0f; \
+    for (int u0 = threadIdx.x; u0 < nu; u0 += GN_UNROLL * step) { \
+        VT v[GN_UNROLL]; \
+        _Pragma("unroll") for (int r = 0; r < GN_UNROLL; r++) { int u = u0 + r * step; if (u < nu) v[r] = *(const VT*)(xb + (size_t)(u / upp) * c); } \
+        _Pragma("unroll") for (int r = 0; r < GN_UNROLL; r++) { \
+            int u = u0 + r * step; if (u >= nu) break; \
+            if (cached) cache[u] = v[r]; \
+            const T* e = (const T*)&v[r]; \
+            _Pragma("unroll") for (int k = 0; k < V; k++) s += LD(e[k]); \
+        } \
+    } \
+    float mean = group_sum(s, sh, gl, gb, upg, upp) / n; \
+    float q = 0.0f; \
+    for (int u0 = threadIdx.x; u0 < nu; u0 += GN_UNROLL * step) { \
+        VT v[GN_UNROLL]; \
+        _Pragma("unroll") for (int r = 0; r < GN_UNROLL; r++) { int u = u0 + r * step; if (u < nu) v[r] = cached ? cache[u] : *(const VT*)(xb + (size_t)(u / upp) * c); } \
+        _Pragma("unroll") for (int r = 0; r < GN_UNROLL; r++) { \
+            int u = u0 + r * step; if (u >= nu) break; \
+            const T* e = (const T*)&v[r]; \
+            _Pragma("unroll") for (int k = 0; k < V; k++) { float d = LD(e[k]) - mean; q += d * d; } \
+        } \
+    } \
+    float rstd = rsqrtf(group_sum(q, sh, gl, gb, upg, upp) / n + eps); \
+    float wc[V], bc[V]; \
+    _Pragma("unroll") for (int k = 0; k < V; k++) { int ch = g0 * cpg + j * V + k; wc[k] = LD(w[ch]) * rstd; bc[k] = LD(b[ch]); } \
+    for (int u0 = threadIdx.x; u0 < nu; u0 += GN_UNROLL * step) { \
+        VT v[GN_UNROLL]; \
+        _Pragma("unroll") for (int r = 0; r < GN_UNROLL; r++) { int u = u0 + r * step; if (u < nu) v[r] = cached ? cache[u] : *(const VT*)(xb + (size_t)(u / upp) * c); } \
+        _Pragma("unroll") for (int r = 0; r < GN_UNROLL; r++) { \
+            int u = u0 + r * step; if (u >= nu) break; \
+            T* e = (T*)&v[r]; \
+            _Pragma("unroll") for (int k = 0; k < V; k++) { \
+                float z = (LD(e[k]) - mean) * wc[k] + bc[k]; \
+                e[k] = ST(silu ? z / (1.0f + __expf(-z)) : z); \
+            } \
+            *(VT*)(yb + (size_t)(u / upp) * c) = v[r]; \
+        } \
+    } \
+}
+GROUP_NORM_NHWC(group_norm_nhwc4_f32, float, ld_f32, st_f32, uint4, 4)
+GROUP_NORM_NHWC(group_norm_nhwc2_f32, float, ld_f32, st_f32, uint2, 2)
+GROUP_NORM_NHWC(group_norm_nhwc1_f32, float, ld_f32, st_f32, float, 1)
+GROUP_NORM_NHWC(group_norm_nhwc8_f16, unsigned short, ld_f16, st_f16, uint4, 8)
+GROUP_NORM_NHWC(group_norm_nhwc4_f16, unsigned short, ld_f16, st_f16, uint2, 4)
+GROUP_NORM_NHWC(group_norm_nhwc2_f16, unsigned short, ld_f16, st_f16, unsigned int, 2)
+GROUP_NORM_NHWC(group_norm_nhwc1_f16, unsigned short, ld_f16, st_f16, unsigned short, 1)
+GROUP_NORM_NHWC(group_norm_nhwc8_bf16, unsigned short, ld_bf16, st_bf16, uint4, 8)
+GROUP_NORM_NHWC(group_norm_nhwc4_bf16, unsigned short, ld_bf16, st_bf16, uint2, 4)
+GROUP_NORM_NHWC(group_norm_nhwc2_bf16, unsigned short, ld_bf16, st_bf16, unsigned int, 2)
+GROUP_NORM_NHWC(group_norm_nhwc1_bf16, unsigned short, ld_bf16, st_bf16, unsigned short, 1)
+
 // The fused backward of group_norm_train (f32): one block per (sample, group) chunk. Writes
 // dx for the chunk and, per channel of the chunk, the sample's sums of delta * xhat (pw) and
 // delta (pb); see GroupNormBackward in kernels.rs for the formulas.
@@ -725,6 +961,55 @@ extern "C" __global__ void NAME(T* y, const T* b, const T* r, unsigned int nvec,
 EPILOGUE_VEC(epilogue_vec_f32, float, ld_f32, st_f32)
 EPILOGUE_VEC(epilogue_vec_f16, unsigned short, ld_f16, st_f16)
 EPILOGUE_VEC(epilogue_vec_bf16, unsigned short, ld_bf16, st_bf16)
+
+// Channels-last forms, y (N, HW, K): element i has channel i % k and sample i / hwk
+// (hwk = HW * K). The vector form needs k a multiple of the vector width, so that a vector's
+// channels are consecutive and its bias values too.
+#define EPILOGUE_NHWC(NAME, T, LD, ST) \
+extern "C" __global__ void NAME(T* y, const T* b, const T* r, unsigned int total, unsigned int k, unsigned int hwk, int per_sample, int has_r, float scale) { \
+    for (unsigned int i = blockIdx.x * blockDim.x + threadIdx.x; i < total; i += gridDim.x * blockDim.x) { \
+        unsigned int kk = i % k; \
+        float v = LD(y[i]) + LD(b[per_sample ? (i / hwk) * k + kk : kk]); \
+        if (has_r) v += LD(r[i]); \
+        y[i] = ST(v * scale); \
+    } \
+}
+EPILOGUE_NHWC(epilogue_nhwc_f32, float, ld_f32, st_f32)
+EPILOGUE_NHWC(epilogue_nhwc_f16, unsigned short, ld_f16, st_f16)
+EPILOGUE_NHWC(epilogue_nhwc_bf16, unsigned short, ld_bf16, st_bf16)
+
+#define EPILOGUE_NHWC_VEC(NAME, T, LD, ST) \
+extern "C" __global__ void NAME(T* y, const T* b, const T* r, unsigned int nvec, unsigned int k, unsigned int hwk, int per_sample, int has_r, float scale) { \
+    const int V = 16 / sizeof(T); \
+    for (unsigned int i = blockIdx.x * blockDim.x + threadIdx.x; i < nvec; i += gridDim.x * blockDim.x) { \
+        unsigned int e0 = i * V; \
+        unsigned int kk = e0 % k; \
+        const T* bp = b + (per_sample ? (e0 / hwk) * k : 0u) + kk; \
+        uint4 yv = ((const uint4*)y)[i]; \
+        uint4 rv = has_r ? ((const uint4*)r)[i] : make_uint4(0u, 0u, 0u, 0u); \
+        T* ye = (T*)&yv; \
+        const T* re = (const T*)&rv; \
+        _Pragma("unroll") for (int j = 0; j < V; j++) { \
+            float v = LD(ye[j]) + LD(bp[j]); \
+            if (has_r) v += LD(re[j]); \
+            ye[j] = ST(v * scale); \
+        } \
+        ((uint4*)y)[i] = yv; \
+    } \
+}
+EPILOGUE_NHWC_VEC(epilogue_nhwc_vec_f32, float, ld_f32, st_f32)
+EPILOGUE_NHWC_VEC(epilogue_nhwc_vec_f16, unsigned short, ld_f16, st_f16)
+EPILOGUE_NHWC_VEC(epilogue_nhwc_vec_bf16, unsigned short, ld_bf16, st_bf16)
+
+// Channels-last concatenation: out (rows, ca + cb) from a (rows, ca) and b (rows, cb), in
+// 16-byte vectors (ca and cb multiples of the vector width, so no vector straddles the two).
+extern "C" __global__ void concat_last_vec(const uint4* a, const uint4* b, uint4* out, unsigned int nvec, unsigned int ca, unsigned int cb) {
+    unsigned int ct = ca + cb;
+    for (unsigned int i = blockIdx.x * blockDim.x + threadIdx.x; i < nvec; i += gridDim.x * blockDim.x) {
+        unsigned int row = i / ct, col = i - row * ct;
+        out[i] = col < ca ? a[(size_t)row * ca + col] : b[(size_t)row * cb + (col - ca)];
+    }
+}
 
 #define SOFTMAX(NAME, T, LD, ST) \
 extern "C" __global__ void NAME(T* x, int n, long long rows, float scale) { \
@@ -843,6 +1128,101 @@ SOFTMAX(softmax_bf16, unsigned short, ld_bf16, st_bf16)
         Ok(CudaStorage::wrap_cuda_slice(y, dev))
     }
 
+    /// The channels-last group norm (`GROUP_NORM_NHWC`): `d` = (batch, channels, pixels).
+    fn launch_nhwc<T: CudaDType + candle_core::cuda_backend::cudarc::driver::DeviceRepr>(
+        dtype: &str,
+        s: [(&CudaStorage, &Layout); 3],
+        (b, c, hw): (usize, usize, usize),
+        groups: usize,
+        eps: f32,
+        silu: bool,
+    ) -> Result<CudaStorage> {
+        let dev = s[0].0.device().clone();
+        let (x, w, bias) = (view::<T>(s[0])?, view::<T>(s[1])?, view::<T>(s[2])?);
+        let total = b * c * hw;
+        if total > i32::MAX as usize {
+            candle_core::bail!("group norm: {total} elements exceed 2^31");
+        }
+        let mut y = unsafe { dev.alloc::<T>(total)? };
+        let size = std::mem::size_of::<T>();
+        let cpg = c / groups;
+        // The widest unit of consecutive channels that divides a group and keeps every unit
+        // aligned to its size (the allocations themselves are 256-byte aligned).
+        let offset = s[0].1.start_offset() * size;
+        let v = [16 / size, 8 / size, 4 / size, 1]
+            .into_iter()
+            .find(|&v| cpg.is_multiple_of(v) && offset.is_multiple_of(v * size))
+            .unwrap_or(1);
+        // Groups per block: a power of two, as many as keep a warp's lanes on whole runs of
+        // at most `run_bytes` of a pixel (64 by default, so that a warp reads whole 32-byte
+        // sectors; QTAYLOR_GN_NHWC_BYTES), while the
+        // grid keeps at least 512 blocks (about four per SM of an H200); one group per block
+        // for small batches and for unit counts per group that are not powers of two.
+        let upg = cpg / v;
+        let run_bytes = super::gn_run_bytes()?;
+        let mut gb = 1;
+        if upg.is_power_of_two() {
+            while groups.is_multiple_of(2 * gb)
+                && 2 * gb * upg <= 32
+                && 2 * gb * cpg * size <= run_bytes
+                && b * groups / (2 * gb) >= 512
+            {
+                gb *= 2;
+            }
+        }
+        let func = dev.get_or_load_custom_func(
+            &format!("group_norm_nhwc{v}_{dtype}"),
+            "qtaylor_group_norm",
+            ptx()?,
+        )?;
+        let smem = gb * cpg * hw * size;
+        let opt_in = 100 * 1024;
+        let cached = smem <= 48 * 1024 - 256
+            || (smem <= opt_in - 256
+                && func
+                    .set_attribute(
+                        candle_core::cuda_backend::cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                        smem as i32,
+                    )
+                    .is_ok());
+        // About 256 threads, a multiple of both the warp size (for the reductions) and upp =
+        // gb·upg (so that each thread keeps one unit position): lcm(32, upp) times as many as
+        // fit in 256, at least once.
+        let upp = gb * upg;
+        let gcd = |mut a: usize, mut b: usize| {
+            while b != 0 {
+                (a, b) = (b, a % b);
+            }
+            a
+        };
+        let lcm = 32 * upp / gcd(32, upp);
+        let threads = lcm * (256 / lcm).max(1);
+        let cfg = LaunchConfig {
+            grid_dim: ((b * groups / gb) as u32, 1, 1),
+            block_dim: (threads as u32, 1, 1),
+            shared_mem_bytes: if cached { smem as u32 } else { 0 },
+        };
+        let (hw_i, c_i, cpg_i, g) = (hw as i32, c as i32, cpg as i32, groups as i32);
+        let gb_i = gb as i32;
+        let (silu, cached) = (i32::from(silu), i32::from(cached));
+        let mut builder = func.builder();
+        builder.arg(&x);
+        builder.arg(&w);
+        builder.arg(&bias);
+        builder.arg(&mut y);
+        builder.arg(&hw_i);
+        builder.arg(&c_i);
+        builder.arg(&cpg_i);
+        builder.arg(&gb_i);
+        builder.arg(&g);
+        builder.arg(&eps);
+        builder.arg(&silu);
+        builder.arg(&cached);
+        unsafe { builder.launch(cfg) }.w()?;
+        drop(builder);
+        Ok(CudaStorage::wrap_cuda_slice(y, dev))
+    }
+
     #[allow(clippy::too_many_arguments)]
     pub(crate) fn group_norm(
         s1: &CudaStorage,
@@ -854,9 +1234,20 @@ SOFTMAX(softmax_bf16, unsigned short, ld_bf16, st_bf16)
         groups: usize,
         eps: f32,
         silu: bool,
+        channels_last: bool,
     ) -> Result<(CudaStorage, Shape)> {
-        let d = super::dims(l1, l2, groups)?;
         let s = [(s1, l1), (s2, l2), (s3, l3)];
+        if channels_last {
+            let d = super::dims_channels_last(l1, l2, groups)?;
+            let out = match s1.dtype() {
+                DType::F32 => launch_nhwc::<f32>("f32", s, d, groups, eps, silu)?,
+                DType::F16 => launch_nhwc::<half::f16>("f16", s, d, groups, eps, silu)?,
+                DType::BF16 => launch_nhwc::<half::bf16>("bf16", s, d, groups, eps, silu)?,
+                dt => candle_core::bail!("group_norm on CUDA: dtype {dt:?} is not supported"),
+            };
+            return Ok((out, l1.shape().clone()));
+        }
+        let d = super::dims(l1, l2, groups)?;
         let out = match s1.dtype() {
             DType::F32 => launch::<f32>("group_norm_f32", s, d, groups, eps, silu)?,
             DType::F16 => launch::<half::f16>("group_norm_f16", s, d, groups, eps, silu)?,
@@ -939,6 +1330,53 @@ SOFTMAX(softmax_bf16, unsigned short, ld_bf16, st_bf16)
         ))
     }
 
+    /// [`super::concat_channels_last`] on CUDA: `(rows, ca)` and `(rows, cb)` elements of
+    /// `size` bytes, both counts multiples of 16 / size (checked by the caller).
+    pub(crate) fn concat_last(
+        a: (&CudaStorage, &Layout),
+        b: (&CudaStorage, &Layout),
+        (rows, ca, cb): (usize, usize, usize),
+    ) -> Result<CudaStorage> {
+        fn go<T: CudaDType + candle_core::cuda_backend::cudarc::driver::DeviceRepr>(
+            a: (&CudaStorage, &Layout),
+            b: (&CudaStorage, &Layout),
+            (rows, ca, cb): (usize, usize, usize),
+        ) -> Result<CudaStorage> {
+            let dev = a.0.device().clone();
+            let width = 16 / std::mem::size_of::<T>();
+            let (av, bv) = (view::<T>(a)?, view::<T>(b)?);
+            let total = rows * (ca + cb);
+            let mut out = unsafe { dev.alloc::<T>(total)? };
+            let nvec = total / width;
+            if nvec > u32::MAX as usize / 2 {
+                candle_core::bail!("concatenation: {total} elements exceed the kernel's index");
+            }
+            let f = dev.get_or_load_custom_func("concat_last_vec", "qtaylor_group_norm", ptx()?)?;
+            let cfg = LaunchConfig {
+                grid_dim: (nvec.div_ceil(256).clamp(1, 65_535 * 8) as u32, 1, 1),
+                block_dim: (256, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            let (n, va, vb) = (nvec as u32, (ca / width) as u32, (cb / width) as u32);
+            let mut builder = f.builder();
+            builder.arg(&av);
+            builder.arg(&bv);
+            builder.arg(&mut out);
+            builder.arg(&n);
+            builder.arg(&va);
+            builder.arg(&vb);
+            unsafe { builder.launch(cfg) }.w()?;
+            drop(builder);
+            Ok(CudaStorage::wrap_cuda_slice(out, dev))
+        }
+        match a.0.dtype() {
+            DType::F32 => go::<f32>(a, b, (rows, ca, cb)),
+            DType::F16 => go::<half::f16>(a, b, (rows, ca, cb)),
+            DType::BF16 => go::<half::bf16>(a, b, (rows, ca, cb)),
+            dt => candle_core::bail!("concatenation on CUDA: dtype {dt:?} is not supported"),
+        }
+    }
+
     fn view_mut<'a, T: CudaDType>(
         st: &'a mut CudaStorage,
         l: &Layout,
@@ -970,17 +1408,30 @@ SOFTMAX(softmax_bf16, unsigned short, ld_bf16, st_bf16)
         // allocations themselves are 256-byte aligned).
         let width = 16 / std::mem::size_of::<T>();
         let aligned = |l: &Layout| (l.start_offset() * std::mem::size_of::<T>()).is_multiple_of(16);
-        let vec = d.hw.is_multiple_of(width) && aligned(y.1) && r.is_none_or(|r| aligned(r.1));
+        // Channels last: every vector lies in one pixel's channels (and the bias's).
+        let whole = if d.channels_last {
+            d.k.is_multiple_of(width)
+        } else {
+            d.hw.is_multiple_of(width)
+        };
+        let vec = whole && aligned(y.1) && r.is_none_or(|r| aligned(r.1));
         let bv = view::<T>(b)?;
         let rv = r.map(view::<T>).transpose()?;
         let mut yv = view_mut::<T>(y.0, y.1)?;
-        let (func, items, hw) = if vec {
-            let name = name.replace("epilogue_", "epilogue_vec_");
-            let f = dev.get_or_load_custom_func(&name, "qtaylor_group_norm", ptx()?)?;
-            (f, total / width, d.hw / width)
-        } else {
-            let f = dev.get_or_load_custom_func(name, "qtaylor_group_norm", ptx()?)?;
-            (f, total, d.hw)
+        let name = format!(
+            "epilogue{}{}_{}",
+            if d.channels_last { "_nhwc" } else { "" },
+            if vec { "_vec" } else { "" },
+            name.trim_start_matches("epilogue_")
+        );
+        let func = dev.get_or_load_custom_func(&name, "qtaylor_group_norm", ptx()?)?;
+        // The kernels' third size: the plane (in vectors if `vec`) or, channels last, the
+        // sample's H·W·K elements.
+        let (items, hw) = match (d.channels_last, vec) {
+            (true, true) => (total / width, d.hw * d.k),
+            (true, false) => (total, d.hw * d.k),
+            (false, true) => (total / width, d.hw / width),
+            (false, false) => (total, d.hw),
         };
         let cfg = LaunchConfig {
             grid_dim: (items.div_ceil(256).clamp(1, 65_535 * 8) as u32, 1, 1),
@@ -1129,8 +1580,30 @@ pub fn conv_epilogue(
     residual: Option<&Tensor>,
     scale: f64,
 ) -> Result<()> {
+    epilogue(y, bias, residual, scale, false)
+}
+
+/// [`conv_epilogue`] for a channels-last output `y: (N, …, K)`: the bias `(K,)` or `(N, K)`
+/// indexed by each element's channel `i mod K` (and sample).
+pub fn conv_epilogue_nhwc(
+    y: &Tensor,
+    bias: &Tensor,
+    residual: Option<&Tensor>,
+    scale: f64,
+) -> Result<()> {
+    epilogue(y, bias, residual, scale, true)
+}
+
+fn epilogue(
+    y: &Tensor,
+    bias: &Tensor,
+    residual: Option<&Tensor>,
+    scale: f64,
+    channels_last: bool,
+) -> Result<()> {
     let op = Epilogue {
         scale: scale as f32,
+        channels_last,
     };
     let bias = bias.contiguous()?;
     match residual {
@@ -1141,6 +1614,7 @@ pub fn conv_epilogue(
 
 struct Epilogue {
     scale: f32,
+    channels_last: bool,
 }
 
 #[derive(Clone, Copy)]
@@ -1149,11 +1623,23 @@ pub(crate) struct EpilogueDims {
     k: usize,
     hw: usize,
     per_sample: bool,
+    /// `(N, HW, K)` instead of `(N, K, HW)`.
+    channels_last: bool,
 }
 
-fn epilogue_dims(ly: &Layout, lb: &Layout, lr: Option<&Layout>) -> Result<EpilogueDims> {
+fn epilogue_dims(
+    ly: &Layout,
+    lb: &Layout,
+    lr: Option<&Layout>,
+    channels_last: bool,
+) -> Result<EpilogueDims> {
     let d = ly.dims();
-    let ok_b = |b: &[usize]| d.len() >= 2 && (b == [d[1]] || b == [d[0], d[1]]);
+    let k = if channels_last {
+        *d.last().unwrap_or(&0)
+    } else {
+        d.get(1).copied().unwrap_or(0)
+    };
+    let ok_b = |b: &[usize]| d.len() >= 2 && (b == [k] || b == [d[0], k]);
     if !ok_b(lb.dims()) || lr.is_some_and(|l| l.dims() != d) || !ly.is_contiguous() {
         candle_core::bail!(
             "conv epilogue: output {d:?} (contiguous {}), bias {:?}, residual {:?}",
@@ -1164,15 +1650,21 @@ fn epilogue_dims(ly: &Layout, lb: &Layout, lr: Option<&Layout>) -> Result<Epilog
     }
     Ok(EpilogueDims {
         n: d[0],
-        k: d[1],
-        hw: d[2..].iter().product(),
+        k,
+        hw: d.iter().product::<usize>() / (d[0] * k).max(1),
         per_sample: lb.dims().len() == 2,
+        channels_last,
     })
 }
 
 fn epilogue_cpu<T: WithDType>(y: &mut [T], b: &[T], r: Option<&[T]>, d: EpilogueDims, scale: f32) {
     for (i, v) in y.iter_mut().enumerate().take(d.n * d.k * d.hw) {
-        let nk = i / d.hw;
+        // (sample, channel) of element i, as the row of a per-sample bias.
+        let nk = if d.channels_last {
+            i / (d.hw * d.k) * d.k + i % d.k
+        } else {
+            i / d.hw
+        };
         let mut s = v.to_f64() as f32 + b[if d.per_sample { nk } else { nk % d.k }].to_f64() as f32;
         if let Some(r) = r {
             s += r[i].to_f64() as f32;
@@ -1188,8 +1680,9 @@ fn epilogue_cpu_storage(
     lb: &Layout,
     r: Option<(&CpuStorage, &Layout)>,
     scale: f32,
+    channels_last: bool,
 ) -> Result<()> {
-    let d = epilogue_dims(ly, lb, r.map(|r| r.1))?;
+    let d = epilogue_dims(ly, lb, r.map(|r| r.1), channels_last)?;
     let (a, z) = ly.contiguous_offsets().expect("checked contiguous");
     macro_rules! go {
         ($v:ident, $t:ty) => {{
@@ -1216,7 +1709,7 @@ impl candle_core::InplaceOp2 for Epilogue {
     }
 
     fn cpu_fwd(&self, y: &mut CpuStorage, ly: &Layout, b: &CpuStorage, lb: &Layout) -> Result<()> {
-        epilogue_cpu_storage(y, ly, b, lb, None, self.scale)
+        epilogue_cpu_storage(y, ly, b, lb, None, self.scale, self.channels_last)
     }
 
     #[cfg(feature = "cuda")]
@@ -1227,7 +1720,7 @@ impl candle_core::InplaceOp2 for Epilogue {
         b: &candle_core::CudaStorage,
         lb: &Layout,
     ) -> Result<()> {
-        let d = epilogue_dims(ly, lb, None)?;
+        let d = epilogue_dims(ly, lb, None, self.channels_last)?;
         cuda::epilogue((y, ly), (b, lb), None, d, self.scale)
     }
 }
@@ -1246,7 +1739,7 @@ impl candle_core::InplaceOp3 for Epilogue {
         r: &CpuStorage,
         lr: &Layout,
     ) -> Result<()> {
-        epilogue_cpu_storage(y, ly, b, lb, Some((r, lr)), self.scale)
+        epilogue_cpu_storage(y, ly, b, lb, Some((r, lr)), self.scale, self.channels_last)
     }
 
     #[cfg(feature = "cuda")]
@@ -1259,7 +1752,7 @@ impl candle_core::InplaceOp3 for Epilogue {
         r: &candle_core::CudaStorage,
         lr: &Layout,
     ) -> Result<()> {
-        let d = epilogue_dims(ly, lb, Some(lr))?;
+        let d = epilogue_dims(ly, lb, Some(lr), self.channels_last)?;
         cuda::epilogue((y, ly), (b, lb), Some((r, lr)), d, self.scale)
     }
 }
@@ -1418,18 +1911,11 @@ pub fn open_cuda(ordinal: usize) -> Result<candle_core::Device> {
         unreachable!("new_cuda returns a CUDA device")
     };
     if std::env::var("QTAYLOR_CUDA_POOL").map_or(true, |v| v != "release") {
-        let pool = default_pool(d)?;
-        let mut keep = u64::MAX;
-        // SAFETY: a valid pool; the attribute takes a u64.
-        unsafe {
-            sys::cuMemPoolSetAttribute(
-                pool,
-                sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD,
-                &mut keep as *mut u64 as *mut std::ffi::c_void,
-            )
-            .result()
-            .map_err(candle_core::Error::wrap)?;
-        }
+        pool_set(
+            default_pool(d)?,
+            sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD,
+            u64::MAX,
+        )?;
     }
     Ok(dev)
 }
@@ -1457,23 +1943,13 @@ fn default_pool(
 /// this process comes from (`CU_MEMPOOL_ATTR_USED_MEM_HIGH`), the analogue of PyTorch's
 /// `torch.cuda.max_memory_allocated` (memory kept by the pool but not in use, the CUDA
 /// context and the libraries' own workspaces are not counted), plus the high-water mark of
-/// the graph memory pool that CUDA-graph replays allocate from. `None` off CUDA.
+/// the graph memory pool that CUDA-graph replays allocate from (counted from the first
+/// capture on, [`before_graph_capture`]). `None` off CUDA.
 pub fn cuda_peak_allocated(device: &candle_core::Device) -> Result<Option<u64>> {
     #[cfg(feature = "cuda")]
     if let candle_core::Device::Cuda(d) = device {
         use candle_core::cuda_backend::cudarc::driver::sys;
-        let pool = default_pool(d)?;
-        let mut high = 0u64;
-        // SAFETY: a valid pool; the attribute is a u64.
-        unsafe {
-            sys::cuMemPoolGetAttribute(
-                pool,
-                sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_USED_MEM_HIGH,
-                &mut high as *mut u64 as *mut std::ffi::c_void,
-            )
-            .result()
-            .map_err(candle_core::Error::wrap)?;
-        }
+        let high = pool_high(default_pool(d)?)?;
         // Passes replayed from CUDA graphs (src/cuda_graph.rs) allocate from the device's
         // graph memory pool instead: counted too.
         let mut graph_high = 0u64;
@@ -1487,10 +1963,98 @@ pub fn cuda_peak_allocated(device: &candle_core::Device) -> Result<Option<u64>> 
             .result()
             .map_err(candle_core::Error::wrap)?;
         }
-        return Ok(Some(high + graph_high));
+        // Before the first capture the sum is the default pool's mark; after it, the larger
+        // of the mark the plain passes reached before the capture (whose intermediates were
+        // freed and their memory returned, [`before_graph_capture`]) and what both pools
+        // reached since.
+        let before = CAPTURE_MARKS
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_ref()
+            .and_then(|m| m.get(&d.id()).copied())
+            .unwrap_or(0);
+        return Ok(Some(before.max(high + graph_high)));
     }
     let _ = device;
     Ok(None)
+}
+
+/// A memory pool's high-water mark of memory in use (`CU_MEMPOOL_ATTR_USED_MEM_HIGH`).
+#[cfg(feature = "cuda")]
+fn pool_high(pool: candle_core::cuda_backend::cudarc::driver::sys::CUmemoryPool) -> Result<u64> {
+    use candle_core::cuda_backend::cudarc::driver::sys;
+    let mut high = 0u64;
+    // SAFETY: a valid pool; the attribute is a u64.
+    unsafe {
+        sys::cuMemPoolGetAttribute(
+            pool,
+            sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_USED_MEM_HIGH,
+            &mut high as *mut u64 as *mut std::ffi::c_void,
+        )
+        .result()
+        .map_err(candle_core::Error::wrap)?;
+    }
+    Ok(high)
+}
+
+/// Sets a u64 attribute of a memory pool.
+#[cfg(feature = "cuda")]
+fn pool_set(
+    pool: candle_core::cuda_backend::cudarc::driver::sys::CUmemoryPool,
+    attr: candle_core::cuda_backend::cudarc::driver::sys::CUmemPool_attribute,
+    mut value: u64,
+) -> Result<()> {
+    // SAFETY: a valid pool; the attributes set here take a u64.
+    unsafe {
+        candle_core::cuda_backend::cudarc::driver::sys::cuMemPoolSetAttribute(
+            pool,
+            attr,
+            &mut value as *mut u64 as *mut std::ffi::c_void,
+        )
+        .result()
+        .map_err(candle_core::Error::wrap)
+    }
+}
+
+/// Per device, the default pool's high-water mark as it was before the last CUDA graph
+/// capture (the largest of them), for [`cuda_peak_allocated`].
+#[cfg(feature = "cuda")]
+static CAPTURE_MARKS: std::sync::Mutex<
+    Option<std::collections::HashMap<candle_core::cuda_backend::DeviceId, u64>>,
+> = std::sync::Mutex::new(None);
+
+/// Called by [`crate::cuda_graph`] before it captures a pass, with the stream idle: the
+/// plain warm-up pass's intermediates are freed by now, so the default pool gives its unused
+/// memory back to the driver (it otherwise keeps everything, [`open_cuda`]) and its high-water
+/// mark restarts from what is in use; the mark so far is kept for [`cuda_peak_allocated`].
+/// From here on the graph's intermediates live in the graph memory pool instead, so the
+/// process does not hold the warm-up's memory and the replayed pass's at once.
+#[cfg(feature = "cuda")]
+pub fn before_graph_capture(device: &candle_core::Device) -> Result<()> {
+    use candle_core::cuda_backend::cudarc::driver::sys;
+    let candle_core::Device::Cuda(d) = device else {
+        return Ok(());
+    };
+    let pool = default_pool(d)?;
+    let high = pool_high(pool)?;
+    pool_set(
+        pool,
+        sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_USED_MEM_HIGH,
+        0,
+    )?;
+    // SAFETY: a valid pool; trimming keeps memory in use.
+    unsafe {
+        sys::cuMemPoolTrimTo(pool, 0)
+            .result()
+            .map_err(candle_core::Error::wrap)?;
+    }
+    let mut marks = CAPTURE_MARKS.lock().unwrap_or_else(|p| p.into_inner());
+    let m = marks
+        .get_or_insert_with(Default::default)
+        .entry(d.id())
+        .or_insert(0);
+    *m = (*m).max(high);
+    Ok(())
 }
 
 /// Without CUDA support: `Device::new_cuda`'s error.
@@ -1558,6 +2122,59 @@ pub fn conv2d_fast(x: &Tensor, w: &Tensor, padding: usize, stride: usize) -> Res
     let algo = candle_core::conv::CudnnFwdAlgo::ImplicitPrecompGemm;
     x.detach()
         .conv2d_with_algo(&w.detach(), padding, stride, 1, 1, Some(algo))
+}
+
+/// `QTAYLOR_LAYOUT`: whether a UNet with frozen weights of `dtype` on `device` keeps its
+/// activations channels last, `(B, H, W, C)`, as cuDNN's tensor-core kernels want them
+/// (BENCHMARKS.md §4.5). `auto` (the default): on CUDA's cuDNN path in bf16 and f16 (exact
+/// f32 and TF32 stay NCHW, where the measured kernels are NCHW ones); `nhwc`: always (on the
+/// CPU too, where the convolutions move to NCHW and back: for tests); `nchw`: never.
+pub fn channels_last(device: &candle_core::Device, dtype: DType) -> anyhow::Result<bool> {
+    let v = std::env::var("QTAYLOR_LAYOUT").unwrap_or_else(|_| "auto".into());
+    Ok(match v.as_str() {
+        "auto" => device.is_cuda() && own_cudnn_conv() && matches!(dtype, DType::BF16 | DType::F16),
+        "nhwc" => true,
+        "nchw" => false,
+        other => anyhow::bail!(
+            "environment variable QTAYLOR_LAYOUT={other:?}: expected auto, nchw or nhwc"
+        ),
+    })
+}
+
+/// [`conv2d_fast`] for channels-last operands, `x: (N, H, W, C)`, `w: (K, R, S, C)`, output
+/// `(N, H', W', K)`: cuDNN with NHWC descriptors ([`crate::conv_cudnn::conv2d_nhwc`]) on
+/// CUDA's cuDNN path; elsewhere the operands move to NCHW and back around [`conv2d_fast`].
+pub fn conv2d_nhwc_fast(x: &Tensor, w: &Tensor, padding: usize, stride: usize) -> Result<Tensor> {
+    #[cfg(feature = "cudnn")]
+    if x.device().is_cuda() && own_cudnn_conv() {
+        return crate::conv_cudnn::conv2d_nhwc(&x.detach(), &w.detach(), padding, stride);
+    }
+    through_nchw(x, w, |x, w| conv2d_fast(x, w, padding, stride))
+}
+
+/// `f` on `x` and `w` moved from channels last to NCHW / KCRS, its result moved back.
+fn through_nchw(
+    x: &Tensor,
+    w: &Tensor,
+    f: impl FnOnce(&Tensor, &Tensor) -> Result<Tensor>,
+) -> Result<Tensor> {
+    let nchw = |t: &Tensor| t.detach().permute((0, 3, 1, 2))?.contiguous();
+    f(&nchw(x)?, &nchw(w)?)?.permute((0, 2, 3, 1))?.contiguous()
+}
+
+/// [`conv_transpose2d_fast`] for channels-last operands, `x: (N, H', W', Cin)`, `w: (Cin, R,
+/// S, Cout)`, output `(N, H, W, Cout)` (cuDNN with NHWC descriptors on CUDA's cuDNN path).
+pub fn conv_transpose2d_nhwc_fast(
+    x: &Tensor,
+    w: &Tensor,
+    padding: usize,
+    stride: usize,
+) -> Result<Tensor> {
+    #[cfg(feature = "cudnn")]
+    if x.device().is_cuda() && own_cudnn_conv() {
+        return crate::conv_cudnn::conv_transpose2d_nhwc(&x.detach(), &w.detach(), padding, stride);
+    }
+    through_nchw(x, w, |x, w| conv_transpose2d_fast(x, w, padding, stride))
 }
 
 /// A transposed convolution without bias (`w: (Cin, Cout, R, S)`, no output padding,

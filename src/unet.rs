@@ -883,6 +883,7 @@ impl Weights {
             conv,
             folded,
             always: mode == "transposed",
+            channels_last: false,
         })
     }
 
@@ -902,6 +903,7 @@ impl Weights {
             bias: self.get(&format!("{p}.bias"), &[c])?,
             groups,
             eps,
+            channels_last: false,
         })
     }
 }
@@ -947,45 +949,67 @@ fn fold_upsample_conv(w: &Tensor) -> Result<Tensor> {
 /// An up-block's upsampler: nearest ×2, then a 3×3 convolution.
 struct Upsample {
     conv: Conv,
-    /// The pair as one transposed convolution ([`fold_upsample_conv`]), on CUDA.
+    /// The pair as one transposed convolution ([`fold_upsample_conv`]), on CUDA; `(Cin, Cout,
+    /// 4, 4)`, or `(Cin, 4, 4, Cout)` channels last.
     folded: Option<Tensor>,
     /// Use `folded` with TF32 too.
     always: bool,
+    /// Activations `(B, H, W, C)` ([`UNet2D::into_channels_last`]).
+    channels_last: bool,
 }
 
 impl Upsample {
     fn forward(&self, h: &Tensor) -> Result<Tensor> {
         let dev = h.device();
         let tf32 = h.dtype() == DType::F32 && crate::kernels::tf32();
+        let cl = self.channels_last;
         if let Some(k) = &self.folded
             && dev.is_cuda()
             && !h.track_op()
             && (self.always || !tf32)
         {
             let y = timed("conv up (transposed 4x4)", dev, || {
-                Ok(crate::kernels::conv_transpose2d_fast(h, k, 1, 2)?)
+                Ok(if cl {
+                    crate::kernels::conv_transpose2d_nhwc_fast(h, k, 1, 2)?
+                } else {
+                    crate::kernels::conv_transpose2d_fast(h, k, 1, 2)?
+                })
             })?;
             timed("conv epilogue", dev, || {
-                Ok(crate::kernels::conv_epilogue(
-                    &y,
-                    self.conv.bias()?,
-                    None,
-                    1.0,
-                )?)
+                epilogue(cl, &y, self.conv.bias()?, None, 1.0)
             })?;
             return Ok(y);
         }
-        let up = timed("pad, cat, upsample", dev, || upsample_nearest_2x(h))?;
+        let up = timed("pad, cat, upsample", dev, || upsample_nearest_2x(h, cl))?;
         self.conv.forward(&up)
+    }
+
+    fn into_channels_last(self) -> Result<Upsample> {
+        Ok(Upsample {
+            conv: self.conv.into_channels_last(false)?,
+            folded: match self.folded {
+                Some(k) => Some(k.permute((0, 2, 3, 1))?.contiguous()?),
+                None => None,
+            },
+            always: self.always,
+            channels_last: true,
+        })
     }
 }
 
-/// Nearest-neighbour 2× upsampling of `(B, C, H, W)`. In an autograd graph (training) it is
-/// a broadcast of each pixel over a 2 × 2 block, whose gradient is a sum over the 4 copies
-/// (candle's own `upsample_nearest2d` backward is a grouped convolution, run as one
-/// convolution per channel); otherwise candle's `upsample_nearest2d`. Both give the same
-/// values.
-fn upsample_nearest_2x(h: &Tensor) -> Result<Tensor> {
+/// Nearest-neighbour 2× upsampling of `(B, C, H, W)`, or of `(B, H, W, C)` with
+/// `channels_last`. In an autograd graph (training) it is a broadcast of each pixel over a
+/// 2 × 2 block, whose gradient is a sum over the 4 copies (candle's own `upsample_nearest2d`
+/// backward is a grouped convolution, run as one convolution per channel); otherwise
+/// candle's `upsample_nearest2d`. Both give the same values.
+fn upsample_nearest_2x(h: &Tensor, channels_last: bool) -> Result<Tensor> {
+    if channels_last {
+        let (b, hh, ww, c) = h.dims4()?;
+        return Ok(h
+            .reshape((b, hh, 1, ww, 1, c))?
+            .broadcast_as((b, hh, 2, ww, 2, c))?
+            .reshape((b, 2 * hh, 2 * ww, c))?);
+    }
     let (b, c, hh, ww) = h.dims4()?;
     if !h.track_op() {
         return Ok(h.upsample_nearest2d(2 * hh, 2 * ww)?);
@@ -993,6 +1017,36 @@ fn upsample_nearest_2x(h: &Tensor) -> Result<Tensor> {
     Ok(h.reshape((b, c, hh, 1, ww, 1))?
         .broadcast_as((b, c, hh, 2, ww, 2))?
         .reshape((b, c, 2 * hh, 2 * ww))?)
+}
+
+/// [`crate::kernels::conv_epilogue`] in place on `y`, or its channels-last form.
+fn epilogue(
+    channels_last: bool,
+    y: &Tensor,
+    bias: &Tensor,
+    residual: Option<&Tensor>,
+    scale: f64,
+) -> Result<()> {
+    if channels_last {
+        crate::kernels::conv_epilogue_nhwc(y, bias, residual, scale)?;
+    } else {
+        crate::kernels::conv_epilogue(y, bias, residual, scale)?;
+    }
+    Ok(())
+}
+
+/// `(B, C, H, W)` → `(B, H, W, C)`, contiguous.
+fn to_nhwc(t: &Tensor) -> Result<Tensor> {
+    timed("layout (NCHW <-> NHWC)", t.device(), || {
+        Ok(t.permute((0, 2, 3, 1))?.contiguous()?)
+    })
+}
+
+/// `(B, H, W, C)` → `(B, C, H, W)`, contiguous.
+fn to_nchw(t: &Tensor) -> Result<Tensor> {
+    timed("layout (NCHW <-> NHWC)", t.device(), || {
+        Ok(t.permute((0, 3, 1, 2))?.contiguous()?)
+    })
 }
 
 /// A convolution. 3×3 / stride 1 / padding 1 convolutions on the CPU (most of the UNet)
@@ -1020,6 +1074,16 @@ enum Conv {
         w: Tensor,
         bias: Tensor,
     },
+    /// Channels last ([`UNet2D::into_channels_last`]), frozen weights: `x: (B, H, W, C)`,
+    /// `w: (K, R, S, C)`. 1×1 convolutions are one product `(B·H·W, C)·Wᵀ` (no transpose of
+    /// the activations is needed in this layout); the others go through
+    /// [`crate::kernels::conv2d_nhwc_fast`] (cuDNN with NHWC descriptors on CUDA).
+    Nhwc {
+        w: Tensor,
+        bias: Tensor,
+        padding: usize,
+        stride: usize,
+    },
 }
 
 impl Conv {
@@ -1029,7 +1093,57 @@ impl Conv {
             Conv::Candle(c) => c.bias().context("convolutions here have a bias")?,
             Conv::Pointwise { bias, .. }
             | Conv::Im2col { bias, .. }
-            | Conv::Train3x3 { bias, .. } => bias,
+            | Conv::Train3x3 { bias, .. }
+            | Conv::Nhwc { bias, .. } => bias,
+        })
+    }
+
+    /// Whether this convolution takes channels-last input.
+    fn is_channels_last(&self) -> bool {
+        matches!(self, Conv::Nhwc { .. })
+    }
+
+    /// The same convolution for channels-last activations ([`Conv::Nhwc`]), with the weight
+    /// reordered to `(K, R, S, C)` once. With `aligned_only`, a convolution whose channel
+    /// counts are not multiples of 8 (cuDNN's tensor cores want 16-byte channel runs: the
+    /// UNet's RGB input and output) is returned unchanged, to run in NCHW between
+    /// transposes. Trainable weights stay as they are (an error).
+    fn into_channels_last(self, aligned_only: bool) -> Result<Conv> {
+        let (w, bias, padding, stride) = match &self {
+            Conv::Candle(c) => {
+                let cfg = c.config();
+                (
+                    c.weight().clone(),
+                    self.bias()?.clone(),
+                    cfg.padding,
+                    cfg.stride,
+                )
+            }
+            Conv::Pointwise { w, bias } => {
+                let (k, c) = w.dims2()?;
+                (w.reshape((k, c, 1, 1))?, bias.clone(), 0, 1)
+            }
+            Conv::Im2col { w2, bias, out_c } => {
+                let c = w2.dim(1)? / 9;
+                (w2.reshape((*out_c, c, 3, 3))?, bias.clone(), 1, 1)
+            }
+            Conv::Train3x3 { .. } => {
+                bail!("internal: trainable convolutions have no channels-last form")
+            }
+            Conv::Nhwc { .. } => return Ok(self),
+        };
+        if w.track_op() {
+            bail!("internal: trainable convolutions have no channels-last form");
+        }
+        let (k, c, _, _) = w.dims4()?;
+        if aligned_only && !(k.is_multiple_of(8) && c.is_multiple_of(8)) {
+            return Ok(self);
+        }
+        Ok(Conv::Nhwc {
+            w: w.permute((0, 2, 3, 1))?.contiguous()?,
+            bias,
+            padding,
+            stride,
         })
     }
 
@@ -1043,7 +1157,9 @@ impl Conv {
                 Conv::Candle(c) => !c.weight().track_op(),
                 Conv::Pointwise { w, .. } => !w.track_op(),
                 Conv::Im2col { .. } | Conv::Train3x3 { .. } => false,
+                Conv::Nhwc { .. } => true,
             }
+            || (self.is_channels_last() && !x.track_op())
     }
 
     /// The convolution without its bias, as a fresh contiguous tensor (fused path only).
@@ -1062,6 +1178,19 @@ impl Conv {
                 let (b, c, h, wd) = x.dims4()?;
                 let y = w.broadcast_left(b)?.matmul(&x.reshape((b, c, h * wd))?)?;
                 Ok(y.reshape((b, w.dim(0)?, h, wd))?)
+            }
+            Conv::Nhwc {
+                w, padding, stride, ..
+            } => {
+                let (k, r, s, c) = w.dims4()?;
+                if (r, s, *padding, *stride) == (1, 1, 0, 1) {
+                    let (b, h, wd, _) = x.dims4()?;
+                    let y = x
+                        .reshape((b * h * wd, c))?
+                        .matmul(&w.reshape((k, c))?.t()?)?;
+                    return Ok(y.reshape((b, h, wd, k))?);
+                }
+                Ok(crate::kernels::conv2d_nhwc_fast(x, w, *padding, *stride)?)
             }
             Conv::Im2col { .. } | Conv::Train3x3 { .. } => {
                 bail!("internal: no unbiased convolution on this path")
@@ -1096,14 +1225,20 @@ impl Conv {
                 bias = bias.broadcast_add(rb)?;
             }
             timed("conv epilogue", dev, || {
-                Ok(crate::kernels::conv_epilogue(
+                epilogue(
+                    self.is_channels_last(),
                     &y,
                     &bias,
                     residual,
                     1.0 / out_scale,
-                )?)
+                )
             })?;
             return Ok(y);
+        }
+        if self.is_channels_last() {
+            bail!(
+                "a channels-last UNet keeps no autograd graph: set QTAYLOR_LAYOUT=nchw for gradients through its input"
+            );
         }
         let y = timed(self.label()?, dev, || self.forward_inner(x))?;
         let y = match per_sample {
@@ -1130,12 +1265,28 @@ impl Conv {
         }
     }
 
+    /// `conv(x) + bias` with `bias: (Cout,)` or `(B, Cout)` in place of the convolution's own
+    /// (a ResNet block's stacked time projection, which holds conv1's bias): the fused path
+    /// ([`Conv::fused_on`]) only.
+    fn forward_biased(&self, x: &Tensor, bias: &Tensor) -> Result<Tensor> {
+        if !self.fused_on(x) {
+            bail!("internal: a replaced bias needs the fused convolution path");
+        }
+        let y = self.unbiased(x)?;
+        timed("conv epilogue", x.device(), || {
+            epilogue(self.is_channels_last(), &y, bias, None, 1.0)
+        })?;
+        Ok(y)
+    }
+
     /// The profile row this convolution counts in.
     fn label(&self) -> Result<&'static str> {
         Ok(match self {
             Conv::Candle(c) if c.weight().dim(2)? == 1 => "conv 1x1",
             Conv::Candle(c) if c.weight().dim(2)? == 4 => "conv 4x4",
             Conv::Pointwise { .. } => "conv 1x1",
+            Conv::Nhwc { w, .. } if w.dim(1)? == 1 => "conv 1x1",
+            Conv::Nhwc { w, .. } if w.dim(1)? == 4 => "conv 4x4",
             _ => "conv 3x3",
         })
     }
@@ -1147,6 +1298,7 @@ impl Conv {
 
     fn forward_inner(&self, x: &Tensor) -> Result<Tensor> {
         match self {
+            Conv::Nhwc { .. } => bail!("internal: channels-last convolutions are fused"),
             Conv::Candle(c) => Ok(c.forward(x)?),
             Conv::Train3x3 { w, bias } => {
                 let y = crate::kernels::conv3x3_train(x, w)?;
@@ -1192,6 +1344,9 @@ impl Conv {
 struct Temb {
     rows: Tensor,
     index: Option<Tensor>,
+    /// Inference on the fused paths: every ResNet block's time projection of each row of
+    /// `rows` at once, `(rows, Σ Cout)` ([`UNet2D::stack_time_projections`]).
+    proj: Option<Tensor>,
 }
 
 impl Temb {
@@ -1219,22 +1374,30 @@ struct GroupNorm {
     bias: Tensor,
     groups: usize,
     eps: f64,
+    /// Input `(B, H, W, C)` ([`crate::kernels::group_norm_nhwc`]).
+    channels_last: bool,
+}
+
+/// `norm(x)`, and its SiLU in the same pass with `silu`.
+fn group_norm(n: &GroupNorm, x: &Tensor, silu: bool) -> Result<Tensor> {
+    timed("group_norm", x.device(), || {
+        let f = if n.channels_last {
+            crate::kernels::group_norm_nhwc
+        } else {
+            crate::kernels::group_norm
+        };
+        Ok(f(x, &n.weight, &n.bias, n.groups, n.eps, silu)?)
+    })
 }
 
 fn norm(n: &GroupNorm, x: &Tensor) -> Result<Tensor> {
-    timed("group_norm", x.device(), || {
-        crate::kernels::group_norm(x, &n.weight, &n.bias, n.groups, n.eps, false)
-            .map_err(Into::into)
-    })
+    group_norm(n, x, false)
 }
 
 /// `act(norm(x))`, fused into the group-norm pass for SiLU.
 fn norm_act(n: &GroupNorm, a: Act, x: &Tensor) -> Result<Tensor> {
     match a {
-        Act::Silu => timed("group_norm", x.device(), || {
-            crate::kernels::group_norm(x, &n.weight, &n.bias, n.groups, n.eps, true)
-                .map_err(Into::into)
-        }),
+        Act::Silu => group_norm(n, x, true),
         _ => act_t(a, &norm(n, x)?),
     }
 }
@@ -1253,6 +1416,9 @@ struct Resnet {
     scale_shift: bool,
     out_scale: f64,
     act: Act,
+    /// Columns `(offset, len)` of this block's time projection in the stacked one
+    /// ([`UNet2D::stack_time_projections`]).
+    time_span: Option<(usize, usize)>,
 }
 
 impl Resnet {
@@ -1285,14 +1451,31 @@ impl Resnet {
             scale_shift,
             out_scale,
             act: act(&c.act_fn)?,
+            time_span: None,
         })
     }
 
     fn forward(&self, x: &Tensor, temb: &Temb) -> Result<Tensor> {
         let dev = x.device();
-        let tp = timed("time projection", dev, || {
-            temb.apply(&self.time_proj, self.act)
-        })?; // (B, Cout), or (B, 2·Cout) for scale-shift
+        // This block's columns of the stacked projection (inference on the fused paths): one
+        // row shared by the batch, or each sample's row. Without a scale-shift they already
+        // hold conv1's bias.
+        let stacked = match (&temb.proj, self.time_span) {
+            (Some(p), Some((off, len))) => Some(timed("time projection", dev, || {
+                let t = p.narrow(1, off, len)?;
+                Ok(match &temb.index {
+                    Some(idx) if p.dim(0)? > 1 => t.contiguous()?.index_select(idx, 0)?,
+                    _ => t,
+                })
+            })?),
+            _ => None,
+        };
+        let tp = match &stacked {
+            Some(t) => t.clone(),
+            None => timed("time projection", dev, || {
+                temb.apply(&self.time_proj, self.act)
+            })?,
+        }; // (B, Cout), or (B, 2·Cout) for scale-shift; (1, …) when shared
         // Each intermediate is dropped as soon as the next one exists (as PyTorch frees them),
         // which keeps the peak device memory of a pass down.
         let xn = norm_act(&self.norm1, self.act, x)?;
@@ -1300,7 +1483,14 @@ impl Resnet {
             let h = self.conv1.forward(&xn)?;
             drop(xn);
             let c = tp.dim(1)? / 2;
-            let image = |t: Tensor| t.unsqueeze(2)?.unsqueeze(3);
+            let cl = self.norm2.channels_last;
+            let image = |t: Tensor| {
+                if cl {
+                    t.unsqueeze(1)?.unsqueeze(1)
+                } else {
+                    t.unsqueeze(2)?.unsqueeze(3)
+                }
+            };
             let (scale, shift) = (image(tp.narrow(1, 0, c)?)?, image(tp.narrow(1, c, c)?)?);
             let n = norm(&self.norm2, &h)?;
             drop(h);
@@ -1311,7 +1501,11 @@ impl Resnet {
             act_t(self.act, &h)?
         } else {
             // h = conv1(x) + temb, then norm2 and the activation (diffusers' order).
-            let h = self.conv1.forward_fused(&xn, Some(&tp), None, None, 1.0)?;
+            let h = match stacked {
+                Some(t) if t.dim(0)? == 1 => self.conv1.forward_biased(&xn, &t.squeeze(0)?)?,
+                Some(t) => self.conv1.forward_biased(&xn, &t)?,
+                None => self.conv1.forward_fused(&xn, Some(&tp), None, None, 1.0)?,
+            };
             drop(xn);
             norm_act(&self.norm2, self.act, &h)?
         };
@@ -1328,6 +1522,18 @@ impl Resnet {
         self.conv2
             .forward_fused(&h, None, Some(&x), x_bias, self.out_scale)
     }
+
+    fn into_channels_last(mut self) -> Result<Resnet> {
+        self.norm1.channels_last = true;
+        self.norm2.channels_last = true;
+        self.conv1 = self.conv1.into_channels_last(false)?;
+        self.conv2 = self.conv2.into_channels_last(false)?;
+        self.shortcut = self
+            .shortcut
+            .map(|s| s.into_channels_last(false))
+            .transpose()?;
+        Ok(self)
+    }
 }
 
 struct Attention {
@@ -1340,6 +1546,8 @@ struct Attention {
     rescale: f64,
     /// The projections stacked for the channels-first inference path (frozen weights only).
     qkv: Option<(Tensor, Tensor)>,
+    /// Input `(B, H, W, C)` ([`Attention::forward_channels_last`]).
+    channels_last: bool,
 }
 
 /// The q, k, v weights `(C, C)` and biases `(C,)` stacked into one `(3C, C)` matrix and
@@ -1403,16 +1611,86 @@ impl Attention {
             heads,
             rescale,
             qkv,
+            channels_last: false,
         })
     }
 
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         timed("attention", x.device(), || match &self.qkv {
+            Some(qkv) if self.channels_last => self.forward_channels_last(x, qkv),
+            _ if self.channels_last => {
+                bail!("internal: channels-last attention needs frozen weights")
+            }
             Some(qkv) if x.device().is_cuda() && !x.track_op() => {
                 self.forward_channels_first(x, qkv)
             }
             _ => self.forward_inner(x),
         })
+    }
+
+    fn into_channels_last(mut self) -> Result<Attention> {
+        if self.qkv.is_none() {
+            bail!("internal: trainable attention has no channels-last form");
+        }
+        if let Some(n) = &mut self.norm {
+            n.channels_last = true;
+        }
+        self.channels_last = true;
+        Ok(self)
+    }
+
+    /// From the stacked projections `[q; k; v]` `(B, 3C, H·W)` without their bias
+    /// ([`stack_qkv`]'s row order): the values `v` `(B·heads, d, H·W)` and the attention
+    /// probabilities `P = softmax(qᵀk/√d)` `(B·heads, HW_q, HW_k)` (bias added in place, softmax
+    /// in place in f32 arithmetic).
+    fn values_and_probabilities(&self, qkv: Tensor, b_qkv: &Tensor) -> Result<(Tensor, Tensor)> {
+        let (b, c3, hw) = qkv.dims3()?;
+        let (heads, d) = (self.heads, c3 / 3 / self.heads);
+        crate::kernels::conv_epilogue(&qkv, b_qkv, None, 1.0)?;
+        let qkv = qkv.reshape((b * heads, 3 * d, hw))?;
+        let (q, k) = (qkv.narrow(1, 0, d)?, qkv.narrow(1, d, d)?);
+        let scores = q.transpose(1, 2)?.matmul(&k)?; // (B·heads, HW_q, HW_k)
+        crate::kernels::softmax_last_dim_inplace(&scores, 1.0 / (d as f64).sqrt())?;
+        Ok((qkv.narrow(1, 2 * d, d)?, scores))
+    }
+
+    /// Attention on channels-last input `x: (B, H, W, C)`, which is already token-major
+    /// `(B, H·W, C)`: `[q; k; v] = W_qkv·xᵀ + b` as `(B, 3C, H·W)` (a cuBLAS operand flag
+    /// transposes x), then scores and softmax as in [`Attention::forward_channels_first`],
+    /// `o = P·vᵀ` per head `(H·W_q, d)` (with one head already `(B, H·W, C)`; several heads
+    /// are interleaved back by one copy), and `y = (o·W_oᵀ + b_o + x)/rescale`, the bias,
+    /// residual and scale in one fused pass.
+    fn forward_channels_last(
+        &self,
+        x: &Tensor,
+        (w_qkv, b_qkv): &(Tensor, Tensor),
+    ) -> Result<Tensor> {
+        let (b, h, w, c) = x.dims4()?;
+        let (heads, d, hw) = (self.heads, c / self.heads, h * w);
+        let hn = match &self.norm {
+            Some(n) => norm(n, x)?,
+            None => x.clone(),
+        };
+        let tokens = hn.reshape((b, hw, c))?;
+        let qkv = w_qkv.broadcast_left(b)?.matmul(&tokens.transpose(1, 2)?)?; // (B, 3C, HW)
+        drop((hn, tokens));
+        let (v, probs) = self.values_and_probabilities(qkv, b_qkv)?;
+        let o = probs.matmul(&v.transpose(1, 2)?)?; // (B·heads, HW_q, d)
+        drop((probs, v));
+        let o = if heads == 1 {
+            o
+        } else {
+            o.reshape((b, heads, hw, d))?
+                .transpose(1, 2)?
+                .contiguous()?
+        };
+        let y = o
+            .reshape((b * hw, c))?
+            .matmul(&self.out.weight().t()?)?
+            .reshape((b, h, w, c))?;
+        let bias = self.out.bias().expect("attention projections have a bias");
+        crate::kernels::conv_epilogue_nhwc(&y, bias, Some(x), 1.0 / self.rescale)?;
+        Ok(y)
     }
 
     /// Attention without moving the activations out of `(B, C, H·W)` (inference on CUDA):
@@ -1428,24 +1706,16 @@ impl Attention {
         (w_qkv, b_qkv): &(Tensor, Tensor),
     ) -> Result<Tensor> {
         let (b, c, h, w) = x.dims4()?;
-        let (heads, d, hw) = (self.heads, c / self.heads, h * w);
+        let hw = h * w;
         let hn = match &self.norm {
             Some(n) => norm(n, x)?,
             None => x.clone(),
         };
         let qkv = w_qkv.broadcast_left(b)?.matmul(&hn.reshape((b, c, hw))?)?; // (B, 3C, HW)
         drop(hn);
-        crate::kernels::conv_epilogue(&qkv, b_qkv, None, 1.0)?;
-        let qkv = qkv.reshape((b * heads, 3 * d, hw))?;
-        let (q, k, v) = (
-            qkv.narrow(1, 0, d)?,
-            qkv.narrow(1, d, d)?,
-            qkv.narrow(1, 2 * d, d)?,
-        );
-        let scores = q.transpose(1, 2)?.matmul(&k)?; // (B·heads, HW_q, HW_k)
-        crate::kernels::softmax_last_dim_inplace(&scores, 1.0 / (d as f64).sqrt())?;
-        let o = v.matmul(&scores.transpose(1, 2)?)?; // (B·heads, d, HW_q)
-        drop((scores, q, k, v, qkv));
+        let (v, probs) = self.values_and_probabilities(qkv, b_qkv)?;
+        let o = v.matmul(&probs.transpose(1, 2)?)?; // (B·heads, d, HW_q)
+        drop((probs, v));
         let y = self
             .out
             .weight()
@@ -1537,6 +1807,12 @@ pub struct UNet2D {
     freq: std::sync::OnceLock<Tensor>,
     /// Inference passes captured as CUDA graphs, per input shape (`QTAYLOR_CUDA_GRAPH`).
     graphs: crate::cuda_graph::Graphs,
+    /// Activations `(B, H, W, C)` between the input and output convolutions
+    /// ([`UNet2D::into_channels_last`]).
+    channels_last: bool,
+    /// Every ResNet block's time projection as one linear layer, and the activation before
+    /// it ([`UNet2D::stack_time_projections`]).
+    time_stack: Option<(Linear, Act)>,
 }
 
 impl UNet2D {
@@ -1668,7 +1944,7 @@ impl UNet2D {
                 up: up_conv,
             });
         }
-        Ok(UNet2D {
+        let unet = UNet2D {
             conv_in: w.conv("conv_in", c.in_channels, ch[0], 3, 1, 1)?,
             lin1: w.linear("time_embedding.linear_1", ch[0], temb)?,
             lin2: w.linear("time_embedding.linear_2", temb, temb)?,
@@ -1684,8 +1960,135 @@ impl UNet2D {
             dtype: w.dtype,
             freq: std::sync::OnceLock::new(),
             graphs: Default::default(),
+            channels_last: false,
+            time_stack: None,
             config,
-        })
+        };
+        let mut unet = unet;
+        let frozen = !unet.lin1.weight().track_op();
+        if frozen {
+            unet.stack_time_projections()?;
+        }
+        if frozen && crate::kernels::channels_last(&w.device, w.dtype)? {
+            return unet.into_channels_last();
+        }
+        Ok(unet)
+    }
+
+    /// Every ResNet block, in the order of the pass.
+    fn resnets_mut(&mut self) -> Vec<&mut Resnet> {
+        let mut all: Vec<&mut Resnet> = Vec::new();
+        for b in &mut self.down {
+            all.extend(b.resnets.iter_mut());
+        }
+        if let Some(m) = &mut self.mid {
+            all.push(&mut m.r0);
+            all.push(&mut m.r1);
+        }
+        for b in &mut self.up {
+            all.extend(b.resnets.iter_mut());
+        }
+        all
+    }
+
+    /// Stacks every ResNet block's time projection `W_i·act(temb) + b_i` into one linear
+    /// layer, so that an inference pass computes them in one product per distinct time
+    /// embedding instead of about five small kernels per block (a few hundred µs per pass at
+    /// batch 1, BENCHMARKS.md §4.5). Blocks without a scale-shift add the projection to
+    /// conv1's output, so conv1's bias joins theirs (summed in f64, rounded once): their
+    /// columns are the whole per-sample bias of conv1's epilogue. Frozen weights only; used
+    /// on the fused paths (CUDA, or channels last), where conv1's bias is an epilogue input.
+    fn stack_time_projections(&mut self) -> Result<()> {
+        let act = act(&self.config.act_fn)?;
+        let (mut ws, mut bs, mut off) = (Vec::new(), Vec::new(), 0);
+        for r in self.resnets_mut() {
+            let w = r.time_proj.weight().clone();
+            let b = r
+                .time_proj
+                .bias()
+                .context("time projections have a bias")?
+                .clone();
+            let b = if r.scale_shift {
+                b
+            } else {
+                let sum = (b.to_dtype(DType::F64)? + r.conv1.bias()?.to_dtype(DType::F64)?)?;
+                sum.to_dtype(b.dtype())?
+            };
+            let len = w.dim(0)?;
+            r.time_span = Some((off, len));
+            off += len;
+            ws.push(w);
+            bs.push(b);
+        }
+        if !ws.is_empty() {
+            let lin = Linear::new(Tensor::cat(&ws, 0)?, Some(Tensor::cat(&bs, 0)?));
+            self.time_stack = Some((lin, act));
+        }
+        Ok(())
+    }
+
+    /// The same network with its activations channels last, `(B, H, W, C)`, from the input
+    /// convolution to the output one: every convolution weight reordered to `(K, R, S, C)`
+    /// once, NHWC group norm, epilogues and attention. The input and output stay `(B, C, H,
+    /// W)`; they are transposed once each, around the RGB convolutions (or, for channel
+    /// counts that are multiples of 8, before and after them). cuDNN's tensor-core
+    /// convolutions then need no layout transforms of their own (BENCHMARKS.md §4.5).
+    /// [`UNet2D::new`] does this by `QTAYLOR_LAYOUT` ([`crate::kernels::channels_last`]).
+    /// Frozen weights only (inference).
+    pub fn into_channels_last(mut self) -> Result<Self> {
+        if self.channels_last {
+            return Ok(self);
+        }
+        if self.lin1.weight().track_op() {
+            bail!("a UNet with trainable weights cannot be made channels-last");
+        }
+        self.conv_in = self.conv_in.into_channels_last(false)?;
+        self.conv_out = self.conv_out.into_channels_last(false)?;
+        self.norm_out.channels_last = true;
+        let attn = |v: Vec<Attention>| -> Result<Vec<Attention>> {
+            v.into_iter().map(Attention::into_channels_last).collect()
+        };
+        let res = |v: Vec<Resnet>| -> Result<Vec<Resnet>> {
+            v.into_iter().map(Resnet::into_channels_last).collect()
+        };
+        self.down = std::mem::take(&mut self.down)
+            .into_iter()
+            .map(|b| -> Result<DownBlock> {
+                Ok(DownBlock {
+                    resnets: res(b.resnets)?,
+                    attentions: attn(b.attentions)?,
+                    down: match b.down {
+                        Some((conv, asym)) => Some((conv.into_channels_last(false)?, asym)),
+                        None => None,
+                    },
+                })
+            })
+            .collect::<Result<_>>()?;
+        self.mid = match self.mid.take() {
+            Some(m) => Some(Mid {
+                r0: m.r0.into_channels_last()?,
+                attn: m.attn.map(Attention::into_channels_last).transpose()?,
+                r1: m.r1.into_channels_last()?,
+            }),
+            None => None,
+        };
+        self.up = std::mem::take(&mut self.up)
+            .into_iter()
+            .map(|b| -> Result<UpBlock> {
+                Ok(UpBlock {
+                    resnets: res(b.resnets)?,
+                    attentions: attn(b.attentions)?,
+                    up: b.up.map(Upsample::into_channels_last).transpose()?,
+                })
+            })
+            .collect::<Result<_>>()?;
+        self.channels_last = true;
+        Ok(self)
+    }
+
+    /// Whether the activations run channels last ([`UNet2D::into_channels_last`]).
+    pub fn is_channels_last(&self) -> bool {
+        self.channels_last
     }
 
     fn frequencies(&self) -> Vec<f32> {
@@ -1808,6 +2211,11 @@ impl UNet2D {
                 })
             }
         };
+        if self.channels_last && x.track_op() {
+            bail!(
+                "this UNet runs channels last and keeps no autograd graph: set QTAYLOR_LAYOUT=nchw for gradients through its input"
+            );
+        }
         let in_dtype = x.dtype();
         let mut x = x.to_dtype(self.dtype)?;
         if cfg.center_input_sample {
@@ -1825,7 +2233,11 @@ impl UNet2D {
                 let idx = Tensor::from_vec(l.clone(), b, x.device())?;
                 rows = (rows + table.index_select(&idx, 0)?)?;
             }
-            Temb { rows, index: None }
+            Temb {
+                rows,
+                index: None,
+                proj: None,
+            }
         } else {
             // Inference: the embedding MLP and every projection of it run once per distinct
             // timestep, one row at a time, so a sample's result does not depend on the batch
@@ -1873,6 +2285,7 @@ impl UNet2D {
             Temb {
                 rows,
                 index: Some(index),
+                proj: None,
             }
         };
         // Inference on a GPU with QTAYLOR_CUDA_GRAPH=on: the pass after the time embedding
@@ -1882,6 +2295,7 @@ impl UNet2D {
                 let temb = Temb {
                     rows: i[1].clone(),
                     index: Some(i[2].clone()),
+                    proj: None,
                 };
                 self.body(&i[0], &temb, in_dtype)
             }),
@@ -1892,7 +2306,30 @@ impl UNet2D {
     /// The network from its input convolution to its output, for images `x` in the weights'
     /// dtype and their time embedding; the output in `out_dtype`.
     fn body(&self, x: &Tensor, temb: &Temb, out_dtype: DType) -> Result<Tensor> {
-        let mut h = self.conv_in.forward(x)?;
+        let cl = self.channels_last;
+        // Inference on the fused paths: all time projections in one product per row.
+        let proj = match &self.time_stack {
+            Some((lin, a)) if temb.index.is_some() && (x.device().is_cuda() || cl) => {
+                Some(timed("time projection", x.device(), || {
+                    by_row(lin, &apply(*a, &temb.rows)?)
+                })?)
+            }
+            _ => None,
+        };
+        let temb = &Temb {
+            rows: temb.rows.clone(),
+            index: temb.index.clone(),
+            proj,
+        };
+        // Channels last: the input goes to (B, H, W, C) before conv_in, or after it if
+        // conv_in stays NCHW (RGB channels).
+        let mut h = match (cl, self.conv_in.is_channels_last()) {
+            (false, _) => self.conv_in.forward(x)?,
+            (true, true) => self.conv_in.forward(&to_nhwc(x)?)?,
+            (true, false) => to_nhwc(&self.conv_in.forward(x)?)?,
+        };
+        // Channel, height and width dimensions of the activations.
+        let (dc, dh, dw) = if cl { (3, 1, 2) } else { (1, 2, 3) };
         let mut skips = vec![h.clone()];
         for blk in &self.down {
             for (j, r) in blk.resnets.iter().enumerate() {
@@ -1905,7 +2342,7 @@ impl UNet2D {
             if let Some((conv, asym)) = &blk.down {
                 if *asym {
                     h = timed("pad, cat, upsample", h.device(), || {
-                        Ok(h.pad_with_zeros(3, 0, 1)?.pad_with_zeros(2, 0, 1)?)
+                        Ok(h.pad_with_zeros(dw, 0, 1)?.pad_with_zeros(dh, 0, 1)?)
                     })?;
                 }
                 h = conv.forward(&h)?;
@@ -1923,7 +2360,11 @@ impl UNet2D {
             for (j, r) in blk.resnets.iter().enumerate() {
                 let skip = skips.pop().context("UNet skip stack underflow")?;
                 let joined = timed("pad, cat, upsample", h.device(), || {
-                    Ok(Tensor::cat(&[&h, &skip], 1)?)
+                    Ok(if cl {
+                        crate::kernels::concat_channels_last(&h, &skip)?
+                    } else {
+                        Tensor::cat(&[&h, &skip], dc)?
+                    })
                 })?;
                 // Only the concatenation is needed from here on.
                 drop((h, skip));
@@ -1937,7 +2378,11 @@ impl UNet2D {
             }
         }
         let h = norm_act(&self.norm_out, Act::Silu, &h)?;
-        let out = self.conv_out.forward(&h)?;
+        let out = match (cl, self.conv_out.is_channels_last()) {
+            (false, _) => self.conv_out.forward(&h)?,
+            (true, true) => to_nchw(&self.conv_out.forward(&h)?)?,
+            (true, false) => self.conv_out.forward(&to_nchw(&h)?)?,
+        };
         Ok(out.to_dtype(out_dtype)?)
     }
 }
@@ -1961,7 +2406,7 @@ mod tests {
             candle_core::Var::from_tensor(&Tensor::randn(0f64, 1.0, (2, 3, 4, 5), &dev).unwrap())
                 .unwrap();
         let want = x.as_tensor().detach().upsample_nearest2d(8, 10).unwrap();
-        let got = upsample_nearest_2x(x.as_tensor()).unwrap();
+        let got = upsample_nearest_2x(x.as_tensor(), false).unwrap();
         assert_eq!(
             (got.clone() - &want)
                 .unwrap()
@@ -2043,6 +2488,7 @@ mod tests {
                     bias: Tensor::randn(0f32, 0.1, c, &dev).unwrap(),
                     groups: 4,
                     eps: 1e-6,
+                    channels_last: false,
                 }),
                 q,
                 k,
@@ -2051,12 +2497,59 @@ mod tests {
                 heads,
                 rescale: 2.0,
                 qkv: None,
+                channels_last: false,
             };
             let x = Tensor::randn(0f32, 1.0, (3, c, 3, 5), &dev).unwrap();
             let want = att.forward_inner(&x).unwrap();
             let got = att.forward_channels_first(&x, &qkv).unwrap();
             let d = crate::ops::max_abs_diff(&want, &got).unwrap() as f32;
             assert!(d < 1e-5, "{heads} heads: max difference {d}");
+            // Channels last: the same values in (B, H, W, C).
+            let mut att = att;
+            att.norm.as_mut().unwrap().channels_last = true;
+            att.channels_last = true;
+            let got = att
+                .forward_channels_last(&to_nhwc(&x).unwrap(), &qkv)
+                .unwrap();
+            let d = crate::ops::max_abs_diff(&want, &to_nchw(&got).unwrap()).unwrap() as f32;
+            assert!(d < 1e-5, "{heads} heads, channels last: max difference {d}");
+        }
+    }
+
+    /// Every fixture architecture (legacy attention, several heads, scale-shift time
+    /// embedding, class labels) gives the same output with its activations channels last as
+    /// in NCHW: the layout changes where values lie, not what is computed. In f64, so that the
+    /// only difference left is the attention softmax, which the inference kernel computes in
+    /// f32 arithmetic (the CPU's NCHW path uses candle's f64 softmax): about 1e-7.
+    #[test]
+    fn the_channels_last_network_equals_the_nchw_network() {
+        let dev = Device::Cpu;
+        for name in ["multihead", "ddpm_legacy", "scale_shift", "class_cond"] {
+            let dir = std::path::PathBuf::from("tests/fixtures/unet2d").join(name);
+            let load = || {
+                crate::checkpoint::DiffusersModel::load(&dir, DType::F64, &dev)
+                    .unwrap()
+                    .unet
+            };
+            let (nchw, nhwc) = (load(), load().into_channels_last().unwrap());
+            assert!(!nchw.is_channels_last() && nhwc.is_channels_last());
+            let c = &nchw.config;
+            let side = 2 * c.downsample_factor();
+            let x = Tensor::randn(0f64, 1.0, (3, c.in_channels, side, side), &dev).unwrap();
+            let labels: Option<Vec<u32>> = c.num_class_embeds.map(|k| vec![0, 1 % k as u32, 0]);
+            let ts = [3.0, 500.0, 999.0];
+            let want = nchw.forward_labels(&x, &ts, labels.as_deref()).unwrap();
+            let got = nhwc.forward_labels(&x, &ts, labels.as_deref()).unwrap();
+            assert_eq!(got.dims(), want.dims());
+            let scale = want
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar::<f64>()
+                .unwrap();
+            let d = crate::ops::max_abs_diff(&want, &got).unwrap();
+            assert!(d <= 1e-6 * scale.max(1.0), "{name}: max difference {d}");
         }
     }
 
