@@ -118,15 +118,7 @@ pub fn conv2d(x: &Tensor, w: &Tensor, padding: usize, stride: usize) -> Result<T
     if !matches!(x.dtype(), DType::F32 | DType::F16 | DType::BF16) || !x.device().is_cuda() {
         return x.conv2d(w, padding, stride, 1, 1);
     }
-    x.contiguous()?.apply_op2_no_bwd(
-        &w.contiguous()?,
-        &ConvOp {
-            padding,
-            stride,
-            op: Op::Forward,
-            nhwc: false,
-        },
-    )
+    run_op(x, w, padding, stride, Op::Forward, false)
 }
 
 /// [`conv2d`] for channels-last operands: `x: (N, H, W, C)`, `w: (K, R, S, C)` (the filter in
@@ -134,15 +126,7 @@ pub fn conv2d(x: &Tensor, w: &Tensor, padding: usize, stride: usize) -> Result<T
 /// this layout, so no NCHW↔NHWC transforms run around them (BENCHMARKS.md §4.5). f32, f16
 /// and bf16 on CUDA. Keeps no autograd graph.
 pub fn conv2d_nhwc(x: &Tensor, w: &Tensor, padding: usize, stride: usize) -> Result<Tensor> {
-    x.contiguous()?.apply_op2_no_bwd(
-        &w.contiguous()?,
-        &ConvOp {
-            padding,
-            stride,
-            op: Op::Forward,
-            nhwc: true,
-        },
-    )
+    run_op(x, w, padding, stride, Op::Forward, true)
 }
 
 /// [`conv_transpose2d`] for channels-last operands: `x: (N, H', W', K)`, `w: (K, R, S, C)`
@@ -153,15 +137,7 @@ pub fn conv_transpose2d_nhwc(
     padding: usize,
     stride: usize,
 ) -> Result<Tensor> {
-    x.contiguous()?.apply_op2_no_bwd(
-        &w.contiguous()?,
-        &ConvOp {
-            padding,
-            stride,
-            op: Op::DataGrad,
-            nhwc: true,
-        },
-    )
+    run_op(x, w, padding, stride, Op::DataGrad, true)
 }
 
 /// The transposed convolution of `x: (N, K, H', W')` with `w: (K, C, R, S)` (PyTorch's
@@ -174,15 +150,7 @@ pub fn conv_transpose2d(x: &Tensor, w: &Tensor, padding: usize, stride: usize) -
     if !matches!(x.dtype(), DType::F32 | DType::F16 | DType::BF16) || !x.device().is_cuda() {
         return x.conv_transpose2d(w, padding, 0, stride, 1);
     }
-    x.contiguous()?.apply_op2_no_bwd(
-        &w.contiguous()?,
-        &ConvOp {
-            padding,
-            stride,
-            op: Op::DataGrad,
-            nhwc: false,
-        },
-    )
+    run_op(x, w, padding, stride, Op::DataGrad, false)
 }
 
 /// The filter gradient of [`conv2d`]: `∂L/∂W` of shape `(K, C, R, S)` from the input `x:
@@ -195,15 +163,25 @@ pub fn conv2d_backward_filter(
     padding: usize,
     stride: usize,
 ) -> Result<Tensor> {
-    x.contiguous()?.apply_op2_no_bwd(
-        &dy.contiguous()?,
-        &ConvOp {
-            padding,
-            stride,
-            op: Op::FilterGrad(r, s),
-            nhwc: false,
-        },
-    )
+    run_op(x, dy, padding, stride, Op::FilterGrad(r, s), false)
+}
+
+/// A [`ConvOp`] on its two operands, made contiguous (no copy for contiguous ones).
+fn run_op(
+    a: &Tensor,
+    b: &Tensor,
+    padding: usize,
+    stride: usize,
+    op: Op,
+    nhwc: bool,
+) -> Result<Tensor> {
+    let op = ConvOp {
+        padding,
+        stride,
+        op,
+        nhwc,
+    };
+    a.contiguous()?.apply_op2_no_bwd(&b.contiguous()?, &op)
 }
 
 /// Which of the convolution's three products a [`ConvOp`] computes.

@@ -48,7 +48,8 @@ pub fn group_norm(
 /// [`group_norm`] (and SiLU) of a channels-last input `(B, H, W, C)`: the same statistics per
 /// (sample, group), each group's `C/groups` channels read from every pixel. Inference only
 /// (no autograd graph). On CUDA one kernel reads and writes the activation in place of the
-/// NCHW kernel; elsewhere the input is moved to `(B, C, H, W)` and back around [`group_norm`].
+/// NCHW kernel; elsewhere the channels are moved to dimension 1 and back around [`group_norm`]
+/// (`(B, C, W, H)` for an image: the statistics do not depend on the pixels' order).
 pub fn group_norm_nhwc(
     x: &Tensor,
     weight: &Tensor,
@@ -477,14 +478,20 @@ fn dims(l: &Layout, lw: &Layout, groups: usize) -> Result<(usize, usize, usize)>
 /// per block).
 #[cfg(feature = "cuda")]
 fn gn_run_bytes() -> Result<usize> {
-    match std::env::var("QTAYLOR_GN_NHWC_BYTES") {
-        Err(_) => Ok(64),
-        Ok(v) => v.parse::<usize>().map_err(|_| {
-            candle_core::Error::Msg(format!(
-                "environment variable QTAYLOR_GN_NHWC_BYTES={v:?}: expected a byte count such as 64"
-            ))
-        }),
-    }
+    // Read once: every group norm of every pass asks.
+    static BYTES: std::sync::OnceLock<std::result::Result<usize, String>> =
+        std::sync::OnceLock::new();
+    BYTES
+        .get_or_init(|| match std::env::var("QTAYLOR_GN_NHWC_BYTES") {
+            Err(_) => Ok(64),
+            Ok(v) => v.parse::<usize>().map_err(|_| {
+                format!(
+                    "environment variable QTAYLOR_GN_NHWC_BYTES={v:?}: expected a byte count such as 64"
+                )
+            }),
+        })
+        .clone()
+        .map_err(candle_core::Error::Msg)
 }
 
 /// (batch, channels, spatial size) of a channels-last group-norm input `(B, …, C)`.

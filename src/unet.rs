@@ -986,7 +986,7 @@ impl Upsample {
 
     fn into_channels_last(self) -> Result<Upsample> {
         Ok(Upsample {
-            conv: self.conv.into_channels_last(false)?,
+            conv: self.conv.into_channels_last()?,
             folded: match self.folded {
                 Some(k) => Some(k.permute((0, 2, 3, 1))?.contiguous()?),
                 None => None,
@@ -1104,11 +1104,9 @@ impl Conv {
     }
 
     /// The same convolution for channels-last activations ([`Conv::Nhwc`]), with the weight
-    /// reordered to `(K, R, S, C)` once. With `aligned_only`, a convolution whose channel
-    /// counts are not multiples of 8 (cuDNN's tensor cores want 16-byte channel runs: the
-    /// UNet's RGB input and output) is returned unchanged, to run in NCHW between
-    /// transposes. Trainable weights stay as they are (an error).
-    fn into_channels_last(self, aligned_only: bool) -> Result<Conv> {
+    /// reordered to `(K, R, S, C)` once (any channel count: cuDNN plans the UNet's RGB input
+    /// and output convolutions in NHWC too). Trainable weights have no such form (an error).
+    fn into_channels_last(self) -> Result<Conv> {
         let (w, bias, padding, stride) = match &self {
             Conv::Candle(c) => {
                 let cfg = c.config();
@@ -1135,10 +1133,6 @@ impl Conv {
         if w.track_op() {
             bail!("internal: trainable convolutions have no channels-last form");
         }
-        let (k, c, _, _) = w.dims4()?;
-        if aligned_only && !(k.is_multiple_of(8) && c.is_multiple_of(8)) {
-            return Ok(self);
-        }
         Ok(Conv::Nhwc {
             w: w.permute((0, 2, 3, 1))?.contiguous()?,
             bias,
@@ -1151,15 +1145,14 @@ impl Conv {
     /// tensor ([`Conv::unbiased`]), then bias and the rest in one in-place pass
     /// ([`crate::kernels::conv_epilogue`]). Frozen weights on CUDA only.
     fn fused_on(&self, x: &Tensor) -> bool {
-        x.device().is_cuda()
-            && !x.track_op()
+        !x.track_op()
             && match self {
-                Conv::Candle(c) => !c.weight().track_op(),
-                Conv::Pointwise { w, .. } => !w.track_op(),
+                Conv::Candle(c) => x.device().is_cuda() && !c.weight().track_op(),
+                Conv::Pointwise { w, .. } => x.device().is_cuda() && !w.track_op(),
                 Conv::Im2col { .. } | Conv::Train3x3 { .. } => false,
+                // Frozen by construction, on every device.
                 Conv::Nhwc { .. } => true,
             }
-            || (self.is_channels_last() && !x.track_op())
     }
 
     /// The convolution without its bias, as a fresh contiguous tensor (fused path only).
@@ -1526,12 +1519,9 @@ impl Resnet {
     fn into_channels_last(mut self) -> Result<Resnet> {
         self.norm1.channels_last = true;
         self.norm2.channels_last = true;
-        self.conv1 = self.conv1.into_channels_last(false)?;
-        self.conv2 = self.conv2.into_channels_last(false)?;
-        self.shortcut = self
-            .shortcut
-            .map(|s| s.into_channels_last(false))
-            .transpose()?;
+        self.conv1 = self.conv1.into_channels_last()?;
+        self.conv2 = self.conv2.into_channels_last()?;
+        self.shortcut = self.shortcut.map(|s| s.into_channels_last()).transpose()?;
         Ok(self)
     }
 }
@@ -1966,11 +1956,14 @@ impl UNet2D {
         };
         let mut unet = unet;
         let frozen = !unet.lin1.weight().track_op();
-        if frozen {
-            unet.stack_time_projections()?;
-        }
         if frozen && crate::kernels::channels_last(&w.device, w.dtype)? {
             return unet.into_channels_last();
+        }
+        // The stacked projections serve the fused CUDA path (into_channels_last stacks them
+        // for the channels-last one); the CPU's NCHW path adds conv1's bias inside its own
+        // convolution, so it would only carry a second copy of the weights.
+        if frozen && w.device.is_cuda() {
+            unet.stack_time_projections()?;
         }
         Ok(unet)
     }
@@ -1997,7 +1990,8 @@ impl UNet2D {
     /// batch 1, BENCHMARKS.md §4.5). Blocks without a scale-shift add the projection to
     /// conv1's output, so conv1's bias joins theirs (summed in f64, rounded once): their
     /// columns are the whole per-sample bias of conv1's epilogue. Frozen weights only; used
-    /// on the fused paths (CUDA, or channels last), where conv1's bias is an epilogue input.
+    /// on the fused paths (CUDA, or channels last), where conv1's bias is an epilogue input;
+    /// [`UNet2D::new`] and [`UNet2D::into_channels_last`] stack them only there.
     fn stack_time_projections(&mut self) -> Result<()> {
         let act = act(&self.config.act_fn)?;
         let (mut ws, mut bs, mut off) = (Vec::new(), Vec::new(), 0);
@@ -2030,9 +2024,10 @@ impl UNet2D {
     /// The same network with its activations channels last, `(B, H, W, C)`, from the input
     /// convolution to the output one: every convolution weight reordered to `(K, R, S, C)`
     /// once, NHWC group norm, epilogues and attention. The input and output stay `(B, C, H,
-    /// W)`; they are transposed once each, around the RGB convolutions (or, for channel
-    /// counts that are multiples of 8, before and after them). cuDNN's tensor-core
-    /// convolutions then need no layout transforms of their own (BENCHMARKS.md §4.5).
+    /// W)`; they are transposed once each, before the input convolution and after the output
+    /// one (copies of the few image channels). cuDNN's tensor-core convolutions then need no
+    /// layout transforms of their own (BENCHMARKS.md §4.5). Stacks the time projections
+    /// ([`UNet2D::stack_time_projections`]) if they are not yet.
     /// [`UNet2D::new`] does this by `QTAYLOR_LAYOUT` ([`crate::kernels::channels_last`]).
     /// Frozen weights only (inference).
     pub fn into_channels_last(mut self) -> Result<Self> {
@@ -2042,8 +2037,11 @@ impl UNet2D {
         if self.lin1.weight().track_op() {
             bail!("a UNet with trainable weights cannot be made channels-last");
         }
-        self.conv_in = self.conv_in.into_channels_last(false)?;
-        self.conv_out = self.conv_out.into_channels_last(false)?;
+        if self.time_stack.is_none() {
+            self.stack_time_projections()?;
+        }
+        self.conv_in = self.conv_in.into_channels_last()?;
+        self.conv_out = self.conv_out.into_channels_last()?;
         self.norm_out.channels_last = true;
         let attn = |v: Vec<Attention>| -> Result<Vec<Attention>> {
             v.into_iter().map(Attention::into_channels_last).collect()
@@ -2058,7 +2056,7 @@ impl UNet2D {
                     resnets: res(b.resnets)?,
                     attentions: attn(b.attentions)?,
                     down: match b.down {
-                        Some((conv, asym)) => Some((conv.into_channels_last(false)?, asym)),
+                        Some((conv, asym)) => Some((conv.into_channels_last()?, asym)),
                         None => None,
                     },
                 })
@@ -2307,9 +2305,10 @@ impl UNet2D {
     /// dtype and their time embedding; the output in `out_dtype`.
     fn body(&self, x: &Tensor, temb: &Temb, out_dtype: DType) -> Result<Tensor> {
         let cl = self.channels_last;
-        // Inference on the fused paths: all time projections in one product per row.
+        // Inference on the fused paths (the only models that stack their projections): all
+        // time projections in one product per row.
         let proj = match &self.time_stack {
-            Some((lin, a)) if temb.index.is_some() && (x.device().is_cuda() || cl) => {
+            Some((lin, a)) if temb.index.is_some() => {
                 Some(timed("time projection", x.device(), || {
                     by_row(lin, &apply(*a, &temb.rows)?)
                 })?)
@@ -2321,12 +2320,11 @@ impl UNet2D {
             index: temb.index.clone(),
             proj,
         };
-        // Channels last: the input goes to (B, H, W, C) before conv_in, or after it if
-        // conv_in stays NCHW (RGB channels).
-        let mut h = match (cl, self.conv_in.is_channels_last()) {
-            (false, _) => self.conv_in.forward(x)?,
-            (true, true) => self.conv_in.forward(&to_nhwc(x)?)?,
-            (true, false) => to_nhwc(&self.conv_in.forward(x)?)?,
+        // Channels last: the input goes to (B, H, W, C) before conv_in.
+        let mut h = if cl {
+            self.conv_in.forward(&to_nhwc(x)?)?
+        } else {
+            self.conv_in.forward(x)?
         };
         // Channel, height and width dimensions of the activations.
         let (dc, dh, dw) = if cl { (3, 1, 2) } else { (1, 2, 3) };
@@ -2378,11 +2376,8 @@ impl UNet2D {
             }
         }
         let h = norm_act(&self.norm_out, Act::Silu, &h)?;
-        let out = match (cl, self.conv_out.is_channels_last()) {
-            (false, _) => self.conv_out.forward(&h)?,
-            (true, true) => to_nchw(&self.conv_out.forward(&h)?)?,
-            (true, false) => self.conv_out.forward(&to_nchw(&h)?)?,
-        };
+        let out = self.conv_out.forward(&h)?;
+        let out = if cl { to_nchw(&out)? } else { out };
         Ok(out.to_dtype(out_dtype)?)
     }
 }

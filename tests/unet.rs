@@ -397,3 +397,40 @@ fn init_model_writes_a_loadable_checkpoint_with_the_cifar10_parameter_count() {
     let m = DiffusersModel::load(d.path(), DType::F32, &Device::Cpu).unwrap();
     assert_eq!(m.parameters, 35_746_307);
 }
+
+/// `QTAYLOR_LAYOUT=nhwc` runs the network channels last (on the CPU too) and still matches
+/// diffusers to 1e-4 in f32; a value that is not a layout is refused with the variable, the
+/// value and the expected ones named, before anything runs.
+#[test]
+fn the_layout_setting_keeps_parity_and_refuses_an_unknown_layout() {
+    let run = |layout: &str| {
+        Command::new(env!("CARGO_BIN_EXE_qtaylor"))
+            .env("QTAYLOR_LAYOUT", layout)
+            .args([
+                "parity",
+                "--model",
+                fixture("multihead").to_str().unwrap(),
+                "--tol",
+                "1e-4",
+            ])
+            .output()
+            .unwrap()
+    };
+    for layout in ["nhwc", "nchw", "auto"] {
+        let o = run(layout);
+        assert!(
+            o.status.success(),
+            "{layout}: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        assert!(String::from_utf8_lossy(&o.stdout).contains("out_t37_5"));
+    }
+    let bad = run("nchwc");
+    assert!(!bad.status.success());
+    let err = String::from_utf8_lossy(&bad.stderr);
+    assert!(
+        err.contains("QTAYLOR_LAYOUT=\"nchwc\"") && err.contains("expected auto, nchw or nhwc"),
+        "{err}"
+    );
+    assert!(!err.contains("panicked"), "{err}");
+}
