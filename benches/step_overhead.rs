@@ -2,19 +2,19 @@
 //!
 //! Baseline: a plain fused `out = a·x + b·y` loop over two slices (one read of each input,
 //! one write). Ours: a whole sampler step given the model output — the f64 coefficient
-//! algebra (Taylor-mode series for qt-3) plus the fused update of `qtaylor::ops::lincomb`
+//! algebra (Taylor-mode series for qt-3) plus the fused update of `qtaylor::tensor::ops::lincomb`
 //! on candle tensors. The ratio ours/baseline is the step's overhead; see BENCHMARKS.md.
 
 use std::hint::black_box;
 
 use candle_core::{DType, Device, Tensor};
 use criterion::{Criterion, criterion_group, criterion_main};
-use qtaylor::ops::lincomb;
-use qtaylor::samplers::Expansion;
-use qtaylor::samplers::ddim::ddim_coefficients;
-use qtaylor::samplers::quasi_ito_taylor::qit2_coefficients;
-use qtaylor::samplers::quasi_taylor::qt_coefficients;
+use qtaylor::sampling::samplers::Expansion;
+use qtaylor::sampling::samplers::ddim::ddim_coefficients;
+use qtaylor::sampling::samplers::quasi_ito_taylor::qit2_coefficients;
+use qtaylor::sampling::samplers::quasi_taylor::qt_coefficients;
 use qtaylor::schedule::VpLinear;
+use qtaylor::tensor::ops::lincomb;
 
 fn plain_axpby(a: f32, x: &[f32], b: f32, y: &[f32]) -> Vec<f32> {
     x.iter().zip(y).map(|(x, y)| a * x + b * y).collect()

@@ -6,15 +6,15 @@
 
 #![allow(dead_code)]
 
-use qtaylor::checkpoint::SchedulerConfig;
-use qtaylor::checkpoint::{CheckpointFiles, DiffusersModel};
-use qtaylor::grid::{
-    Final, parse_numbers, times_of_network_timesteps, times_of_sigmas, validate_timesteps,
-};
-use qtaylor::model::Parameterization;
-use qtaylor::problems::gmm::Gmm;
+use qtaylor::config::parse_numbers;
+use qtaylor::grid::{Final, times_of_network_timesteps, times_of_sigmas, validate_timesteps};
+use qtaylor::keys;
+use qtaylor::models::checkpoint::SchedulerConfig;
+use qtaylor::models::checkpoint::{CheckpointFiles, DiffusersModel};
+use qtaylor::models::model::Parameterization;
+use qtaylor::models::problems::gmm::Gmm;
 use qtaylor::program::Program;
-use qtaylor::samplers::{Options, Sampler};
+use qtaylor::sampling::samplers::{Options, Sampler};
 use qtaylor::schedule::Schedule;
 use qtaylor::schedule::{Tabulated, diffusers_alphas_cumprod, diffusers_betas};
 use std::path::Path;
@@ -77,7 +77,7 @@ pub fn scheduler_config(data: &[u8]) {
 /// IDX files (MNIST's format), plain or gzipped: the first byte's low bit selects gzip.
 pub fn idx(data: &[u8]) {
     if let Some((&flag, rest)) = data.split_first() {
-        let _ = qtaylor::data::idx_from_bytes(rest, flag & 1 == 1);
+        let _ = qtaylor::io::idx::idx_from_bytes(rest, flag & 1 == 1);
     }
 }
 
@@ -138,7 +138,7 @@ pub fn grid_lists(data: &[u8]) {
     );
     let s = schedule();
     let sampler = name.parse::<Sampler>().ok();
-    if let Ok(v) = parse_numbers("--timesteps", steps) {
+    if let Ok(v) = parse_numbers(keys::TIMESTEPS, steps) {
         if v.iter().all(|x| x.fract() == 0.0) {
             let ints: Vec<i64> = v.iter().map(|&x| x as i64).collect();
             let _ = validate_timesteps(&ints, 1000);
@@ -149,12 +149,12 @@ pub fn grid_lists(data: &[u8]) {
             }
         }
     }
-    if let Ok(v) = parse_numbers("--sigmas", sigmas)
+    if let Ok(v) = parse_numbers(keys::SIGMAS, sigmas)
         && let (Ok(ts), Some(sm)) = (times_of_sigmas(s, &v), sampler)
     {
         record(sm, &ts);
     }
-    if let Ok(g) = qtaylor::gridfile::GridFile::parse(file, s)
+    if let Ok(g) = qtaylor::sampling::gridfile::GridFile::parse(file, s)
         && let Some(sm) = sampler
     {
         record(sm, &g.times);

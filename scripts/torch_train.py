@@ -2,7 +2,7 @@
 """PyTorch baseline for `qtaylor train`: the same training step with diffusers' own
 UNet2DModel, built from the same config.json, on the same data.
 
-One step, as qtaylor's (src/train.rs): a batch of MNIST digits scaled to [-1, 1], a timestep
+One step, as qtaylor's (src/train/mod.rs): a batch of MNIST digits scaled to [-1, 1], a timestep
 uniform in {0, ..., 999} per image, eps ~ N(0, I), x_t = sqrt(abar) x0 + sqrt(1 - abar) eps on
 diffusers' linear beta schedule, labels dropped to the null class (the last one) with
 probability --label-dropout when the config has num_class_embeds; MSE of the predicted eps;

@@ -8,10 +8,10 @@ use std::process::Command;
 
 use candle_core::{DType, Device, Tensor};
 use qtaylor::io::{read_npy, write_npy};
-use qtaylor::rng::NoiseStreams;
+use qtaylor::tensor::rng::NoiseStreams;
 
 fn rows(path: &Path) -> Vec<Vec<f64>> {
-    qtaylor::ops::rows_f64(&read_npy(path, &[None, None]).unwrap()).unwrap()
+    qtaylor::tensor::ops::rows_f64(&read_npy(path, &[None, None]).unwrap()).unwrap()
 }
 
 #[test]

@@ -5,9 +5,9 @@
 use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device};
-use qtaylor::checkpoint::DiffusersModel;
-use qtaylor::eval::{EvalOptions, FID_LABEL, eval};
-use qtaylor::ops::max_abs_diff;
+use qtaylor::measure::eval::{EvalOptions, FID_LABEL, eval};
+use qtaylor::models::checkpoint::DiffusersModel;
+use qtaylor::tensor::ops::max_abs_diff;
 
 mod common;
 use common::{conditional_mnist, mnist_unet_folder, strokes};

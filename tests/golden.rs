@@ -170,11 +170,17 @@ fn sample_on_a_problem_writes_the_same_array() {
 fn bench_writes_the_same_results() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path().join("bench-out");
-    let (out, err) = run(&["bench", "--problem", "gmm-demo", "--out", p(&dir)], tmp.path());
+    let (out, err) = run(
+        &["bench", "--problem", "gmm-demo", "--out", p(&dir)],
+        tmp.path(),
+    );
     check_json("bench/results.json", &dir.join("results.json"));
     let csv = std::fs::read_to_string(dir.join("results.csv")).unwrap();
     check("bench/results.csv", csv_without_seconds(&csv).as_bytes());
-    check("bench/report.md", &std::fs::read(dir.join("report.md")).unwrap());
+    check(
+        "bench/report.md",
+        &std::fs::read(dir.join("report.md")).unwrap(),
+    );
     check(
         "bench/error_vs_nfe.png",
         &std::fs::read(dir.join("error_vs_nfe.png")).unwrap(),

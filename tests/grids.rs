@@ -6,7 +6,7 @@ use common::{p, qtaylor, stderr};
 use std::path::Path;
 use std::process::Output;
 
-use qtaylor::gridfile::GridFile;
+use qtaylor::sampling::gridfile::GridFile;
 use qtaylor::schedule::{Schedule, Tabulated, VpLinear};
 
 #[test]
@@ -181,7 +181,7 @@ fn a_tuned_grid_file_round_trips_and_drives_sample() {
         qtaylor::io::read_npy(&a, &[None, None]).unwrap(),
         qtaylor::io::read_npy(&b, &[None, None]).unwrap(),
     );
-    assert!(qtaylor::ops::max_abs_diff(&ra, &rb).unwrap() < 1e-9);
+    assert!(qtaylor::tensor::ops::max_abs_diff(&ra, &rb).unwrap() < 1e-9);
     // Another sampler: a warning that names the file and what differs.
     let mut args = common.to_vec();
     args[4] = "ddim";

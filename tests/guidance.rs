@@ -6,13 +6,13 @@
 use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
-use qtaylor::checkpoint::DiffusersModel;
 use qtaylor::grid::Grid;
-use qtaylor::guidance::Guided;
-use qtaylor::model::Model;
-use qtaylor::ops::max_abs_diff;
-use qtaylor::rng::NoiseStreams;
-use qtaylor::samplers::{Options, sample};
+use qtaylor::models::checkpoint::DiffusersModel;
+use qtaylor::models::guidance::Guided;
+use qtaylor::models::model::Model;
+use qtaylor::sampling::samplers::{Options, sample};
+use qtaylor::tensor::ops::max_abs_diff;
+use qtaylor::tensor::rng::NoiseStreams;
 
 mod common;
 use common::conditional_mnist;

@@ -6,13 +6,13 @@ mod common;
 use candle_core::{DType, Device, Tensor};
 use common::*;
 use qtaylor::grid::Grid;
-use qtaylor::metrics::loglog_slope;
-use qtaylor::model::{Model, Parameterization};
-use qtaylor::ops::rows_f64;
-use qtaylor::reference::reference_endpoint;
-use qtaylor::rng::NoiseStreams;
-use qtaylor::samplers::{LastStep, Options, Sampler, sample};
+use qtaylor::measure::metrics::loglog_slope;
+use qtaylor::measure::reference::reference_endpoint;
+use qtaylor::models::model::{Model, Parameterization};
+use qtaylor::sampling::samplers::{LastStep, Options, Sampler, sample};
 use qtaylor::schedule::{Schedule, VpLinear};
+use qtaylor::tensor::ops::rows_f64;
+use qtaylor::tensor::rng::NoiseStreams;
 
 /// An exact end point for given start rows.
 type Exact<'a> = dyn Fn(&[Vec<f64>]) -> Vec<Vec<f64>> + 'a;
@@ -188,9 +188,10 @@ const ALL: [&str; 31] = [
     "edm-heun",
 ];
 
-fn demo_model() -> qtaylor::problems::gmm::GmmModel {
-    let g = qtaylor::problems::gmm::Gmm::demo(5);
-    qtaylor::problems::gmm::GmmModel::new(std::sync::Arc::new(g), linear(), &Device::Cpu).unwrap()
+fn demo_model() -> qtaylor::models::problems::gmm::GmmModel {
+    let g = qtaylor::models::problems::gmm::Gmm::demo(5);
+    qtaylor::models::problems::gmm::GmmModel::new(std::sync::Arc::new(g), linear(), &Device::Cpu)
+        .unwrap()
 }
 
 fn draw(
@@ -361,9 +362,12 @@ fn schedules_other_than_linear_sample_consistently_with_their_reference() {
     let sched: std::sync::Arc<dyn Schedule> =
         std::sync::Arc::new(qtaylor::schedule::Cosine::default());
     let g = gaussian(4);
-    let m =
-        qtaylor::problems::gmm::GmmModel::new(std::sync::Arc::new(g), sched.clone(), &Device::Cpu)
-            .unwrap();
+    let m = qtaylor::models::problems::gmm::GmmModel::new(
+        std::sync::Arc::new(g),
+        sched.clone(),
+        &Device::Cpu,
+    )
+    .unwrap();
     let (x, mut noise) = start(4, 4, 4);
     let t_max = sched.t_end();
     let r = reference_endpoint(&m, sched.as_ref(), &x, t_max, 1e-3, 1e-9).unwrap();

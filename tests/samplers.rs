@@ -10,12 +10,12 @@ use std::sync::Arc;
 use candle_core::{DType, Device};
 use common::*;
 use qtaylor::grid::{Final, Grid, Spacing, TimeGrid};
-use qtaylor::metrics::loglog_slope;
-use qtaylor::model::Model;
-use qtaylor::ops::rows_f64;
-use qtaylor::rng::NoiseStreams;
-use qtaylor::samplers::{Options, Sampler, UniPcVariant, sample};
+use qtaylor::measure::metrics::loglog_slope;
+use qtaylor::models::model::Model;
+use qtaylor::sampling::samplers::{Options, Sampler, UniPcVariant, sample};
 use qtaylor::schedule::{Schedule, Tabulated, VpLinear};
+use qtaylor::tensor::ops::rows_f64;
+use qtaylor::tensor::rng::NoiseStreams;
 
 const STEPS: [usize; 3] = [40, 80, 160];
 
@@ -128,8 +128,8 @@ fn edm_heun_is_second_order() {
 }
 
 fn runs_equal(a: &str, b: &str, opts_a: &Options, opts_b: &Options, steps: usize, tol: f64) {
-    let m = qtaylor::problems::gmm::GmmModel::new(
-        Arc::new(qtaylor::problems::gmm::Gmm::demo(2)),
+    let m = qtaylor::models::problems::gmm::GmmModel::new(
+        Arc::new(qtaylor::models::problems::gmm::Gmm::demo(2)),
         linear(),
         &Device::Cpu,
     )
@@ -177,8 +177,8 @@ fn first_order_members_of_every_family_equal_ddim() {
 
 #[test]
 fn multistep_history_does_not_leak_between_runs() {
-    let m = qtaylor::problems::gmm::GmmModel::new(
-        Arc::new(qtaylor::problems::gmm::Gmm::demo(2)),
+    let m = qtaylor::models::problems::gmm::GmmModel::new(
+        Arc::new(qtaylor::models::problems::gmm::Gmm::demo(2)),
         linear(),
         &Device::Cpu,
     )
@@ -262,8 +262,8 @@ fn adaptive_dpm_solver_error_follows_its_tolerance() {
 
 #[test]
 fn edm_churn_is_stochastic_and_seeded() {
-    let m = qtaylor::problems::gmm::GmmModel::new(
-        Arc::new(qtaylor::problems::gmm::Gmm::demo(2)),
+    let m = qtaylor::models::problems::gmm::GmmModel::new(
+        Arc::new(qtaylor::models::problems::gmm::Gmm::demo(2)),
         linear(),
         &Device::Cpu,
     )
@@ -335,7 +335,7 @@ fn a_final_step_to_sigma_zero_returns_the_data_prediction_for_every_sampler() {
         last: Final::Zero,
     };
     let o = Options::default();
-    for s in qtaylor::samplers::all_samplers() {
+    for s in qtaylor::sampling::samplers::all_samplers() {
         let name = s.to_string();
         let (rows, nfe) = discrete_run(&m, sched.as_ref(), &name, &grid, 6);
         for r in &rows {

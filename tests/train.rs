@@ -5,8 +5,8 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use candle_core::{DType, Device, Tensor};
-use qtaylor::checkpoint::DiffusersModel;
-use qtaylor::ops::max_abs_diff;
+use qtaylor::models::checkpoint::DiffusersModel;
+use qtaylor::tensor::ops::max_abs_diff;
 use qtaylor::train::{TrainOptions, train, train_on};
 
 mod common;

@@ -6,9 +6,9 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use candle_core::{DType, Device, Tensor};
-use qtaylor::checkpoint::DiffusersModel;
-use qtaylor::model::Model;
-use qtaylor::unet::{UNet2D, UNet2DConfig, Weights};
+use qtaylor::models::checkpoint::DiffusersModel;
+use qtaylor::models::model::Model;
+use qtaylor::models::unet::{UNet2D, UNet2DConfig, Weights};
 
 fn fixture(name: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -86,7 +86,7 @@ fn the_model_interface_feeds_the_float_timestep_t_times_n_minus_one() {
     let raw = m.unet.forward(&r["x"], &[3.0, 999.0]).unwrap();
     assert!(rel_err(&raw, &r["out"]) <= 1e-4);
     let sched = m.schedule.clone();
-    let want = qtaylor::model::to_eps_x0(
+    let want = qtaylor::models::model::to_eps_x0(
         m.parameterization,
         &r["out"],
         &r["x"],
@@ -140,7 +140,7 @@ fn cifar10_ddpm_architecture_has_35_7_million_parameters_and_runs() {
     let x = Tensor::randn(0f32, 1.0, (1, 3, 32, 32), &Device::Cpu).unwrap();
     let y = unet.forward(&x, &[500.0]).unwrap();
     assert_eq!(y.dims(), &[1, 3, 32, 32]);
-    assert!(qtaylor::ops::all_finite(&y).unwrap());
+    assert!(qtaylor::tensor::ops::all_finite(&y).unwrap());
 }
 
 // ---- bad checkpoints: an error naming the file and the tensor or key, nothing written ----
@@ -351,7 +351,7 @@ fn sample_with_a_fixture_model_writes_a_non_constant_png_grid() {
     let first = img.get_pixel(2, 2);
     assert!(img.pixels().any(|p| p != first), "the grid is constant");
     let x = qtaylor::io::read_npy(&npy, &[Some(5), Some(3), Some(8), Some(8)]).unwrap();
-    assert!(qtaylor::ops::all_finite(&x).unwrap());
+    assert!(qtaylor::tensor::ops::all_finite(&x).unwrap());
 }
 
 #[test]

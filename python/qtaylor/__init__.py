@@ -21,6 +21,7 @@ from ._core import (
     catalog,
     continuous_grid,
     discrete_grid,
+    grid_times,
     quasi_taylor_coefficients,
     read_grid_file,
 )
@@ -36,6 +37,7 @@ __all__ = [
     "catalog",
     "continuous_grid",
     "discrete_grid",
+    "grid_times",
     "quasi_taylor_coefficients",
     "read_grid_file",
     "samplers",

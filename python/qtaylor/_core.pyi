@@ -54,6 +54,23 @@ def continuous_grid(
     t_min: float = 1e-3,
     rho: float = 7.0,
 ) -> npt.NDArray[np.float64]: ...
+def grid_times(
+    schedule: Schedule,
+    steps: Optional[int] = None,
+    *,
+    grid: Optional[str] = None,
+    rho: Optional[float] = None,
+    t_max: Optional[float] = None,
+    t_min: Optional[float] = None,
+    sigma_max: Optional[float] = None,
+    sigma_min: Optional[float] = None,
+    spacing: Optional[str] = None,
+    steps_offset: Optional[int] = None,
+    final_: Optional[str] = None,
+    timesteps: Optional[Sequence[float]] = None,
+    sigmas: Optional[Sequence[float]] = None,
+    times: Optional[Sequence[float]] = None,
+) -> npt.NDArray[np.float64]: ...
 def discrete_grid(
     schedule: Schedule,
     steps: Optional[int] = None,

@@ -259,7 +259,7 @@ class QTaylorScheduler(SchedulerMixin, ConfigMixin):
                     f"num_inference_steps={num_inference_steps} disagrees with {len(sig)} sigmas "
                     f"({len(sig) - 1} steps)"
                 )
-            times = self._times_of_sigmas(sig)
+            times = _core.grid_times(self._schedule, sigmas=sig).tolist()
         else:
             if timesteps is not None:
                 ts = timesteps.tolist() if hasattr(timesteps, "tolist") else list(timesteps)
@@ -268,25 +268,10 @@ class QTaylorScheduler(SchedulerMixin, ConfigMixin):
                         f"num_inference_steps={num_inference_steps} disagrees with {len(ts)} timesteps"
                     )
                 vals = [float(v) for v in ts]
-                for i, v in enumerate(vals):
-                    if not math.isfinite(v):
-                        raise ValueError(f"timesteps: entry {i} is {v}; expected finite timesteps")
-                    if i > 0 and v >= vals[i - 1]:
-                        raise ValueError(
-                            f"timesteps must decrease strictly: entry {i} is {ts[i]} after {ts[i - 1]}"
-                        )
-                tail = final == "last" and vals[-1] == 0.0
-                if all(v == int(v) for v in vals):
-                    times = _core.discrete_grid(
-                        self._schedule, timesteps=[int(v) for v in vals], final_=final
-                    ).tolist()
-                else:
-                    # Fractional diffusers timesteps (e.g. a tuned grid file's `timesteps`).
-                    times = [float(t) for t in self._schedule.time_of_model_time(np.array(vals))]
-                    if final == "zero":
-                        times.append(0.0)
-                    elif vals[-1] != 0.0:
-                        times.append(float(self._schedule.time_of_model_time(0.0)))
+                tail = final == "last" and len(vals) > 0 and vals[-1] == 0.0
+                # Integer timesteps are steps of the table; fractional ones (e.g. a tuned grid
+                # file's `timesteps`) lie between them, linear in log σ (diffusers' _sigma_to_t).
+                times = _core.grid_times(self._schedule, timesteps=vals, final_=final).tolist()
             else:
                 if (
                     num_inference_steps is None
@@ -319,23 +304,6 @@ class QTaylorScheduler(SchedulerMixin, ConfigMixin):
                 tail = final == "last" and not cont and len(times) - 1 == int(num_inference_steps) - 1
         self._install(times, device, tail)
         self.num_inference_steps = len(times) - 1 + int(tail)
-
-    def _times_of_sigmas(self, sig: List[float]) -> List[float]:
-        if len(sig) < 2:
-            raise ValueError(f"{len(sig)} sigmas: expected at least 2 (one step)")
-        times = []
-        for i, s in enumerate(sig):
-            if not (s >= 0 and math.isfinite(s)):
-                raise ValueError(f"sigma {s} (entry {i}): expected a finite value >= 0")
-            if i > 0 and s >= sig[i - 1]:
-                raise ValueError(f"sigmas must decrease strictly: entry {i} is {s} after {sig[i - 1]}")
-            if s == 0:
-                if i != len(sig) - 1:
-                    raise ValueError("sigma 0 may only be the last entry")
-                times.append(0.0)
-            else:
-                times.append(self._schedule.t_of_lambda(-math.log(s)))
-        return times
 
     def _install(self, times: List[float], device=None, tail: bool = False):
         program = _core.Program(

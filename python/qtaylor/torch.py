@@ -53,61 +53,44 @@ def make_grid(
     *,
     grid: Optional[str] = None,
     t_max: Optional[float] = None,
-    t_min: float = 1e-3,
-    rho: float = 7.0,
+    t_min: Optional[float] = None,
+    rho: Optional[float] = None,
+    sigma_max: Optional[float] = None,
+    sigma_min: Optional[float] = None,
     spacing: Optional[str] = None,
-    steps_offset: int = 0,
-    final: str = "zero",
-    timesteps: Optional[Sequence[int]] = None,
+    steps_offset: Optional[int] = None,
+    final: Optional[str] = None,
+    timesteps: Optional[Sequence[float]] = None,
+    sigmas: Optional[Sequence[float]] = None,
     times: Optional[Sequence[float]] = None,
 ) -> list:
-    """The grid of schedule times (``t_0 > … > t_N``) a sampler runs on.
+    """The grid of schedule times (``t_0 > … > t_N``) a sampler runs on, made by the Rust
+    core exactly as ``qtaylor sample`` makes it from the same flags.
 
-    ``times`` gives it directly; discrete schedules take diffusers' ``spacing``
-    (leading, trailing, linspace) with ``steps_offset`` and ``final`` ("zero": end at
-    ᾱ = 1, "last": at the first trained step), or explicit descending ``timesteps``;
-    continuous schedules take ``grid`` (uniform, quadratic, logsnr, karras) from ``t_max``
-    to ``t_min``. Options that do not apply to the schedule are an error.
+    ``times`` gives it directly; discrete schedules take diffusers' ``spacing`` (leading by
+    default, trailing, linspace) with ``steps_offset`` and ``final`` ("zero", the default:
+    end at ᾱ = 1; "last": at the first trained step), explicit descending ``timesteps``
+    (fractional ones allowed), or a continuous ``grid`` in fractional timesteps; continuous
+    schedules take ``grid`` (uniform by default, quadratic, logsnr, karras with ``rho``,
+    default 7) from ``t_max`` (or ``sigma_max``) to ``t_min`` (or ``sigma_min``; default
+    1e-3). ``sigmas`` are diffusers' σ/α, descending, a final 0 for x̂0. A setting the grid
+    does not use is an error that names it.
     """
-    if times is not None:
-        for name, v in (("grid", grid), ("spacing", spacing), ("timesteps", timesteps)):
-            if v is not None:
-                raise ValueError(f"times= gives the grid; {name}={v!r} would be ignored")
-        return [float(t) for t in times]
-    if schedule.num_train_timesteps is not None:
-        if grid is not None:
-            raise ValueError(
-                f"grid={grid!r} applies to continuous schedules; a discrete schedule takes spacing= "
-                "(leading, trailing, linspace), timesteps= or times="
-            )
-        return discrete_times(schedule, steps, spacing or "leading", steps_offset, final, timesteps)
-    if spacing is not None or timesteps is not None:
-        raise ValueError(
-            "spacing= and timesteps= apply to discrete schedules; a continuous schedule takes grid= or times="
-        )
-    if steps is None:
-        raise ValueError("give steps= (or times=)")
-    return _core.continuous_grid(
-        schedule, steps, grid or "uniform", t_max=t_max, t_min=t_min, rho=rho
-    ).tolist()
-
-
-def discrete_times(schedule, steps, spacing, steps_offset, final, timesteps) -> list:
-    ts = None
-    if timesteps is not None:
-        bad = [v for v in timesteps if float(v) != int(v)]
-        if bad:
-            raise ValueError(
-                f"timesteps must be integers for a discrete grid; got {bad[0]!r} (use times= for fractional times)"
-            )
-        ts = [int(v) for v in timesteps]
-    return _core.discrete_grid(
+    return _core.grid_times(
         schedule,
-        steps=steps,
+        steps,
+        grid=grid,
+        rho=rho,
+        t_max=t_max,
+        t_min=t_min,
+        sigma_max=sigma_max,
+        sigma_min=sigma_min,
         spacing=spacing,
         steps_offset=steps_offset,
         final_=final,
-        timesteps=ts,
+        timesteps=None if timesteps is None else [float(v) for v in timesteps],
+        sigmas=None if sigmas is None else [float(v) for v in sigmas],
+        times=None if times is None else [float(v) for v in times],
     ).tolist()
 
 
@@ -142,12 +125,15 @@ def sample(
     clip_sample: Optional[float] = None,
     grid: Optional[str] = None,
     t_max: Optional[float] = None,
-    t_min: float = 1e-3,
-    rho: float = 7.0,
+    t_min: Optional[float] = None,
+    rho: Optional[float] = None,
+    sigma_max: Optional[float] = None,
+    sigma_min: Optional[float] = None,
     spacing: Optional[str] = None,
-    steps_offset: int = 0,
-    final: str = "zero",
-    timesteps: Optional[Sequence[int]] = None,
+    steps_offset: Optional[int] = None,
+    final: Optional[str] = None,
+    timesteps: Optional[Sequence[float]] = None,
+    sigmas: Optional[Sequence[float]] = None,
     times: Optional[Sequence[float]] = None,
     generator: Optional[torch.Generator] = None,
     noise_sampler: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
@@ -182,27 +168,25 @@ def sample(
         )
     if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int) or steps < 1):
         raise ValueError(f"steps={steps!r}: expected a positive integer")
-    given = times if times is not None else timesteps
-    if given is not None and steps is not None and steps != len(given) - (times is not None):
-        raise ValueError(
-            f"steps={steps} disagrees with the {len(given)} entries of "
-            f"{'times' if times is not None else 'timesteps'}; give one of them"
-        )
-    if given is None and steps is None:
+    explicit = times is not None or timesteps is not None or sigmas is not None
+    if not explicit and steps is None:
         steps = 10
     spec = _core.SamplerSpec(sampler, **sampler_options)
     schedule = schedule if schedule is not None else _core.Schedule.discrete()
     ts = make_grid(
         schedule,
-        steps if given is None else None,
+        steps,
         grid=grid,
         t_max=t_max,
         t_min=t_min,
         rho=rho,
+        sigma_max=sigma_max,
+        sigma_min=sigma_min,
         spacing=spacing,
         steps_offset=steps_offset,
         final=final,
         timesteps=timesteps,
+        sigmas=sigmas,
         times=times,
     )
     ops = TorchOps(model, generator=generator, noise_sampler=noise_sampler, callback=callback)

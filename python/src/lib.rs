@@ -19,15 +19,40 @@ use pyo3::exceptions::{PyRuntimeError, PyValueError};
 use pyo3::prelude::*;
 use pyo3::types::{PyList, PyTuple};
 
+use qtaylor_core::config::{DiscreteDefaults, GivenTimes, GridSettings, SamplerSettings};
 use qtaylor_core::exec::{Backend, Coef, Ctx, Parameterization, Tolerance};
 use qtaylor_core::grid::{Final, Grid, Spacing, TimeGrid};
+use qtaylor_core::keys::{self, Key, Spelling, Value};
 use qtaylor_core::program::{Op, Program as CoreProgram};
 use qtaylor_core::samplers::quasi_taylor::qt_coefficients;
-use qtaylor_core::samplers::{self, DdpmVariance, Expansion, LastStep, Options, Sampler};
+use qtaylor_core::samplers::{self, Expansion, Options, Sampler};
 use qtaylor_core::schedule::{self as sched, Schedule as CoreSchedule, Tabulated};
 
+/// How the Python package spells the library's option keys: the keyword, `qt_last=`, or
+/// the keyword with its value as Python writes it, `qt_last='taylor'`, `eta=2`,
+/// `lower_order_final=True`.
+struct Keywords;
+
+impl Spelling for Keywords {
+    fn key(&self, key: Key) -> String {
+        format!("{key}=")
+    }
+    fn set(&self, key: Key, value: &Value) -> String {
+        match value {
+            Value::Text(v) => format!("{key}='{v}'"),
+            Value::Number(v) => format!("{key}={v}"),
+            Value::Switch(on) => format!("{key}={}", if *on { "True" } else { "False" }),
+        }
+    }
+}
+
+/// An error's chain as Python shows it, every option key spelled as a keyword.
+fn message(e: &anyhow::Error) -> String {
+    keys::render(e, &Keywords)
+}
+
 fn value_err(e: anyhow::Error) -> PyErr {
-    PyValueError::new_err(format!("{e:#}"))
+    PyValueError::new_err(message(&e))
 }
 
 /// Runs `f`, turning a panic into a Python `RuntimeError`.
@@ -273,15 +298,7 @@ fn continuous_grid<'py>(
     to_zero: bool,
 ) -> PyResult<Bound<'py, PyArray1<f64>>> {
     guard(|| {
-        let mut g: Grid = grid.parse().map_err(value_err)?;
-        if let Grid::Karras { .. } = g {
-            if !(rho > 0.0 && rho.is_finite()) {
-                return Err(PyValueError::new_err(format!(
-                    "rho {rho}: expected a positive number"
-                )));
-            }
-            g = Grid::Karras { rho };
-        }
+        let g: Grid = GridSettings::grid_of(grid, Some(rho)).map_err(value_err)?;
         let t_max = t_max.unwrap_or_else(|| schedule.inner.t_end().min(1.0));
         let t_min = t_min.unwrap_or(match schedule.train_steps {
             Some(n) => 1.0 / n as f64,
@@ -350,6 +367,64 @@ fn discrete_grid<'py>(
             last,
         };
         let ts = g.times(schedule.inner.as_ref(), n).map_err(value_err)?;
+        Ok(PyArray1::from_vec(py, ts))
+    })
+}
+
+/// The grid of a run, as the command line makes it (`qtaylor.torch.sample` and
+/// `QTaylorScheduler` use it): `steps` on a continuous `grid` (uniform, quadratic, logsnr,
+/// karras with `rho`) from `t_max`/`sigma_max` to `t_min`/`sigma_min`, a discrete schedule's
+/// `spacing` (leading, trailing, linspace) with `steps_offset` and `final_` (zero or last),
+/// explicit descending `timesteps` (fractional ones allowed), diffusers `sigmas` (σ/α, a
+/// final 0 for x̂0), or explicit `times`. A setting the grid does not use is an error.
+#[pyfunction]
+#[pyo3(signature = (schedule, steps = None, *, grid = None, rho = None, t_max = None, t_min = None, sigma_max = None, sigma_min = None, spacing = None, steps_offset = None, final_ = None, timesteps = None, sigmas = None, times = None))]
+#[allow(clippy::too_many_arguments)]
+fn grid_times<'py>(
+    py: Python<'py>,
+    schedule: &Schedule,
+    steps: Option<usize>,
+    grid: Option<String>,
+    rho: Option<f64>,
+    t_max: Option<f64>,
+    t_min: Option<f64>,
+    sigma_max: Option<f64>,
+    sigma_min: Option<f64>,
+    spacing: Option<String>,
+    steps_offset: Option<usize>,
+    final_: Option<String>,
+    timesteps: Option<Vec<f64>>,
+    sigmas: Option<Vec<f64>>,
+    times: Option<Vec<f64>>,
+) -> PyResult<Bound<'py, PyArray1<f64>>> {
+    guard(|| {
+        let g = GridSettings {
+            steps,
+            grid,
+            rho,
+            t_min,
+            t_max,
+            sigma_min,
+            sigma_max,
+            spacing,
+            steps_offset,
+            final_,
+            timesteps,
+            sigmas,
+            times: times.map(|times| GivenTimes {
+                key: keys::TIMES,
+                what: "explicit times".into(),
+                times,
+            }),
+        };
+        let discrete = schedule.train_steps.map(|n| DiscreteDefaults {
+            spacing: "leading".into(),
+            offset: 0,
+            train_steps: n,
+        });
+        let s = schedule.inner.as_ref();
+        let tg = g.time_grid(s, discrete.as_ref()).map_err(value_err)?;
+        let ts = g.times(s, &tg).map_err(value_err)?;
         Ok(PyArray1::from_vec(py, ts))
     })
 }
@@ -436,52 +511,32 @@ impl SamplerSpec {
     ) -> PyResult<Self> {
         guard(|| {
             let sampler: Sampler = name.parse().map_err(value_err)?;
-            let opts = Options {
+            let settings = SamplerSettings {
                 eta,
-                expand: expand.parse().map_err(value_err)?,
-                qt_last: qt_last.parse::<LastStep>().map_err(value_err)?,
-                ddpm_variance: ddpm_variance.parse::<DdpmVariance>().map_err(value_err)?,
+                expand: Some(expand.into()),
+                qt_last: Some(qt_last.into()),
+                ddpm_variance: Some(ddpm_variance.into()),
                 rtol,
                 atol,
-                lower_order_final,
-                unipc_variant: unipc_variant.parse().map_err(value_err)?,
-                unipc_corrector,
-                s_churn,
-                s_tmin,
-                s_tmax,
-                s_noise,
-                denoise_final,
+                lower_order_final: Some(lower_order_final),
+                unipc_variant: Some(unipc_variant.into()),
+                unipc_corrector: Some(unipc_corrector),
+                s_churn: Some(s_churn),
+                s_tmin: Some(s_tmin),
+                s_tmax: Some(s_tmax),
+                s_noise: Some(s_noise),
+                denoise_final: Some(denoise_final),
             };
-            opts.validate().map_err(value_err)?;
-            // An option the sampler does not read is an error, as on the CLI. Not checked:
-            // lower_order_final and ddpm_variance, which diffusers configs carry for every
-            // scheduler (QTaylorScheduler passes them on whatever the sampler).
-            let given: Vec<(&str, String)> = opts
-                .set_flags()
-                .into_iter()
-                .filter(|(flag, _)| *flag != "--lower-order-final")
-                .collect();
-            qtaylor_core::samplers::check_flags_used(&[sampler], &given).map_err(|e| {
-                // Python keyword names instead of the CLI's flags.
-                let m = e
-                    .to_string()
-                    .replace("--no-corrector", "unipc_corrector=False")
-                    .replace("--qt-last", "qt_last")
-                    .replace("--unipc-variant", "unipc_variant")
-                    .replace("--lower-order-final", "lower_order_final")
-                    .replace("--s-churn", "s_churn")
-                    .replace("--s-tmin", "s_tmin")
-                    .replace("--s-tmax", "s_tmax")
-                    .replace("--s-noise", "s_noise")
-                    .replace("--", "");
-                value_err(anyhow::anyhow!("{m}"))
-            })?;
-            sampler.check_options(&opts).map_err(|e| {
-                value_err(anyhow::anyhow!(
-                    "{}",
-                    e.to_string().replacen("--eta", "eta", 1)
-                ))
-            })?;
+            // The options the sampler does not read are errors, as on the command line, but
+            // for lower_order_final and ddpm_variance, which diffusers configs carry for
+            // every scheduler (QTaylorScheduler passes them on whatever the sampler).
+            let opts = settings
+                .build(
+                    &[sampler],
+                    None,
+                    &[keys::LOWER_ORDER_FINAL, keys::DDPM_VARIANCE],
+                )
+                .map_err(value_err)?;
             Ok(SamplerSpec { sampler, opts })
         })
     }
@@ -592,8 +647,8 @@ fn carry(e: PyErr) -> anyhow::Error {
 fn to_py(e: anyhow::Error, value: bool) -> PyErr {
     match e.downcast::<PyFailure>() {
         Ok(PyFailure(p)) => p,
-        Err(e) if value => PyValueError::new_err(format!("{e:#}")),
-        Err(e) => PyRuntimeError::new_err(format!("{e:#}")),
+        Err(e) if value => PyValueError::new_err(message(&e)),
+        Err(e) => PyRuntimeError::new_err(message(&e)),
     }
 }
 
@@ -995,7 +1050,7 @@ impl Replay {
 /// as `qtaylor sample --seed` does.
 #[pyclass(module = "qtaylor._core")]
 struct NoiseStreams {
-    inner: qtaylor::rng::NoiseStreams,
+    inner: qtaylor::tensor::rng::NoiseStreams,
 }
 
 #[pymethods]
@@ -1004,7 +1059,7 @@ impl NoiseStreams {
     #[pyo3(signature = (seed, count, first = 0))]
     fn new(seed: u64, count: usize, first: usize) -> Self {
         NoiseStreams {
-            inner: qtaylor::rng::NoiseStreams::new(seed, first, count),
+            inner: qtaylor::tensor::rng::NoiseStreams::new(seed, first, count),
         }
     }
 
@@ -1036,7 +1091,7 @@ impl NoiseStreams {
 /// prediction of the mixture under `schedule`.
 #[pyclass(module = "qtaylor._core", frozen)]
 struct ExactProblem {
-    problem: Box<dyn qtaylor::problems::Problem>,
+    problem: Box<dyn qtaylor::models::problems::Problem>,
     schedule: Schedule,
 }
 
@@ -1046,7 +1101,7 @@ impl ExactProblem {
     #[new]
     fn new(name: &str, schedule: &Schedule) -> PyResult<Self> {
         guard(|| {
-            let p = qtaylor::problems::load_problem(
+            let p = qtaylor::models::problems::load_problem(
                 name,
                 schedule.inner.clone(),
                 &candle_core::Device::Cpu,
@@ -1098,7 +1153,7 @@ impl ExactProblem {
             let out = model
                 .predict(&xt, &t)
                 .and_then(|p| {
-                    qtaylor::model::to_eps_x0(
+                    qtaylor::models::model::to_eps_x0(
                         model.parameterization(),
                         &p,
                         &xt,
@@ -1126,8 +1181,8 @@ fn read_grid_file(
     schedule: &Schedule,
 ) -> PyResult<Py<PyAny>> {
     guard(|| {
-        let g =
-            qtaylor::gridfile::GridFile::read(&path, schedule.inner.as_ref()).map_err(value_err)?;
+        let g = qtaylor::sampling::gridfile::GridFile::read(&path, schedule.inner.as_ref())
+            .map_err(value_err)?;
         let text = serde_json::to_string(&g).map_err(|e| PyRuntimeError::new_err(e.to_string()))?;
         let json = py.import("json")?;
         Ok(json.call_method1("loads", (text,))?.unbind())
@@ -1144,6 +1199,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<ExactProblem>()?;
     m.add_function(wrap_pyfunction!(continuous_grid, m)?)?;
     m.add_function(wrap_pyfunction!(discrete_grid, m)?)?;
+    m.add_function(wrap_pyfunction!(grid_times, m)?)?;
     m.add_function(wrap_pyfunction!(quasi_taylor_coefficients, m)?)?;
     m.add_function(wrap_pyfunction!(catalog, m)?)?;
     m.add_function(wrap_pyfunction!(all_sampler_names, m)?)?;

@@ -111,9 +111,9 @@ def test_zero_steps_is_rejected_with_the_value(model, x0, vp):
     raises_value_error(lambda: qt.sample(model, x0, "qt-3", steps=0, schedule=vp), "steps=0", "positive integer")
     raises_value_error(lambda: qt.sample(model, x0, "qt-3", steps=-3, schedule=vp), "steps=-3", "positive integer")
     raises_value_error(
-        lambda: qtaylor.discrete_grid(_core.Schedule.discrete(), steps=0), "steps 0", "at least one step"
+        lambda: qtaylor.discrete_grid(_core.Schedule.discrete(), steps=0), "steps=0", "at least one step"
     )
-    raises_value_error(lambda: qtaylor.continuous_grid(vp, 0), "steps 0", "at least one step")
+    raises_value_error(lambda: qtaylor.continuous_grid(vp, 0), "steps=0", "at least one step")
     raises_value_error(lambda: scheduler().set_timesteps(0), "num_inference_steps=0", "positive integer")
 
 
@@ -267,8 +267,8 @@ def test_nan_discrete_inputs_give_python_exceptions():
     d = _core.Schedule.discrete()
     raises_python_error(lambda: scheduler().set_timesteps(timesteps=[NAN, 5]), ValueError)
     raises_python_error(lambda: scheduler().set_timesteps(NAN), ValueError)
-    raises_value_error(lambda: scheduler().set_timesteps(sigmas=[NAN, 1.0, 0.0]), "nan", "entry 0")
-    raises_value_error(lambda: scheduler().set_timesteps(sigmas=[10.0, NAN, 0.0]), "nan", "entry 1")
+    raises_value_error(lambda: scheduler().set_timesteps(sigmas=[NAN, 1.0, 0.0]), "NaN", "entry 0", "sigmas=")
+    raises_value_error(lambda: scheduler().set_timesteps(sigmas=[10.0, NAN, 0.0]), "NaN", "entry 1", "sigmas=")
     raises_python_error(lambda: qtaylor.discrete_grid(d, timesteps=[NAN, 5]), TypeError)
     raises_python_error(
         lambda: qt.sample(lambda x, t: x, torch.zeros(1, 3), "ddim", timesteps=[NAN, 5]), ValueError

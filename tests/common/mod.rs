@@ -7,12 +7,12 @@ use std::sync::Arc;
 use anyhow::Result;
 use candle_core::{DType, Device, Tensor};
 use qtaylor::grid::Grid;
-use qtaylor::model::{Model, Parameterization};
-use qtaylor::ops::{Coef, lincomb_rows, rows_f64};
-use qtaylor::problems::gmm::{Gmm, GmmModel};
-use qtaylor::rng::NoiseStreams;
-use qtaylor::samplers::{Options, Sampler, sample};
+use qtaylor::models::model::{Model, Parameterization};
+use qtaylor::models::problems::gmm::{Gmm, GmmModel};
+use qtaylor::sampling::samplers::{Options, Sampler, sample};
 use qtaylor::schedule::{Schedule, VpLinear};
+use qtaylor::tensor::ops::{Coef, lincomb_rows, rows_f64};
+use qtaylor::tensor::rng::NoiseStreams;
 
 /// Data concentrated on one point `x0`: ε̂ = (x − α x0)/σ exactly.
 pub struct SinglePoint {
@@ -153,7 +153,7 @@ pub fn run(
 
 /// Mean per-sample RMSE.
 pub fn err(a: &[Vec<f64>], b: &[Vec<f64>]) -> f64 {
-    qtaylor::metrics::mean(&qtaylor::metrics::rmse_per_sample(a, b))
+    qtaylor::measure::metrics::mean(&qtaylor::measure::metrics::rmse_per_sample(a, b))
 }
 
 /// The bytes of an IDX file of unsigned bytes (magic 0x0000_08_NDIMS, big-endian dimensions).
@@ -279,7 +279,7 @@ pub fn tiny_data(dir: &Path) -> PathBuf {
 
 /// The embedded MNIST model made class-conditional (11 classes, a random embedding table
 /// of scale 0.3): a 28×28 network, whose CPU forward is bit-for-bit batch-independent.
-pub fn conditional_mnist(dir: &Path) -> qtaylor::checkpoint::DiffusersModel {
+pub fn conditional_mnist(dir: &Path) -> qtaylor::models::checkpoint::DiffusersModel {
     let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("assets/mnist-unet");
     let mut cfg: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(src.join("config.json")).unwrap()).unwrap();
@@ -302,7 +302,7 @@ pub fn conditional_mnist(dir: &Path) -> qtaylor::checkpoint::DiffusersModel {
         .unwrap();
     w.insert("class_embedding.weight".into(), table);
     candle_core::safetensors::save(&w, dir.join("diffusion_pytorch_model.safetensors")).unwrap();
-    qtaylor::checkpoint::DiffusersModel::load(dir, DType::F32, &Device::Cpu).unwrap()
+    qtaylor::models::checkpoint::DiffusersModel::load(dir, DType::F32, &Device::Cpu).unwrap()
 }
 
 /// Runs the `qtaylor` binary with `args` and asserts that it succeeds; returns its output.

@@ -3,9 +3,11 @@
 use std::fmt;
 use std::str::FromStr;
 
-use anyhow::{Result, bail};
+use anyhow::{Context, Result, bail};
 
+use crate::keys;
 use crate::schedule::Schedule;
+use crate::{bail_option, option_error};
 
 /// How the N steps are spaced.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -29,9 +31,10 @@ impl FromStr for Grid {
             "quadratic" => Grid::Quadratic,
             "logsnr" => Grid::LogSnr,
             "karras" => Grid::Karras { rho: 7.0 },
-            other => {
-                bail!("unknown grid '{other}'; expected one of: uniform, quadratic, logsnr, karras")
-            }
+            other => bail_option!(
+                (keys::GRID, other),
+                ": unknown grid; expected one of: uniform, quadratic, logsnr, karras"
+            ),
         })
     }
 }
@@ -50,16 +53,23 @@ impl fmt::Display for Grid {
 /// Checks the interval of integration against the schedule's domain.
 pub fn check_interval(schedule: &dyn Schedule, t_max: f64, t_min: f64) -> Result<()> {
     if !(t_min > 0.0 && t_min.is_finite()) {
-        bail!("--t-min {t_min}: expected t_min > 0");
+        bail_option!((keys::T_MIN, t_min), ": expected t_min > 0");
     }
     if t_max.is_nan() || t_min >= t_max {
-        bail!("--t-min {t_min} must be smaller than --t-max {t_max}");
+        bail_option!(
+            (keys::T_MIN, t_min),
+            " must be smaller than ",
+            (keys::T_MAX, t_max)
+        );
     }
     if t_max > schedule.t_end() {
-        bail!(
-            "--t-max {t_max} is beyond the end {} of schedule {}",
-            schedule.t_end(),
-            schedule.name()
+        bail_option!(
+            (keys::T_MAX, t_max),
+            format!(
+                " is beyond the end {} of schedule {}",
+                schedule.t_end(),
+                schedule.name()
+            )
         );
     }
     Ok(())
@@ -75,7 +85,7 @@ impl Grid {
         t_min: f64,
     ) -> Result<Vec<f64>> {
         if steps == 0 {
-            bail!("--steps 0: at least one step is needed");
+            bail_option!((keys::STEPS, 0usize), ": at least one step is needed");
         }
         check_interval(schedule, t_max, t_min)?;
         let n = steps as f64;
@@ -167,9 +177,9 @@ mod tests {
     fn bad_grids_are_rejected_with_the_offending_value() {
         let s = VpLinear::default();
         let e = Grid::Uniform.times(&s, 0, 1.0, 1e-3).unwrap_err();
-        assert!(e.to_string().contains("--steps 0"));
+        assert!(e.to_string().contains("steps=0"));
         let e = Grid::Uniform.times(&s, 5, 0.5, 0.5).unwrap_err();
-        assert!(e.to_string().contains("--t-min 0.5"));
+        assert!(e.to_string().contains("t_min=0.5"));
         let e = "cubic".parse::<Grid>().unwrap_err();
         assert!(e.to_string().contains("uniform, quadratic, logsnr, karras"));
     }
@@ -194,7 +204,10 @@ impl FromStr for Spacing {
             "leading" => Spacing::Leading,
             "trailing" => Spacing::Trailing,
             "linspace" => Spacing::Linspace,
-            other => bail!("unknown --spacing '{other}'; expected leading, trailing or linspace"),
+            other => bail_option!(
+                (keys::SPACING, other),
+                ": unknown spacing; expected leading, trailing or linspace"
+            ),
         })
     }
 }
@@ -213,7 +226,7 @@ impl Spacing {
     /// The N timesteps, descending. Errors if they are not distinct and within [0, T).
     pub fn timesteps(&self, steps: usize, train_steps: usize, offset: usize) -> Result<Vec<usize>> {
         if steps == 0 {
-            bail!("--steps 0: at least one step is needed");
+            bail_option!((keys::STEPS, 0usize), ": at least one step is needed");
         }
         let (n, t) = (steps, train_steps);
         let ts: Vec<i64> = match self {
@@ -261,22 +274,6 @@ pub fn validate_timesteps(ts: &[i64], train_steps: usize) -> Result<Vec<usize>> 
     Ok(ts.iter().map(|&n| n as usize).collect())
 }
 
-/// A comma-separated list of finite numbers given with `flag` (`--timesteps`, `--sigmas`).
-pub fn parse_numbers(flag: &str, list: &str) -> Result<Vec<f64>> {
-    list.split(',')
-        .map(|v| {
-            let x: f64 = v
-                .trim()
-                .parse()
-                .map_err(|_| anyhow::anyhow!("{flag}: '{}' is not a number", v.trim()))?;
-            if !x.is_finite() {
-                bail!("{flag}: '{}' is not a finite number", v.trim());
-            }
-            Ok(x)
-        })
-        .collect()
-}
-
 /// Times of a descending list of diffusers sigmas (σ/α): λ = −ln σ, σ = 0 → t = 0 (only
 /// as the last entry).
 pub fn times_of_sigmas(schedule: &dyn Schedule, sigmas: &[f64]) -> Result<Vec<f64>> {
@@ -286,23 +283,29 @@ pub fn times_of_sigmas(schedule: &dyn Schedule, sigmas: &[f64]) -> Result<Vec<f6
         .enumerate()
         .map(|(i, &s)| {
             if s.is_nan() || s < 0.0 {
-                bail!("--sigmas: entry {i} is {s}; sigmas are >= 0");
+                bail_option!(keys::SIGMAS, format!(": entry {i} is {s}; sigmas are >= 0"));
             }
             if i > 0 && s >= sigmas[i - 1] {
-                bail!(
-                    "--sigmas must decrease strictly: entry {i} is {s} after {}",
-                    sigmas[i - 1]
+                bail_option!(
+                    keys::SIGMAS,
+                    format!(
+                        " must decrease strictly: entry {i} is {s} after {}",
+                        sigmas[i - 1]
+                    )
                 );
             }
             if s == 0.0 {
                 if i + 1 != n {
-                    bail!("--sigmas: 0 (x̂0) may only be the last entry, found at entry {i}");
+                    bail_option!(
+                        keys::SIGMAS,
+                        format!(": 0 (x̂0) may only be the last entry, found at entry {i}")
+                    );
                 }
                 return Ok(0.0);
             }
             schedule
                 .t_of_lambda(-s.ln())
-                .map_err(|e| anyhow::anyhow!("--sigmas: entry {i} ({s}): {e}"))
+                .map_err(|e| option_error!(keys::SIGMAS, format!(": entry {i} ({s}): {e}")).into())
         })
         .collect()
 }
@@ -319,15 +322,18 @@ pub fn times_of_network_timesteps(
     let mut times = Vec::with_capacity(v.len() + 1);
     for (i, &n) in v.iter().enumerate() {
         if i > 0 && n >= v[i - 1] {
-            bail!(
-                "--timesteps must decrease strictly: entry {i} is {n} after {}",
-                v[i - 1]
+            bail_option!(
+                keys::TIMESTEPS,
+                format!(
+                    " must decrease strictly: entry {i} is {n} after {}",
+                    v[i - 1]
+                )
             );
         }
         times.push(
             schedule
                 .time_of_network_time(n)
-                .map_err(|e| anyhow::anyhow!("--timesteps: entry {i}: {e}"))?,
+                .map_err(|e| option_error!(keys::TIMESTEPS, format!(": entry {i}: {e}")))?,
         );
     }
     match last {
@@ -343,12 +349,16 @@ pub fn times_of_network_timesteps(
 /// last `min(⌊steps·S⌋, steps)` steps run, so the run starts at index `steps − ⌊steps·S⌋`.
 pub fn img2img_start(steps: usize, strength: f64) -> Result<usize> {
     if !(strength > 0.0 && strength <= 1.0) {
-        bail!("--strength {strength}: expected a value in (0, 1]");
+        bail_option!((keys::STRENGTH, strength), ": expected a value in (0, 1]");
     }
     let run = ((steps as f64 * strength).floor() as usize).min(steps);
     if run == 0 {
-        bail!(
-            "--strength {strength} of {steps} steps runs no step (⌊steps·strength⌋ = 0): raise --strength or --steps"
+        bail_option!(
+            (keys::STRENGTH, strength),
+            format!(" of {steps} steps runs no step (⌊steps·strength⌋ = 0): raise "),
+            keys::STRENGTH,
+            " or ",
+            keys::STEPS
         );
     }
     Ok(steps - run)
@@ -371,7 +381,10 @@ impl FromStr for Final {
         Ok(match s {
             "zero" => Final::Zero,
             "last" => Final::Last,
-            other => bail!("unknown --final '{other}'; expected zero or last"),
+            other => bail_option!(
+                (keys::FINAL, other),
+                ": unknown final point; expected zero or last"
+            ),
         })
     }
 }
@@ -422,7 +435,7 @@ impl TimeGrid {
                 }
                 // `steps` steps in all, the last one to σ = 0 (diffusers' final sigma 0).
                 let mut ts = match steps {
-                    0 => bail!("--steps 0: at least one step is needed"),
+                    0 => bail_option!((keys::STEPS, 0usize), ": at least one step is needed"),
                     1 => vec![*t_max],
                     n => grid.times(schedule, n - 1, *t_max, *t_min)?,
                 };
@@ -430,8 +443,7 @@ impl TimeGrid {
                 Ok(ts)
             }
             TimeGrid::Explicit { times, what } => {
-                crate::samplers::check_grid(schedule, times)
-                    .map_err(|e| anyhow::anyhow!("{what}: {e}"))?;
+                crate::samplers::check_grid(schedule, times).with_context(|| what.clone())?;
                 Ok(times.clone())
             }
             TimeGrid::Discrete {

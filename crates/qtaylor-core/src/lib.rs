@@ -7,13 +7,19 @@
 //! - [`samplers`]: one file per sampler family, one shared signature, generic over the
 //!   backend;
 //! - [`program`]: a fixed-grid sampler run recorded as a list of operations (the diffusers
-//!   scheduler replays it).
+//!   scheduler replays it);
+//! - [`keys`]: the neutral names of settings, and errors that name them so that each front
+//!   end spells them its own way (`--qt-last`, `qt_last=`);
+//! - [`config`]: a run's schedule, grid and sampler settings as a front end parsed them, and
+//!   the one builder of each.
 //!
 //! The `qtaylor` crate runs these samplers on candle tensors; the `qtaylor` Python
 //! package runs them on PyTorch tensors. Neither writes a coefficient of its own.
 
+pub mod config;
 pub mod exec;
 pub mod grid;
+pub mod keys;
 pub mod program;
 pub mod samplers;
 pub mod schedule;

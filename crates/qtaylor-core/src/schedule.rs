@@ -526,13 +526,16 @@ impl Tabulated {
     }
 }
 
-/// Parses a `--schedule` name into a schedule with its default parameters.
+/// A continuous schedule by name (vp-linear with its β range, cosine, scaled-linear).
 pub fn schedule_by_name(name: &str, beta_min: f64, beta_max: f64) -> Result<Box<dyn Schedule>> {
     Ok(match name {
         "vp-linear" => {
             if !(beta_min > 0.0 && beta_max > beta_min) {
-                bail!(
-                    "--beta-min {beta_min} / --beta-max {beta_max}: expected 0 < beta-min < beta-max"
+                crate::bail_option!(
+                    (crate::keys::BETA_MIN, beta_min),
+                    " / ",
+                    (crate::keys::BETA_MAX, beta_max),
+                    ": expected 0 < beta_min < beta_max"
                 );
             }
             Box::new(VpLinear { beta_min, beta_max })
@@ -540,7 +543,10 @@ pub fn schedule_by_name(name: &str, beta_min: f64, beta_max: f64) -> Result<Box<
         "cosine" => Box::new(Cosine::default()),
         "scaled-linear" => Box::new(ScaledLinear::default()),
         other => {
-            bail!("unknown schedule '{other}'; expected one of: vp-linear, cosine, scaled-linear")
+            crate::bail_option!(
+                (crate::keys::SCHEDULE, other),
+                ": unknown schedule; expected one of: vp-linear, cosine, scaled-linear"
+            )
         }
     })
 }

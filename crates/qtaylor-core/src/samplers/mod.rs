@@ -28,7 +28,9 @@ use std::str::FromStr;
 use anyhow::{Result, bail};
 
 pub use crate::exec::{Backend, Ctx, Denoised};
+use crate::keys::{self, Key, Value};
 use crate::schedule::Schedule;
+use crate::{bail_option, option_error};
 
 pub use quasi_taylor::{Expansion, LastStep};
 pub use unipc::UniPcVariant;
@@ -48,7 +50,10 @@ impl FromStr for DdpmVariance {
         Ok(match s {
             "beta-tilde" | "posterior" => DdpmVariance::BetaTilde,
             "beta" => DdpmVariance::Beta,
-            other => bail!("unknown --ddpm-variance '{other}'; expected beta-tilde or beta"),
+            other => bail_option!(
+                (keys::DDPM_VARIANCE, other),
+                ": unknown DDPM variance; expected beta-tilde or beta"
+            ),
         })
     }
 }
@@ -111,13 +116,13 @@ impl Options {
         if let Some(eta) = self.eta
             && !(eta >= 0.0 && eta.is_finite())
         {
-            bail!("--eta {eta}: expected a value >= 0");
+            bail_option!((keys::ETA, eta), ": expected a value >= 0");
         }
-        for (name, v) in [("--rtol", self.rtol), ("--atol", self.atol)] {
+        for (key, v) in [(keys::RTOL, self.rtol), (keys::ATOL, self.atol)] {
             if let Some(v) = v
                 && !(v > 0.0 && v.is_finite())
             {
-                bail!("{name} {v}: expected a positive tolerance");
+                bail_option!((key, v), ": expected a positive tolerance");
             }
         }
         if !(self.s_churn >= 0.0
@@ -125,65 +130,77 @@ impl Options {
             && self.s_tmin >= 0.0
             && self.s_tmax >= self.s_tmin)
         {
-            bail!(
-                "--s-churn {} --s-noise {} --s-tmin {} --s-tmax {}: expected churn, noise >= 0 and 0 <= s-tmin <= s-tmax",
-                self.s_churn,
-                self.s_noise,
-                self.s_tmin,
-                self.s_tmax
+            bail_option!(
+                (keys::S_CHURN, self.s_churn),
+                " ",
+                (keys::S_NOISE, self.s_noise),
+                " ",
+                (keys::S_TMIN, self.s_tmin),
+                " ",
+                (keys::S_TMAX, self.s_tmax),
+                ": expected churn, noise >= 0 and 0 <= s_tmin <= s_tmax"
             );
         }
         Ok(())
     }
 
-    /// The options set to something other than their defaults, as `(flag, value)` for
-    /// [`check_flags_used`] (a switch has an empty value). Not listed: `--ddpm-variance`,
-    /// whose default comes from a checkpoint's `variance_type` (the caller knows whether the
-    /// user gave it), and `--denoise-final`, which every sampler honours.
-    pub fn set_flags(&self) -> Vec<(&'static str, String)> {
+    /// The options set to something other than their defaults, with their values, for
+    /// [`check_keys_used`]. Not listed: the DDPM variance, whose default comes from a
+    /// checkpoint's `variance_type` (the caller knows whether the user gave it), and
+    /// `denoise_final`, which every sampler honours.
+    pub fn set_keys(&self) -> Vec<(Key, Value)> {
         let d = Options::default();
         let mut g = Vec::new();
-        let mut put = |on: bool, flag: &'static str, v: String| {
+        let mut put = |on: bool, key: Key, v: Value| {
             if on {
-                g.push((flag, v));
+                g.push((key, v));
             }
         };
-        let num = |v: Option<f64>| v.map_or(String::new(), |v| v.to_string());
-        put(self.eta.is_some(), "--eta", num(self.eta));
-        put(self.expand != d.expand, "--expand", self.expand.to_string());
+        if let Some(eta) = self.eta {
+            put(true, keys::ETA, eta.into());
+        }
+        put(
+            self.expand != d.expand,
+            keys::EXPAND,
+            self.expand.to_string().into(),
+        );
         put(
             self.qt_last != d.qt_last,
-            "--qt-last",
-            self.qt_last.to_string(),
+            keys::QT_LAST,
+            self.qt_last.to_string().into(),
         );
-        put(self.rtol.is_some(), "--rtol", num(self.rtol));
-        put(self.atol.is_some(), "--atol", num(self.atol));
+        if let Some(v) = self.rtol {
+            put(true, keys::RTOL, v.into());
+        }
+        if let Some(v) = self.atol {
+            put(true, keys::ATOL, v.into());
+        }
         put(
             self.lower_order_final != d.lower_order_final,
-            "--lower-order-final",
-            String::new(),
+            keys::LOWER_ORDER_FINAL,
+            self.lower_order_final.into(),
         );
         put(
             self.unipc_variant != d.unipc_variant,
-            "--unipc-variant",
-            self.unipc_variant.to_string(),
+            keys::UNIPC_VARIANT,
+            self.unipc_variant.to_string().into(),
         );
         put(
             self.unipc_corrector != d.unipc_corrector,
-            "--no-corrector",
-            String::new(),
+            keys::UNIPC_CORRECTOR,
+            self.unipc_corrector.into(),
         );
         put(
             self.s_churn != d.s_churn,
-            "--s-churn",
-            self.s_churn.to_string(),
+            keys::S_CHURN,
+            self.s_churn.into(),
         );
-        put(self.s_tmin != d.s_tmin, "--s-tmin", self.s_tmin.to_string());
-        put(self.s_tmax != d.s_tmax, "--s-tmax", self.s_tmax.to_string());
+        put(self.s_tmin != d.s_tmin, keys::S_TMIN, self.s_tmin.into());
+        put(self.s_tmax != d.s_tmax, keys::S_TMAX, self.s_tmax.into());
         put(
             self.s_noise != d.s_noise,
-            "--s-noise",
-            self.s_noise.to_string(),
+            keys::S_NOISE,
+            self.s_noise.into(),
         );
         g
     }
@@ -540,20 +557,21 @@ impl Sampler {
         Some(body + usize::from(ends_at_zero) + usize::from(opts.denoise_final))
     }
 
-    /// The option flags this sampler reads (besides the grid and `--denoise-final`, which
-    /// every sampler honours). A flag set to something other than its default for a sampler
-    /// that does not read it is an error (the CLI and the Python package check it with this
-    /// list), never silence.
-    pub fn option_flags(&self) -> &'static [&'static str] {
+    /// The options this sampler reads (besides the grid and `denoise_final`, which every
+    /// sampler honours). An option set to something other than its default for a sampler
+    /// that does not read it is an error ([`check_keys_used`], for every front end), never
+    /// silence.
+    pub fn option_keys(&self) -> &'static [Key] {
+        use keys::*;
         match self {
-            Sampler::QuasiTaylor(_) => &["--expand", "--qt-last"],
-            Sampler::Ddim => &["--eta"],
-            Sampler::Ddpm => &["--ddpm-variance"],
-            Sampler::Rk45 | Sampler::DpmSolverAdaptive(_) => &["--rtol", "--atol"],
-            Sampler::DpmPpMultistep(_) | Sampler::Deis(_) => &["--lower-order-final"],
-            Sampler::DpmPp2MSde => &["--eta", "--lower-order-final"],
-            Sampler::UniPc(_) => &["--unipc-variant", "--no-corrector", "--lower-order-final"],
-            Sampler::EdmHeun => &["--s-churn", "--s-tmin", "--s-tmax", "--s-noise"],
+            Sampler::QuasiTaylor(_) => &[EXPAND, QT_LAST],
+            Sampler::Ddim => &[ETA],
+            Sampler::Ddpm => &[DDPM_VARIANCE],
+            Sampler::Rk45 | Sampler::DpmSolverAdaptive(_) => &[RTOL, ATOL],
+            Sampler::DpmPpMultistep(_) | Sampler::Deis(_) => &[LOWER_ORDER_FINAL],
+            Sampler::DpmPp2MSde => &[ETA, LOWER_ORDER_FINAL],
+            Sampler::UniPc(_) => &[UNIPC_VARIANT, UNIPC_CORRECTOR, LOWER_ORDER_FINAL],
+            Sampler::EdmHeun => &[S_CHURN, S_TMIN, S_TMAX, S_NOISE],
             _ => &[],
         }
     }
@@ -564,10 +582,13 @@ impl Sampler {
     pub fn check_options(&self, opts: &Options) -> Result<()> {
         opts.validate()?;
         if let Some(eta) = opts.eta
-            && self.option_flags().contains(&"--eta")
+            && self.option_keys().contains(&keys::ETA)
             && !(0.0..=1.0).contains(&eta)
         {
-            bail!("--eta {eta}: {self} takes η in [0, 1] (0: deterministic, 1: fully stochastic)");
+            bail_option!(
+                (keys::ETA, eta),
+                format!(": {self} takes η in [0, 1] (0: deterministic, 1: fully stochastic)")
+            );
         }
         Ok(())
     }
@@ -669,11 +690,11 @@ impl Sampler {
     }
 }
 
-/// Refuses flags that none of `samplers` reads: `given` lists the flags the user set (to
-/// a value other than the default), each with its value as written.
-pub fn check_flags_used(samplers: &[Sampler], given: &[(&str, String)]) -> Result<()> {
-    for (flag, value) in given {
-        if samplers.iter().any(|s| s.option_flags().contains(flag)) {
+/// Refuses options that none of `samplers` reads: `given` lists the options the user set (to
+/// a value other than the default), each with its value.
+pub fn check_keys_used(samplers: &[Sampler], given: &[(Key, Value)]) -> Result<()> {
+    for (key, value) in given {
+        if samplers.iter().any(|s| s.option_keys().contains(key)) {
             continue;
         }
         // The catalog's names that read it ("qt-K" stands for every order).
@@ -683,22 +704,21 @@ pub fn check_flags_used(samplers: &[Sampler], given: &[(&str, String)]) -> Resul
                 e.name
                     .replace('K', "2")
                     .parse::<Sampler>()
-                    .is_ok_and(|s| s.option_flags().contains(flag))
+                    .is_ok_and(|s| s.option_keys().contains(key))
             })
             .map(|e| e.name)
             .collect();
         let names: Vec<String> = samplers.iter().map(|s| s.to_string()).collect();
-        let shown = if value.is_empty() {
-            flag.to_string()
-        } else {
-            format!("{flag} {value}")
-        };
-        bail!(
-            "{shown}: {} {} not use it (it applies to {}); drop it",
-            names.join(", "),
-            if names.len() == 1 { "does" } else { "do" },
-            readers.join(", ")
-        );
+        return Err(option_error!(
+            (*key, value.clone()),
+            format!(
+                ": {} {} not use it (it applies to {}); drop it",
+                names.join(", "),
+                if names.len() == 1 { "does" } else { "do" },
+                readers.join(", ")
+            )
+        )
+        .into());
     }
     Ok(())
 }
@@ -743,7 +763,10 @@ pub fn run<B: Backend>(
     check_grid(ctx.schedule, ts)?;
     let n = ts.len() - 1;
     if opts.denoise_final && reaches_zero(ctx.schedule, ts[n]) {
-        bail!("--denoise-final: the grid already ends at sigma = 0, where the sample is x̂0");
+        bail_option!(
+            keys::DENOISE_FINAL,
+            ": the grid already ends at sigma = 0, where the sample is x̂0"
+        );
     }
     let mut x = sampler.dispatch(ctx, x, ts, opts)?;
     if opts.denoise_final {

@@ -27,7 +27,7 @@
 use std::fmt;
 use std::str::FromStr;
 
-use anyhow::{Result, bail};
+use anyhow::Result;
 
 use super::ddim::ddim_coefficients;
 use super::{Backend, Ctx, reaches_zero};
@@ -49,7 +49,10 @@ impl FromStr for Expansion {
             "t" => Expansion::T,
             "abar" => Expansion::AlphaBar,
             "logsnr" => Expansion::LogSnr,
-            other => bail!("unknown --expand '{other}'; expected t, abar or logsnr"),
+            other => crate::bail_option!(
+                (crate::keys::EXPAND, other),
+                ": unknown expansion variable; expected t, abar or logsnr"
+            ),
         })
     }
 }
@@ -88,7 +91,10 @@ impl FromStr for LastStep {
         Ok(match s {
             "ddim" => LastStep::Ddim,
             "taylor" => LastStep::Taylor,
-            other => bail!("unknown --qt-last '{other}'; expected ddim or taylor"),
+            other => crate::bail_option!(
+                (crate::keys::QT_LAST, other),
+                ": unknown last step; expected ddim or taylor"
+            ),
         })
     }
 }

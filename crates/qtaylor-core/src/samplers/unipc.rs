@@ -23,7 +23,7 @@
 use std::fmt;
 use std::str::FromStr;
 
-use anyhow::{Result, bail};
+use anyhow::Result;
 
 use super::{Backend, Ctx, reaches_zero};
 
@@ -42,7 +42,10 @@ impl FromStr for UniPcVariant {
         Ok(match s {
             "bh1" => UniPcVariant::Bh1,
             "bh2" => UniPcVariant::Bh2,
-            other => bail!("unknown --unipc-variant '{other}'; expected bh1 or bh2"),
+            other => crate::bail_option!(
+                (crate::keys::UNIPC_VARIANT, other),
+                ": unknown variant; expected bh1 or bh2"
+            ),
         })
     }
 }
