@@ -280,7 +280,12 @@ pub fn bench_rows(
         timesteps: Some(_), ..
     } = cfg.grid
     {
-        bail!("bench chooses the number of steps per budget: use --spacing, not --timesteps");
+        crate::bail_option!(
+            "bench chooses the number of steps per budget: use ",
+            keys::SPACING,
+            ", not ",
+            keys::TIMESTEPS
+        );
     }
     let (first_row, end_row) = rows;
     if first_row >= end_row || end_row > cfg.batch {

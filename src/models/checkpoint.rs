@@ -280,8 +280,11 @@ impl DiffusersModel {
         device: &Device,
     ) -> Result<Self> {
         if dtype == DType::BF16 && device.is_cpu() {
-            bail!(
-                "--model-dtype bf16 needs --device cuda: candle's CPU matrix products have no bf16 (use f16 or f32 on the CPU)"
+            qtaylor_core::bail_option!(
+                (qtaylor_core::keys::MODEL_DTYPE, "bf16"),
+                " needs ",
+                (qtaylor_core::keys::DEVICE, "cuda"),
+                ": candle's CPU matrix products have no bf16 (use f16 or f32 on the CPU)"
             );
         }
         let config = UNet2DConfig::from_json(cfg_text, &files.config)?;
@@ -337,7 +340,10 @@ impl DiffusersModel {
                 .map(|v| v as usize)
                 .context("config.json: key 'sample_size' is neither an integer nor a list")?,
             (None, None) => {
-                bail!("config.json has no sample_size; give the image size with --image-size")
+                qtaylor_core::bail_option!(
+                    "config.json has no sample_size; give the image size with ",
+                    qtaylor_core::keys::IMAGE_SIZE
+                )
             }
         };
         if s > crate::models::unet::MAX_SAMPLE_SIZE {

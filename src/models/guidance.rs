@@ -18,6 +18,8 @@
 
 use anyhow::{Result, bail};
 use candle_core::Tensor;
+use qtaylor_core::bail_option;
+use qtaylor_core::keys;
 
 use crate::models::checkpoint::DiffusersModel;
 use crate::models::model::{Model, Parameterization};
@@ -25,7 +27,10 @@ use crate::models::model::{Model, Parameterization};
 /// Checks a guidance scale: finite and ≥ 0.
 pub fn check_scale(w: f64) -> Result<()> {
     if !(w.is_finite() && w >= 0.0) {
-        bail!("--guidance {w}: expected a finite scale >= 0 (1 = the conditional model)");
+        bail_option!(
+            (keys::GUIDANCE, w),
+            ": expected a finite scale >= 0 (1 = the conditional model)"
+        );
     }
     Ok(())
 }
@@ -43,21 +48,30 @@ impl<'a> Guided<'a> {
     /// unconditional class; `w` the guidance scale (finite, ≥ 0).
     pub fn new(model: &'a DiffusersModel, labels: Vec<u32>, null: u32, w: f64) -> Result<Self> {
         let Some(k) = model.unet.num_classes() else {
-            bail!(
-                "--class/--classes: this model is not class-conditional (its config.json has no num_class_embeds)"
+            bail_option!(
+                keys::CLASS,
+                "/",
+                keys::CLASSES,
+                ": this model is not class-conditional (its config.json has no num_class_embeds)"
             );
         };
         check_scale(w)?;
         if null as usize >= k {
-            bail!(
-                "--null-class {null}: the model has {k} classes (0 to {}); the null class is one of them",
-                k - 1
+            bail_option!(
+                (keys::NULL_CLASS, null),
+                format!(
+                    ": the model has {k} classes (0 to {}); the null class is one of them",
+                    k - 1
+                )
             );
         }
         if let Some(c) = labels.iter().find(|&&c| c as usize >= k) {
-            bail!(
-                "--class {c}: the model has {k} classes (0 to {}, {null} the null class)",
-                k - 1
+            bail_option!(
+                (keys::CLASS, *c),
+                format!(
+                    ": the model has {k} classes (0 to {}, {null} the null class)",
+                    k - 1
+                )
             );
         }
         Ok(Guided {

@@ -217,8 +217,9 @@ impl<'a> Reducer<'a> {
             }
             _ => {
                 let _ = nccl_id;
-                bail!(
-                    "--devices: data-parallel training on GPUs needs NCCL; this binary was built without it (build it with scripts/build-cuda.sh --cudnn --nccl)"
+                qtaylor_core::bail_option!(
+                    qtaylor_core::keys::DEVICES,
+                    ": data-parallel training on GPUs needs NCCL; this binary was built without it (build it with scripts/build-cuda.sh --cudnn --nccl)"
                 )
             }
         }

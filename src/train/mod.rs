@@ -29,6 +29,8 @@ use std::time::Instant;
 
 use anyhow::{Context, Result, bail};
 use candle_core::{DType, Device, Tensor, Var};
+use qtaylor_core::keys;
+use qtaylor_core::{bail_option, option_error};
 use rand::SeedableRng;
 use rand_chacha::ChaCha12Rng;
 use rand_distr::{Distribution, StandardNormal, Uniform};
@@ -294,26 +296,33 @@ struct Prepared {
 
 fn prepare(opts: &TrainOptions) -> Result<Prepared> {
     if opts.batch == 0 || opts.steps == 0 || opts.save_every == 0 {
-        bail!(
-            "--batch, --steps and --save-every must be positive (got {}, {}, {})",
-            opts.batch,
-            opts.steps,
-            opts.save_every
+        bail_option!(
+            keys::BATCH,
+            ", ",
+            keys::STEPS,
+            " and ",
+            keys::SAVE_EVERY,
+            format!(
+                " must be positive (got {}, {}, {})",
+                opts.batch, opts.steps, opts.save_every
+            )
         );
     }
     if !(opts.lr > 0.0 && opts.lr.is_finite()) {
-        bail!("--lr {} must be a positive number", opts.lr);
+        bail_option!((keys::LR, opts.lr), " must be a positive number");
     }
     if !(0.0..1.0).contains(&opts.ema) {
-        bail!("--ema {} must lie in [0, 1)", opts.ema);
+        bail_option!((keys::EMA, opts.ema), " must lie in [0, 1)");
     }
     let mut data = load_image_set(&opts.data, Split::Train)?;
     if let Some(n) = opts.limit {
         if n == 0 || n > data.n {
-            bail!(
-                "--limit {n}: the training set of '{}' has {} images",
-                opts.data,
-                data.n
+            bail_option!(
+                (keys::LIMIT, n),
+                format!(
+                    ": the training set of '{}' has {} images",
+                    opts.data, data.n
+                )
             );
         }
         data.n = n;
@@ -347,13 +356,16 @@ fn prepare(opts: &TrainOptions) -> Result<Prepared> {
     }
     let label_dropout = match (config.num_class_embeds, opts.label_dropout) {
         (None, None) => None,
-        (None, Some(_)) => bail!(
-            "--label-dropout does nothing: the network is not class-conditional (give a --config with num_class_embeds)"
+        (None, Some(_)) => bail_option!(
+            keys::LABEL_DROPOUT,
+            " does nothing: the network is not class-conditional (give a ",
+            keys::CONFIG,
+            " with num_class_embeds)"
         ),
         (Some(k), p) => {
             let p = p.unwrap_or(0.1);
             if !(0.0..=1.0).contains(&p) {
-                bail!("--label-dropout {p}: expected a fraction in [0, 1]");
+                bail_option!((keys::LABEL_DROPOUT, p), ": expected a fraction in [0, 1]");
             }
             if k < 2 {
                 bail!(
@@ -429,12 +441,16 @@ fn init_state(p: &Prepared, seed: u64, device: &Device) -> Result<State> {
 /// Reads `train_state.safetensors` of a folder and checks it continues this run.
 fn load_state(dir: &Path, p: &Prepared, device: &Device) -> Result<State> {
     let file = dir.join(STATE_FILE);
-    let bytes = std::fs::read(&file).with_context(|| {
-        format!(
-            "--resume {}: cannot read {} (is it a qtaylor training folder?)",
-            dir.display(),
-            file.display()
+    let resume = (keys::RESUME, dir.display().to_string());
+    let bytes = std::fs::read(&file).map_err(|e| {
+        option_error!(
+            resume.clone(),
+            format!(
+                ": cannot read {} (is it a qtaylor training folder?)",
+                file.display()
+            )
         )
+        .caused_by(e.into())
     })?;
     let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes).map_err(|e| {
         anyhow::anyhow!(
@@ -456,10 +472,12 @@ fn load_state(dir: &Path, p: &Prepared, device: &Device) -> Result<State> {
         .with_context(|| format!("{}: malformed '{META_KEY}' metadata", file.display()))?;
     let diff = m.settings.differences(&p.settings);
     if !diff.is_empty() {
-        bail!(
-            "--resume {}: the folder holds a run with other settings, so it cannot be continued:\n  {}",
-            dir.display(),
-            diff.join("\n  ")
+        bail_option!(
+            resume,
+            format!(
+                ": the folder holds a run with other settings, so it cannot be continued:\n  {}",
+                diff.join("\n  ")
+            )
         );
     }
     let tensors = candle_core::safetensors::load_buffer(&bytes, &Device::Cpu)
@@ -712,9 +730,13 @@ fn train_step(
         Ok((pred - &sb.eps)?.sqr()?.mean_all()?)
     })?;
     let nan = |loss_value: f64| {
-        anyhow::anyhow!(
-            "the loss became {loss_value} at step {k}; nothing of this run after the last checkpoint was saved (try a smaller --lr)"
-        )
+        anyhow::Error::new(option_error!(
+            format!(
+                "the loss became {loss_value} at step {k}; nothing of this run after the last checkpoint was saved (try a smaller "
+            ),
+            keys::LR,
+            ")"
+        ))
     };
     let mut loss_value = 0.0;
     if !parallel {
@@ -795,18 +817,23 @@ pub fn train(opts: &TrainOptions, device: &Device) -> Result<TrainReport> {
 pub fn train_on(opts: &TrainOptions, devices: &[Device]) -> Result<TrainReport> {
     let world = devices.len();
     if world == 0 {
-        bail!("--devices: no device given");
+        bail_option!(keys::DEVICES, ": no device given");
     }
     if world > 1 {
         if !opts.batch.is_multiple_of(world) {
-            bail!(
-                "--batch {}: a data-parallel run splits the batch evenly over its {world} --devices; give a multiple of {world}",
-                opts.batch
+            bail_option!(
+                (keys::BATCH, opts.batch),
+                format!(": a data-parallel run splits the batch evenly over its {world} "),
+                keys::DEVICES,
+                format!("; give a multiple of {world}")
             );
         }
         let cpu = devices.iter().filter(|d| d.is_cpu()).count();
         if cpu != 0 && cpu != world {
-            bail!("--devices: the replicas must all be CPUs or all GPUs, not a mix");
+            bail_option!(
+                keys::DEVICES,
+                ": the replicas must all be CPUs or all GPUs, not a mix"
+            );
         }
     }
     let p = prepare(opts)?;
@@ -823,10 +850,15 @@ fn check_out(opts: &TrainOptions) -> Result<()> {
     let out_state = opts.out.join(STATE_FILE);
     let resuming_here = opts.resume.as_ref().is_some_and(|r| same_dir(r, &opts.out));
     if out_state.exists() && !resuming_here {
-        bail!(
-            "{} already holds a training run; continue it with --resume {} or choose another --out (nothing was written)",
-            opts.out.display(),
-            opts.out.display()
+        bail_option!(
+            format!(
+                "{} already holds a training run; continue it with ",
+                opts.out.display()
+            ),
+            (keys::RESUME, opts.out.display().to_string()),
+            " or choose another ",
+            keys::OUT,
+            " (nothing was written)"
         );
     }
     Ok(())
@@ -846,13 +878,16 @@ fn run_replica(
         None => init_state(p, opts.seed, device)?,
     };
     if s.step >= opts.steps {
-        bail!(
-            "--resume {}: the run is at step {}, --steps {} asks for no more (nothing was written)",
-            opts.resume
-                .as_ref()
-                .map_or("".into(), |d| d.display().to_string()),
-            s.step,
-            opts.steps
+        bail_option!(
+            (
+                keys::RESUME,
+                opts.resume
+                    .as_ref()
+                    .map_or(String::new(), |d| d.display().to_string())
+            ),
+            format!(": the run is at step {}, ", s.step),
+            (keys::STEPS, opts.steps),
+            " asks for no more (nothing was written)"
         );
     }
     let mut log = match &opts.resume {

@@ -110,7 +110,20 @@ keys! {
     STRENGTH = "strength",
     OUT = "out",
     SHARD = "shard",
+    // Training.
+    LR = "lr",
+    EMA = "ema",
+    LIMIT = "limit",
+    SAVE_EVERY = "save_every",
+    LABEL_DROPOUT = "label_dropout",
+    /// A network's config.json.
+    CONFIG = "config",
+    RESUME = "resume",
     // Bench, eval and tuning.
+    TOLERANCES = "tolerances",
+    GRIDS = "grids",
+    GRID_DIR = "grid_dir",
+    MAX_SECONDS = "max_seconds",
     SAMPLERS = "samplers",
     /// Eval's samples per row.
     N = "n",

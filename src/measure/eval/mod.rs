@@ -54,6 +54,7 @@ use crate::models::classifier::Classifier;
 use crate::sampling::samplers::{self, Options, Sampler};
 use crate::shard::{EVAL_KIND, Part, Shard};
 use crate::tensor::rng::NoiseStreams;
+use crate::{bail_option, option_error};
 
 mod parts;
 mod report;
@@ -213,7 +214,10 @@ impl Reference {
     /// for rows of `n` samples.
     fn new(features: Vec<Vec<f64>>, n: usize) -> Result<Self> {
         if n > features.len() {
-            bail!("--n {n}: the test split has {} images", features.len());
+            bail_option!(
+                (keys::N, n),
+                format!(": the test split has {} images", features.len())
+            );
         }
         Ok(Reference {
             moments: gaussian_moments(&features)?,
@@ -633,11 +637,12 @@ fn set_features(
 fn load_train(o: &EvalOptions) -> Result<ImageSet> {
     let train = load_image_set(&o.data, Split::Train)?;
     if o.n > train.n {
-        bail!(
-            "--n {}: the training split of '{}' has {} images",
-            o.n,
-            o.data,
-            train.n
+        bail_option!(
+            (keys::N, o.n),
+            format!(
+                ": the training split of '{}' has {} images",
+                o.data, train.n
+            )
         );
     }
     Ok(train)
@@ -657,10 +662,11 @@ struct Setup {
 /// rows (their samplers, budgets and time grids). Writes nothing.
 fn setup(o: &EvalOptions, device: &Device) -> Result<Setup> {
     if o.n < 4 || o.batch == 0 {
-        bail!(
-            "--n {} and --batch {}: n must be at least 4 and batch at least 1",
-            o.n,
-            o.batch
+        bail_option!(
+            (keys::N, o.n),
+            " and ",
+            (keys::BATCH, o.batch),
+            ": n must be at least 4 and batch at least 1"
         );
     }
     let samplers: Vec<Sampler> = o
@@ -668,24 +674,31 @@ fn setup(o: &EvalOptions, device: &Device) -> Result<Setup> {
         .iter()
         .map(|s| {
             s.parse::<Sampler>()
-                .with_context(|| format!("--samplers: '{s}'"))
+                .map_err(|e| option_error!(keys::SAMPLERS, format!(": '{s}'")).caused_by(e))
         })
         .collect::<Result<_>>()?;
     if o.nfe.contains(&0) {
-        bail!("--nfe: budgets must be at least 1");
+        bail_option!(keys::NFE, ": budgets must be at least 1");
     }
     if let Some(t) = o.tolerances.iter().find(|t| !(t.is_finite() && **t > 0.0)) {
-        bail!("--tolerances: {t} is not a positive number");
+        bail_option!(keys::TOLERANCES, format!(": {t} is not a positive number"));
     }
     let m = DiffusersModel::load(&o.model, DType::F32, device)?;
     match (m.unet.num_classes(), o.guidance) {
-        (None, Some(_)) => bail!(
-            "--guidance: {} is not class-conditional (its config has no num_class_embeds)",
-            o.model.display()
+        (None, Some(_)) => bail_option!(
+            keys::GUIDANCE,
+            format!(
+                ": {} is not class-conditional (its config has no num_class_embeds)",
+                o.model.display()
+            )
         ),
-        (Some(k), None) => bail!(
-            "{} is class-conditional ({k} classes, the last the null class): give --guidance W (1 = the conditional model)",
-            o.model.display()
+        (Some(k), None) => bail_option!(
+            format!(
+                "{} is class-conditional ({k} classes, the last the null class): give ",
+                o.model.display()
+            ),
+            (keys::GUIDANCE, "W"),
+            " (1 = the conditional model)"
         ),
         (Some(k), Some(w)) => {
             if k < 2 {
@@ -708,11 +721,9 @@ fn setup(o: &EvalOptions, device: &Device) -> Result<Setup> {
     let c = Classifier::load(&o.classifier, device)?;
     let test = load_image_set(&o.data, Split::Test)?;
     if o.n > test.n {
-        bail!(
-            "--n {}: the test split of '{}' has {} images",
-            o.n,
-            o.data,
-            test.n
+        bail_option!(
+            (keys::N, o.n),
+            format!(": the test split of '{}' has {} images", o.data, test.n)
         );
     }
     let header = Report {
@@ -739,8 +750,12 @@ fn setup(o: &EvalOptions, device: &Device) -> Result<Setup> {
         match (&o.grid_dir, o.grids.iter().any(|g| g == "tuned")) {
             (Some(dir), true) => {
                 let mut files = Vec::new();
-                let entries = std::fs::read_dir(dir).with_context(|| {
-                    format!("--grid-dir {}: cannot read the folder", dir.display())
+                let entries = std::fs::read_dir(dir).map_err(|e| {
+                    option_error!(
+                        (keys::GRID_DIR, dir.display().to_string()),
+                        ": cannot read the folder"
+                    )
+                    .caused_by(e.into())
                 })?;
                 let mut paths: Vec<PathBuf> = entries
                     .filter_map(|e| e.ok().map(|e| e.path()))
@@ -755,14 +770,27 @@ fn setup(o: &EvalOptions, device: &Device) -> Result<Setup> {
                 }
                 files
             }
-            (None, true) => bail!("--grids tuned needs --grid-dir, a folder of grid files"),
-            (Some(_), false) => bail!("--grid-dir does nothing without 'tuned' in --grids"),
+            (None, true) => bail_option!(
+                (keys::GRIDS, "tuned"),
+                " needs ",
+                keys::GRID_DIR,
+                ", a folder of grid files"
+            ),
+            (Some(_), false) => bail_option!(
+                keys::GRID_DIR,
+                " does nothing without 'tuned' in ",
+                keys::GRIDS
+            ),
             (None, false) => Vec::new(),
         };
     for g in &o.grids {
         if !matches!(g.as_str(), "default" | "tuned") {
-            g.parse::<crate::grid::Grid>().with_context(|| {
-                format!("--grids: '{g}'; expected default, tuned or a grid name")
+            g.parse::<crate::grid::Grid>().map_err(|e| {
+                option_error!(
+                    keys::GRIDS,
+                    format!(": '{g}'; expected default, tuned or a grid name")
+                )
+                .caused_by(e)
             })?;
         }
     }
@@ -897,7 +925,9 @@ pub fn eval(o: &EvalOptions, device: &Device) -> Result<Report> {
 
     for p in &runs {
         if out_of_time() {
-            eprintln!("eval: --max-seconds reached; the remaining rows were not run");
+            eprintln!(
+                "eval: the time limit (max_seconds) was reached; the remaining rows were not run"
+            );
             break;
         }
         let t0 = Instant::now();

@@ -23,8 +23,11 @@ pub fn eval_shard(
     device: &Device,
 ) -> Result<PathBuf> {
     if o.max_seconds.is_some() {
-        bail!(
-            "--shard takes no --max-seconds: every shard must draw every row (a shard out of time would leave rows merge cannot complete)"
+        bail_option!(
+            keys::SHARD,
+            " takes no ",
+            keys::MAX_SECONDS,
+            ": every shard must draw every row (a shard out of time would leave rows merge cannot complete)"
         );
     }
     let (start, end) = shard.rows(o.n, keys::N)?;
@@ -325,8 +328,13 @@ pub fn merge_parts(parts: &[(PathBuf, Part)], out: &Path) -> Result<Report> {
         }
         report.rows.push(row);
     }
-    std::fs::create_dir_all(out)
-        .with_context(|| format!("--out {}: cannot create the folder", out.display()))?;
+    std::fs::create_dir_all(out).map_err(|e| {
+        option_error!(
+            (keys::OUT, out.display().to_string()),
+            ": cannot create the folder"
+        )
+        .caused_by(e.into())
+    })?;
     for (name, images) in &pngs {
         crate::io::write_png_grid(&out.join(name), images)?;
     }

@@ -476,9 +476,15 @@ impl UNet2D {
             (Some(_), None) => bail!(
                 "class labels given, but this UNet is not class-conditional (its config has no num_class_embeds)"
             ),
-            (None, Some(_)) => bail!(
-                "this UNet is class-conditional ({} classes): give class labels (--class, --classes)",
-                cfg.num_class_embeds.unwrap_or(0)
+            (None, Some(_)) => qtaylor_core::bail_option!(
+                format!(
+                    "this UNet is class-conditional ({} classes): give class labels (",
+                    cfg.num_class_embeds.unwrap_or(0)
+                ),
+                qtaylor_core::keys::CLASS,
+                ", ",
+                qtaylor_core::keys::CLASSES,
+                ")"
             ),
             (Some(l), Some(_)) => {
                 let k = cfg.num_class_embeds.unwrap_or(0);
