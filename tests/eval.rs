@@ -193,7 +193,7 @@ fn eval_with_guidance_reports_conditional_accuracy_and_refuses_a_mismatched_mode
     bad.model = cond;
     let e = format!("{:#}", eval(&bad, &Device::Cpu).err().unwrap());
     assert!(
-        e.contains("class-conditional") && e.contains("--guidance"),
+        e.contains("class-conditional") && e.contains("guidance=W"),
         "{e}"
     );
     let mut bad = options(dir.path(), "bad2", 6);

@@ -91,7 +91,7 @@ fn labels_are_required_on_a_conditional_unet_and_refused_out_of_range() {
         .to_string();
     assert!(e.contains("not class-conditional"), "{e}");
     let e = Guided::new(&m, vec![0], 3, -1.0).err().unwrap().to_string();
-    assert!(e.contains("--guidance -1"), "{e}");
+    assert!(e.contains("guidance=-1"), "{e}");
 }
 
 #[test]

@@ -118,7 +118,8 @@ fn reduced_precision_models_stay_close_to_f32() {
         .err()
         .unwrap();
     assert!(
-        err.to_string().contains("bf16 needs --device cuda"),
+        err.to_string()
+            .contains("model_dtype=bf16 needs device=cuda"),
         "{err}"
     );
 }

@@ -48,6 +48,8 @@ class TorchOps:
         check_finite: bool = True,
     ):
         self.user_model = model
+        self.calls = 0
+        self.on_call: Optional[Callable[[int], None]] = None
         self.generator = generator
         self.noise_sampler = noise_sampler
         self.callback = callback
@@ -75,6 +77,11 @@ class TorchOps:
             raise FloatingPointError(
                 f"model output contains NaN or Inf at step {step} ({when})"
             )
+        self.calls += 1
+        if self.callback is not None:
+            self.callback({"i": step, "t": t[0] if len(t) == 1 else list(t), "x": x, "output": out, "nfe": self.calls})
+        if self.on_call is not None:
+            self.on_call(self.calls)
         return out
 
     # -- arithmetic ----------------------------------------------------------------------
@@ -125,5 +132,5 @@ class TorchOps:
         return r.square().mean(dim=1).sqrt().tolist()
 
     def begin_step(self, i: int, t: float, x: torch.Tensor) -> None:
-        if self.callback is not None:
-            self.callback({"i": i, "t": t, "x": x})
+        """The sampler starts step ``i`` at network time ``t`` (the callback fires per
+        network call instead, in :meth:`model`)."""

@@ -19,13 +19,17 @@ decide their calls from the tensors, so they raise an error that points to
 
 from __future__ import annotations
 
+import functools
+import inspect
 import math
+import warnings
 from dataclasses import dataclass
 from typing import List, Optional, Union
 
 import numpy as np
+import diffusers
 import torch
-from diffusers.configuration_utils import ConfigMixin, register_to_config
+from diffusers.configuration_utils import ConfigMixin, FrozenDict, register_to_config
 from diffusers.schedulers.scheduling_utils import KarrasDiffusionSchedulers, SchedulerMixin
 from diffusers.utils import BaseOutput
 
@@ -52,6 +56,222 @@ _UNSUPPORTED = {
 }
 
 
+# ---------------------------------------------------------------------------------------
+# Reproducing another scheduler from its config
+
+
+def _dpm_multistep(cfg: dict) -> str:
+    algo, order = cfg.get("algorithm_type", "dpmsolver++"), cfg.get("solver_order", 2)
+    if order >= 2 and cfg.get("solver_type", "midpoint") != "midpoint":
+        raise _refused(
+            cfg, "solver_type", "qtaylor's DPM-Solver++ multistep is the midpoint form", "nearest: sampler='dpmpp-2m'"
+        )
+    if algo == "dpmsolver++" and order in (2, 3):
+        return f"dpmpp-{order}m"
+    if algo == "dpmsolver++" and order == 1:
+        return "ddim"
+    if algo == "sde-dpmsolver++" and order == 2:
+        return "dpmpp-2m-sde"
+    raise _refused(
+        cfg,
+        "algorithm_type",
+        f"with solver_order={order}, qtaylor has no multistep sampler of this kind",
+        "nearest: sampler='dpmpp-2m', 'dpmpp-3m' or 'dpmpp-2m-sde'",
+    )
+
+
+def _unipc(cfg: dict) -> str:
+    order = cfg.get("solver_order", 2)
+    if not 1 <= order <= 3:
+        raise _refused(cfg, "solver_order", "qtaylor's UniPC has orders 1 to 3", "nearest: sampler='unipc-3'")
+    return f"unipc-{order}"
+
+
+def _pndm(cfg: dict) -> str:
+    return "plms" if cfg.get("skip_prk_steps", False) else "pndm"
+
+
+# The diffusers classes reproduced from their config without `sampler`: the qtaylor sampler
+# of the same algorithm (tested against the class itself, python/tests/test_drop_in.py).
+SOURCES = {
+    "DDIMScheduler": lambda cfg: "ddim",
+    "DDPMScheduler": lambda cfg: "ddpm",
+    "DPMSolverMultistepScheduler": _dpm_multistep,
+    "UniPCMultistepScheduler": _unipc,
+}
+
+# Classes whose spacing is the multistep one (N + 1 points, the last dropped).
+_MULTISTEP = ("DPMSolverMultistepScheduler", "UniPCMultistepScheduler", "DEISMultistepScheduler")
+
+# VP classes that run with an explicit `sampler` (their schedule keys are honoured), but
+# whose own algorithm qtaylor does not reproduce, with the nearest qtaylor sampler.
+_NEAREST = {
+    "PNDMScheduler": "plms or pndm (the same methods, not diffusers' step for step)",
+    "DEISMultistepScheduler": "deis-2 or deis-3 (tAB in t; diffusers' DEIS is in log ρ)",
+    "EulerDiscreteScheduler": "ddim (Euler in σ is DDIM with η = 0; qtaylor's euler is Euler on the probability-flow ODE in t)",
+    "EulerAncestralDiscreteScheduler": "ddpm or ddim with eta=1",
+    "HeunDiscreteScheduler": "edm-heun",
+    "KDPM2DiscreteScheduler": "dpm-solver-2",
+    "KDPM2AncestralDiscreteScheduler": "dpm-solver-2",
+    "LMSDiscreteScheduler": "ipndm",
+    "DPMSolverSinglestepScheduler": "dpm-solver-2 or dpm-solver-3",
+    "DPMSolverSDEScheduler": "dpmpp-2m-sde",
+    "LCMScheduler": "ddim",
+    "TCDScheduler": "ddim",
+}
+
+# Source keys honoured by choosing the sampler or its options (above, and in _translate).
+_CONSUMED = {"solver_order", "algorithm_type", "solver_type", "skip_prk_steps", "set_alpha_to_one", "disable_corrector", "predict_x0"}
+
+# Source keys QTaylorScheduler does not implement, with the one value that leaves the run as
+# it is (any other value is refused, naming the key).
+_NEUTRAL = {
+    "thresholding": False,
+    "rescale_betas_zero_snr": False,
+    "use_exponential_sigmas": False,
+    "use_beta_sigmas": False,
+    "use_flow_sigmas": False,
+    "use_dynamic_shifting": False,
+    "euler_at_final": False,
+    "lambda_min_clipped": -float("inf"),
+    "solver_p": None,
+    "sigma_min": None,
+    "sigma_max": None,
+    "shift_terminal": None,
+    "timestep_type": "discrete",
+    "interpolation_type": "linear",
+}
+# Keys that matter only through another (thresholding, flow sigmas, dynamic shifting).
+_IDLE = {"dynamic_thresholding_ratio", "sample_max_value", "flow_shift", "time_shift_type"}
+
+
+@functools.lru_cache(maxsize=None)
+def _classes_by_keys() -> dict:
+    """diffusers' scheduler classes by the set of their config keys (their __init__'s)."""
+    import diffusers.schedulers as schedulers
+
+    by_keys: dict = {}
+    for n in sorted(dir(schedulers)):
+        c = getattr(schedulers, n, None)
+        if isinstance(c, type) and issubclass(c, SchedulerMixin) and c is not SchedulerMixin:
+            keys = frozenset(k for k in inspect.signature(c.__init__).parameters if k not in ("self", "kwargs"))
+            by_keys.setdefault(keys, []).append(n)
+    return by_keys
+
+
+def _source_name(config) -> Optional[str]:
+    """The class whose config this is: its ``_class_name`` (a config read from a file), or,
+    for a scheduler built in memory (whose config has none), the diffusers scheduler class
+    whose config keys are exactly these (of equals, the plain one: DDIMScheduler before
+    DDIMParallelScheduler, the same algorithm)."""
+    name = config.get("_class_name")
+    if name is not None:
+        return name
+    keys = frozenset(k for k in config if not k.startswith("_"))
+    if "sampler" in keys:
+        return None  # QTaylorScheduler's own
+    names = _classes_by_keys().get(keys, [])
+    return min(names, key=len) if names else None
+
+
+def _refused(cfg: dict, key: str, why: str, way_out: str) -> ValueError:
+    name = cfg.get("_class_name", "the source scheduler")
+    return ValueError(
+        f"QTaylorScheduler.from_config: {name}'s config key '{key}' = {cfg.get(key)!r} is not reproduced ({why}); "
+        f"{way_out}"
+    )
+
+
+def _translate(cfg: dict, kwargs: dict):
+    """``cfg`` of the diffusers class ``cfg["_class_name"]`` as QTaylorScheduler's config."""
+    name = cfg["_class_name"]
+    explicit = kwargs.get("sampler") is not None or "sampler" in cfg
+    if "FlowMatch" in name or cfg.get("use_flow_sigmas") or cfg.get("prediction_type") == "flow_prediction":
+        raise ValueError(
+            f"QTaylorScheduler.from_config: {name} is a flow-matching (rectified flow) configuration "
+            "(SD3, Flux: x = (1 - σ) x0 + σ ε); QTaylorScheduler samples variance-preserving models only, "
+            "and on this pipeline it would produce garbage. Keep the pipeline's own scheduler."
+        )
+    if name.startswith("EDM") or name in ("ScoreSdeVeScheduler", "CMStochasticIterativeScheduler"):
+        raise ValueError(
+            f"QTaylorScheduler.from_config: {name} is a σ-only (VE/EDM) configuration, which "
+            "QTaylorScheduler does not sample (it needs a variance-preserving beta schedule); nearest "
+            "qtaylor sampler: edm-heun on a VP schedule. Keep the pipeline's own scheduler."
+        )
+    src = getattr(diffusers, name, None)
+    if src is None or not isinstance(src, type):
+        raise ValueError(f"QTaylorScheduler.from_config: unknown scheduler class '{name}' in _class_name")
+    if not explicit and name not in SOURCES:
+        nearest = _NEAREST.get(name, "ddim")
+        raise ValueError(
+            f"QTaylorScheduler.from_config: {name}'s own algorithm is not reproduced by any qtaylor sampler; "
+            f"nearest: {nearest}. Pass sampler=... to run a qtaylor sampler on this config."
+        )
+    # Keys the source left at its defaults, and keys it has but the config lacks, take the
+    # source class's defaults (diffusers' from_config would give them ours).
+    params = {k: v for k, v in inspect.signature(src.__init__).parameters.items() if k not in ("self", "kwargs")}
+    for key in cfg.pop("_use_default_values", None) or []:
+        if key in params and params[key].default is not inspect.Parameter.empty:
+            cfg[key] = params[key].default
+    for key, prm in params.items():
+        if key not in cfg and prm.default is not inspect.Parameter.empty:
+            cfg[key] = prm.default
+    ours = set(inspect.signature(QTaylorScheduler.__init__).parameters) - {"self"}
+    out = {k: v for k, v in cfg.items() if k.startswith("_")}
+    for key, value in cfg.items():
+        if key.startswith("_") or key in _IDLE:
+            continue
+        if key in _UNSUPPORTED and value:
+            raise _refused(cfg, key, _UNSUPPORTED[key], "set it to False, or keep the pipeline's own scheduler")
+        if key in ours:
+            out[key] = value
+        elif key in _NEUTRAL:
+            neutral = _NEUTRAL[key]
+            same = value == neutral or (isinstance(neutral, float) and value is not None and math.isinf(neutral) and value == neutral)
+            if not same:
+                raise _refused(
+                    cfg, key, "QTaylorScheduler does not implement it", f"set it to {neutral!r}, or keep the pipeline's own scheduler"
+                )
+        elif key not in _CONSUMED:
+            raise _refused(cfg, key, "QTaylorScheduler has no such key", "keep the pipeline's own scheduler")
+    if "set_alpha_to_one" in cfg:
+        # DDIM/PNDM: the last step goes to ᾱ = 1 (x̂0), or to the first trained step.
+        out["final_sigmas_type"] = "zero" if cfg["set_alpha_to_one"] else "sigma_min"
+    if name in _MULTISTEP:
+        out["spacing_family"] = "multistep"
+        if cfg.get("use_karras_sigmas") and not explicit:
+            raise _refused(
+                cfg,
+                "use_karras_sigmas",
+                "diffusers rounds these karras timesteps to integers, qtaylor keeps them fractional",
+                "pass sampler=... to run it on qtaylor's fractional karras grid",
+            )
+    if name == "UniPCMultistepScheduler":
+        out["unipc_variant"] = cfg.get("solver_type", "bh2")
+        if cfg.get("disable_corrector"):
+            raise _refused(
+                cfg,
+                "disable_corrector",
+                "qtaylor's UniPC turns the corrector off for every step or none",
+                "nearest: unipc_corrector=False",
+            )
+        if cfg.get("predict_x0") is False:
+            raise _refused(cfg, "predict_x0", "qtaylor's UniPC predicts x0", "keep the pipeline's own scheduler")
+    if explicit:
+        chosen = kwargs.get("sampler", cfg.get("sampler"))
+        if name in SOURCES and chosen != SOURCES[name](cfg) or name not in SOURCES:
+            warnings.warn(
+                f"QTaylorScheduler.from_config: running qtaylor's {chosen} on the config of {name} "
+                f"(its schedule, spacing and prediction type), in place of {name}'s own algorithm",
+                stacklevel=3,
+            )
+        if name == "UniPCMultistepScheduler" and not str(chosen).startswith("unipc"):
+            out.pop("unipc_variant", None)
+    else:
+        out["sampler"] = SOURCES[name](cfg)
+    return out, kwargs
+
+
 class _FedOps(TorchOps):
     """Ops for a replay: the pipeline calls the network, so ``model`` is never used."""
 
@@ -73,7 +293,8 @@ class QTaylorScheduler(SchedulerMixin, ConfigMixin):
     x̂0; ``"sigma_min"`` ends at the first trained timestep.
     """
 
-    _compatibles = [e.name for e in KarrasDiffusionSchedulers]
+    # The VP classes whose config it takes (EDM's σ-only one is refused by from_config).
+    _compatibles = [e.name for e in KarrasDiffusionSchedulers if not e.name.startswith("EDM")]
     order = 1
 
     @register_to_config
@@ -86,6 +307,7 @@ class QTaylorScheduler(SchedulerMixin, ConfigMixin):
         trained_betas: Optional[Union[np.ndarray, List[float]]] = None,
         prediction_type: str = "epsilon",
         timestep_spacing: str = "leading",
+        spacing_family: str = "ddim",
         steps_offset: int = 0,
         clip_sample: bool = False,
         clip_sample_range: float = 1.0,
@@ -123,6 +345,11 @@ class QTaylorScheduler(SchedulerMixin, ConfigMixin):
             raise ValueError(
                 f"timestep_spacing '{timestep_spacing}' is not supported; expected one of: leading, trailing, linspace"
             )
+        if spacing_family not in ("ddim", "multistep"):
+            raise ValueError(
+                f"spacing_family '{spacing_family}' is not supported; expected ddim (DDIM, DDPM, PNDM: N "
+                "points) or multistep (DPM-Solver, UniPC, DEIS: N + 1 points, the last dropped)"
+            )
         if final_sigmas_type not in ("zero", "sigma_min"):
             raise ValueError(
                 f"final_sigmas_type '{final_sigmas_type}' is not supported; expected one of: zero, sigma_min"
@@ -156,6 +383,12 @@ class QTaylorScheduler(SchedulerMixin, ConfigMixin):
             s_tmax=s_tmax,
             s_noise=s_noise,
         )
+        if sampler == "euler":
+            warnings.warn(
+                "QTaylorScheduler: sampler 'euler' is Euler on the probability-flow ODE in t; diffusers' "
+                "EulerDiscreteScheduler (Euler in σ) computes qtaylor's 'ddim'",
+                stacklevel=2,
+            )
         if self._spec.is_adaptive:
             raise ValueError(
                 f"sampler '{sampler}' is adaptive: its network calls depend on the tensors, so it cannot run "
@@ -174,6 +407,25 @@ class QTaylorScheduler(SchedulerMixin, ConfigMixin):
         self._replay: Optional[_core.Replay] = None
         self._begin_index: Optional[int] = None
         self._ops = _FedOps()
+
+    # -- from another scheduler's config --------------------------------------------------
+    @classmethod
+    def from_config(cls, config=None, return_unused_kwargs=False, **kwargs):
+        """The scheduler that reproduces ``config``'s scheduler (``pipe.scheduler.config``).
+
+        The source class (``_class_name``) decides: keys it left at their defaults
+        (``_use_default_values``) take *its* defaults, its spacing keeps its own definition,
+        every key of it is honoured or refused with an error that names it, and without
+        ``sampler`` the sampler is the source's own algorithm (:data:`SOURCES`). An explicit
+        ``sampler`` runs on any VP config; the source's algorithm keys then give way to it,
+        which a warning says. Flow-matching and EDM (σ-only) configs are refused: qtaylor
+        does not sample those paths through this scheduler yet.
+        """
+        if isinstance(config, (dict, FrozenDict)):
+            source = _source_name(config)
+            if source not in (None, cls.__name__):
+                config, kwargs = _translate(dict(config, _class_name=source), dict(kwargs))
+        return super().from_config(config, return_unused_kwargs=return_unused_kwargs, **kwargs)
 
     # -- copies ------------------------------------------------------------------------
     def __getstate__(self):
@@ -222,6 +474,31 @@ class QTaylorScheduler(SchedulerMixin, ConfigMixin):
     @property
     def begin_index(self) -> Optional[int]:
         return self._begin_index
+
+    @property
+    def betas(self) -> torch.Tensor:
+        """β_n of the trained steps, float32, as diffusers' schedulers hold them."""
+        return torch.tensor(self._schedule.betas, dtype=torch.float32)
+
+    @property
+    def alphas(self) -> torch.Tensor:
+        """1 − β_n, float32."""
+        return 1.0 - self.betas
+
+    @property
+    def alphas_cumprod(self) -> torch.Tensor:
+        """ᾱ_n of the trained steps, float32 (the table the schedule interpolates)."""
+        return torch.tensor(self._schedule.alphas_cumprod, dtype=torch.float32)
+
+    @property
+    def sigmas(self) -> torch.Tensor:
+        """diffusers' σ = √((1 − ᾱ)/ᾱ): after ``set_timesteps`` at every point of the grid, the
+        last one 0 when the grid ends at ᾱ = 1; before it, at every trained step, descending."""
+        if self._times is None:
+            return (((1 - self.alphas_cumprod.double()) / self.alphas_cumprod.double()) ** 0.5).flip(0).float()
+        a = np.asarray(self._schedule.alpha(np.array(self._times, dtype=np.float64)))
+        s = np.asarray(self._schedule.sigma(np.array(self._times, dtype=np.float64)))
+        return torch.from_numpy(s / a).float()
 
     def __len__(self) -> int:
         return self.config.num_train_timesteps
@@ -297,13 +574,30 @@ class QTaylorScheduler(SchedulerMixin, ConfigMixin):
                     times = _core.discrete_grid(
                         self._schedule,
                         steps=int(num_inference_steps),
-                        spacing=self.config.timestep_spacing,
+                        spacing=self._spacing(),
                         steps_offset=self.config.steps_offset,
                         final_=final,
                     ).tolist()
                 tail = final == "last" and not cont and len(times) - 1 == int(num_inference_steps) - 1
         self._install(times, device, tail)
         self.num_inference_steps = len(times) - 1 + int(tail)
+
+    def set_grid_file(self, path, device: Union[str, torch.device, None] = None):
+        """Sets the grid of a grid file written by ``qtaylor tune`` (its sigmas), warning for
+        each way it was tuned for another run (sampler, NFE, schedule), as ``qtaylor sample
+        --grid-file`` does; errors name the file."""
+        g = _core.read_grid_file(str(path), self._schedule)
+        nfe = self._spec.nfe(int(g["steps"]), g["sigmas"][-1] == 0.0)
+        _core.read_grid_file(str(path), self._schedule, sampler=self._spec.name, nfe=nfe, model=g["model"])
+        self.set_timesteps(sigmas=g["sigmas"], device=device)
+
+    def _spacing(self) -> str:
+        """The core's name of this config's spacing: the multistep solvers' leading and
+        linspace space N + 1 points and drop the last (trailing is the same for both)."""
+        spacing = self.config.timestep_spacing
+        if self.config.spacing_family == "multistep" and spacing != "trailing":
+            return f"{spacing}-multistep"
+        return spacing
 
     def _install(self, times: List[float], device=None, tail: bool = False):
         program = _core.Program(

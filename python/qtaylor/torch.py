@@ -138,6 +138,8 @@ def sample(
     generator: Optional[torch.Generator] = None,
     noise_sampler: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
     callback: Optional[Callable[[dict], None]] = None,
+    progress: bool = False,
+    grad: bool = False,
     **sampler_options,
 ) -> SampleResult:
     """Samples from ``x`` (the state at the grid's first time) with ``sampler``.
@@ -147,7 +149,11 @@ def sample(
     timestep t·T − 1 on a discrete schedule, the continuous time otherwise). ``schedule``
     defaults to DDPM's linear β (``Schedule.discrete()``). ``clip_sample`` clamps x̂0 to
     ±value. ``generator`` drives the noise of stochastic samplers (or ``noise_sampler(like)``
-    supplies it). ``callback({"i", "t", "x"})`` is called at the start of every step.
+    supplies it). ``callback({"i", "t", "x", "output", "nfe"})`` is called once after every
+    network call, adaptive samplers included: the grid step ``i``, the call's network time
+    ``t``, its input ``x`` and ``output``, and the network calls so far ``nfe``.
+    ``progress=True`` shows a tqdm bar over the network calls. The run keeps no autograd
+    graph unless ``grad=True`` (gradients through the sampler, e.g. for a tuner).
     ``sampler_options`` are the sampler's options (eta, expand, qt_last, ddpm_variance,
     rtol, atol, lower_order_final, unipc_variant, unipc_corrector, s_churn, s_tmin,
     s_tmax, s_noise, denoise_final). Every sampler works, the adaptive ``rk45`` and
@@ -190,14 +196,25 @@ def sample(
         times=times,
     )
     ops = TorchOps(model, generator=generator, noise_sampler=noise_sampler, callback=callback)
-    out, nfe = _core.run(
-        schedule,
-        spec,
-        ts,
-        x,
-        ops,
-        x.shape[0],
-        prediction_type=prediction_type,
-        clip=clip_sample,
-    )
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=spec.nfe(len(ts) - 1, ts[-1] == 0.0), desc=spec.name, unit="NFE")
+        ops.on_call = lambda n: bar.update(1)
+    try:
+        with torch.set_grad_enabled(grad):
+            out, nfe = _core.run(
+                schedule,
+                spec,
+                ts,
+                x,
+                ops,
+                x.shape[0],
+                prediction_type=prediction_type,
+                clip=clip_sample,
+            )
+    finally:
+        if bar is not None:
+            bar.close()
     return SampleResult(out, nfe)

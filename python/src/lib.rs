@@ -85,6 +85,8 @@ fn guard<T>(f: impl FnOnce() -> PyResult<T>) -> PyResult<T> {
 struct Schedule {
     inner: Arc<dyn CoreSchedule>,
     train_steps: Option<usize>,
+    /// A discrete schedule's betas, as diffusers holds them (float32 values).
+    betas: Option<Arc<Vec<f64>>>,
 }
 
 fn vectorize(py: Python<'_>, t: &Bound<'_, PyAny>, f: impl Fn(f64) -> f64) -> PyResult<Py<PyAny>> {
@@ -125,6 +127,7 @@ impl Schedule {
         Ok(Schedule {
             inner: Arc::from(inner),
             train_steps: None,
+            betas: None,
         })
     }
 
@@ -134,6 +137,7 @@ impl Schedule {
         Schedule {
             inner: Arc::new(sched::Cosine::default()),
             train_steps: None,
+            betas: None,
         }
     }
 
@@ -143,6 +147,7 @@ impl Schedule {
         Schedule {
             inner: Arc::new(sched::ScaledLinear::default()),
             train_steps: None,
+            betas: None,
         }
     }
 
@@ -158,7 +163,7 @@ impl Schedule {
         num_train_timesteps: usize,
         trained_betas: Option<Vec<f64>>,
     ) -> PyResult<Self> {
-        let t = match trained_betas {
+        let (t, betas) = match trained_betas {
             Some(b) => {
                 if b.len() < 2 {
                     return Err(PyValueError::new_err(format!(
@@ -166,15 +171,29 @@ impl Schedule {
                         b.len()
                     )));
                 }
-                Tabulated::from_betas("discrete", &b)
+                let t = Tabulated::from_betas("discrete", &b).map_err(value_err)?;
+                let f32s: Vec<f64> = b.iter().map(|&v| v as f32 as f64).collect();
+                (t, f32s)
             }
-            None => Tabulated::diffusers(beta_schedule, beta_start, beta_end, num_train_timesteps),
-        }
-        .map_err(value_err)?;
+            None => {
+                let t =
+                    Tabulated::diffusers(beta_schedule, beta_start, beta_end, num_train_timesteps)
+                        .map_err(value_err)?;
+                let b = sched::diffusers_betas(
+                    beta_schedule,
+                    beta_start,
+                    beta_end,
+                    num_train_timesteps,
+                )
+                .map_err(value_err)?;
+                (t, b.iter().map(|&v| v as f64).collect())
+            }
+        };
         let n = t.len();
         Ok(Schedule {
             inner: Arc::new(t),
             train_steps: Some(n),
+            betas: Some(Arc::new(betas)),
         })
     }
 
@@ -193,6 +212,27 @@ impl Schedule {
     #[getter]
     fn num_train_timesteps(&self) -> Option<usize> {
         self.train_steps
+    }
+
+    /// A discrete schedule's betas β_n, n = 0 … T − 1 (diffusers' `betas`); None otherwise.
+    #[getter]
+    fn betas(&self) -> Option<Vec<f64>> {
+        self.betas.as_ref().map(|b| b.as_ref().clone())
+    }
+
+    /// A discrete schedule's ᾱ_n at its trained steps (diffusers' `alphas_cumprod`, the
+    /// table the schedule interpolates); None otherwise.
+    #[getter]
+    fn alphas_cumprod(&self) -> Option<Vec<f64>> {
+        let n = self.train_steps?;
+        Some(
+            (0..n)
+                .map(|k| {
+                    self.inner
+                        .alpha_bar(qtaylor_core::grid::time_of_timestep(k as f64, n))
+                })
+                .collect(),
+        )
     }
 
     fn alpha(&self, py: Python<'_>, t: &Bound<'_, PyAny>) -> PyResult<Py<PyAny>> {
@@ -1171,18 +1211,37 @@ impl ExactProblem {
 }
 
 /// Reads and validates a grid file written by `qtaylor tune` against `schedule` (the
-/// times must decrease strictly, lie in the schedule's domain and number steps + 1).
-/// Returns its contents as a dict (`times`, `timesteps`, `sigmas`, `sampler`, `nfe`,
+/// times must decrease strictly, lie in the schedule's domain and number steps + 1; errors
+/// name the file). With `sampler` (and `nfe`, `model`), a `UserWarning` names each way the
+/// file was tuned for another run: sampler, NFE, schedule or model, as the command line
+/// warns. Returns its contents as a dict (`times`, `timesteps`, `sigmas`, `sampler`, `nfe`,
 /// `steps`, `schedule`, `model`, `tuning`).
 #[pyfunction]
+#[pyo3(signature = (path, schedule, sampler = None, nfe = None, model = None))]
 fn read_grid_file(
     py: Python<'_>,
     path: std::path::PathBuf,
     schedule: &Schedule,
+    sampler: Option<&str>,
+    nfe: Option<usize>,
+    model: Option<&str>,
 ) -> PyResult<Py<PyAny>> {
     guard(|| {
         let g = qtaylor::sampling::gridfile::GridFile::read(&path, schedule.inner.as_ref())
             .map_err(value_err)?;
+        if let Some(s) = sampler {
+            let model = model.unwrap_or(&g.model);
+            for w in g.mismatches(s, nfe, schedule.inner.as_ref(), model) {
+                let text = std::ffi::CString::new(format!("grid file {}: {w}", path.display()))
+                    .map_err(|e| PyRuntimeError::new_err(e.to_string()))?;
+                PyErr::warn(
+                    py,
+                    &py.get_type::<pyo3::exceptions::PyUserWarning>(),
+                    &text,
+                    2,
+                )?;
+            }
+        }
         let text = serde_json::to_string(&g).map_err(|e| PyRuntimeError::new_err(e.to_string()))?;
         let json = py.import("json")?;
         Ok(json.call_method1("loads", (text,))?.unbind())

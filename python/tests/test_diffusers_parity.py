@@ -154,14 +154,15 @@ def test_ddim_pred_original_sample_matches_every_step(prediction_type):
     assert rel_err(xa, xb) <= TOL
 
 
-def test_ddim_default_clip_sample_survives_a_saved_config(tmp_path):
-    """DDIMScheduler's default clip_sample is True. diffusers' from_config drops the values
-    an in-memory scheduler took by default (its ``_use_default_values``), so
-    ``from_config(DDIMScheduler().config)`` gets QTaylorScheduler's own default (False);
-    a saved config (a checkpoint's scheduler_config.json) carries them explicitly."""
+def test_ddim_default_clip_sample_survives_the_swap_and_a_saved_config(tmp_path):
+    """DDIMScheduler's default clip_sample is True. diffusers' own from_config would drop the
+    values an in-memory scheduler took by default (its ``_use_default_values``) and hand them
+    QTaylorScheduler's defaults (False); QTaylorScheduler.from_config gives them DDIM's own
+    defaults (issue 31). A saved config (a checkpoint's scheduler_config.json) carries them
+    explicitly."""
     ref = DDIMScheduler()
     assert ref.config.clip_sample is True
-    assert QTaylorScheduler.from_config(ref.config, sampler="ddim").config.clip_sample is False
+    assert QTaylorScheduler.from_config(ref.config, sampler="ddim").config.clip_sample is True
     ref.save_config(tmp_path)
     ours = QTaylorScheduler.from_config(QTaylorScheduler.load_config(tmp_path), sampler="ddim")
     assert ours.config.clip_sample is True and ours.config.clip_sample_range == 1.0
@@ -234,17 +235,24 @@ def test_ddpm_clip_sample_matches_diffusers_ddpm():
 
 
 def test_spacing_conventions_of_dpm_and_unipc():
-    """trailing agrees; DPM/UniPC's leading and linspace use N + 1 points, ours N."""
+    """DPM-Solver multistep and UniPC build leading and linspace from N + 1 points and drop the
+    last; from their config QTaylorScheduler keeps their definition (spacing_family
+    "multistep"); DDIM's config keeps DDIM's (N points). trailing is the same for all."""
     for cls in (DPMSolverMultistepScheduler, UniPCMultistepScheduler):
-        for spacing, same in (("trailing", True), ("linspace", False), ("leading", False)):
-            ref = cls(timestep_spacing=spacing)
-            ref.set_timesteps(10)
-            ours = QTaylorScheduler.from_config(ref.config, sampler="dpmpp-2m")
-            ours.set_timesteps(10)
-            assert (ours.timesteps.tolist() == ref.timesteps.tolist()) is same, (cls.__name__, spacing)
-            # leading in DDIM's convention: arange(0, N) * (T // N) + offset, reversed
-            if spacing == "leading":
-                assert ours.timesteps.tolist() == [900, 800, 700, 600, 500, 400, 300, 200, 100, 0]
+        for spacing in ("trailing", "linspace", "leading"):
+            for steps in (10, 25):
+                ref = cls(timestep_spacing=spacing)
+                ref.set_timesteps(steps)
+                ours = QTaylorScheduler.from_config(ref.config, sampler="dpmpp-2m")
+                ours.set_timesteps(steps)
+                assert ours.timesteps.tolist() == ref.timesteps.tolist(), (cls.__name__, spacing, steps)
+        ref = cls(timestep_spacing="leading")
+        ref.set_timesteps(10)
+        assert ref.timesteps.tolist() == [900, 810, 720, 630, 540, 450, 360, 270, 180, 90]
+    ours = QTaylorScheduler.from_config(DDIMScheduler(timestep_spacing="leading").config, sampler="dpmpp-2m")
+    ours.set_timesteps(10)
+    # leading in DDIM's convention: arange(0, N) * (T // N) + offset, reversed
+    assert ours.timesteps.tolist() == [900, 800, 700, 600, 500, 400, 300, 200, 100, 0]
 
 
 @pytest.mark.parametrize("prediction_type", PREDICTIONS)

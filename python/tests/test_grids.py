@@ -128,3 +128,32 @@ def test_use_karras_sigmas_in_the_config_gives_diffusers_karras_timesteps(cfg):
     assert np.allclose(np.diff(lam), np.diff(lam)[0], rtol=1e-9)
     with pytest.raises(ValueError, match="choose one"):
         QTaylorScheduler(use_lu_lambdas=True, use_karras_sigmas=True).set_timesteps(5)
+
+
+def test_a_grid_file_used_for_another_run_warns_as_the_command_line_does(grid_file):
+    sch = QTaylorScheduler(sampler="ddim")
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the run it was tuned for: no warning
+        sch.set_grid_file(grid_file)
+    assert len(sch.timesteps) == 6
+    other = QTaylorScheduler(sampler="unipc-2")
+    with pytest.warns(UserWarning, match=r"grid file .*grid\.json: it was tuned for sampler ddim, not unipc-2"):
+        other.set_grid_file(grid_file)
+    with pytest.warns(UserWarning, match="it was tuned for 6 NFE, this run uses 5"):
+        qtaylor.read_grid_file(str(grid_file), sch.schedule, sampler="ddim", nfe=5)
+    with pytest.warns(UserWarning, match="it was tuned on schedule discrete, not vp-linear"):
+        qtaylor.read_grid_file(str(grid_file), qtaylor.Schedule.vp_linear(), sampler="ddim")
+
+
+def test_the_sigmas_of_a_diffusers_scheduler_set_the_same_grid():
+    """diffusers keeps σ in float32: its σ_max lies a float32 rounding above the float64
+    table's edge, which must still be the first time of the grid (issue 31)."""
+    from diffusers import DPMSolverMultistepScheduler
+
+    ref = DPMSolverMultistepScheduler(timestep_spacing="trailing")
+    ref.set_timesteps(10)
+    ours = QTaylorScheduler.from_config(ref.config)
+    ours.set_timesteps(sigmas=ref.sigmas.tolist())
+    assert np.allclose(ours.timesteps.numpy().astype(np.float64), ref.timesteps.numpy(), atol=1e-3)

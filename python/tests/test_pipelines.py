@@ -24,6 +24,8 @@ from diffusers import (
     AutoencoderKL,
     DDIMScheduler,
     DDPMPipeline,
+    DPMSolverMultistepScheduler,
+    UniPCMultistepScheduler,
     StableDiffusionImg2ImgPipeline,
     StableDiffusionPipeline,
     UNet2DConditionModel,
@@ -194,7 +196,9 @@ def test_stable_diffusion_prompt_embeds(sd_components):
 
 
 def test_stable_diffusion_heun_runs_every_call(sd_components):
-    """order 2: the pipeline's loop runs the 2N − 1 network calls."""
+    """order 2: the pipeline's loop runs every network call: 2N, since SD's DDIM config has
+    set_alpha_to_one=False, so the last step ends at the first trained step (ᾱ_0), not at
+    ᾱ = 1, and Heun takes both of its calls there too (ending at ᾱ = 1 it would be 2N − 1)."""
     pipe = _sd_pipe(sd_components, "heun")
     calls = []
     orig = pipe.unet.forward
@@ -209,7 +213,7 @@ def test_stable_diffusion_heun_runs_every_call(sd_components):
     finally:
         pipe.unet.forward = orig
     assert pipe.scheduler.order == 2
-    assert len(calls) == 2 * 4 - 1 == len(pipe.scheduler.timesteps)
+    assert len(calls) == 2 * 4 == len(pipe.scheduler.timesteps)
     assert np.isfinite(img).all()
 
 
@@ -252,7 +256,8 @@ def test_img2img_strength_half(sd_components, sampler):
     assert first == [int(t) for t in full.timesteps[5 * order:]]
     assert sched.begin_index == 5 * order
     assert first[0] == 401  # SD leading spacing with steps_offset 1
-    assert (order, len(first)) == ((2, 9) if sampler == "heun" else (1, 5))
+    # (Heun: 2 calls in each of the 5 steps, the last one included: set_alpha_to_one=False.)
+    assert (order, len(first)) == ((2, 10) if sampler == "heun" else (1, 5))
 
 
 def test_img2img_matches_manual_loop(sd_components):
@@ -383,3 +388,30 @@ def test_ddpm_pipeline_no_clip_matches_cli_no_clip(mnist_unet, mnist_run, cli_bi
     got, _ = _cli(cli_bin, x_npy, tmp_path, "--no-clip")
     assert np.abs(_as_pipeline_output(got) - raw).max() <= 1e-4
     assert np.abs(raw - clipped).max() > 1e-3
+
+
+@pytest.mark.parametrize(
+    "source",
+    [
+        DDIMScheduler(**SD_SCHEDULE),
+        DPMSolverMultistepScheduler(**{k: v for k, v in SD_SCHEDULE.items() if k not in ("clip_sample", "set_alpha_to_one")}),
+        UniPCMultistepScheduler(**{k: v for k, v in SD_SCHEDULE.items() if k not in ("clip_sample", "set_alpha_to_one")}),
+    ],
+    ids=["ddim", "dpmpp-2m", "unipc-2"],
+)
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
+def test_the_swap_without_a_sampler_reproduces_the_pipelines_latents(sd_components, source):
+    """The one-line swap on Stable Diffusion, no sampler given: the same latents as the
+    pipeline's own scheduler (SD 1.5's schedule, leading spacing, steps_offset 1, DDIM with
+    set_alpha_to_one=False), to 1e-5 relative."""
+    import copy
+
+    theirs = StableDiffusionPipeline(**sd_components, scheduler=copy.deepcopy(source))
+    theirs.set_progress_bar_config(disable=True)
+    a = _txt2img(theirs, num_inference_steps=8, output_type="latent")
+    ours = StableDiffusionPipeline(**sd_components, scheduler=QTaylorScheduler.from_config(source.config))
+    ours.set_progress_bar_config(disable=True)
+    b = _txt2img(ours, num_inference_steps=8, output_type="latent")
+    a, b = torch.as_tensor(a).double(), torch.as_tensor(b).double()
+    assert torch.isfinite(b).all()
+    assert float((a - b).abs().max() / a.abs().max()) <= 1e-5

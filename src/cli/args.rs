@@ -54,8 +54,10 @@ pub struct Common {
     /// --grid: the largest σ/α (diffusers' sigma_max), instead of --t-max
     #[arg(long)]
     pub sigma_max: Option<f64>,
-    /// Discrete schedule: diffusers timestep spacing leading | trailing | linspace
-    /// [default: the checkpoint's timestep_spacing, else leading]
+    /// Discrete schedule: diffusers timestep spacing leading | trailing | linspace (DDIM's: N
+    /// points), or leading-multistep | linspace-multistep (DPM-Solver multistep, UniPC and
+    /// DEIS: N + 1 points, the last dropped) [default: the checkpoint's timestep_spacing, else
+    /// leading]
     #[arg(long)]
     pub spacing: Option<String>,
     /// Discrete schedule: steps_offset added by the leading spacing [default: the

@@ -174,6 +174,16 @@ mod tests {
     }
 
     #[test]
+    fn a_float32_rounding_past_the_largest_sigma_is_the_schedules_end() {
+        let s = VpLinear::default();
+        let smax = (-s.lambda(s.t_end())).exp();
+        let rounded_up = smax * (1.0 + 1.5 / (1u64 << 24) as f64);
+        let ts = times_of_sigmas(&s, &[rounded_up, 1.0, 0.0]).unwrap();
+        assert_eq!(ts[0], s.t_end());
+        assert!(times_of_sigmas(&s, &[smax * (1.0 + 1e-5), 1.0]).is_err());
+    }
+
+    #[test]
     fn bad_grids_are_rejected_with_the_offending_value() {
         let s = VpLinear::default();
         let e = Grid::Uniform.times(&s, 0, 1.0, 1e-3).unwrap_err();
@@ -185,8 +195,9 @@ mod tests {
     }
 }
 
-/// diffusers' spacings of N integer timesteps among T trained steps (DDIM/DDPM
-/// conventions, `timestep_spacing`).
+/// diffusers' spacings of N integer timesteps among T trained steps (`timestep_spacing`).
+/// DDIM, DDPM, PNDM and the σ-space schedulers space N points; the multistep solvers
+/// (DPM-Solver multistep, UniPC, DEIS) space N + 1 points and drop the last (timestep 0).
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub enum Spacing {
     /// `n_i = (N − 1 − i)·(T div N) + offset`.
@@ -195,6 +206,11 @@ pub enum Spacing {
     Trailing,
     /// `round(linspace(0, T − 1, N))`, reversed (ties to even, as NumPy).
     Linspace,
+    /// The multistep solvers' leading: `n_i = (N − i)·(T div (N + 1)) + offset`, i < N.
+    LeadingMultistep,
+    /// The multistep solvers' linspace: `round(linspace(0, T − 1, N + 1))`, reversed, the
+    /// last (0) dropped.
+    LinspaceMultistep,
 }
 
 impl FromStr for Spacing {
@@ -204,9 +220,11 @@ impl FromStr for Spacing {
             "leading" => Spacing::Leading,
             "trailing" => Spacing::Trailing,
             "linspace" => Spacing::Linspace,
+            "leading-multistep" => Spacing::LeadingMultistep,
+            "linspace-multistep" => Spacing::LinspaceMultistep,
             other => bail_option!(
                 (keys::SPACING, other),
-                ": unknown spacing; expected leading, trailing or linspace"
+                ": unknown spacing; expected leading, trailing, linspace, leading-multistep or linspace-multistep"
             ),
         })
     }
@@ -218,6 +236,8 @@ impl fmt::Display for Spacing {
             Spacing::Leading => "leading",
             Spacing::Trailing => "trailing",
             Spacing::Linspace => "linspace",
+            Spacing::LeadingMultistep => "leading-multistep",
+            Spacing::LinspaceMultistep => "linspace-multistep",
         })
     }
 }
@@ -249,6 +269,20 @@ impl Spacing {
                     }
                 })
                 .collect(),
+            Spacing::LeadingMultistep => (1..=n)
+                .rev()
+                .map(|i| (i * (t / (n + 1)) + offset) as i64)
+                .collect(),
+            Spacing::LinspaceMultistep => (1..=n)
+                .rev()
+                .map(|i| {
+                    if i == n {
+                        (t - 1) as i64
+                    } else {
+                        (i as f64 * ((t - 1) as f64 / n as f64)).round_ties_even() as i64
+                    }
+                })
+                .collect(),
         };
         validate_timesteps(&ts, train_steps).map_err(|e| {
             anyhow::anyhow!(
@@ -274,10 +308,17 @@ pub fn validate_timesteps(ts: &[i64], train_steps: usize) -> Result<Vec<usize>> 
     Ok(ts.iter().map(|&n| n as usize).collect())
 }
 
+/// How far past the schedule's largest σ a given σ may lie and still mean it: diffusers keeps
+/// its sigmas in float32, so its σ_max can sit one float32 rounding (relative 2⁻²⁴, as much in
+/// λ = −ln σ) above the float64 table's edge. Four roundings are allowed.
+pub const SIGMA_EDGE_TOLERANCE: f64 = 4.0 / (1u64 << 24) as f64;
+
 /// Times of a descending list of diffusers sigmas (σ/α): λ = −ln σ, σ = 0 → t = 0 (only
-/// as the last entry).
+/// as the last entry); a σ within [`SIGMA_EDGE_TOLERANCE`] above the schedule's largest is
+/// its end.
 pub fn times_of_sigmas(schedule: &dyn Schedule, sigmas: &[f64]) -> Result<Vec<f64>> {
     let n = sigmas.len();
+    let edge = schedule.lambda(schedule.t_end());
     sigmas
         .iter()
         .enumerate()
@@ -303,8 +344,12 @@ pub fn times_of_sigmas(schedule: &dyn Schedule, sigmas: &[f64]) -> Result<Vec<f6
                 }
                 return Ok(0.0);
             }
+            let lambda = -s.ln();
+            if lambda < edge && edge - lambda <= SIGMA_EDGE_TOLERANCE {
+                return Ok(schedule.t_end());
+            }
             schedule
-                .t_of_lambda(-s.ln())
+                .t_of_lambda(lambda)
                 .map_err(|e| option_error!(keys::SIGMAS, format!(": entry {i} ({s}): {e}")).into())
         })
         .collect()
@@ -543,6 +588,33 @@ mod spacing_tests {
             [999, 946, 894, 841]
         );
         assert!(Spacing::Linspace.timesteps(1001, 1000, 0).is_err());
+    }
+
+    /// DPMSolverMultistepScheduler, UniPCMultistepScheduler and DEISMultistepScheduler
+    /// (diffusers 0.42) space N + 1 points and drop the last: `leading` is
+    /// `arange(0, N + 1)·(T // (N + 1))` reversed without its 0, plus the offset; `linspace` is
+    /// `linspace(0, T − 1, N + 1).round()` reversed without its 0. Values printed by diffusers.
+    #[test]
+    fn the_multistep_spacings_match_diffusers_multistep_schedulers() {
+        assert_eq!(
+            Spacing::LeadingMultistep.timesteps(10, 1000, 0).unwrap(),
+            vec![900, 810, 720, 630, 540, 450, 360, 270, 180, 90]
+        );
+        assert_eq!(
+            Spacing::LeadingMultistep.timesteps(10, 1000, 1).unwrap()[..3],
+            [901, 811, 721]
+        );
+        assert_eq!(
+            Spacing::LinspaceMultistep.timesteps(10, 1000, 0).unwrap(),
+            vec![999, 899, 799, 699, 599, 500, 400, 300, 200, 100]
+        );
+        assert_eq!(
+            Spacing::LinspaceMultistep.timesteps(25, 1000, 0).unwrap()[..4],
+            [999, 959, 919, 879]
+        );
+        for s in ["leading-multistep", "linspace-multistep"] {
+            assert_eq!(s.parse::<Spacing>().unwrap().to_string(), s);
+        }
     }
 
     /// diffusers' DDIMScheduler steps from timestep n to `n − T div N`, which is the next

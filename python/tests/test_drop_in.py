@@ -1,0 +1,178 @@
+"""``QTaylorScheduler.from_config(pipe.scheduler.config)`` reproduces the source scheduler, or
+says why it cannot.
+
+The compatibility matrix: each source class reproduced without ``sampler`` (DDIM, DDPM,
+DPM-Solver multistep in its ++ forms, UniPC) × {its defaults, an SD-1.5-style config, an
+SDXL-style config, trailing spacing, v-prediction} × {10, 25 steps}: the end point of a full
+sampling loop equals the source scheduler's own on the exact-score Gaussian model of
+``test_diffusers_parity`` to 1e-5 relative, the same generator for the stochastic ones, and
+the network calls (``timesteps``) are the same. Then the refusals: a flow-matching or EDM
+config, a source key that would change the run, a class whose algorithm qtaylor does not
+reproduce; each names what it refuses.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from diffusers import (
+    DDIMScheduler,
+    DDPMScheduler,
+    DPMSolverMultistepScheduler,
+    EDMEulerScheduler,
+    EulerDiscreteScheduler,
+    FlowMatchEulerDiscreteScheduler,
+    UniPCMultistepScheduler,
+)
+from test_diffusers_parity import GaussianModel, rel_err, run_loop, start_noise
+
+from qtaylor.diffusers import QTaylorScheduler
+
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
+
+TOL = 1e-5
+
+SD15 = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1, timestep_spacing="leading")
+SDXL = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1, timestep_spacing="leading")
+
+# (label, source class, its own kwargs, the sampler it must map to, stochastic)
+SOURCES = [
+    ("ddim", DDIMScheduler, dict(clip_sample=False), "ddim", False),
+    ("ddpm", DDPMScheduler, dict(clip_sample=False), "ddpm", True),
+    ("dpm++2m", DPMSolverMultistepScheduler, dict(), "dpmpp-2m", False),
+    ("dpm++3m", DPMSolverMultistepScheduler, dict(solver_order=3), "dpmpp-3m", False),
+    ("dpm++2m-sde", DPMSolverMultistepScheduler, dict(algorithm_type="sde-dpmsolver++"), "dpmpp-2m-sde", True),
+    ("unipc-2", UniPCMultistepScheduler, dict(), "unipc-2", False),
+    ("unipc-3", UniPCMultistepScheduler, dict(solver_order=3), "unipc-3", False),
+    # bh1 ending at σ = 0 gives NaN in diffusers itself (a known diffusers bug): sigma_min.
+    ("unipc-2-bh1", UniPCMultistepScheduler, dict(solver_type="bh1", final_sigmas_type="sigma_min"), "unipc-2", False),
+]
+CONFIGS = {
+    "defaults": dict(),
+    "sd15": dict(SD15, set_alpha_to_one=False),
+    "sdxl": SDXL,
+    "trailing": dict(timestep_spacing="trailing"),
+    "v-prediction": dict(prediction_type="v_prediction", timestep_spacing="trailing"),
+}
+
+
+def _source(cls, own, cfg_name):
+    cfg = dict(CONFIGS[cfg_name])
+    if cls is not DDIMScheduler:
+        cfg.pop("set_alpha_to_one", None)
+    if cls is DDPMScheduler and cfg_name == "defaults":
+        cfg = {}
+    return cls(**own, **cfg)
+
+
+@pytest.mark.parametrize("steps", [10, 25])
+@pytest.mark.parametrize("cfg_name", list(CONFIGS))
+@pytest.mark.parametrize("label,cls,own,sampler,stochastic", SOURCES, ids=[s[0] for s in SOURCES])
+def test_the_swap_without_a_sampler_reproduces_the_source_scheduler(label, cls, own, sampler, stochastic, cfg_name, steps):
+    ref = _source(cls, own, cfg_name)
+    ours = QTaylorScheduler.from_config(ref.config)
+    assert ours.config.sampler == sampler
+    ref.set_timesteps(steps)
+    ours.set_timesteps(steps)
+    assert ours.timesteps.tolist() == ref.timesteps.tolist(), (ours.timesteps.tolist(), ref.timesteps.tolist())
+    model = GaussianModel(ref.alphas_cumprod.to(torch.float64), ref.config.prediction_type)
+    x = start_noise()
+    seed = 3 if stochastic else None
+    a = run_loop(ref, model, x, seed=seed)
+    b = run_loop(ours, model, x, seed=seed)
+    assert rel_err(a, b) <= TOL
+
+
+@pytest.mark.parametrize("cls", [DPMSolverMultistepScheduler, UniPCMultistepScheduler, EulerDiscreteScheduler])
+def test_keys_left_at_their_defaults_take_the_source_classes_defaults(cls):
+    """A default-built DPM-Solver / UniPC uses linspace spacing of N + 1 points; diffusers'
+    own from_config would hand QTaylorScheduler's defaults (leading) to those keys."""
+    ref = cls()
+    assert "timestep_spacing" in ref.config["_use_default_values"]
+    kw = {"sampler": "ddim"} if cls is EulerDiscreteScheduler else {}
+    with pytest.warns(UserWarning) if kw else _nothing():
+        ours = QTaylorScheduler.from_config(ref.config, **kw)
+    assert ours.config.timestep_spacing == ref.config.timestep_spacing == "linspace"
+    if cls is not EulerDiscreteScheduler:
+        ref.set_timesteps(10)
+        ours.set_timesteps(10)
+        assert ours.timesteps.tolist() == ref.timesteps.tolist() == [999, 899, 799, 699, 599, 500, 400, 300, 200, 100]
+
+
+class _nothing:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *a):
+        return False
+
+
+@pytest.mark.parametrize(
+    "cls,kw,says",
+    [
+        (FlowMatchEulerDiscreteScheduler, dict(shift=3.0), "flow-matching"),
+        (DPMSolverMultistepScheduler, dict(use_flow_sigmas=True, prediction_type="flow_prediction"), "flow-matching"),
+        (EDMEulerScheduler, dict(), "σ-only"),
+        (DDIMScheduler, dict(thresholding=True), "'thresholding' = True"),
+        (DDIMScheduler, dict(rescale_betas_zero_snr=True), "'rescale_betas_zero_snr' = True"),
+        (DPMSolverMultistepScheduler, dict(euler_at_final=True), "'euler_at_final' = True"),
+        (DPMSolverMultistepScheduler, dict(solver_type="heun"), "'solver_type' = 'heun'"),
+        (DPMSolverMultistepScheduler, dict(algorithm_type="dpmsolver", final_sigmas_type="sigma_min"), "'algorithm_type' = 'dpmsolver'"),
+        (DPMSolverMultistepScheduler, dict(use_karras_sigmas=True), "'use_karras_sigmas' = True"),
+        (UniPCMultistepScheduler, dict(disable_corrector=[1]), "'disable_corrector' = [1]"),
+        (EulerDiscreteScheduler, dict(), "nearest: ddim"),
+    ],
+)
+def test_a_config_the_swap_cannot_reproduce_is_refused_with_its_name(cls, kw, says):
+    ref = cls(**kw)
+    with pytest.raises(ValueError) as e:
+        QTaylorScheduler.from_config(ref.config)
+    msg = str(e.value)
+    assert says in msg, msg
+    assert type(ref).__name__ in msg, msg
+
+
+def test_an_explicit_sampler_runs_on_any_vp_config_and_says_what_it_replaces():
+    ref = EulerDiscreteScheduler(**SD15)
+    with pytest.warns(UserWarning, match="in place of EulerDiscreteScheduler"):
+        ours = QTaylorScheduler.from_config(ref.config, sampler="ddim")
+    assert ours.config.sampler == "ddim" and ours.config.beta_schedule == "scaled_linear"
+    # Flow matching stays refused even with a sampler: the VP schedule would be wrong.
+    with pytest.raises(ValueError, match="flow-matching"):
+        QTaylorScheduler.from_config(FlowMatchEulerDiscreteScheduler().config, sampler="ddim")
+
+
+def test_euler_names_which_euler_it_is():
+    with pytest.warns(UserWarning, match="EulerDiscreteScheduler .Euler in σ. computes qtaylor's 'ddim'"):
+        QTaylorScheduler(sampler="euler")
+
+
+def test_set_alpha_to_one_false_ends_at_the_first_trained_step_as_ddim_does():
+    ref = DDIMScheduler(**SD15, set_alpha_to_one=False, clip_sample=False)
+    ours = QTaylorScheduler.from_config(ref.config)
+    assert ours.config.final_sigmas_type == "sigma_min"
+    on = QTaylorScheduler.from_config(DDIMScheduler(**SD15, clip_sample=False).config)
+    assert on.config.final_sigmas_type == "zero"
+
+
+@pytest.mark.parametrize("cls", [DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler, UniPCMultistepScheduler])
+def test_the_tables_equal_the_source_schedulers(cls):
+    ref = cls(**SD15) if cls is not DDPMScheduler else cls(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
+    ours = QTaylorScheduler.from_config(ref.config)
+    assert torch.equal(ours.betas, ref.betas.float())
+    assert torch.equal(ours.alphas, ref.alphas.float())
+    assert torch.allclose(ours.alphas_cumprod, ref.alphas_cumprod.float(), rtol=0, atol=0)
+    if isinstance(ref, DPMSolverMultistepScheduler):
+        ref.set_timesteps(10)
+        ours.set_timesteps(10)
+        np.testing.assert_allclose(ours.sigmas.numpy(), ref.sigmas.numpy(), rtol=1e-6)
+
+
+def test_trained_betas_survive_a_save_and_a_load(tmp_path):
+    """diffusers' SchedulerCommonTest.test_trained_betas, as its own test."""
+    s = QTaylorScheduler(trained_betas=np.array([0.1, 0.3]), sampler="ddim")
+    s.save_pretrained(tmp_path)
+    t = QTaylorScheduler.from_pretrained(tmp_path)
+    assert s.betas.tolist() == t.betas.tolist()
+    assert torch.allclose(s.betas, torch.tensor([0.1, 0.3]))
