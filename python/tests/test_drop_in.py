@@ -2,7 +2,7 @@
 says why it cannot.
 
 The compatibility matrix: each source class reproduced without ``sampler`` (DDIM, DDPM,
-DPM-Solver multistep in its ++ forms, UniPC) × {its defaults, an SD-1.5-style config, an
+PNDM with its Runge-Kutta start, DPM-Solver multistep in its ++ forms, UniPC) × {its defaults, an SD-1.5-style config, an
 SDXL-style config, trailing spacing, v-prediction} × {10, 25 steps}: the end point of a full
 sampling loop equals the source scheduler's own on the exact-score Gaussian model of
 ``test_diffusers_parity`` to 1e-5 relative, the same generator for the stochastic ones, and
@@ -19,10 +19,12 @@ import torch
 from diffusers import (
     DDIMScheduler,
     DDPMScheduler,
+    DEISMultistepScheduler,
     DPMSolverMultistepScheduler,
     EDMEulerScheduler,
     EulerDiscreteScheduler,
     FlowMatchEulerDiscreteScheduler,
+    PNDMScheduler,
     UniPCMultistepScheduler,
 )
 from test_diffusers_parity import GaussianModel, rel_err, run_loop, start_noise
@@ -40,6 +42,7 @@ SDXL = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", s
 SOURCES = [
     ("ddim", DDIMScheduler, dict(clip_sample=False), "ddim", False),
     ("ddpm", DDPMScheduler, dict(clip_sample=False), "ddpm", True),
+    ("pndm", PNDMScheduler, dict(), "pndm", False),
     ("dpm++2m", DPMSolverMultistepScheduler, dict(), "dpmpp-2m", False),
     ("dpm++3m", DPMSolverMultistepScheduler, dict(solver_order=3), "dpmpp-3m", False),
     ("dpm++2m-sde", DPMSolverMultistepScheduler, dict(algorithm_type="sde-dpmsolver++"), "dpmpp-2m-sde", True),
@@ -59,7 +62,7 @@ CONFIGS = {
 
 def _source(cls, own, cfg_name):
     cfg = dict(CONFIGS[cfg_name])
-    if cls is not DDIMScheduler:
+    if cls not in (DDIMScheduler, PNDMScheduler):
         cfg.pop("set_alpha_to_one", None)
     if cls is DDPMScheduler and cfg_name == "defaults":
         cfg = {}
@@ -71,6 +74,10 @@ def _source(cls, own, cfg_name):
 @pytest.mark.parametrize("label,cls,own,sampler,stochastic", SOURCES, ids=[s[0] for s in SOURCES])
 def test_the_swap_without_a_sampler_reproduces_the_source_scheduler(label, cls, own, sampler, stochastic, cfg_name, steps):
     ref = _source(cls, own, cfg_name)
+    if label == "pndm" and cfg_name == "v-prediction":
+        with pytest.raises(ValueError, match="PNDMScheduler's config key 'prediction_type' = 'v_prediction'"):
+            QTaylorScheduler.from_config(ref.config)
+        return
     ours = QTaylorScheduler.from_config(ref.config)
     assert ours.config.sampler == sampler
     ref.set_timesteps(steps)
@@ -121,6 +128,8 @@ class _nothing:
         (DPMSolverMultistepScheduler, dict(algorithm_type="dpmsolver", final_sigmas_type="sigma_min"), "'algorithm_type' = 'dpmsolver'"),
         (DPMSolverMultistepScheduler, dict(use_karras_sigmas=True), "'use_karras_sigmas' = True"),
         (UniPCMultistepScheduler, dict(disable_corrector=[1]), "'disable_corrector' = [1]"),
+        (PNDMScheduler, dict(skip_prk_steps=True), "nearest: sampler='plms'"),
+        (DEISMultistepScheduler, dict(), "nearest: deis-2 or deis-3"),
         (EulerDiscreteScheduler, dict(), "nearest: ddim"),
     ],
 )
