@@ -201,9 +201,13 @@ def _translate(cfg: dict, kwargs: dict):
     """``cfg`` of the diffusers class ``cfg["_class_name"]`` as QTaylorScheduler's config."""
     name = cfg["_class_name"]
     explicit = kwargs.get("sampler") is not None or "sampler" in cfg
-    if "FlowMatch" in name or cfg.get("use_flow_sigmas") or cfg.get("prediction_type") == "flow_prediction":
+    flow_keys = [k for k in ("use_flow_sigmas",) if cfg.get(k)]
+    if cfg.get("prediction_type") == "flow_prediction":
+        flow_keys.append("prediction_type")
+    if "FlowMatch" in name or flow_keys:
+        said = f" ({', '.join(f'{k!r} = {cfg[k]!r}' for k in flow_keys)})" if flow_keys else ""
         raise ValueError(
-            f"QTaylorScheduler.from_config: {name} is a flow-matching (rectified flow) configuration "
+            f"QTaylorScheduler.from_config: {name}{said} is a flow-matching (rectified flow) configuration "
             "(SD3, Flux: x = (1 - σ) x0 + σ ε); QTaylorScheduler samples variance-preserving models only, "
             "and on this pipeline it would produce garbage. Keep the pipeline's own scheduler."
         )
@@ -254,13 +258,22 @@ def _translate(cfg: dict, kwargs: dict):
         out["final_sigmas_type"] = "zero" if cfg["set_alpha_to_one"] else "sigma_min"
     if name in _MULTISTEP:
         out["spacing_family"] = "multistep"
-        if cfg.get("use_karras_sigmas") and not explicit:
-            raise _refused(
-                cfg,
-                "use_karras_sigmas",
-                "diffusers rounds these karras timesteps to integers, qtaylor keeps them fractional",
-                "pass sampler=... to run it on qtaylor's fractional karras grid",
-            )
+        for key in ("use_karras_sigmas", "use_lu_lambdas"):
+            if cfg.get(key) and not explicit:
+                raise _refused(
+                    cfg,
+                    key,
+                    "diffusers rounds these timesteps to integers, qtaylor keeps them fractional",
+                    "pass sampler=... to run it on qtaylor's fractional grid",
+                )
+    if name == "DDIMScheduler" and cfg.get("clip_sample") and not explicit:
+        raise _refused(
+            cfg,
+            "clip_sample",
+            "qtaylor's DDIM makes ε̂ consistent with the clipped x̂0, as DDIMScheduler.step with "
+            "use_clipped_model_output=True; its default keeps the unclipped ε̂ (about 1e-2 apart)",
+            "set clip_sample=False, or pass sampler='ddim' for the clipped-ε̂ form",
+        )
     if name == "UniPCMultistepScheduler":
         out["unipc_variant"] = cfg.get("solver_type", "bh2")
         if cfg.get("disable_corrector"):
@@ -284,7 +297,17 @@ def _translate(cfg: dict, kwargs: dict):
             out.pop("unipc_variant", None)
     else:
         out["sampler"] = SOURCES[name](cfg)
+        out["reproduces"] = name
     return out, kwargs
+
+
+# Classes whose step assumes every gap between timesteps is T // N: DDIM steps from t to
+# t - T//N (not to the next timestep on other grids, diffusers #11347), PNDM puts its
+# Runge-Kutta midpoints T//N//2 after each timestep.
+_FIXED_GAP = {
+    "DDIMScheduler": "steps from t to t - T//N, not to the next timestep",
+    "PNDMScheduler": "puts its Runge-Kutta midpoints T//N//2 after each timestep, not in the middle of the gap",
+}
 
 
 class _FedOps(TorchOps):
@@ -323,6 +346,7 @@ class QTaylorScheduler(SchedulerMixin, ConfigMixin):
         prediction_type: str = "epsilon",
         timestep_spacing: str = "leading",
         spacing_family: str = "ddim",
+        reproduces: Optional[str] = None,
         steps_offset: int = 0,
         clip_sample: bool = False,
         clip_sample_range: float = 1.0,
@@ -594,6 +618,8 @@ class QTaylorScheduler(SchedulerMixin, ConfigMixin):
                         final_=final,
                     ).tolist()
                 tail = final == "last" and not cont and len(times) - 1 == int(num_inference_steps) - 1
+        given = timesteps if timesteps is not None else sigmas
+        self._check_reproduced(times, len(given) if given is not None else int(num_inference_steps), given is not None)
         self._install(times, device, tail)
         self.num_inference_steps = len(times) - 1 + int(tail)
 
@@ -605,6 +631,26 @@ class QTaylorScheduler(SchedulerMixin, ConfigMixin):
         nfe = self._spec.nfe(int(g["steps"]), g["sigmas"][-1] == 0.0)
         _core.read_grid_file(str(path), self._schedule, sampler=self._spec.name, nfe=nfe, model=g["model"])
         self.set_timesteps(sigmas=g["sigmas"], device=device)
+
+    def _check_reproduced(self, times: List[float], n: int, explicit: bool):
+        """A config that reproduces a class whose step assumes gaps of T // N between its N
+        timesteps (DDIM, PNDM) is refused on a grid whose gaps differ: that class's run
+        cannot be reproduced there. (The last step, to ᾱ = 1 or ᾱ_0, is either class's own.)"""
+        why = _FIXED_GAP.get(self.config.reproduces)
+        if why is None:
+            return
+        net = [float(v) for v in self._schedule.model_time(np.array(times[:-1], dtype=np.float64))]
+        gap = self.config.num_train_timesteps // max(n, 1)
+        if any(abs((a - b) - gap) > 1e-6 for a, b in zip(net, net[1:])):
+            what = "the given timesteps" if explicit else (
+                f"'timestep_spacing' = {self.config.timestep_spacing!r} with {n} steps"
+            )
+            raise ValueError(
+                f"QTaylorScheduler: this config reproduces {self.config.reproduces}, which {why}; on "
+                f"{what} (timesteps {[round(v, 3) for v in net[:4]]}…, gaps other than {gap}) its run cannot "
+                f"be reproduced. Use leading spacing or a number of steps dividing "
+                f"{self.config.num_train_timesteps}, or pass sampler= to run qtaylor's sampler on this grid"
+            )
 
     def _spacing(self) -> str:
         """The core's name of this config's spacing: the multistep solvers' leading and

@@ -167,7 +167,10 @@ def test_set_alpha_to_one_false_ends_at_the_first_trained_step_as_ddim_does():
 
 @pytest.mark.parametrize("cls", [DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler, UniPCMultistepScheduler])
 def test_the_tables_equal_the_source_schedulers(cls):
-    ref = cls(**SD15) if cls is not DDPMScheduler else cls(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
+    if cls is DDPMScheduler:
+        ref = cls(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
+    else:
+        ref = cls(**SD15, **({"clip_sample": False} if cls is DDIMScheduler else {}))
     ours = QTaylorScheduler.from_config(ref.config)
     assert torch.equal(ours.betas, ref.betas.float())
     assert torch.equal(ours.alphas, ref.alphas.float())
@@ -185,3 +188,25 @@ def test_trained_betas_survive_a_save_and_a_load(tmp_path):
     t = QTaylorScheduler.from_pretrained(tmp_path)
     assert s.betas.tolist() == t.betas.tolist()
     assert torch.allclose(s.betas, torch.tensor([0.1, 0.3]))
+
+
+@pytest.mark.parametrize("cls", [DDIMScheduler, PNDMScheduler])
+def test_a_grid_whose_gaps_the_sources_step_cannot_take_is_refused(cls):
+    """DDIM steps to t - T//N and PNDM puts its midpoints T//N//2 on: on a grid with other
+    gaps (linspace, trailing with N not dividing T) their run is not reproducible."""
+    kw = {"clip_sample": False} if cls is DDIMScheduler else {}
+    ours = QTaylorScheduler.from_config(cls(timestep_spacing="trailing", **kw).config)
+    ours.set_timesteps(25)  # 1000 / 25: every gap is 40
+    with pytest.raises(ValueError, match="'timestep_spacing' = 'trailing' with 30 steps"):
+        ours.set_timesteps(30)
+    ours = QTaylorScheduler.from_config(cls(timestep_spacing="linspace", **kw).config)
+    with pytest.raises(ValueError, match=f"reproduces {cls.__name__}"):
+        ours.set_timesteps(10)
+    # With an explicit sampler it is qtaylor's own run on that grid: allowed.
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        s = QTaylorScheduler.from_config(cls(timestep_spacing="linspace", **kw).config, sampler="ddim")
+    s.set_timesteps(10)
+    assert s.config.reproduces is None
