@@ -287,7 +287,11 @@ def _translate(cfg: dict, kwargs: dict):
             raise _refused(cfg, "predict_x0", "qtaylor's UniPC predicts x0", "keep the pipeline's own scheduler")
     if explicit:
         chosen = kwargs.get("sampler", cfg.get("sampler"))
-        if name in SOURCES and chosen != SOURCES[name](cfg) or name not in SOURCES:
+        try:
+            own = SOURCES[name](cfg) if name in SOURCES else None
+        except ValueError:  # the source's own algorithm is not reproduced; the user chose one
+            own = None
+        if chosen != own:
             warnings.warn(
                 f"QTaylorScheduler.from_config: running qtaylor's {chosen} on the config of {name} "
                 f"(its schedule, spacing and prediction type), in place of {name}'s own algorithm",

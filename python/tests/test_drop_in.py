@@ -147,6 +147,9 @@ def test_an_explicit_sampler_runs_on_any_vp_config_and_says_what_it_replaces():
     with pytest.warns(UserWarning, match="in place of EulerDiscreteScheduler"):
         ours = QTaylorScheduler.from_config(ref.config, sampler="ddim")
     assert ours.config.sampler == "ddim" and ours.config.beta_schedule == "scaled_linear"
+    # A source whose own algorithm is refused still runs a sampler the user chose.
+    with pytest.warns(UserWarning, match="in place of DPMSolverMultistepScheduler"):
+        QTaylorScheduler.from_config(DPMSolverMultistepScheduler(solver_type="heun").config, sampler="dpmpp-2m")
     # Flow matching stays refused even with a sampler: the VP schedule would be wrong.
     with pytest.raises(ValueError, match="flow-matching"):
         QTaylorScheduler.from_config(FlowMatchEulerDiscreteScheduler().config, sampler="ddim")
