@@ -171,5 +171,10 @@ class ExactProblem:
     def eps(self, x: npt.NDArray[np.float64], t: Sequence[float]) -> npt.NDArray[np.float64]: ...
 
 def read_grid_file(
-    path: str, schedule: Schedule, sampler: Optional[str] = None, nfe: Optional[int] = None, model: Optional[str] = None
+    path: str,
+    schedule: Schedule,
+    sampler: Optional[str] = None,
+    nfe: Optional[int] = None,
+    model: Optional[str] = None,
+    spec: Optional[SamplerSpec] = None,
 ) -> dict: ...

@@ -246,8 +246,7 @@ def _translate(cfg: dict, kwargs: dict):
             out[key] = value
         elif key in _NEUTRAL:
             neutral = _NEUTRAL[key]
-            same = value == neutral or (isinstance(neutral, float) and value is not None and math.isinf(neutral) and value == neutral)
-            if not same:
+            if value != neutral:
                 raise _refused(
                     cfg, key, "QTaylorScheduler does not implement it", f"set it to {neutral!r}, or keep the pipeline's own scheduler"
                 )
@@ -631,9 +630,7 @@ class QTaylorScheduler(SchedulerMixin, ConfigMixin):
         """Sets the grid of a grid file written by ``qtaylor tune`` (its sigmas), warning for
         each way it was tuned for another run (sampler, NFE, schedule), as ``qtaylor sample
         --grid-file`` does; errors name the file."""
-        g = _core.read_grid_file(str(path), self._schedule)
-        nfe = self._spec.nfe(int(g["steps"]), g["sigmas"][-1] == 0.0)
-        _core.read_grid_file(str(path), self._schedule, sampler=self._spec.name, nfe=nfe, model=g["model"])
+        g = _core.read_grid_file(str(path), self._schedule, spec=self._spec)
         self.set_timesteps(sigmas=g["sigmas"], device=device)
 
     def _check_reproduced(self, times: List[float], n: int, explicit: bool):

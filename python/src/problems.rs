@@ -132,8 +132,10 @@ impl ExactProblem {
 /// file was tuned for another run: sampler, NFE, schedule or model, as the command line
 /// warns. Returns its contents as a dict (`times`, `timesteps`, `sigmas`, `sampler`, `nfe`,
 /// `steps`, `schedule`, `model`, `tuning`).
+/// With `spec` instead (a `SamplerSpec`), the sampler is its name and the NFE its NFE on the
+/// file's grid, as the scheduler's `set_grid_file` runs it.
 #[pyfunction]
-#[pyo3(signature = (path, schedule, sampler = None, nfe = None, model = None))]
+#[pyo3(signature = (path, schedule, sampler = None, nfe = None, model = None, spec = None))]
 pub(crate) fn read_grid_file(
     py: Python<'_>,
     path: std::path::PathBuf,
@@ -141,10 +143,20 @@ pub(crate) fn read_grid_file(
     sampler: Option<&str>,
     nfe: Option<usize>,
     model: Option<&str>,
+    spec: Option<&SamplerSpec>,
 ) -> PyResult<Py<PyAny>> {
     guard(|| {
         let g = qtaylor::sampling::gridfile::GridFile::read(&path, schedule.inner.as_ref())
             .map_err(value_err)?;
+        let name = spec.map(|s| s.sampler.to_string());
+        let (sampler, nfe) = match (spec, &name) {
+            (Some(s), Some(n)) => (
+                Some(n.as_str()),
+                s.sampler
+                    .nfe(g.steps, g.times.last() == Some(&0.0), &s.opts),
+            ),
+            _ => (sampler, nfe),
+        };
         if let Some(s) = sampler {
             let model = model.unwrap_or(&g.model);
             for w in g.mismatches(s, nfe, schedule.inner.as_ref(), model) {

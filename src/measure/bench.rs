@@ -1131,18 +1131,18 @@ pub fn run(s: &BenchSettings, warn: &mut dyn FnMut(&str)) -> Result<BenchDone> {
     let r = &s.run;
     let device = crate::gpu::device::by_name(r.device.as_deref().unwrap_or("cpu"))?;
     let mut r = r.clone();
-    r.problem = Some(r.problem.clone().unwrap_or_else(|| "gmm-demo".into()));
+    let problem_name = r.problem.clone().unwrap_or_else(|| "gmm-demo".into());
+    r.problem = Some(problem_name.clone());
     let (schedule, discrete) = r.schedule.build()?;
-    let grid = r
-        .grid_settings(schedule.as_ref())?
-        .time_grid(schedule.as_ref(), discrete.as_ref())?;
+    let (grid_settings, grid_file) = r.grid_settings(schedule.as_ref())?;
+    let grid = grid_settings.time_grid(schedule.as_ref(), discrete.as_ref())?;
     let samplers = if s.samplers == "all" {
         crate::sampling::samplers::all_samplers()
     } else {
         crate::sampling::samplers::parse_list(&s.samplers)?
     };
     let opts = r.options.build(&samplers, None, &[])?;
-    for w in r.grid_file_warnings(&samplers, None, schedule.as_ref())? {
+    for w in r.grid_file_warnings(grid_file.as_ref(), &samplers, None, schedule.as_ref()) {
         warn(&w);
     }
     if samplers.is_empty() {
@@ -1168,11 +1168,7 @@ pub fn run(s: &BenchSettings, warn: &mut dyn FnMut(&str)) -> Result<BenchDone> {
     if s.batch == 0 {
         crate::bail_option!((keys::BATCH, 0usize), ": at least one sample is needed");
     }
-    let problem = crate::models::problems::load_problem(
-        r.problem.as_deref().unwrap_or("gmm-demo"),
-        schedule.clone(),
-        &device,
-    )?;
+    let problem = crate::models::problems::load_problem(&problem_name, schedule.clone(), &device)?;
     let cfg = BenchConfig {
         samplers,
         budgets,

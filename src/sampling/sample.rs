@@ -117,7 +117,6 @@ pub fn run(
     device: &candle_core::Device,
     note: &mut dyn FnMut(&Message),
 ) -> Result<String> {
-    settings.sampler()?;
     check_output(settings, output)?;
     let spec = settings.build(device)?;
     for w in &spec.warnings {

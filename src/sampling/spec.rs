@@ -221,26 +221,31 @@ impl RunSettings {
         }
     }
 
-    /// The grid settings with the grid file's times read in (checked against `schedule`).
-    pub fn grid_settings(&self, schedule: &dyn Schedule) -> Result<GridSettings> {
+    /// The grid settings with the grid file's times read in (the file read once and checked
+    /// against `schedule`), and the file itself, for [`RunSettings::grid_file_warnings`].
+    pub fn grid_settings(
+        &self,
+        schedule: &dyn Schedule,
+    ) -> Result<(GridSettings, Option<GridFile>)> {
         let mut g = self.grid.clone();
-        if let Some(path) = &self.grid_file {
-            let file = GridFile::read(path, schedule)?;
-            g.times = Some(GivenTimes {
-                key: keys::GRID_FILE,
-                what: format!("grid file {}", path.display()),
-                times: file.times,
-            });
-        }
-        Ok(g)
+        let Some(path) = &self.grid_file else {
+            return Ok((g, None));
+        };
+        let file = GridFile::read(path, schedule)?;
+        g.times = Some(GivenTimes {
+            key: keys::GRID_FILE,
+            what: format!("grid file {}", path.display()),
+            times: file.times.clone(),
+        });
+        Ok((g, Some(file)))
     }
 
     /// The time grid on the loaded model's schedule, with the grid settings it came from
-    /// (a grid file's times read in).
-    pub fn time_grid(&self, m: &Sampled) -> Result<(GridSettings, TimeGrid)> {
-        let g = self.grid_settings(m.schedule.as_ref())?;
+    /// and the grid file they read.
+    pub fn time_grid(&self, m: &Sampled) -> Result<(GridSettings, TimeGrid, Option<GridFile>)> {
+        let (g, file) = self.grid_settings(m.schedule.as_ref())?;
         let grid = g.time_grid(m.schedule.as_ref(), m.discrete.as_ref())?;
-        Ok((g, grid))
+        Ok((g, grid, file))
     }
 
     /// The options of `samplers`, with a checkpoint's DDPM variance as the default.
@@ -249,17 +254,18 @@ impl RunSettings {
             .build(samplers, m.variance_type.as_deref(), &[])
     }
 
-    /// The warnings of a grid file used with another sampler, NFE, schedule or model.
+    /// The warnings of the grid file `file` (read by [`RunSettings::grid_settings`]) used
+    /// with another sampler, NFE, schedule or model.
     pub fn grid_file_warnings(
         &self,
+        file: Option<&GridFile>,
         samplers: &[Sampler],
         nfe: Option<usize>,
         schedule: &dyn Schedule,
-    ) -> Result<Vec<String>> {
-        let Some(path) = &self.grid_file else {
-            return Ok(Vec::new());
+    ) -> Vec<String> {
+        let (Some(g), Some(path)) = (file, &self.grid_file) else {
+            return Vec::new();
         };
-        let g = GridFile::read(path, schedule)?;
         let model = model_id(&self.source());
         let mut warnings: Vec<String> = Vec::new();
         for s in samplers {
@@ -270,7 +276,7 @@ impl RunSettings {
                 }
             }
         }
-        Ok(warnings)
+        warnings
     }
 
     /// The classes of `class`/`classes` for a model of `k` classes (`all`: every class but
@@ -385,7 +391,7 @@ impl RunSettings {
             );
         }
         let model = self.load(device)?;
-        let (grid_settings, grid) = self.time_grid(&model)?;
+        let (grid_settings, grid, grid_file) = self.time_grid(&model)?;
         let item = match &model.loaded {
             Loaded::Checkpoint(m) => m.item_shape(self.image_size)?,
             Loaded::Problem(p) => p.item_shape(),
@@ -444,7 +450,7 @@ impl RunSettings {
         let steps = times.len() - 1;
         let warnings = {
             let nfe = sampler.nfe(steps, grid.ends_at_zero(), &opts);
-            self.grid_file_warnings(&[sampler], nfe, model.schedule.as_ref())?
+            self.grid_file_warnings(grid_file.as_ref(), &[sampler], nfe, model.schedule.as_ref())
         };
         let per_class = |c: &Option<(Vec<u32>, u32)>| match c {
             Some((c, _)) if self.guidance.classes.is_some() => Some(c.len() * c.len()),

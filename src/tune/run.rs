@@ -9,14 +9,12 @@ use candle_core::Device;
 use crate::bail_option;
 use crate::io::progress::Log;
 use crate::keys::{self, Message};
-use crate::models::checkpoint::DiffusersModel;
 use crate::models::guidance::Guided;
 use crate::models::model::Model;
-use crate::models::problems::load_problem;
 use crate::option_error;
 use crate::sampling::gridfile::GridFile;
 use crate::sampling::samplers::Sampler;
-use crate::sampling::spec::{Loaded, RunSettings, Source, model_id, state_dtype};
+use crate::sampling::spec::{Loaded, RunSettings, model_id, state_dtype};
 use crate::schedule::Schedule;
 use crate::tune::{Share, TuneConfig, Tuned, check_tunable, tune};
 
@@ -93,7 +91,7 @@ pub fn run(s: &TuneSettings, log: &mut Log, note: &mut dyn FnMut(&Message)) -> R
     }
     let sampled = r.load(&device)?;
     let schedule = sampled.schedule.clone();
-    let (_, grid) = r.time_grid(&sampled)?;
+    let (_, grid, _) = r.time_grid(&sampled)?;
     let t_min = match &sampled.discrete {
         Some(d) => crate::grid::time_of_timestep(0.0, d.train_steps),
         None => r.grid.t_min.unwrap_or(crate::config::DEFAULT_T_MIN),
@@ -119,32 +117,26 @@ pub fn run(s: &TuneSettings, log: &mut Log, note: &mut dyn FnMut(&Message)) -> R
         Some(g) => g,
         None => sampled.loaded.model(),
     };
-    // The other replicas' copies of the model (data-parallel tuning).
-    let mut checkpoints = Vec::new();
-    let mut problems = Vec::new();
-    for d in &devices[1..] {
-        match r.source() {
-            Source::Problem(p) => problems.push(load_problem(&p, schedule.clone(), d)?),
-            Source::Checkpoint(dir) => {
-                checkpoints.push(DiffusersModel::load(&dir, r.network_dtype()?, d)?)
-            }
-            Source::Embedded => {
-                checkpoints.push(DiffusersModel::embedded_mnist(r.network_dtype()?, d)?)
-            }
-        }
-    }
-    let guided_copies = checkpoints
+    // The other replicas' copies of what is tuned (data-parallel tuning), loaded as the
+    // first one is, each a class-conditional model's unconditional one too.
+    let copies = devices[1..]
         .iter()
-        .filter(|c| c.unet.num_classes().is_some())
-        .map(Guided::unconditional)
+        .map(|d| r.load(d))
+        .collect::<Result<Vec<_>>>()?;
+    let guided_copies = copies
+        .iter()
+        .map(|c| match c.loaded.checkpoint() {
+            Some(m) if m.unet.num_classes().is_some() => Guided::unconditional(m).map(Some),
+            _ => Ok(None),
+        })
         .collect::<Result<Vec<_>>>()?;
     let mut models: Vec<&dyn Model> = vec![model];
-    if !guided_copies.is_empty() {
-        models.extend(guided_copies.iter().map(|g| g as &dyn Model));
-    } else {
-        models.extend(checkpoints.iter().map(|c| c as &dyn Model));
+    for (c, g) in copies.iter().zip(&guided_copies) {
+        models.push(match g {
+            Some(g) => g,
+            None => c.loaded.model(),
+        });
     }
-    models.extend(problems.iter().map(|p| p.model()));
     check_tunable(sampler, &opts)?;
     let zero = grid.ends_at_zero();
     let steps = sampler

@@ -286,12 +286,6 @@ impl OptionError {
             })
             .collect()
     }
-
-    /// This error with `pieces` after it (e.g. more context on the same setting).
-    pub fn then(mut self, pieces: Vec<Piece>) -> Self {
-        self.pieces.extend(pieces);
-        self
-    }
 }
 
 impl fmt::Display for OptionError {
