@@ -348,3 +348,94 @@ fn a_final_step_to_sigma_zero_returns_the_data_prediction_for_every_sampler() {
         }
     }
 }
+
+#[test]
+fn k_diffusion_heun_and_dpm2_are_second_order_and_lms_fourth() {
+    let o = Options::default();
+    assert_order("k-heun", &o, Grid::LogSnr, 1e-3, 2.0, 0.15);
+    assert_order("k-dpm2", &o, Grid::LogSnr, 1e-3, 2.0, 0.15);
+    assert_order("k-euler", &o, Grid::LogSnr, 1e-3, 1.0, 0.15);
+    // LMS integrates a Lagrange polynomial of the last K slopes in ς: order K. At 40 to 160
+    // steps order 4 is still pre-asymptotic (local slopes 3.5 then 3.7, rising).
+    assert_order("k-lms-2", &o, Grid::LogSnr, 1e-3, 2.0, 0.2);
+    let (p, e) = order("k-lms", &o, Grid::LogSnr, 1e-3);
+    let local: Vec<f64> = e.windows(2).map(|w| (w[0] / w[1]).log2()).collect();
+    assert!(
+        (3.4..4.4).contains(&p) && local[1] > local[0],
+        "k-lms order {p}, local slopes {local:?}: {e:?}"
+    );
+}
+
+#[test]
+fn k_euler_is_ddim_and_the_ancestral_samplers_without_noise_are_their_ode_samplers() {
+    let o = Options::default();
+    runs_equal("k-euler", "ddim", &o, &o, 12, 1e-10);
+    runs_equal("k-lms-1", "ddim", &o, &o, 12, 1e-10);
+    let eta0 = Options {
+        eta: Some(0.0),
+        ..Options::default()
+    };
+    runs_equal("k-euler-a", "k-euler", &eta0, &o, 12, 1e-10);
+    runs_equal("k-dpm2-a", "k-dpm2", &eta0, &o, 12, 1e-10);
+    // edm-heun is k-heun on its own Karras grid: with one step both grids are the end points.
+    runs_equal("edm-heun", "k-heun", &o, &o, 1, 1e-10);
+}
+
+/// (x̃ − x0)/ς at the end of a run from t = 1 to 0.05 on single-point data, per coordinate,
+/// and the same at the start.
+fn single_point_standardized(name: &str, opts: &Options, steps: usize) -> (Vec<f64>, Vec<f64>) {
+    let s = VpLinear::default();
+    let m = SinglePoint {
+        x0: vec![0.5, -1.0, 0.25, 2.0],
+        schedule: linear(),
+    };
+    let (x, _) = start(11, 4000, 4);
+    let (t0, t1) = (1.0, 0.05);
+    let (rows, _) = run(&m, name, opts, Grid::LogSnr, steps, t0, t1, &x, 12);
+    let std = |rows: &[Vec<f64>], t: f64| -> Vec<f64> {
+        let (a, sd) = (s.alpha(t), s.sigma(t));
+        rows.iter()
+            .flat_map(|r| r.iter().zip(&m.x0).map(move |(v, x0)| (v - a * x0) / sd))
+            .collect()
+    };
+    (std(&rows_f64(&x).unwrap(), t0), std(&rows, t1))
+}
+
+#[test]
+fn ancestral_steps_keep_the_exact_marginal_and_the_posteriors_correlation_on_single_point_data() {
+    // On single-point data the ancestral step from ς to ς' is the VE posterior
+    // q(x̃_ς' | x̃_ς, x0) for η = 1: u = (x̃ − x0)/ς stays N(0, 1) at every level, and
+    // u_end = Π (ς_down/ς') u_start + independent noise.
+    let s = VpLinear::default();
+    let steps = 8;
+    let ts = Grid::LogSnr.times(&s, steps, 1.0, 0.05).unwrap();
+    let sig: Vec<f64> = ts.iter().map(|&t| (-s.lambda(t)).exp()).collect();
+    let rho: f64 = sig
+        .windows(2)
+        .map(|w| qtaylor::sampling::samplers::k_diffusion::ancestral_step(w[0], w[1], 1.0).0 / w[1])
+        .product();
+    for name in ["k-euler-a", "k-dpm2-a"] {
+        let (u0, u1) = single_point_standardized(name, &Options::default(), steps);
+        let n = u1.len() as f64;
+        let var = u1.iter().map(|v| v * v).sum::<f64>() / n;
+        let corr = u0.iter().zip(&u1).map(|(a, b)| a * b).sum::<f64>() / n;
+        assert!((var - 1.0).abs() < 0.05, "{name}: variance {var}");
+        assert!(
+            (corr - rho).abs() < 0.03,
+            "{name}: correlation {corr} vs {rho}"
+        );
+        assert!(rho < 0.5, "the test must tell noise from none: {rho}");
+    }
+    // Without noise the run is the deterministic flow: correlation 1.
+    let eta0 = Options {
+        eta: Some(0.0),
+        ..Options::default()
+    };
+    let (u0, u1) = single_point_standardized("k-euler-a", &eta0, steps);
+    let d = u0
+        .iter()
+        .zip(&u1)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0.0, f64::max);
+    assert!(d < 1e-9, "{d}");
+}

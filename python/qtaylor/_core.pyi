@@ -19,6 +19,8 @@ class Schedule:
     @staticmethod
     def scaled_linear() -> "Schedule": ...
     @staticmethod
+    def ve(sigma_max: float = 80.0) -> "Schedule": ...
+    @staticmethod
     def discrete(
         beta_schedule: str = "linear",
         beta_start: float = 1e-4,

@@ -72,6 +72,19 @@ impl Schedule {
         }
     }
 
+    /// The variance-exploding path of EDM and k-diffusion up to `sigma_max`, in VP
+    /// coordinates: time is the noise level σ itself (ᾱ = 1/(1 + σ²)).
+    #[staticmethod]
+    #[pyo3(signature = (sigma_max = 80.0))]
+    pub(crate) fn ve(sigma_max: f64) -> PyResult<Self> {
+        let inner = sched::Ve::new(sigma_max).map_err(value_err)?;
+        Ok(Schedule {
+            inner: Arc::new(inner),
+            train_steps: None,
+            betas: None,
+        })
+    }
+
     /// The continuous limit of Stable Diffusion's scaled-linear schedule.
     #[staticmethod]
     pub(crate) fn scaled_linear() -> Self {

@@ -250,6 +250,44 @@ impl Schedule for Cosine {
     }
 }
 
+/// The variance-exploding path of EDM and k-diffusion (`x = x0 + ς ε`, ς ∈ (0, ς_max]) in
+/// VP coordinates: time is the VE noise level itself, `t = ς = σ/α`, so
+/// `ᾱ(t) = 1/(1 + t²)`, `L(t) = −ln(1 + t²)`, `λ(t) = −ln t`, and the VP state is
+/// `x/√(1 + t²)` (the scaling of diffusers' `scale_model_input`). The network's time is
+/// `t = ς` ([`Schedule::network_time`]'s default). t = 0 is σ = 0, the data.
+#[derive(Clone, Debug)]
+pub struct Ve {
+    pub sigma_max: f64,
+}
+
+impl Ve {
+    /// Errors unless `sigma_max` is finite and positive.
+    pub fn new(sigma_max: f64) -> Result<Self> {
+        if !(sigma_max > 0.0 && sigma_max.is_finite()) {
+            bail!("ve schedule: sigma_max {sigma_max} must be a positive number");
+        }
+        Ok(Ve { sigma_max })
+    }
+}
+
+impl Schedule for Ve {
+    fn name(&self) -> String {
+        format!("ve(sigma_max={})", self.sigma_max)
+    }
+    fn t_end(&self) -> f64 {
+        self.sigma_max
+    }
+    fn log_alpha_bar_series(&self, t: f64, n: usize) -> Series {
+        &Series::polynomial(&[1.0, 0.0, 1.0], t, n).ln() * -1.0
+    }
+    fn log_alpha_bar_and_slope(&self, t: f64) -> (f64, f64) {
+        (-(t * t).ln_1p(), -2.0 * t / (1.0 + t * t))
+    }
+    fn lambda(&self, t: f64) -> f64 {
+        -t.ln()
+    }
+}
+
 /// A tabulated discrete schedule `ᾱ_0 … ᾱ_{N−1}` (e.g. from a checkpoint's scheduler
 /// config) placed at `t_n = (n + 1)/N` (DESIGN §2).
 ///
@@ -569,11 +607,25 @@ mod tests {
     }
 
     #[test]
+    fn ve_time_is_the_noise_level_and_its_vp_state_is_scaled_by_one_over_sqrt_one_plus_t2() {
+        let s = Ve::new(80.0).unwrap();
+        for t in [0.002, 0.3, 1.0, 14.6, 80.0] {
+            assert!((s.sigma(t) / s.alpha(t) - t).abs() < 1e-12 * t, "{t}");
+            assert!((s.alpha(t) - 1.0 / (1.0 + t * t).sqrt()).abs() < 1e-15);
+            assert!((s.t_of_lambda(s.lambda(t)).unwrap() - t).abs() < 1e-12 * t);
+            assert_eq!(s.network_time(t), t);
+        }
+        assert_eq!(s.sigma(0.0), 0.0);
+        assert!(Ve::new(0.0).is_err() && Ve::new(f64::NAN).is_err());
+    }
+
+    #[test]
     fn series_derivatives_match_finite_differences_for_every_schedule() {
         let scheds: Vec<Box<dyn Schedule>> = vec![
             Box::new(VpLinear::default()),
             Box::new(Cosine::default()),
             Box::new(ScaledLinear::default()),
+            Box::new(Ve::new(80.0).unwrap()),
         ];
         for s in &scheds {
             for &t in &[0.05, 0.3, 0.7, 0.95] {

@@ -24,33 +24,9 @@
 
 use anyhow::Result;
 
-use super::{Backend, Ctx, Options, reaches_zero};
+use super::k_diffusion::{Churn, sample_k_heun, varsigma};
+use super::{Backend, Ctx, reaches_zero};
 use crate::schedule::Schedule;
-
-/// EDM's stochasticity parameters (in ς = σ/α units).
-#[derive(Clone, Debug)]
-pub struct Churn {
-    pub s_churn: f64,
-    pub s_tmin: f64,
-    pub s_tmax: f64,
-    pub s_noise: f64,
-}
-
-impl From<&Options> for Churn {
-    fn from(o: &Options) -> Self {
-        Churn {
-            s_churn: o.s_churn,
-            s_tmin: o.s_tmin,
-            s_tmax: o.s_tmax,
-            s_noise: o.s_noise,
-        }
-    }
-}
-
-/// `ς = σ/α` at t.
-fn varsigma(schedule: &dyn Schedule, t: f64) -> f64 {
-    (-schedule.lambda(t)).exp()
-}
 
 /// The Karras ρ = 7 grid of N steps in ς, from `t_max` to `t_end` (or to 0).
 pub fn karras_sigmas(
@@ -77,16 +53,8 @@ pub fn karras_sigmas(
     s
 }
 
-/// ε̂ at VE state `xv` and ς (one NFE); returns (ε̂, x̂0 in VE units = x̂0).
-fn denoise_ve<B: Backend>(ctx: &mut Ctx<B>, xv: &B::X, sig: f64) -> Result<(B::X, B::X)> {
-    let t = ctx.schedule.t_of_lambda(-sig.ln())?;
-    let alpha = ctx.schedule.alpha(t);
-    let x = ctx.lc(&[(alpha, xv)])?;
-    let d = ctx.denoise(&x, t)?;
-    Ok((d.eps, d.x0))
-}
-
-/// EDM Heun with churn: 2 NFE per step (1 for a final step to σ = 0).
+/// EDM Heun with churn: k-diffusion's Heun ([`sample_k_heun`]) on the Karras grid between
+/// the grid's end points. 2 NFE per step (1 for a final step to σ = 0).
 pub fn sample_edm_heun<B: Backend>(
     ctx: &mut Ctx<B>,
     x: B::X,
@@ -98,40 +66,17 @@ pub fn sample_edm_heun<B: Backend>(
     let zero = reaches_zero(sched, ts[n]);
     let t_end = if zero { ts[n - 1] } else { ts[n] };
     let sig = karras_sigmas(sched, ts[0], t_end, n, zero);
-    let sig_cap = varsigma(sched, sched.t_end());
-    let mut xv = ctx.lc(&[(1.0 / sched.alpha(ts[0]), &x)])?;
-    for i in 0..n {
-        ctx.begin_step(i, ts[i], &x)?;
-        let (si, sn) = (sig[i], sig[i + 1]);
-        let gamma = if churn.s_tmin <= si && si <= churn.s_tmax {
-            (churn.s_churn / n as f64).min(2f64.sqrt() - 1.0)
-        } else {
-            0.0
-        };
-        let s_hat = (si * (1.0 + gamma)).min(sig_cap.max(si));
-        let x_hat = if s_hat > si && churn.s_noise > 0.0 {
-            let z = ctx.noise_like(&xv)?;
-            ctx.lc(&[
-                (1.0, &xv),
-                ((s_hat * s_hat - si * si).sqrt() * churn.s_noise, &z),
-            ])?
-        } else {
-            xv.clone()
-        };
-        let (d, x0) = denoise_ve(ctx, &x_hat, s_hat)?;
-        if sn == 0.0 {
-            xv = x0;
-            continue;
-        }
-        let x_euler = ctx.lc(&[(1.0, &x_hat), (sn - s_hat, &d)])?;
-        let (d2, _) = denoise_ve(ctx, &x_euler, sn)?;
-        xv = ctx.lc(&[
-            (1.0, &x_hat),
-            (0.5 * (sn - s_hat), &d),
-            (0.5 * (sn - s_hat), &d2),
-        ])?;
+    // The grid's own end points exactly, the levels between them on the schedule.
+    let mut times = Vec::with_capacity(n + 1);
+    for (i, &s) in sig.iter().enumerate() {
+        times.push(match i {
+            0 => ts[0],
+            _ if i == n => ts[n],
+            _ if zero && i == n - 1 => t_end,
+            _ => sched.t_of_lambda(-s.ln())?,
+        });
     }
-    ctx.lc(&[(sched.alpha(ts[n]), &xv)])
+    sample_k_heun(ctx, x, &times, churn)
 }
 
 #[cfg(test)]

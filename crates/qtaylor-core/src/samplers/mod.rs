@@ -16,6 +16,7 @@ pub mod dpm_solver;
 pub mod dpm_solver_pp;
 pub mod edm;
 pub mod euler_maruyama;
+pub mod k_diffusion;
 pub mod pndm;
 pub mod quasi_ito_taylor;
 pub mod quasi_taylor;
@@ -248,6 +249,18 @@ pub enum Sampler {
     /// `deis-K`, K = 1, 2, 3 (tAB).
     Deis(usize),
     EdmHeun,
+    /// `k-euler`: Euler in ς = σ/α with Karras' churn (k-diffusion, diffusers' Euler).
+    KEuler,
+    /// `k-euler-a`: Euler ancestral in ς, η (default 1).
+    KEulerAncestral,
+    /// `k-heun`: Heun in ς with churn on the given grid.
+    KHeun,
+    /// `k-dpm2`: DPM2 in ς (midpoint at the geometric mean) with churn.
+    KDpm2,
+    /// `k-dpm2-a`: DPM2 ancestral in ς, η (default 1).
+    KDpm2Ancestral,
+    /// `k-lms` (order 4) or `k-lms-K`, K = 1 … 4: linear multistep in ς.
+    KLms(usize),
 }
 
 /// One line of `qtaylor samplers`.
@@ -384,6 +397,36 @@ pub fn catalog() -> Vec<CatalogEntry> {
             "2",
             "EDM Heun (arXiv 2206.00364 Alg. 2) on its own Karras grid, --s-churn --s-tmin --s-tmax --s-noise",
         ),
+        e(
+            "k-euler",
+            "1",
+            "Euler in sigma/alpha (k-diffusion, diffusers' Euler; = ddim without churn), --s-churn",
+        ),
+        e(
+            "k-euler-a",
+            "1",
+            "Euler ancestral in sigma/alpha (k-diffusion, diffusers' EulerAncestral), --eta --s-noise",
+        ),
+        e(
+            "k-heun",
+            "2",
+            "Heun in sigma/alpha on the given grid (k-diffusion, diffusers' Heun), --s-churn",
+        ),
+        e(
+            "k-dpm2",
+            "2",
+            "DPM2 in sigma/alpha, geometric midpoint (k-diffusion, diffusers' KDPM2), --s-churn",
+        ),
+        e(
+            "k-dpm2-a",
+            "2",
+            "DPM2 ancestral in sigma/alpha (k-diffusion, diffusers' KDPM2Ancestral), --eta --s-noise",
+        ),
+        e(
+            "k-lms",
+            "1",
+            "linear multistep order 4 in sigma/alpha (k-diffusion, diffusers' LMS); k-lms-K for K = 1..4",
+        ),
     ]
 }
 
@@ -435,6 +478,13 @@ impl FromStr for Sampler {
             "plms" => Sampler::Plms,
             "ipndm" => Sampler::Ipndm,
             "edm-heun" => Sampler::EdmHeun,
+            "k-euler" => Sampler::KEuler,
+            "k-euler-a" => Sampler::KEulerAncestral,
+            "k-heun" => Sampler::KHeun,
+            "k-dpm2" => Sampler::KDpm2,
+            "k-dpm2-a" => Sampler::KDpm2Ancestral,
+            "k-lms" => Sampler::KLms(4),
+            _ if s.starts_with("k-lms-") => Sampler::KLms(order(&s[6..], 4)?),
             _ if s.starts_with("qit-") => Sampler::QuasiItoTaylor(order(&s[4..], 2)?),
             _ if s.starts_with("qt-") => Sampler::QuasiTaylor(order(&s[3..], MAX_QT_ORDER)?),
             _ if s.starts_with("dpm-solver-") => Sampler::DpmSolver(order(&s[11..], 3)?),
@@ -470,6 +520,13 @@ impl fmt::Display for Sampler {
             Sampler::Ipndm => write!(f, "ipndm"),
             Sampler::Deis(k) => write!(f, "deis-{k}"),
             Sampler::EdmHeun => write!(f, "edm-heun"),
+            Sampler::KEuler => write!(f, "k-euler"),
+            Sampler::KEulerAncestral => write!(f, "k-euler-a"),
+            Sampler::KHeun => write!(f, "k-heun"),
+            Sampler::KDpm2 => write!(f, "k-dpm2"),
+            Sampler::KDpm2Ancestral => write!(f, "k-dpm2-a"),
+            Sampler::KLms(4) => write!(f, "k-lms"),
+            Sampler::KLms(k) => write!(f, "k-lms-{k}"),
         }
     }
 }
@@ -514,12 +571,18 @@ pub fn all_samplers() -> Vec<Sampler> {
         Deis(2),
         Deis(3),
         EdmHeun,
+        KEuler,
+        KHeun,
+        KDpm2,
+        KLms(4),
         QuasiItoTaylor(1),
         QuasiItoTaylor(2),
         QitInf,
         Ddpm,
         EulerMaruyama,
         DpmPp2MSde,
+        KEulerAncestral,
+        KDpm2Ancestral,
     ]
 }
 
@@ -546,7 +609,12 @@ impl Sampler {
         }
         let inner = if ends_at_zero { steps - 1 } else { steps };
         let body = match self {
-            Sampler::Heun | Sampler::DpmPp2S | Sampler::EdmHeun => 2 * inner,
+            Sampler::Heun
+            | Sampler::DpmPp2S
+            | Sampler::EdmHeun
+            | Sampler::KHeun
+            | Sampler::KDpm2
+            | Sampler::KDpm2Ancestral => 2 * inner,
             Sampler::Rk4 => 4 * inner,
             Sampler::DpmSolver(k) => k * inner,
             Sampler::Rk45 | Sampler::DpmSolverAdaptive(_) => return None,
@@ -571,7 +639,10 @@ impl Sampler {
             Sampler::DpmPpMultistep(_) | Sampler::Deis(_) => &[LOWER_ORDER_FINAL],
             Sampler::DpmPp2MSde => &[ETA, LOWER_ORDER_FINAL],
             Sampler::UniPc(_) => &[UNIPC_VARIANT, UNIPC_CORRECTOR, LOWER_ORDER_FINAL],
-            Sampler::EdmHeun => &[S_CHURN, S_TMIN, S_TMAX, S_NOISE],
+            Sampler::EdmHeun | Sampler::KEuler | Sampler::KHeun | Sampler::KDpm2 => {
+                &[S_CHURN, S_TMIN, S_TMAX, S_NOISE]
+            }
+            Sampler::KEulerAncestral | Sampler::KDpm2Ancestral => &[ETA, S_NOISE],
             _ => &[],
         }
     }
@@ -581,8 +652,9 @@ impl Sampler {
     /// (1: the reverse SDE, 0: the ODE).
     pub fn check_options(&self, opts: &Options) -> Result<()> {
         opts.validate()?;
+        // The ancestral samplers take any η ≥ 0 (k-diffusion caps ς_up at ς').
         if let Some(eta) = opts.eta
-            && self.option_keys().contains(&keys::ETA)
+            && matches!(self, Sampler::Ddim | Sampler::DpmPp2MSde)
             && !(0.0..=1.0).contains(&eta)
         {
             bail_option!(
@@ -602,7 +674,12 @@ impl Sampler {
             | Sampler::EulerMaruyama => true,
             Sampler::Ddim => opts.eta_or(0.0) > 0.0,
             Sampler::DpmPp2MSde => opts.eta_or(1.0) > 0.0,
-            Sampler::EdmHeun => opts.s_churn > 0.0 && opts.s_noise > 0.0,
+            Sampler::EdmHeun | Sampler::KEuler | Sampler::KHeun | Sampler::KDpm2 => {
+                opts.s_churn > 0.0 && opts.s_noise > 0.0
+            }
+            Sampler::KEulerAncestral | Sampler::KDpm2Ancestral => {
+                opts.eta_or(1.0) > 0.0 && opts.s_noise > 0.0
+            }
             _ => false,
         }
     }
@@ -638,6 +715,7 @@ impl Sampler {
         opts: &Options,
     ) -> Result<B::X> {
         let tol = |default: f64| (opts.rtol.unwrap_or(default), opts.atol.unwrap_or(default));
+        let churn = k_diffusion::Churn::from(opts);
         match *self {
             Sampler::QuasiTaylor(k) => {
                 quasi_taylor::sample_qt(ctx, x, ts, k, opts.expand, opts.qt_last)
@@ -685,7 +763,19 @@ impl Sampler {
             Sampler::Plms => pndm::sample_plms(ctx, x, ts),
             Sampler::Ipndm => pndm::sample_ipndm(ctx, x, ts),
             Sampler::Deis(k) => deis::sample_deis(ctx, x, ts, k, opts.lower_order_final),
-            Sampler::EdmHeun => edm::sample_edm_heun(ctx, x, ts, &edm::Churn::from(opts)),
+            Sampler::EdmHeun => edm::sample_edm_heun(ctx, x, ts, &churn),
+            Sampler::KEuler => k_diffusion::sample_k_euler(ctx, x, ts, &churn),
+            Sampler::KHeun => k_diffusion::sample_k_heun(ctx, x, ts, &churn),
+            Sampler::KDpm2 => k_diffusion::sample_k_dpm2(ctx, x, ts, &churn),
+            Sampler::KEulerAncestral | Sampler::KDpm2Ancestral => k_diffusion::sample_k_ancestral(
+                ctx,
+                x,
+                ts,
+                opts.eta_or(1.0),
+                opts.s_noise,
+                *self == Sampler::KDpm2Ancestral,
+            ),
+            Sampler::KLms(k) => k_diffusion::sample_k_lms(ctx, x, ts, k),
         }
     }
 }
