@@ -114,6 +114,38 @@ SOURCES = {
     "PNDMScheduler": _pndm,
     "DPMSolverMultistepScheduler": _dpm_multistep,
     "UniPCMultistepScheduler": _unipc,
+    "EulerDiscreteScheduler": lambda cfg: "k-euler",
+    "EulerAncestralDiscreteScheduler": lambda cfg: "k-euler-a",
+    "HeunDiscreteScheduler": lambda cfg: "k-heun",
+    "KDPM2DiscreteScheduler": lambda cfg: "k-dpm2",
+    "KDPM2AncestralDiscreteScheduler": lambda cfg: "k-dpm2-a",
+    "LMSDiscreteScheduler": lambda cfg: "k-lms",
+}
+
+# The σ-space (k-diffusion) classes: their state is x/α (``init_noise_sigma`` σ_max or
+# √(σ_max² + 1), ``scale_model_input`` divides by √(σ² + 1)), and their grid — spacing,
+# interpolation, karras / exponential / beta sigmas, timestep_type, final sigma — is the
+# source class's own: set_timesteps asks the source class for its sigmas and network
+# timesteps, and the qtaylor sampler runs on exactly those levels and calls the network
+# at exactly those timesteps.
+_SIGMA_CLASSES = (
+    "EulerDiscreteScheduler",
+    "EulerAncestralDiscreteScheduler",
+    "HeunDiscreteScheduler",
+    "KDPM2DiscreteScheduler",
+    "KDPM2AncestralDiscreteScheduler",
+    "LMSDiscreteScheduler",
+)
+# Grid keys of the σ-space classes, honoured by the source's own set_timesteps.
+_GRID_BY_SOURCE = {
+    "interpolation_type",
+    "use_karras_sigmas",
+    "use_exponential_sigmas",
+    "use_beta_sigmas",
+    "sigma_min",
+    "sigma_max",
+    "timestep_type",
+    "final_sigmas_type",
 }
 
 # Classes whose spacing is the multistep one (N + 1 points, the last dropped).
@@ -123,12 +155,6 @@ _MULTISTEP = ("DPMSolverMultistepScheduler", "UniPCMultistepScheduler", "DEISMul
 # whose own algorithm qtaylor does not reproduce, with the nearest qtaylor sampler.
 _NEAREST = {
     "DEISMultistepScheduler": "deis-2 or deis-3 (tAB in t; diffusers' DEIS is in log ρ)",
-    "EulerDiscreteScheduler": "ddim (Euler in σ is DDIM with η = 0; qtaylor's euler is Euler on the probability-flow ODE in t)",
-    "EulerAncestralDiscreteScheduler": "ddpm or ddim with eta=1",
-    "HeunDiscreteScheduler": "edm-heun",
-    "KDPM2DiscreteScheduler": "dpm-solver-2",
-    "KDPM2AncestralDiscreteScheduler": "dpm-solver-2",
-    "LMSDiscreteScheduler": "ipndm",
     "DPMSolverSinglestepScheduler": "dpm-solver-2 or dpm-solver-3",
     "DPMSolverSDEScheduler": "dpmpp-2m-sde",
     "LCMScheduler": "ddim",
@@ -178,7 +204,8 @@ def _source_name(config) -> Optional[str]:
     """The class whose config this is: its ``_class_name`` (a config read from a file), or,
     for a scheduler built in memory (whose config has none), the diffusers scheduler class
     whose config keys are exactly these (of equals, the plain one: DDIMScheduler before
-    DDIMParallelScheduler, the same algorithm)."""
+    DDIMParallelScheduler, the same algorithm; other equals, e.g. LMS and KDPM2, are an
+    error that asks for the class)."""
     name = config.get("_class_name")
     if name is not None:
         return name
@@ -186,6 +213,12 @@ def _source_name(config) -> Optional[str]:
     if "sampler" in keys:
         return None  # QTaylorScheduler's own
     names = _classes_by_keys().get(keys, [])
+    if len({n.replace("Parallel", "") for n in names}) > 1:
+        raise ValueError(
+            "QTaylorScheduler.from_config: this config has no '_class_name' (a scheduler built in memory) and "
+            f"its keys fit {', '.join(names)} alike, which are different algorithms; pass the scheduler itself, "
+            "QTaylorScheduler.from_config(pipe.scheduler), or add its '_class_name' to the config"
+        )
     return min(names, key=len) if names else None
 
 
@@ -237,9 +270,18 @@ def _translate(cfg: dict, kwargs: dict):
             cfg[key] = prm.default
     ours = set(inspect.signature(QTaylorScheduler.__init__).parameters) - {"self"}
     out = {k: v for k, v in cfg.items() if k.startswith("_")}
+    chosen = kwargs.get("sampler", cfg.get("sampler"))
+    # An explicit sampler that is the source's own algorithm reproduces it all the same.
+    sigma_source = name in _SIGMA_CLASSES and (not explicit or chosen == SOURCES[name](cfg))
+    if sigma_source:
+        out["source_config"] = {
+            k: (v.tolist() if hasattr(v, "tolist") else v) for k, v in cfg.items() if not k.startswith("_")
+        }
     for key, value in cfg.items():
         if key.startswith("_") or key in _IDLE:
             continue
+        if sigma_source and key in _GRID_BY_SOURCE:
+            continue  # the source class makes the grid (source_config)
         if key in _UNSUPPORTED and value:
             raise _refused(cfg, key, _UNSUPPORTED[key], "set it to False, or keep the pipeline's own scheduler")
         if key in ours:
@@ -284,8 +326,11 @@ def _translate(cfg: dict, kwargs: dict):
             )
         if cfg.get("predict_x0") is False:
             raise _refused(cfg, "predict_x0", "qtaylor's UniPC predicts x0", "keep the pipeline's own scheduler")
+    if sigma_source and explicit:
+        kwargs = {k: v for k, v in kwargs.items() if k != "sampler"}
+        out.pop("sampler", None)
+        explicit = False
     if explicit:
-        chosen = kwargs.get("sampler", cfg.get("sampler"))
         try:
             own = SOURCES[name](cfg) if name in SOURCES else None
         except ValueError:  # the source's own algorithm is not reproduced; the user chose one
@@ -350,6 +395,7 @@ class QTaylorScheduler(SchedulerMixin, ConfigMixin):
         timestep_spacing: str = "leading",
         spacing_family: str = "ddim",
         reproduces: Optional[str] = None,
+        source_config: Optional[dict] = None,
         steps_offset: int = 0,
         clip_sample: bool = False,
         clip_sample_range: float = 1.0,
@@ -436,10 +482,22 @@ class QTaylorScheduler(SchedulerMixin, ConfigMixin):
                 f"sampler '{sampler}' is adaptive: its network calls depend on the tensors, so it cannot run "
                 "through a scheduler's step(); use qtaylor.torch.sample(model, x, sampler=...) instead"
             )
+        self._source = None
+        if source_config is not None:
+            if reproduces not in _SIGMA_CLASSES:
+                raise ValueError(
+                    f"source_config is given for reproduces={reproduces!r}; it applies to the σ-space "
+                    f"classes {', '.join(_SIGMA_CLASSES)} only"
+                )
+            # The source class itself, for its grid and network timesteps (never its step).
+            self._source = getattr(diffusers, reproduces)(**source_config)
+        self._labels: Optional[List[float]] = None
+        self._label_dtype = None
         self._clip = float(clip_sample_range) if clip_sample else None
         if self._clip is not None and not (self._clip > 0 and math.isfinite(self._clip)):
             raise ValueError(f"clip_sample_range {clip_sample_range}: expected a positive number")
-        self.init_noise_sigma = 1.0
+        # VP state: the start is N(0, I). A σ-space source's state is x/α, started as it does.
+        self.init_noise_sigma = 1.0 if self._source is None else float(self._source.init_noise_sigma)
         self.num_inference_steps: Optional[int] = None
         self.timesteps = torch.from_numpy(
             np.arange(0, num_train_timesteps)[::-1].copy().astype(np.int64)
@@ -463,6 +521,9 @@ class QTaylorScheduler(SchedulerMixin, ConfigMixin):
         which a warning says. Flow-matching and EDM (σ-only) configs are refused: qtaylor
         does not sample those paths through this scheduler yet.
         """
+        if isinstance(config, SchedulerMixin) and isinstance(config, ConfigMixin):
+            # The scheduler itself (``from_config(pipe.scheduler)``): its class is known.
+            config = dict(config.config, _class_name=type(config).__name__)
         if isinstance(config, (dict, FrozenDict)):
             source = _source_name(config)
             if source not in (None, cls.__name__):
@@ -481,6 +542,9 @@ class QTaylorScheduler(SchedulerMixin, ConfigMixin):
             "device": str(self.timesteps.device),
             "num_inference_steps": self.num_inference_steps,
             "begin_index": self._begin_index,
+            "labels": None if self._labels is None else self.timesteps.tolist(),
+            "label_dtype": self._label_dtype if self._labels is not None else None,
+            "init_noise_sigma": self.init_noise_sigma,
         }
 
     def __setstate__(self, state):
@@ -489,8 +553,12 @@ class QTaylorScheduler(SchedulerMixin, ConfigMixin):
         # diffusers' bookkeeping keys (_class_name, _use_default_values, ...) as they were.
         self.register_to_config(**{k: v for k, v in cfg.items() if k.startswith("_")})
         if state["times"] is not None:
-            self._install(state["times"], state["device"], state["tail"])
+            self._install(
+                state["times"], state["device"], state["tail"], labels=state.get("labels"),
+                label_dtype=state.get("label_dtype"),
+            )
             self.num_inference_steps = state["num_inference_steps"]
+            self.init_noise_sigma = state.get("init_noise_sigma", self.init_noise_sigma)
             self._begin_index = state["begin_index"]
 
     # -- the schedule -------------------------------------------------------------------
@@ -546,8 +614,31 @@ class QTaylorScheduler(SchedulerMixin, ConfigMixin):
         return self.config.num_train_timesteps
 
     def scale_model_input(self, sample: torch.Tensor, timestep=None) -> torch.Tensor:
-        """VP models take the state unscaled."""
-        return sample
+        """The network's input: the state itself (VP), or for a σ-space source the state
+        x/α times α = 1/√(σ² + 1) at this call, as the source class scales it."""
+        if self._source is None:
+            return sample
+        return sample * self._alpha_at_call(self._call_index(timestep))
+
+    def _call_index(self, timestep) -> int:
+        """The network call a pipeline is at: the next one of the run in progress, else the
+        first call at ``timestep`` (or the first call)."""
+        if self._program is None:
+            raise ValueError("call set_timesteps before scale_model_input")
+        if self._replay is not None and not self._replay.finished:
+            return self._replay.calls_done
+        if timestep is not None:
+            t = float(timestep.item() if isinstance(timestep, torch.Tensor) else timestep)
+            for k, v in enumerate(self.timesteps.tolist()):
+                if abs(float(v) - t) <= 1e-3 * max(1.0, abs(float(v))):
+                    return k
+        return 0
+
+    def _alpha_at_call(self, k: int) -> float:
+        """α at network call k (α at the grid's end past the last call): the factor between a
+        σ-space source's state x/α and the VP state."""
+        t = self._call_times[k] if k < len(self._call_times) else self._times[-1]
+        return float(self._schedule.alpha(float(t)))
 
     # -- grids --------------------------------------------------------------------------
     def set_timesteps(
@@ -566,6 +657,9 @@ class QTaylorScheduler(SchedulerMixin, ConfigMixin):
         given = [n for n, v in (("timesteps", timesteps), ("sigmas", sigmas)) if v is not None]
         if len(given) > 1:
             raise ValueError("give only one of timesteps= and sigmas=")
+        if self._source is not None:
+            self._set_source_timesteps(num_inference_steps, device, timesteps, sigmas)
+            return
         final = "zero" if self.config.final_sigmas_type == "zero" else "last"
         # With final_sigmas_type "sigma_min" a grid that already ends at timestep 0 keeps that
         # network call, as diffusers does: its step (from timestep 0 to sigma_min, of length
@@ -626,6 +720,47 @@ class QTaylorScheduler(SchedulerMixin, ConfigMixin):
         self._install(times, device, tail)
         self.num_inference_steps = len(times) - 1 + int(tail)
 
+    def _set_source_timesteps(self, num_inference_steps, device, timesteps, sigmas):
+        """The σ-space source's own grid: its sigmas (the levels the sampler steps through)
+        and its timesteps (the network's time at each call), from the source class's
+        set_timesteps with the same arguments."""
+        src = self._source
+        name = type(src).__name__
+        params = inspect.signature(src.set_timesteps).parameters
+        kw = {}
+        for key, value in (("timesteps", timesteps), ("sigmas", sigmas)):
+            if value is not None:
+                if key not in params:
+                    raise ValueError(
+                        f"set_timesteps({key}=...): {name}, which this scheduler reproduces, takes no {key}; "
+                        "pass num_inference_steps"
+                    )
+                kw[key] = value
+        if not kw and (
+            num_inference_steps is None
+            or isinstance(num_inference_steps, bool)
+            or int(num_inference_steps) != num_inference_steps
+            or num_inference_steps < 1
+        ):
+            raise ValueError(f"num_inference_steps={num_inference_steps!r}: expected a positive integer")
+        src.set_timesteps(num_inference_steps=num_inference_steps, device="cpu", **kw)
+        levels = torch.unique_consecutive(src.sigmas.detach().cpu().to(torch.float64)).tolist()
+        labels = [float(v) for v in src.timesteps.detach().cpu().tolist()]
+        if self._spec.nfe(len(levels) - 1, levels[-1] == 0.0) != len(labels) and self._spec.nfe(1, False) == 1:
+            # One call per step, but fewer calls than levels (Euler with log_linear
+            # interpolation): the source stops at the level after its last call.
+            if len(labels) + 1 < len(levels):
+                warnings.warn(
+                    f"{name} makes {len(levels)} levels but calls the network {len(labels)} times: its run stops "
+                    f"at σ = {levels[len(labels)]:.4g}, short of its last level {levels[-1]:.4g}; reproduced as it is",
+                    stacklevel=3,
+                )
+                levels = levels[: len(labels) + 1]
+        times = _core.grid_times(self._schedule, sigmas=levels).tolist()
+        self._install(times, device, labels=labels, label_dtype=src.timesteps.dtype)
+        self.init_noise_sigma = float(src.init_noise_sigma)
+        self.num_inference_steps = len(times) - 1
+
     def set_grid_file(self, path, device: Union[str, torch.device, None] = None):
         """Sets the grid of a grid file written by ``qtaylor tune`` (its sigmas), warning for
         each way it was tuned for another run (sampler, NFE, schedule), as ``qtaylor sample
@@ -661,7 +796,7 @@ class QTaylorScheduler(SchedulerMixin, ConfigMixin):
             return f"{spacing}-multistep"
         return spacing
 
-    def _install(self, times: List[float], device=None, tail: bool = False):
+    def _install(self, times: List[float], device=None, tail: bool = False, labels=None, label_dtype=None):
         program = _core.Program(
             self._schedule,
             self._spec,
@@ -674,11 +809,21 @@ class QTaylorScheduler(SchedulerMixin, ConfigMixin):
         self._replay = None
         self._begin_index = None
         model_times = program.call_model_times
-        integral = all(abs(v - round(v)) < 1e-9 for v in model_times)
-        if integral:
+        if labels is not None:
+            # A σ-space source's own network timesteps, one per call of the same sampler.
+            if len(labels) != len(model_times):
+                raise ValueError(
+                    f"{self.config.reproduces} calls the network {len(labels)} times on this grid, "
+                    f"{self._spec.name} {len(model_times)} times (a step of length zero?); this grid is not "
+                    "reproduced: choose another number of steps"
+                )
+            ts = torch.tensor(labels, dtype=label_dtype)
+        elif all(abs(v - round(v)) < 1e-9 for v in model_times):
             ts = torch.tensor([int(round(v)) for v in model_times], dtype=torch.int64)
         else:
             ts = torch.tensor(model_times, dtype=torch.float32)
+        self._labels = labels
+        self._label_dtype = label_dtype
         self._tail = tail
         self._tail_done = False
         if tail:
@@ -764,6 +909,12 @@ class QTaylorScheduler(SchedulerMixin, ConfigMixin):
             raise ValueError(f"step() got timestep {t_val}; expected one of the scheduler's timesteps")
         if not all_finite(sample):
             raise ValueError("sample contains NaN or Inf; the state passed to step() must be finite")
+        if self._source is not None:
+            return self._step_sigma_space(model_output, t_val, sample, generator, return_dict)
+        return self._step_vp(model_output, t_val, sample, generator, return_dict)
+
+    def _step_vp(self, model_output, t_val, sample, generator, return_dict):
+        """step() on the VP state."""
         if self._replay is None:
             self._start(t_val, sample)
         replay = self._replay
@@ -811,6 +962,22 @@ class QTaylorScheduler(SchedulerMixin, ConfigMixin):
             return (prev,)
         return QTaylorSchedulerOutput(prev_sample=prev, pred_original_sample=x0)
 
+    def _step_sigma_space(self, model_output, t_val, sample, generator, return_dict):
+        """step() for a σ-space source: its state x/α goes to the VP state of this call and
+        the next call's (or the end's) VP state back to x/α."""
+        if self._replay is None or self._replay.finished:
+            k = self._call_index(t_val) if self._replay is None else len(self._call_times)
+        else:
+            k = self._replay.calls_done
+        a = self._alpha_at_call(k)
+        out = self._step_vp(model_output, t_val, (sample.to(work_dtype(sample.dtype)) * a).to(sample.dtype),
+                            generator, True)
+        k_next = self._replay.calls_done
+        prev = (out.prev_sample.to(work_dtype(sample.dtype)) / self._alpha_at_call(k_next)).to(sample.dtype)
+        if not return_dict:
+            return (prev,)
+        return QTaylorSchedulerOutput(prev_sample=prev, pred_original_sample=out.pred_original_sample)
+
     def _start(self, t_val: float, sample: torch.Tensor):
         first = float(self.timesteps[0].item())
         if abs(t_val - first) > 1e-3 * max(1.0, abs(first)):
@@ -836,12 +1003,28 @@ class QTaylorScheduler(SchedulerMixin, ConfigMixin):
         noise: torch.Tensor,
         timesteps: torch.Tensor,
     ) -> torch.Tensor:
-        """``x_t = α(t) x0 + σ(t) ε`` at diffusers timesteps (one per row, or one)."""
+        """``x_t = α(t) x0 + σ(t) ε`` at diffusers timesteps (one per row, or one); for a
+        σ-space source its state ``x0 + (σ/α) ε``, at the grid's level of that timestep (the
+        network timesteps of such a source are its own labels)."""
         tv = timesteps if isinstance(timesteps, torch.Tensor) else torch.tensor(timesteps)
         steps = np.atleast_1d(tv.detach().cpu().to(torch.float64).numpy())
-        t = self._schedule.time_of_model_time(steps)
-        a = np.atleast_1d(self._schedule.alpha(t))
-        s = np.atleast_1d(self._schedule.sigma(t))
+        if self._source is not None and self._labels is not None:
+            labels = [float(v) for v in self.timesteps.tolist()]
+            t = []
+            for v in steps:
+                k = next((k for k, lab in enumerate(labels) if abs(lab - v) <= 1e-3 * max(1.0, abs(lab))), None)
+                if k is None:
+                    raise ValueError(f"add_noise: timestep {v} is not one of this grid's timesteps {labels}")
+                t.append(self._call_times[k])
+            t = np.array(t, dtype=np.float64)
+            lvl = np.atleast_1d(self._schedule.sigma(t)) / np.atleast_1d(self._schedule.alpha(t))
+            a, s = np.ones_like(lvl), lvl
+        else:
+            t = self._schedule.time_of_model_time(steps)
+            a = np.atleast_1d(self._schedule.alpha(t))
+            s = np.atleast_1d(self._schedule.sigma(t))
+            if self._source is not None:  # the σ-space state x0 + (σ/α) ε
+                a, s = np.ones_like(a), s / a
         work = work_dtype(original_samples.dtype)
         shape = (-1,) + (1,) * (original_samples.dim() - 1)
         at = torch.tensor(a, dtype=work, device=original_samples.device).view(shape)

@@ -63,10 +63,16 @@ class GaussianModel:
         self.calls = []
 
     def __call__(self, x: torch.Tensor, t) -> torch.Tensor:
-        t = int(t)
-        self.calls.append(t)
-        a = self.ac[t].sqrt()
-        s = (1 - self.ac[t]).sqrt()
+        t = float(t)
+        self.calls.append(int(t) if t == int(t) else t)
+        # ᾱ at a fractional timestep (σ-space schedulers' network times): linear between steps.
+        if t == int(t):
+            ac = self.ac[int(t)]
+        else:
+            lo = min(int(t), len(self.ac) - 2)
+            ac = self.ac[lo] + (t - lo) * (self.ac[lo + 1] - self.ac[lo])
+        a = ac.sqrt()
+        s = (1 - ac).sqrt()
         xd = x.double()
         eps = s * (xd - a * self.mu) / (a * a * self.sd**2 + s * s) + 0.1 * torch.tanh(xd @ self.w)
         if self.prediction_type == "epsilon":
@@ -86,11 +92,13 @@ def start_noise(seed: int = 7) -> torch.Tensor:
 
 
 def run_loop(sched, model, x, seed=None, **step_kwargs) -> torch.Tensor:
+    """A pipeline's loop: the start noise times ``init_noise_sigma``, the network on
+    ``scale_model_input`` of the state (both trivial for VP schedulers)."""
     if seed is not None:  # UniPC's step() takes no generator
         step_kwargs = dict(step_kwargs, generator=torch.Generator().manual_seed(seed))
-    x = x.clone()
+    x = x.clone() * sched.init_noise_sigma
     for t in sched.timesteps:
-        x = sched.step(model(x, t), t, x, **step_kwargs).prev_sample
+        x = sched.step(model(sched.scale_model_input(x, t), t), t, x, **step_kwargs).prev_sample
     return x
 
 

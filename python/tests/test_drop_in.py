@@ -22,8 +22,13 @@ from diffusers import (
     DEISMultistepScheduler,
     DPMSolverMultistepScheduler,
     EDMEulerScheduler,
+    EulerAncestralDiscreteScheduler,
     EulerDiscreteScheduler,
     FlowMatchEulerDiscreteScheduler,
+    HeunDiscreteScheduler,
+    KDPM2AncestralDiscreteScheduler,
+    KDPM2DiscreteScheduler,
+    LMSDiscreteScheduler,
     PNDMScheduler,
     UniPCMultistepScheduler,
 )
@@ -130,7 +135,7 @@ class _nothing:
         (UniPCMultistepScheduler, dict(disable_corrector=[1]), "'disable_corrector' = [1]"),
         (PNDMScheduler, dict(skip_prk_steps=True), "nearest: sampler='plms'"),
         (DEISMultistepScheduler, dict(), "nearest: deis-2 or deis-3"),
-        (EulerDiscreteScheduler, dict(), "nearest: ddim"),
+        (EulerDiscreteScheduler, dict(rescale_betas_zero_snr=True), "'rescale_betas_zero_snr' = True"),
     ],
 )
 def test_a_config_the_swap_cannot_reproduce_is_refused_with_its_name(cls, kw, says):
@@ -140,6 +145,100 @@ def test_a_config_the_swap_cannot_reproduce_is_refused_with_its_name(cls, kw, sa
     msg = str(e.value)
     assert says in msg, msg
     assert type(ref).__name__ in msg, msg
+
+
+# The σ-space (k-diffusion) classes: (label, class, own kwargs, sampler, stochastic).
+SIGMA_SOURCES = [
+    ("euler", EulerDiscreteScheduler, dict(), "k-euler", False),
+    ("euler-a", EulerAncestralDiscreteScheduler, dict(), "k-euler-a", True),
+    ("heun", HeunDiscreteScheduler, dict(), "k-heun", False),
+    ("kdpm2", KDPM2DiscreteScheduler, dict(), "k-dpm2", False),
+    ("kdpm2-a", KDPM2AncestralDiscreteScheduler, dict(), "k-dpm2-a", True),
+    ("lms", LMSDiscreteScheduler, dict(), "k-lms", False),
+]
+SIGMA_CONFIGS = {
+    "defaults": dict(),
+    "sd15": SD15,
+    "sdxl": dict(SDXL, interpolation_type="linear"),
+    "trailing": dict(timestep_spacing="trailing"),
+    "karras": dict(SD15, use_karras_sigmas=True),
+    "v-prediction": dict(prediction_type="v_prediction", timestep_spacing="trailing"),
+    # Euler's own grid keys.
+    "log-linear": dict(SD15, timestep_spacing="linspace", interpolation_type="log_linear"),
+    "sigma-min": dict(SD15, final_sigmas_type="sigma_min"),
+    "continuous-v": dict(prediction_type="v_prediction", timestep_type="continuous", use_karras_sigmas=True),
+}
+
+
+@pytest.mark.parametrize("steps", [10, 25])
+@pytest.mark.parametrize("cfg_name", list(SIGMA_CONFIGS))
+@pytest.mark.parametrize("label,cls,own,sampler,stochastic", SIGMA_SOURCES, ids=[s[0] for s in SIGMA_SOURCES])
+def test_the_swap_reproduces_the_sigma_space_schedulers_in_their_own_state(label, cls, own, sampler, stochastic, cfg_name, steps):
+    """Euler, Euler ancestral, Heun, KDPM2 (ancestral) and LMS: the swap runs k-diffusion's
+    algorithm on the source's own σ levels and network timesteps, in the source's state x/α
+    (its init_noise_sigma and scale_model_input), so a pipeline's loop ends where the source
+    ends, to 1e-5, with the same generator for the ancestral ones."""
+    try:
+        ref = cls(**own, **SIGMA_CONFIGS[cfg_name])
+        ref.set_timesteps(steps)
+    except TypeError:
+        pytest.skip(f"{cls.__name__} does not take {cfg_name}")
+    ours = QTaylorScheduler.from_config(ref)
+    assert ours.config.sampler == sampler and ours.config.reproduces == cls.__name__
+    ours.set_timesteps(steps)
+    assert ours.timesteps.tolist() == ref.timesteps.tolist()
+    assert ours.init_noise_sigma == pytest.approx(float(ref.init_noise_sigma), rel=1e-6)
+    model = GaussianModel(ref.alphas_cumprod.to(torch.float64), ref.config.prediction_type)
+    if cfg_name == "continuous-v":
+        model = _NoiseLevelModel(model)
+    seed = 3 if stochastic else None
+    a = run_loop(ref, model, start_noise(), seed=seed)
+    b = run_loop(ours, model, start_noise(), seed=seed)
+    assert rel_err(a, b) <= TOL
+
+
+class _NoiseLevelModel:
+    """A network whose time input is EDM's c_noise = ¼ ln σ (timestep_type='continuous'):
+    the Gaussian model at the fractional table step of that σ."""
+
+    def __init__(self, model):
+        self.model = model
+        ac = model.ac.double()
+        self.log_sigmas = (((1 - ac) / ac) ** 0.5).log().numpy()
+
+    def __call__(self, x, t):
+        step = np.interp(4 * float(t), self.log_sigmas, np.arange(len(self.log_sigmas)))
+        return self.model(x, float(step))
+
+
+def test_a_config_whose_keys_fit_several_algorithms_asks_for_its_class():
+    """LMS, KDPM2 and KDPM2 ancestral have the same config keys: a config built in memory
+    (no '_class_name') cannot say which it is. The scheduler itself, or the class name, can."""
+    ref = KDPM2DiscreteScheduler()
+    with pytest.raises(ValueError, match="KDPM2AncestralDiscreteScheduler, KDPM2DiscreteScheduler, LMSDiscreteScheduler"):
+        QTaylorScheduler.from_config(ref.config)
+    assert QTaylorScheduler.from_config(ref).config.sampler == "k-dpm2"
+    named = dict(ref.config, _class_name="LMSDiscreteScheduler")
+    assert QTaylorScheduler.from_config(named).config.sampler == "k-lms"
+
+
+def test_a_sigma_space_swap_keeps_the_sources_state_for_img2img_and_copies():
+    """add_noise gives the source's state x0 + σ ε at a grid timestep; a copy made mid-setup
+    keeps the source's grid and its network timesteps."""
+    import copy
+
+    ref = EulerDiscreteScheduler(**SD15)
+    ours = QTaylorScheduler.from_config(ref)
+    ref.set_timesteps(10)
+    ours.set_timesteps(10)
+    x0, eps = torch.randn(2, 4, generator=torch.Generator().manual_seed(0)), torch.randn(2, 4)
+    t = ref.timesteps[3:4]
+    torch.testing.assert_close(ours.add_noise(x0, eps, t), ref.add_noise(x0, eps, t), rtol=1e-5, atol=1e-5)
+    twin = copy.deepcopy(ours)
+    assert twin.timesteps.tolist() == ours.timesteps.tolist()
+    assert twin.init_noise_sigma == ours.init_noise_sigma
+    model = GaussianModel(ref.alphas_cumprod.to(torch.float64), "epsilon")
+    assert rel_err(run_loop(ours, model, start_noise()), run_loop(twin, model, start_noise())) == 0.0
 
 
 def test_an_explicit_sampler_runs_on_any_vp_config_and_says_what_it_replaces():

@@ -26,10 +26,20 @@ from qtaylor.diffusers import QTaylorScheduler, QTaylorSchedulerOutput
 SHAPE = (2, 3, 8, 8)
 ADAPTIVE = {"rk45", "dpm-solver-12", "dpm-solver-23"}
 # network calls per step of the samplers with several (the rest make one)
-MULTI_CALL = {"heun": 2, "rk4": 4, "dpm-solver-2": 2, "dpm-solver-3": 3, "dpmpp-2s": 2, "edm-heun": 2}
+MULTI_CALL = {
+    "heun": 2,
+    "rk4": 4,
+    "dpm-solver-2": 2,
+    "dpm-solver-3": 3,
+    "dpmpp-2s": 2,
+    "edm-heun": 2,
+    "k-heun": 2,
+    "k-dpm2": 2,
+    "k-dpm2-a": 2,
+}
 # one call per step, but a warm-up with more calls (so `order` stays 1, more timesteps)
 WARM_UP = {"pndm", "plms"}
-STOCHASTIC = ["ddpm", "dpmpp-2m-sde"]
+STOCHASTIC = ["ddpm", "dpmpp-2m-sde", "k-euler-a", "k-dpm2-a"]
 
 
 def gaussian_eps(ac: torch.Tensor):
