@@ -358,8 +358,23 @@ _FIXED_GAP = {
 }
 
 
+# The dtype diffusers draws a stochastic step's noise in, where it is not the state's:
+# DPMSolverMultistepScheduler draws its SDE noise in float32 (and steps in float32) whatever
+# the sample's dtype, so a float64 run takes the same draws from the generator.
+_NOISE_DTYPE = {"dpmpp-2m-sde": torch.float32}
+
+
 class _FedOps(TorchOps):
-    """Ops for a replay: the pipeline calls the network, so ``model`` is never used."""
+    """Ops for a replay: the pipeline calls the network, so ``model`` is never used.
+    ``noise_dtype``: draw the noise in this dtype (then cast to the state's), as the
+    diffusers class of the same algorithm does."""
+
+    noise_dtype: Optional[torch.dtype] = None
+
+    def noise(self, like: torch.Tensor) -> torch.Tensor:
+        if self.noise_dtype is None or self.noise_sampler is not None or like.dtype == self.noise_dtype:
+            return super().noise(like)
+        return super().noise(like.to(self.noise_dtype)).to(like.dtype)
 
 
 class QTaylorScheduler(SchedulerMixin, ConfigMixin):
@@ -507,6 +522,7 @@ class QTaylorScheduler(SchedulerMixin, ConfigMixin):
         self._replay: Optional[_core.Replay] = None
         self._begin_index: Optional[int] = None
         self._ops = _FedOps()
+        self._ops.noise_dtype = _NOISE_DTYPE.get(self._spec.name)
 
     # -- from another scheduler's config --------------------------------------------------
     @classmethod
@@ -538,7 +554,7 @@ class QTaylorScheduler(SchedulerMixin, ConfigMixin):
         return {
             "config": cfg,
             "times": self._times,
-            "tail": getattr(self, "_tail", False),
+            "tail": getattr(self, "_tail", 0),
             "device": str(self.timesteps.device),
             "num_inference_steps": self.num_inference_steps,
             "begin_index": self._begin_index,
@@ -744,8 +760,22 @@ class QTaylorScheduler(SchedulerMixin, ConfigMixin):
         ):
             raise ValueError(f"num_inference_steps={num_inference_steps!r}: expected a positive integer")
         src.set_timesteps(num_inference_steps=num_inference_steps, device="cpu", **kw)
-        levels = torch.unique_consecutive(src.sigmas.detach().cpu().to(torch.float64)).tolist()
+        raw = src.sigmas.detach().cpu().to(torch.float64).tolist()
+        levels = torch.unique_consecutive(torch.tensor(raw, dtype=torch.float64)).tolist()
         labels = [float(v) for v in src.timesteps.detach().cpu().tolist()]
+        if not all(math.isfinite(v) for v in labels + raw):
+            raise ValueError(
+                f"{name}'s own set_timesteps({num_inference_steps}) gives non-finite timesteps or sigmas on this "
+                f"config (timesteps {[round(v, 3) for v in labels[:4]]}…): diffusers' run is NaN here too, and "
+                "there is nothing to reproduce. Choose another beta_schedule or number of steps, or pass "
+                "sampler= to run a qtaylor sampler on this schedule"
+            )
+        # A grid that ends on a repeated level (Euler's final_sigmas_type='sigma_min' on a grid
+        # whose last timestep is 0): the source's steps of length zero leave the state as it is
+        # and still call the network; they are reproduced as idle calls after the run.
+        idle = 0
+        if len(raw) >= 2 and raw[-1] == raw[-2]:
+            idle = max(0, len(labels) - self._spec.nfe(len(levels) - 1, levels[-1] == 0.0))
         if self._spec.nfe(len(levels) - 1, levels[-1] == 0.0) != len(labels) and self._spec.nfe(1, False) == 1:
             # One call per step, but fewer calls than levels (Euler with log_linear
             # interpolation): the source stops at the level after its last call.
@@ -757,9 +787,9 @@ class QTaylorScheduler(SchedulerMixin, ConfigMixin):
                 )
                 levels = levels[: len(labels) + 1]
         times = _core.grid_times(self._schedule, sigmas=levels).tolist()
-        self._install(times, device, labels=labels, label_dtype=src.timesteps.dtype)
+        self._install(times, device, tail=idle, labels=labels, label_dtype=src.timesteps.dtype)
         self.init_noise_sigma = float(src.init_noise_sigma)
-        self.num_inference_steps = len(times) - 1
+        self.num_inference_steps = len(times) - 1 + idle
 
     def set_grid_file(self, path, device: Union[str, torch.device, None] = None):
         """Sets the grid of a grid file written by ``qtaylor tune`` (its sigmas), warning for
@@ -787,6 +817,13 @@ class QTaylorScheduler(SchedulerMixin, ConfigMixin):
                 f"be reproduced. Use leading spacing or a number of steps dividing "
                 f"{self.config.num_train_timesteps}, or pass sampler= to run qtaylor's sampler on this grid"
             )
+        if self.config.reproduces == "PNDMScheduler" and gap % 2:
+            raise ValueError(
+                f"QTaylorScheduler: this config reproduces PNDMScheduler, which puts its Runge-Kutta midpoints "
+                f"T//N//2 = {gap // 2} after each timestep, off the middle of its gap T//N = {gap} "
+                f"(num_inference_steps={n}); its run cannot be reproduced. Use a number of steps with T//N even, "
+                "or pass sampler='pndm' to run qtaylor's PNDM with its midpoints in the middle"
+            )
 
     def _spacing(self) -> str:
         """The core's name of this config's spacing: the multistep solvers' leading and
@@ -796,7 +833,10 @@ class QTaylorScheduler(SchedulerMixin, ConfigMixin):
             return f"{spacing}-multistep"
         return spacing
 
-    def _install(self, times: List[float], device=None, tail: bool = False, labels=None, label_dtype=None):
+    def _install(self, times: List[float], device=None, tail: int = 0, labels=None, label_dtype=None):
+        """Records the program of ``times``. ``tail`` idle calls follow the run: steps of
+        length zero that the source makes at the end of its grid (the state is returned as it
+        is); ``labels`` are a σ-space source's own timesteps, one per call."""
         program = _core.Program(
             self._schedule,
             self._spec,
@@ -811,7 +851,7 @@ class QTaylorScheduler(SchedulerMixin, ConfigMixin):
         model_times = program.call_model_times
         if labels is not None:
             # A σ-space source's own network timesteps, one per call of the same sampler.
-            if len(labels) != len(model_times):
+            if len(labels) != len(model_times) + int(tail):
                 raise ValueError(
                     f"{self.config.reproduces} calls the network {len(labels)} times on this grid, "
                     f"{self._spec.name} {len(model_times)} times (a step of length zero?); this grid is not "
@@ -824,10 +864,10 @@ class QTaylorScheduler(SchedulerMixin, ConfigMixin):
             ts = torch.tensor(model_times, dtype=torch.float32)
         self._labels = labels
         self._label_dtype = label_dtype
-        self._tail = tail
-        self._tail_done = False
-        if tail:
-            ts = torch.cat([ts, torch.zeros(1, dtype=ts.dtype)])
+        self._tail = int(tail)
+        self._tail_done = 0
+        if tail and labels is None:
+            ts = torch.cat([ts, torch.zeros(int(tail), dtype=ts.dtype)])
         self.timesteps = ts.to(device) if device is not None else ts
         self._call_times = program.call_times
         self._call_steps = program.call_steps
@@ -918,14 +958,17 @@ class QTaylorScheduler(SchedulerMixin, ConfigMixin):
         if self._replay is None:
             self._start(t_val, sample)
         replay = self._replay
-        if replay.finished and self._tail and not self._tail_done and abs(t_val) < 1e-6:
-            # The zero-length last step of a sigma_min grid that ends at timestep 0.
-            self._tail_done = True
-            prev = sample
-            if not return_dict:
-                return (prev,)
-            x0 = replay.x0(model_output, sample, self._schedule.time_of_model_time(0.0), self._ops)
-            return QTaylorSchedulerOutput(prev_sample=prev, pred_original_sample=x0.to(sample.dtype))
+        if replay.finished and self._tail_done < self._tail:
+            # A zero-length step after the run (a sigma_min grid that ends at timestep 0): the
+            # state stays as it is.
+            expected = float(self.timesteps[len(self._call_times) + self._tail_done].item())
+            if abs(t_val - expected) <= 1e-3 * max(1.0, abs(expected)):
+                self._tail_done += 1
+                prev = sample
+                if not return_dict:
+                    return (prev,)
+                x0 = replay.x0(model_output, sample, self._times[-1], self._ops)
+                return QTaylorSchedulerOutput(prev_sample=prev, pred_original_sample=x0.to(sample.dtype))
         if replay.finished:
             raise ValueError(
                 f"step() called after the last of the {len(self._call_times)} network calls; call set_timesteps again"

@@ -87,8 +87,8 @@ class GaussianModel:
         return out.to(x.dtype)
 
 
-def start_noise(seed: int = 7) -> torch.Tensor:
-    return torch.randn(SHAPE, generator=torch.Generator().manual_seed(seed))
+def start_noise(seed: int = 7, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    return torch.randn(SHAPE, generator=torch.Generator().manual_seed(seed), dtype=dtype)
 
 
 def run_loop(sched, model, x, seed=None, **step_kwargs) -> torch.Tensor:

@@ -14,6 +14,12 @@ from diffusers import (
     DDIMScheduler,
     DDPMScheduler,
     DPMSolverMultistepScheduler,
+    EulerAncestralDiscreteScheduler,
+    EulerDiscreteScheduler,
+    HeunDiscreteScheduler,
+    KDPM2AncestralDiscreteScheduler,
+    KDPM2DiscreteScheduler,
+    LMSDiscreteScheduler,
     PNDMScheduler,
     UniPCMultistepScheduler,
 )
@@ -23,7 +29,19 @@ from qtaylor.diffusers import QTaylorScheduler
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::FutureWarning")
 
-CLASSES = [DDIMScheduler, DDPMScheduler, PNDMScheduler, DPMSolverMultistepScheduler, UniPCMultistepScheduler]
+CLASSES = [
+    DDIMScheduler,
+    DDPMScheduler,
+    PNDMScheduler,
+    DPMSolverMultistepScheduler,
+    UniPCMultistepScheduler,
+    EulerDiscreteScheduler,
+    EulerAncestralDiscreteScheduler,
+    HeunDiscreteScheduler,
+    LMSDiscreteScheduler,
+    KDPM2DiscreteScheduler,
+    KDPM2AncestralDiscreteScheduler,
+]
 
 # Values other than the defaults, per key (the first the class accepts is used; a key with
 # several listed is tried with each).
@@ -66,9 +84,11 @@ OTHER = {
     "sigma_min": [0.01],
     "sigma_max": [50.0],
     "shift_terminal": [0.1],
+    "interpolation_type": ["log_linear"],
+    "timestep_type": ["continuous"],
 }
 
-STOCHASTIC = {"ddpm", "dpmpp-2m-sde"}
+STOCHASTIC = {"ddpm", "dpmpp-2m-sde", "k-euler-a", "k-dpm2-a"}
 
 # What each class's variants start from: its defaults, but DDIM's clip_sample, whose default
 # (True) is refused (its own variant checks that), so that the other keys are seen.
@@ -103,9 +123,14 @@ def test_every_key_of_a_reproduced_class_is_honoured_or_refused(cls, key, value)
     except Exception:  # noqa: BLE001 - diffusers itself does not take this value
         pytest.skip(f"{cls.__name__} does not accept {key}={value!r}")
     try:
-        ours = QTaylorScheduler.from_config(ref.config)
+        ours = QTaylorScheduler.from_config(ref)  # the scheduler itself: its class is known
     except ValueError as e:
         assert f"'{key}'" in str(e), f"refused, but the message does not name '{key}': {e}"
+        return
+    if not torch.isfinite(ref.timesteps.double()).all():
+        # diffusers' own grid is NaN (KDPM2 ancestral's midpoints on squaredcos_cap_v2)
+        with pytest.raises(ValueError, match="non-finite timesteps"):
+            ours.set_timesteps(10)
         return
     try:
         ours.set_timesteps(10)
@@ -114,7 +139,7 @@ def test_every_key_of_a_reproduced_class_is_honoured_or_refused(cls, key, value)
         return
     assert ours.timesteps.tolist() == ref.timesteps.tolist(), (key, value, ours.timesteps.tolist(), ref.timesteps.tolist())
     model = GaussianModel(ref.alphas_cumprod.to(torch.float64), ref.config.prediction_type)
-    x = start_noise()
+    x = start_noise(dtype=torch.float64)
     seed = 5 if ours.config.sampler in STOCHASTIC else None
     try:
         a = run_loop(ref, model, x, seed=seed)
