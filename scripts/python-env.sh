@@ -1,8 +1,11 @@
 #!/usr/bin/env bash
 # The Python test environment: a virtual environment (default target/py-venv, or $VENV) with
 # the pinned versions of python/requirements-test.txt (torch, diffusers, transformers, numpy,
-# safetensors, maturin, pytest) from PyPI. Creates the venv if it is missing; re-running it on
-# an existing venv only installs what differs from the pins.
+# safetensors, maturin, pytest, and the imports of k-diffusion's sampling module) from PyPI,
+# plus k-diffusion 0.1.1.post1 without its dependencies (python/tests/test_k_diffusion.py
+# loads only k_diffusion.sampling; the package's other modules need scikit-image, clean-fid,
+# wandb, …). Creates the venv if it is missing; re-running it on an existing venv only installs
+# what differs from the pins.
 #
 #   scripts/python-env.sh                 # -> target/py-venv
 #   VENV=/some/where scripts/python-env.sh
@@ -34,6 +37,9 @@ if [ ! -x "$VENV/bin/python" ]; then
 fi
 echo "+ $VENV/bin/pip install -r python/requirements-test.txt"
 "$VENV/bin/python" -m pip install --disable-pip-version-check -q -r python/requirements-test.txt
+echo "+ $VENV/bin/pip install --no-deps k-diffusion==0.1.1.post1"
+"$VENV/bin/python" -m pip install --disable-pip-version-check -q --no-deps k-diffusion==0.1.1.post1
 "$VENV/bin/python" -c 'import torch, diffusers, transformers, numpy, safetensors, pytest, maturin
+import scipy, torchvision, torchdiffeq, torchsde, tqdm, PIL
 print("python-env.sh: torch", torch.__version__, "| diffusers", diffusers.__version__,
       "| transformers", transformers.__version__, "| numpy", numpy.__version__)'

@@ -20,7 +20,8 @@ export VENV
 echo "+ cargo test --release"
 cargo test --release
 
-if ! "$VENV/bin/python" -c 'import torch, diffusers, transformers, pytest, maturin' >/dev/null 2>&1; then
+if ! "$VENV/bin/python" -c 'import torch, diffusers, transformers, pytest, maturin, scipy, torchsde, torchdiffeq, torchvision
+import importlib.util; assert importlib.util.find_spec("k_diffusion")' >/dev/null 2>&1; then
   echo "+ scripts/python-env.sh   ($VENV lacks the pinned test requirements)"
   scripts/python-env.sh
 fi

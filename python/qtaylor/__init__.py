@@ -3,6 +3,8 @@
 
 - ``qtaylor.diffusers.QTaylorScheduler``: every sampler as a drop-in diffusers scheduler;
 - ``qtaylor.torch.sample``: a k-diffusion-style sampling loop for any ``model(x, t)``;
+- ``qtaylor.k_diffusion``: k-diffusion's own signatures (``sample_euler``, ``sample_dpmpp_2m``,
+  …, and ``sample(..., sampler=name)`` for every sampler) for its denoisers ``model(x, σ)``;
 - the scalar API below: schedules (α, σ, λ and their derivatives), time grids and the
   quasi-Taylor coefficients over numpy arrays.
 

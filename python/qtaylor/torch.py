@@ -138,6 +138,7 @@ def sample(
     generator: Optional[torch.Generator] = None,
     noise_sampler: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
     callback: Optional[Callable[[dict], None]] = None,
+    step_callback: Optional[Callable[[int, float, torch.Tensor], None]] = None,
     progress: bool = False,
     grad: bool = False,
     **sampler_options,
@@ -152,6 +153,8 @@ def sample(
     supplies it). ``callback({"i", "t", "x", "output", "nfe"})`` is called once after every
     network call, adaptive samplers included: the grid step ``i``, the call's network time
     ``t``, its input ``x`` and ``output``, and the network calls so far ``nfe``.
+    ``step_callback(i, t, x)`` is called when the sampler starts step ``i`` at network time
+    ``t`` in state ``x``, before the step's noise draws and network calls.
     ``progress=True`` shows a tqdm bar over the network calls. The run keeps no autograd
     graph unless ``grad=True`` (gradients through the sampler, e.g. for a tuner).
     ``sampler_options`` are the sampler's options (eta, expand, qt_last, ddpm_variance,
@@ -196,6 +199,8 @@ def sample(
         times=times,
     )
     ops = TorchOps(model, generator=generator, noise_sampler=noise_sampler, callback=callback)
+    if step_callback is not None:
+        ops.begin_step = step_callback  # the core calls ops.begin_step(i, t, x) per step
     bar = None
     if progress:
         from tqdm.auto import tqdm
