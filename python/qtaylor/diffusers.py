@@ -120,6 +120,8 @@ SOURCES = {
     "KDPM2DiscreteScheduler": lambda cfg: "k-dpm2",
     "KDPM2AncestralDiscreteScheduler": lambda cfg: "k-dpm2-a",
     "LMSDiscreteScheduler": lambda cfg: "k-lms",
+    "EDMEulerScheduler": lambda cfg: "k-euler",
+    "EDMDPMSolverMultistepScheduler": _dpm_multistep,
 }
 
 # The σ-space (k-diffusion) classes: their state is x/α (``init_noise_sigma`` σ_max or
@@ -136,8 +138,17 @@ _SIGMA_CLASSES = (
     "KDPM2AncestralDiscreteScheduler",
     "LMSDiscreteScheduler",
 )
-# Grid keys of the σ-space classes, honoured by the source's own set_timesteps.
+# EDM's schedulers (Karras et al. 2022): the variance-exploding path x0 + σ ε (qtaylor's
+# Schedule.ve, in VP coordinates), the source's own σ grid (karras or exponential between
+# sigma_min and sigma_max), network times c_noise = ¼ ln σ, input scaling c_in and output
+# preconditioning D = c_skip x + c_out F (the source class's precondition_inputs/outputs, with
+# its sigma_data): the qtaylor sampler takes D as its x̂0 (prediction "sample").
+_EDM_CLASSES = ("EDMEulerScheduler", "EDMDPMSolverMultistepScheduler")
+# Grid keys of the σ-space and EDM classes, honoured by the source's own set_timesteps.
 _GRID_BY_SOURCE = {
+    "sigma_data",
+    "sigma_schedule",
+    "rho",
     "interpolation_type",
     "use_karras_sigmas",
     "use_exponential_sigmas",
@@ -160,6 +171,10 @@ _NEAREST = {
     "LCMScheduler": "ddim",
     "TCDScheduler": "ddim",
 }
+
+# The samplers whose lower_order_final lowers the order over the last steps (diffusers'
+# multistep rule: min(order, steps left) with fewer than 15 steps).
+_LOWERS_AT_THE_END = ("dpmpp-2m", "dpmpp-3m", "dpmpp-2m-sde", "unipc-2", "unipc-3", "deis-2", "deis-3")
 
 # Source keys honoured by choosing the sampler or its options (above, and in _translate).
 _CONSUMED = {"solver_order", "algorithm_type", "solver_type", "skip_prk_steps", "set_alpha_to_one", "disable_corrector", "predict_x0"}
@@ -244,11 +259,15 @@ def _translate(cfg: dict, kwargs: dict):
             "(SD3, Flux: x = (1 - σ) x0 + σ ε); QTaylorScheduler samples variance-preserving models only, "
             "and on this pipeline it would produce garbage. Keep the pipeline's own scheduler."
         )
-    if name.startswith("EDM") or name in ("ScoreSdeVeScheduler", "CMStochasticIterativeScheduler"):
+    if (name.startswith("EDM") and name not in _EDM_CLASSES) or name in (
+        "ScoreSdeVeScheduler",
+        "CMStochasticIterativeScheduler",
+    ):
         raise ValueError(
-            f"QTaylorScheduler.from_config: {name} is a σ-only (VE/EDM) configuration, which "
-            "QTaylorScheduler does not sample (it needs a variance-preserving beta schedule); nearest "
-            "qtaylor sampler: edm-heun on a VP schedule. Keep the pipeline's own scheduler."
+            f"QTaylorScheduler.from_config: {name} is a σ-only (VE) configuration whose algorithm and network "
+            "preconditioning QTaylorScheduler does not reproduce (it reproduces EDMEulerScheduler and "
+            "EDMDPMSolverMultistepScheduler); nearest: those, or qtaylor.k_diffusion with your own denoiser. "
+            "Keep the pipeline's own scheduler."
         )
     src = getattr(diffusers, name, None)
     if src is None or not isinstance(src, type):
@@ -273,10 +292,14 @@ def _translate(cfg: dict, kwargs: dict):
     chosen = kwargs.get("sampler", cfg.get("sampler"))
     # An explicit sampler that is the source's own algorithm reproduces it all the same.
     sigma_source = name in _SIGMA_CLASSES and (not explicit or chosen == SOURCES[name](cfg))
+    # An EDM config has no VP schedule to run another sampler on: its source always makes the
+    # grid (a sampler with one call per level runs there; see _set_source_timesteps).
+    sigma_source = sigma_source or name in _EDM_CLASSES
     if sigma_source:
         out["source_config"] = {
             k: (v.tolist() if hasattr(v, "tolist") else v) for k, v in cfg.items() if not k.startswith("_")
         }
+        out["source_config"]["_class_name"] = name
     for key, value in cfg.items():
         if key.startswith("_") or key in _IDLE:
             continue
@@ -326,7 +349,7 @@ def _translate(cfg: dict, kwargs: dict):
             )
         if cfg.get("predict_x0") is False:
             raise _refused(cfg, "predict_x0", "qtaylor's UniPC predicts x0", "keep the pipeline's own scheduler")
-    if sigma_source and explicit:
+    if sigma_source and explicit and name not in _EDM_CLASSES:
         kwargs = {k: v for k, v in kwargs.items() if k != "sampler"}
         out.pop("sampler", None)
         explicit = False
@@ -361,7 +384,7 @@ _FIXED_GAP = {
 # The dtype diffusers draws a stochastic step's noise in, where it is not the state's:
 # DPMSolverMultistepScheduler draws its SDE noise in float32 (and steps in float32) whatever
 # the sample's dtype, so a float64 run takes the same draws from the generator.
-_NOISE_DTYPE = {"dpmpp-2m-sde": torch.float32}
+_NOISE_DTYPE = {"dpmpp-2m-sde": torch.float32}  # (EDMDPMSolverMultistepScheduler: the sample's)
 
 
 class _FedOps(TorchOps):
@@ -394,8 +417,9 @@ class QTaylorScheduler(SchedulerMixin, ConfigMixin):
     x̂0; ``"sigma_min"`` ends at the first trained timestep.
     """
 
-    # The VP classes whose config it takes (EDM's σ-only one is refused by from_config).
-    _compatibles = [e.name for e in KarrasDiffusionSchedulers if not e.name.startswith("EDM")]
+    # The classes whose config it takes: the VP ones and EDM's two (from_config refuses the
+    # flow-matching ones).
+    _compatibles = [e.name for e in KarrasDiffusionSchedulers] + ["EDMDPMSolverMultistepScheduler"]
     order = 1
 
     @register_to_config
@@ -472,8 +496,7 @@ class QTaylorScheduler(SchedulerMixin, ConfigMixin):
         if ddpm_variance is None:
             learned_large = variance_type is not None and variance_type.startswith("fixed_large")
             ddpm_variance = "beta" if learned_large else "beta-tilde"
-        self._spec = _core.SamplerSpec(
-            sampler,
+        self._spec_options = dict(
             eta=eta,
             expand=expand,
             qt_last=qt_last,
@@ -486,6 +509,7 @@ class QTaylorScheduler(SchedulerMixin, ConfigMixin):
             s_tmax=s_tmax,
             s_noise=s_noise,
         )
+        self._spec = self._base_spec = _core.SamplerSpec(sampler, **self._spec_options)
         if sampler == "euler":
             warnings.warn(
                 "QTaylorScheduler: sampler 'euler' is Euler on the probability-flow ODE in t; diffusers' "
@@ -498,14 +522,25 @@ class QTaylorScheduler(SchedulerMixin, ConfigMixin):
                 "through a scheduler's step(); use qtaylor.torch.sample(model, x, sampler=...) instead"
             )
         self._source = None
+        self._source_sigmas: Optional[torch.Tensor] = None
+        self._edm = False
         if source_config is not None:
-            if reproduces not in _SIGMA_CLASSES:
+            source_config = dict(source_config)
+            name = source_config.pop("_class_name", reproduces)
+            if name not in _SIGMA_CLASSES + _EDM_CLASSES:
                 raise ValueError(
-                    f"source_config is given for reproduces={reproduces!r}; it applies to the σ-space "
-                    f"classes {', '.join(_SIGMA_CLASSES)} only"
+                    f"source_config is given for the class {name!r}; it applies to the σ-space and EDM "
+                    f"classes {', '.join(_SIGMA_CLASSES + _EDM_CLASSES)} only"
                 )
-            # The source class itself, for its grid and network timesteps (never its step).
-            self._source = getattr(diffusers, reproduces)(**source_config)
+            # The source class itself, for its grid, network timesteps and (EDM) its
+            # preconditioning (never its step).
+            self._source = getattr(diffusers, name)(**source_config)
+            self._edm = name in _EDM_CLASSES
+            if self._edm:
+                # Headroom over sigma_max: the source's float32 top level may round above it.
+                self._schedule = _core.Schedule.ve(sigma_max=float(self._source.config.sigma_max) * (1 + 1e-6))
+        # The program reads the network's output as this (EDM: the preconditioned D = x̂0).
+        self._prediction = "sample" if self._edm else prediction_type
         self._labels: Optional[List[float]] = None
         self._label_dtype = None
         self._clip = float(clip_sample_range) if clip_sample else None
@@ -522,7 +557,7 @@ class QTaylorScheduler(SchedulerMixin, ConfigMixin):
         self._replay: Optional[_core.Replay] = None
         self._begin_index: Optional[int] = None
         self._ops = _FedOps()
-        self._ops.noise_dtype = _NOISE_DTYPE.get(self._spec.name)
+        self._ops.noise_dtype = None if self._edm else _NOISE_DTYPE.get(self._spec.name)
 
     # -- from another scheduler's config --------------------------------------------------
     @classmethod
@@ -534,8 +569,10 @@ class QTaylorScheduler(SchedulerMixin, ConfigMixin):
         every key of it is honoured or refused with an error that names it, and without
         ``sampler`` the sampler is the source's own algorithm (:data:`SOURCES`). An explicit
         ``sampler`` runs on any VP config; the source's algorithm keys then give way to it,
-        which a warning says. Flow-matching and EDM (σ-only) configs are refused: qtaylor
-        does not sample those paths through this scheduler yet.
+        which a warning says. EDM's two schedulers are reproduced on their own σ grid and
+        preconditioning (another sampler runs there too if it makes one call per level).
+        Flow-matching configs are refused: qtaylor does not sample that path through this
+        scheduler yet.
         """
         if isinstance(config, SchedulerMixin) and isinstance(config, ConfigMixin):
             # The scheduler itself (``from_config(pipe.scheduler)``): its class is known.
@@ -561,6 +598,8 @@ class QTaylorScheduler(SchedulerMixin, ConfigMixin):
             "labels": None if self._labels is None else self.timesteps.tolist(),
             "label_dtype": self._label_dtype if self._labels is not None else None,
             "init_noise_sigma": self.init_noise_sigma,
+            "source_sigmas": None if self._source_sigmas is None else self._source_sigmas.tolist(),
+            "spec_lowered": self._spec is not self._base_spec,
         }
 
     def __setstate__(self, state):
@@ -569,12 +608,16 @@ class QTaylorScheduler(SchedulerMixin, ConfigMixin):
         # diffusers' bookkeeping keys (_class_name, _use_default_values, ...) as they were.
         self.register_to_config(**{k: v for k, v in cfg.items() if k.startswith("_")})
         if state["times"] is not None:
+            if state.get("spec_lowered"):
+                self._spec = _core.SamplerSpec(self._spec.name, **dict(self._spec_options, lower_order_final=False))
             self._install(
                 state["times"], state["device"], state["tail"], labels=state.get("labels"),
                 label_dtype=state.get("label_dtype"),
             )
             self.num_inference_steps = state["num_inference_steps"]
             self.init_noise_sigma = state.get("init_noise_sigma", self.init_noise_sigma)
+            if state.get("source_sigmas") is not None:
+                self._source_sigmas = torch.tensor(state["source_sigmas"], dtype=torch.float32)
             self._begin_index = state["begin_index"]
 
     # -- the schedule -------------------------------------------------------------------
@@ -601,25 +644,38 @@ class QTaylorScheduler(SchedulerMixin, ConfigMixin):
     def begin_index(self) -> Optional[int]:
         return self._begin_index
 
+    def _no_table(self, what: str):
+        if self._edm:
+            raise AttributeError(
+                f"'{what}': this scheduler reproduces {type(self._source).__name__}, whose variance-exploding path "
+                "(x0 + σ ε) has no beta table; its levels are `sigmas`"
+            )
+
     @property
     def betas(self) -> torch.Tensor:
         """β_n of the trained steps, float32, as diffusers' schedulers hold them."""
+        self._no_table("betas")
         return torch.tensor(self._schedule.betas, dtype=torch.float32)
 
     @property
     def alphas(self) -> torch.Tensor:
         """1 − β_n, float32."""
+        self._no_table("alphas")
         return 1.0 - self.betas
 
     @property
     def alphas_cumprod(self) -> torch.Tensor:
         """ᾱ_n of the trained steps, float32 (the table the schedule interpolates)."""
+        self._no_table("alphas_cumprod")
         return torch.tensor(self._schedule.alphas_cumprod, dtype=torch.float32)
 
     @property
     def sigmas(self) -> torch.Tensor:
         """diffusers' σ = √((1 − ᾱ)/ᾱ): after ``set_timesteps`` at every point of the grid, the
         last one 0 when the grid ends at ᾱ = 1; before it, at every trained step, descending."""
+        if self._source is not None:
+            # the source's own levels (a repeated last one included)
+            return self._source_sigmas if self._source_sigmas is not None else self._source.sigmas
         if self._times is None:
             return (((1 - self.alphas_cumprod.double()) / self.alphas_cumprod.double()) ** 0.5).flip(0).float()
         a = np.asarray(self._schedule.alpha(np.array(self._times, dtype=np.float64)))
@@ -634,7 +690,10 @@ class QTaylorScheduler(SchedulerMixin, ConfigMixin):
         x/α times α = 1/√(σ² + 1) at this call, as the source class scales it."""
         if self._source is None:
             return sample
-        return sample * self._alpha_at_call(self._call_index(timestep))
+        k = self._call_index(timestep)
+        if self._edm:
+            return self._source.precondition_inputs(sample, self._level_at_call(k))
+        return sample * self._alpha_at_call(k)
 
     def _call_index(self, timestep) -> int:
         """The network call a pipeline is at: the next one of the run in progress, else the
@@ -649,6 +708,11 @@ class QTaylorScheduler(SchedulerMixin, ConfigMixin):
                 if abs(float(v) - t) <= 1e-3 * max(1.0, abs(float(v))):
                     return k
         return 0
+
+    def _level_at_call(self, k: int) -> float:
+        """σ/α at network call k (EDM's σ), the grid's end past the last call."""
+        t = self._call_times[k] if k < len(self._call_times) else self._times[-1]
+        return float(self._schedule.sigma(float(t)) / self._schedule.alpha(float(t)))
 
     def _alpha_at_call(self, k: int) -> float:
         """α at network call k (α at the grid's end past the last call): the factor between a
@@ -760,8 +824,13 @@ class QTaylorScheduler(SchedulerMixin, ConfigMixin):
         ):
             raise ValueError(f"num_inference_steps={num_inference_steps!r}: expected a positive integer")
         src.set_timesteps(num_inference_steps=num_inference_steps, device="cpu", **kw)
+        self._source_sigmas = src.sigmas.detach().cpu().clone()
         raw = src.sigmas.detach().cpu().to(torch.float64).tolist()
-        levels = torch.unique_consecutive(torch.tensor(raw, dtype=torch.float64)).tolist()
+        # Consecutive levels equal to float32 rounding are one level (EDM DPM-Solver's
+        # final sigma_min, 2e-7 above its karras grid's float32 last level, is a step of
+        # length zero, as Euler's repeated last level is).
+        same = [i > 0 and abs(v - raw[i - 1]) <= 1e-6 * max(abs(v), abs(raw[i - 1])) for i, v in enumerate(raw)]
+        levels = [v for i, v in enumerate(raw) if not same[i]]
         labels = [float(v) for v in src.timesteps.detach().cpu().tolist()]
         if not all(math.isfinite(v) for v in labels + raw):
             raise ValueError(
@@ -774,8 +843,25 @@ class QTaylorScheduler(SchedulerMixin, ConfigMixin):
         # whose last timestep is 0): the source's steps of length zero leave the state as it is
         # and still call the network; they are reproduced as idle calls after the run.
         idle = 0
-        if len(raw) >= 2 and raw[-1] == raw[-2]:
+        self._spec = self._base_spec
+        if len(raw) >= 2 and same[-1]:
             idle = max(0, len(labels) - self._spec.nfe(len(levels) - 1, levels[-1] == 0.0))
+        if idle and self._spec.name in _LOWERS_AT_THE_END:
+            if self._spec.name not in ("dpmpp-2m", "dpmpp-2m-sde"):
+                # Higher orders on a step of (nearly) zero length: diffusers divides by it
+                # (NaN from 15 steps on), and under 15 steps lowers the order on the step
+                # before, which qtaylor's lower_order_final cannot express.
+                raise ValueError(
+                    f"{name}'s config key 'final_sigmas_type' = {src.config.final_sigmas_type!r} ends its grid on a "
+                    f"step of length zero, which {self._spec.name} cannot take as {name} does (its order-3 update "
+                    f"divides by the step: NaN in diffusers from 15 steps on; under 15 it lowers the order of the "
+                    f"step before). Use final_sigmas_type='zero', or solver_order=2"
+                )
+            if self.config.lower_order_final and len(labels) < 15:
+                # The source lowers the order on its last step, the idle one: on the real last
+                # step DPM-Solver++(2M) keeps order 2 (min(2, steps left = 2)), which is this
+                # sampler without lower_order_final.
+                self._spec = _core.SamplerSpec(self._spec.name, **dict(self._spec_options, lower_order_final=False))
         if self._spec.nfe(len(levels) - 1, levels[-1] == 0.0) != len(labels) and self._spec.nfe(1, False) == 1:
             # One call per step, but fewer calls than levels (Euler with log_linear
             # interpolation): the source stops at the level after its last call.
@@ -841,7 +927,7 @@ class QTaylorScheduler(SchedulerMixin, ConfigMixin):
             self._schedule,
             self._spec,
             times,
-            prediction_type=self.config.prediction_type,
+            prediction_type=self._prediction,
             clip=self._clip,
         )
         self._times = times
@@ -915,7 +1001,7 @@ class QTaylorScheduler(SchedulerMixin, ConfigMixin):
         full = self._times
         sub = full[step:]
         new = _core.Program(
-            self._schedule, self._spec, sub, prediction_type=self.config.prediction_type, clip=self._clip
+            self._schedule, self._spec, sub, prediction_type=self._prediction, clip=self._clip
         )
         if not np.allclose(new.call_model_times, old, rtol=0, atol=1e-9):
             raise ValueError(
@@ -1012,6 +1098,10 @@ class QTaylorScheduler(SchedulerMixin, ConfigMixin):
             k = self._call_index(t_val) if self._replay is None else len(self._call_times)
         else:
             k = self._replay.calls_done
+        if self._edm:
+            # EDM: the network's output F becomes the denoiser D = c_skip x + c_out F (the
+            # source's precondition_outputs), which the program reads as x̂0.
+            model_output = self._source.precondition_outputs(sample, model_output, self._level_at_call(k))
         a = self._alpha_at_call(k)
         out = self._step_vp(model_output, t_val, (sample.to(work_dtype(sample.dtype)) * a).to(sample.dtype),
                             generator, True)

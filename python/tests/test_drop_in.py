@@ -6,13 +6,16 @@ PNDM with its Runge-Kutta start, DPM-Solver multistep in its ++ forms, UniPC) ×
 SDXL-style config, trailing spacing, v-prediction} × {10, 25 steps}: the end point of a full
 sampling loop equals the source scheduler's own on the exact-score Gaussian model of
 ``test_diffusers_parity`` to 1e-5 relative, the same generator for the stochastic ones, and
-the network calls (``timesteps``) are the same. Then the refusals: a flow-matching or EDM
+the network calls (``timesteps``) are the same; likewise the σ-space classes (Euler, Heun,
+LMS, KDPM2 and their ancestral forms) and EDM's two schedulers on their own grids. Then the
+refusals: a flow-matching or other VE
 config, a source key that would change the run, a class whose algorithm qtaylor does not
 reproduce; each names what it refuses.
 """
 
 from __future__ import annotations
 
+import math
 import re
 from pathlib import Path
 from typing import Optional
@@ -25,6 +28,7 @@ from diffusers import (
     DDPMScheduler,
     DEISMultistepScheduler,
     DPMSolverMultistepScheduler,
+    EDMDPMSolverMultistepScheduler,
     EDMEulerScheduler,
     EulerAncestralDiscreteScheduler,
     EulerDiscreteScheduler,
@@ -34,9 +38,10 @@ from diffusers import (
     KDPM2DiscreteScheduler,
     LMSDiscreteScheduler,
     PNDMScheduler,
+    ScoreSdeVeScheduler,
     UniPCMultistepScheduler,
 )
-from test_diffusers_parity import GaussianModel, rel_err, run_loop, start_noise
+from test_diffusers_parity import SHAPE, GaussianModel, rel_err, run_loop, start_noise
 
 from qtaylor.diffusers import QTaylorScheduler
 
@@ -133,7 +138,8 @@ class _nothing:
     [
         (FlowMatchEulerDiscreteScheduler, dict(shift=3.0), "flow-matching"),
         (DPMSolverMultistepScheduler, dict(use_flow_sigmas=True, prediction_type="flow_prediction"), "flow-matching"),
-        (EDMEulerScheduler, dict(), "σ-only"),
+        (ScoreSdeVeScheduler, dict(), "σ-only"),
+        (EDMDPMSolverMultistepScheduler, dict(thresholding=True), "'thresholding' = True"),
         (DDIMScheduler, dict(thresholding=True), "'thresholding' = True"),
         (DDIMScheduler, dict(rescale_betas_zero_snr=True), "'rescale_betas_zero_snr' = True"),
         (DPMSolverMultistepScheduler, dict(euler_at_final=True), "'euler_at_final' = True"),
@@ -236,12 +242,13 @@ def test_readme_states_the_measured_worst_difference_of_every_class():
         for cfg_name in CONFIGS:
             for steps in (10, 25):
                 measured[case[0]] = max(measured.get(case[0], 0.0), _vp_case(*case, cfg_name, steps))
-    for case in SIGMA_SOURCES:
-        for cfg_name in SIGMA_CONFIGS:
-            for steps in (10, 25):
-                err = _sigma_case(*case, cfg_name, steps)
-                if err is not None:
-                    measured[case[0]] = max(measured.get(case[0], 0.0), err)
+    for cases, configs, case_fn in ((SIGMA_SOURCES, SIGMA_CONFIGS, _sigma_case), (EDM_SOURCES, EDM_CONFIGS, _edm_case)):
+        for case in cases:
+            for cfg_name in configs:
+                for steps in (10, 25):
+                    err = case_fn(*case, cfg_name, steps)
+                    if err is not None:
+                        measured[case[0]] = max(measured.get(case[0], 0.0), err)
     table = "\n".join(f"{k}: {v:.1e}" for k, v in measured.items())
     assert set(stated) == set(measured), f"README's rows {sorted(stated)}; measured:\n{table}"
     for label, err in measured.items():
@@ -260,6 +267,88 @@ class _NoiseLevelModel:
     def __call__(self, x, t):
         step = np.interp(4 * float(t), self.log_sigmas, np.arange(len(self.log_sigmas)))
         return self.model(x, float(step))
+
+
+# EDM's schedulers: (label, class, own kwargs, sampler, stochastic).
+EDM_SOURCES = [
+    ("edm-euler", EDMEulerScheduler, dict(), "k-euler", False),
+    ("edm-dpm++2m", EDMDPMSolverMultistepScheduler, dict(), "dpmpp-2m", False),
+    ("edm-dpm++3m", EDMDPMSolverMultistepScheduler, dict(solver_order=3), "dpmpp-3m", False),
+    ("edm-dpm++2m-sde", EDMDPMSolverMultistepScheduler, dict(algorithm_type="sde-dpmsolver++"), "dpmpp-2m-sde", True),
+]
+EDM_CONFIGS = {
+    "defaults": dict(),  # karras, σ in [0.002, 80], sigma_data 0.5
+    "exponential": dict(sigma_schedule="exponential"),
+    "sigma-min": dict(final_sigmas_type="sigma_min"),
+    "v-prediction": dict(prediction_type="v_prediction"),
+    # the σ range of an SD-style VP model, sigma_data 1
+    "sd-range": dict(sigma_min=0.0292, sigma_max=14.6146, sigma_data=1.0, rho=5.0),
+}
+
+
+class EDMGaussianModel:
+    """The network F of EDM's preconditioning whose denoiser D = c_skip x + c_out F is the exact
+    x̂0 of N(μ, s²) per pixel (+ 0.1·tanh(x W), as GaussianModel), at the network time
+    c_noise = ¼ ln σ and input c_in x = x/√(σ² + σ_data²) (EDM's Table 1, independent of the
+    schedulers' code)."""
+
+    def __init__(self, sigma_data: float, prediction_type: str, seed: int = 1):
+        g = torch.Generator().manual_seed(seed)
+        self.mu = (torch.randn(SHAPE[1:], generator=g) * 0.5).double()
+        self.sd = (torch.rand(SHAPE[1:], generator=g) * 0.5 + 0.2).double()
+        self.w = (torch.randn(SHAPE[-1], SHAPE[-1], generator=g) * 0.3).double()
+        self.sigma_data = sigma_data
+        self.sign = -1.0 if prediction_type == "v_prediction" else 1.0
+
+    def __call__(self, x_in, t):
+        sigma, sd2 = math.exp(4 * float(t)), self.sigma_data**2
+        x = x_in.double() * math.sqrt(sigma**2 + sd2)
+        d = (self.sd**2 * x + sigma**2 * self.mu) / (self.sd**2 + sigma**2) + 0.1 * torch.tanh(x @ self.w) * sigma / (1 + sigma)
+        c_skip, c_out = sd2 / (sigma**2 + sd2), self.sign * sigma * self.sigma_data / math.sqrt(sigma**2 + sd2)
+        return ((d - c_skip * x) / c_out).to(x_in.dtype)
+
+
+def _edm_case(label, cls, own, sampler, stochastic, cfg_name, steps) -> Optional[float]:
+    """The end points' relative difference of one EDM cell; None where the swap refuses it
+    (checked here: DPM-Solver++(3M) ending on EDM's repeated sigma_min, a step of length ~0
+    that diffusers takes with its order-3 update: NaN from 15 steps on)."""
+    ref = cls(**own, **EDM_CONFIGS[cfg_name])
+    ours = QTaylorScheduler.from_config(ref.config)
+    assert ours.config.sampler == sampler and ours.config.reproduces == cls.__name__
+    ref.set_timesteps(steps)
+    if label == "edm-dpm++3m" and cfg_name == "sigma-min":
+        with pytest.raises(ValueError, match="'final_sigmas_type' = 'sigma_min' ends its grid on a step of length zero"):
+            ours.set_timesteps(steps)
+        return None
+    ours.set_timesteps(steps)
+    assert ours.timesteps.tolist() == ref.timesteps.tolist()
+    assert ours.init_noise_sigma == pytest.approx(float(ref.init_noise_sigma), rel=1e-6)
+    torch.testing.assert_close(ours.sigmas, ref.sigmas, rtol=1e-6, atol=0)
+    model = EDMGaussianModel(ref.config.sigma_data, ref.config.prediction_type)
+    seed = 3 if stochastic else None
+    x = start_noise(dtype=torch.float64)
+    return rel_err(run_loop(ref, model, x, seed=seed), run_loop(ours, model, x, seed=seed))
+
+
+@pytest.mark.parametrize("steps", [10, 25])
+@pytest.mark.parametrize("cfg_name", list(EDM_CONFIGS))
+@pytest.mark.parametrize("label,cls,own,sampler,stochastic", EDM_SOURCES, ids=[s[0] for s in EDM_SOURCES])
+def test_the_swap_reproduces_edms_schedulers_with_their_preconditioning(label, cls, own, sampler, stochastic, cfg_name, steps):
+    """EDMEulerScheduler and EDMDPMSolverMultistepScheduler: the swap runs k-euler / DPM-Solver++
+    on the VE path (Schedule.ve) over the source's own σ grid and network times, with the
+    source's c_in and D = c_skip x + c_out F as x̂0, and ends where the source ends, to 1e-5."""
+    err = _edm_case(label, cls, own, sampler, stochastic, cfg_name, steps)
+    if err is not None:
+        assert err <= TOL
+
+
+def test_an_edm_swap_has_sigmas_and_no_beta_table():
+    ours = QTaylorScheduler.from_config(EDMEulerScheduler().config)
+    assert float(ours.sigmas[0]) == pytest.approx(80.0)
+    with pytest.raises(AttributeError):  # as EDMEulerScheduler has none
+        ours.alphas_cumprod
+    ours.set_timesteps(5)
+    assert ours.sigmas.tolist()[-1] == 0.0 and len(ours.timesteps) == 5
 
 
 def test_pndm_with_an_odd_gap_is_refused_where_its_midpoints_leave_the_middle():

@@ -14,6 +14,8 @@ from diffusers import (
     DDIMScheduler,
     DDPMScheduler,
     DPMSolverMultistepScheduler,
+    EDMDPMSolverMultistepScheduler,
+    EDMEulerScheduler,
     EulerAncestralDiscreteScheduler,
     EulerDiscreteScheduler,
     HeunDiscreteScheduler,
@@ -24,6 +26,7 @@ from diffusers import (
     UniPCMultistepScheduler,
 )
 from test_diffusers_parity import GaussianModel, rel_err, run_loop, start_noise
+from test_drop_in import EDMGaussianModel
 
 from qtaylor.diffusers import QTaylorScheduler
 
@@ -41,6 +44,8 @@ CLASSES = [
     LMSDiscreteScheduler,
     KDPM2DiscreteScheduler,
     KDPM2AncestralDiscreteScheduler,
+    EDMEulerScheduler,
+    EDMDPMSolverMultistepScheduler,
 ]
 
 # Values other than the defaults, per key (the first the class accepts is used; a key with
@@ -86,6 +91,9 @@ OTHER = {
     "shift_terminal": [0.1],
     "interpolation_type": ["log_linear"],
     "timestep_type": ["continuous"],
+    "sigma_data": [1.0],
+    "sigma_schedule": ["exponential"],
+    "rho": [5.0],
 }
 
 STOCHASTIC = {"ddpm", "dpmpp-2m-sde", "k-euler-a", "k-dpm2-a"}
@@ -138,7 +146,10 @@ def test_every_key_of_a_reproduced_class_is_honoured_or_refused(cls, key, value)
         assert f"'{key}'" in str(e), f"set_timesteps refused, but does not name '{key}': {e}"
         return
     assert ours.timesteps.tolist() == ref.timesteps.tolist(), (key, value, ours.timesteps.tolist(), ref.timesteps.tolist())
-    model = GaussianModel(ref.alphas_cumprod.to(torch.float64), ref.config.prediction_type)
+    if cls in (EDMEulerScheduler, EDMDPMSolverMultistepScheduler):
+        model = EDMGaussianModel(ref.config.sigma_data, ref.config.prediction_type)
+    else:
+        model = GaussianModel(ref.alphas_cumprod.to(torch.float64), ref.config.prediction_type)
     x = start_noise(dtype=torch.float64)
     seed = 5 if ours.config.sampler in STOCHASTIC else None
     try:
