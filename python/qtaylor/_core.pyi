@@ -27,6 +27,7 @@ class Schedule:
         beta_end: float = 0.02,
         num_train_timesteps: int = 1000,
         trained_betas: Optional[Sequence[float]] = None,
+        rescale_betas_zero_snr: bool = False,
     ) -> "Schedule": ...
     @property
     def name(self) -> str: ...

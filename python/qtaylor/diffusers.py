@@ -50,7 +50,6 @@ class QTaylorSchedulerOutput(BaseOutput):
 
 _UNSUPPORTED = {
     "thresholding": "dynamic thresholding",
-    "rescale_betas_zero_snr": "zero-terminal-SNR rescaling of the betas",
     "use_exponential_sigmas": "exponential sigmas (pass sigmas= to set_timesteps)",
     "use_beta_sigmas": "beta sigmas (pass sigmas= to set_timesteps)",
 }
@@ -183,7 +182,6 @@ _CONSUMED = {"solver_order", "algorithm_type", "solver_type", "skip_prk_steps", 
 # it is (any other value is refused, naming the key).
 _NEUTRAL = {
     "thresholding": False,
-    "rescale_betas_zero_snr": False,
     "use_exponential_sigmas": False,
     "use_beta_sigmas": False,
     "use_flow_sigmas": False,
@@ -330,6 +328,20 @@ def _translate(cfg: dict, kwargs: dict):
                     "diffusers rounds these timesteps to integers, qtaylor keeps them fractional",
                     "pass sampler=... to run it on qtaylor's fractional grid",
                 )
+    if name in ("DDIMScheduler", "DDPMScheduler") and cfg.get("rescale_betas_zero_snr"):
+        why = (
+            f"{name} keeps ᾱ_T = 0 at its first step, where qtaylor's schedules need ᾱ > 0 (λ = −∞); "
+            "qtaylor takes ᾱ_T = 2⁻²⁴ (σ_max ≈ 4096), as diffusers' Euler, DPM-Solver multistep and UniPC do"
+        )
+        if not explicit:
+            raise _refused(
+                cfg,
+                "rescale_betas_zero_snr",
+                why,
+                "nearest: the same config in EulerDiscreteScheduler, DPMSolverMultistepScheduler or "
+                "UniPCMultistepScheduler (reproduced), or pass sampler= to run a qtaylor sampler on ᾱ_T = 2⁻²⁴",
+            )
+        warnings.warn(f"QTaylorScheduler.from_config: 'rescale_betas_zero_snr' = True: {why}", stacklevel=3)
     if name == "DDIMScheduler" and cfg.get("clip_sample") and not explicit:
         raise _refused(
             cfg,
@@ -408,7 +420,9 @@ class QTaylorScheduler(SchedulerMixin, ConfigMixin):
     UniPCMultistep (``num_train_timesteps``, ``beta_start``, ``beta_end``,
     ``beta_schedule``, ``trained_betas``, ``prediction_type``, ``timestep_spacing``,
     ``steps_offset``, ``clip_sample``, ``clip_sample_range``, ``final_sigmas_type``,
-    ``lower_order_final``, ``variance_type``, ``use_karras_sigmas``, ``use_lu_lambdas``), and
+    ``lower_order_final``, ``variance_type``, ``use_karras_sigmas``, ``use_lu_lambdas``,
+    ``rescale_betas_zero_snr``: zero terminal SNR, with ᾱ_T = 2⁻²⁴ as diffusers' Euler,
+    DPM-Solver multistep and UniPC hold it), and
     the sampler's options (``sampler``,
     ``expand``, ``qt_last``, ``eta``, ``unipc_variant``, ``unipc_corrector``,
     ``ddpm_variance``, ``s_churn``, ``s_tmin``, ``s_tmax``, ``s_noise``).
@@ -483,7 +497,8 @@ class QTaylorScheduler(SchedulerMixin, ConfigMixin):
             )
         if trained_betas is not None:
             self._schedule = _core.Schedule.discrete(
-                trained_betas=[float(b) for b in np.asarray(trained_betas).reshape(-1)]
+                trained_betas=[float(b) for b in np.asarray(trained_betas).reshape(-1)],
+                rescale_betas_zero_snr=bool(rescale_betas_zero_snr),
             )
         else:
             if beta_schedule not in ("linear", "scaled_linear", "squaredcos_cap_v2"):
@@ -491,7 +506,11 @@ class QTaylorScheduler(SchedulerMixin, ConfigMixin):
                     f"beta_schedule '{beta_schedule}' is not supported; expected one of: linear, scaled_linear, squaredcos_cap_v2 (or trained_betas)"
                 )
             self._schedule = _core.Schedule.discrete(
-                beta_schedule, beta_start, beta_end, num_train_timesteps
+                beta_schedule,
+                beta_start,
+                beta_end,
+                num_train_timesteps,
+                rescale_betas_zero_snr=bool(rescale_betas_zero_snr),
             )
         if ddpm_variance is None:
             learned_large = variance_type is not None and variance_type.startswith("fixed_large")

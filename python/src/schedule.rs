@@ -97,16 +97,41 @@ impl Schedule {
 
     /// A diffusers discrete schedule: `beta_schedule` linear, scaled_linear or
     /// squaredcos_cap_v2 (betas in float32 as diffusers computes them), or explicit
-    /// `trained_betas`.
+    /// `trained_betas`. `rescale_betas_zero_snr`: the betas rescaled to zero terminal SNR
+    /// (diffusers' `rescale_zero_terminal_snr`, in float32), the last ᾱ (0) replaced by
+    /// 2⁻²⁴ as diffusers' Euler, DPM-Solver multistep and UniPC schedulers do.
     #[staticmethod]
-    #[pyo3(signature = (beta_schedule = "linear", beta_start = 1e-4, beta_end = 0.02, num_train_timesteps = 1000, trained_betas = None))]
+    #[pyo3(signature = (beta_schedule = "linear", beta_start = 1e-4, beta_end = 0.02, num_train_timesteps = 1000, trained_betas = None, rescale_betas_zero_snr = false))]
     pub(crate) fn discrete(
         beta_schedule: &str,
         beta_start: f64,
         beta_end: f64,
         num_train_timesteps: usize,
         trained_betas: Option<Vec<f64>>,
+        rescale_betas_zero_snr: bool,
     ) -> PyResult<Self> {
+        if rescale_betas_zero_snr {
+            let betas: Vec<f32> = match trained_betas {
+                Some(b) => b.iter().map(|&v| v as f32).collect(),
+                None => {
+                    sched::diffusers_betas(beta_schedule, beta_start, beta_end, num_train_timesteps)
+                        .map_err(value_err)?
+                }
+            };
+            if betas.len() < 2 {
+                return Err(PyValueError::new_err(format!(
+                    "trained_betas has {} entries; expected at least 2",
+                    betas.len()
+                )));
+            }
+            let (t, rescaled) = Tabulated::diffusers_zero_snr(&betas).map_err(value_err)?;
+            let n = t.len();
+            return Ok(Schedule {
+                inner: Arc::new(t),
+                train_steps: Some(n),
+                betas: Some(Arc::new(rescaled.iter().map(|&v| v as f64).collect())),
+            });
+        }
         let (t, betas) = match trained_betas {
             Some(b) => {
                 if b.len() < 2 {

@@ -71,6 +71,8 @@ CONFIGS = {
     "sdxl": SDXL,
     "trailing": dict(timestep_spacing="trailing"),
     "v-prediction": dict(prediction_type="v_prediction", timestep_spacing="trailing"),
+    # zero terminal SNR (Lin et al. 2024): v-prediction, trailing, rescaled betas
+    "zero-snr": dict(SD15, prediction_type="v_prediction", timestep_spacing="trailing", rescale_betas_zero_snr=True),
 }
 
 
@@ -86,7 +88,14 @@ def _source(cls, own, cfg_name):
 def _vp_case(label, cls, own, sampler, stochastic, cfg_name, steps) -> float:
     """The end points' relative difference of one VP cell (after checking the mapping and the
     network calls); PNDM with v-prediction is refused, checked here (returns 0)."""
+    if cfg_name == "zero-snr" and cls is PNDMScheduler:
+        return 0.0  # PNDM has no rescale_betas_zero_snr
     ref = _source(cls, own, cfg_name)
+    if cfg_name == "zero-snr" and cls in (DDIMScheduler, DDPMScheduler):
+        # ᾱ_T = 0 exactly in these two (the others hold 2⁻²⁴): refused, naming the key
+        with pytest.raises(ValueError, match="'rescale_betas_zero_snr' = True .* keeps ᾱ_T = 0"):
+            QTaylorScheduler.from_config(ref.config)
+        return 0.0
     if label == "pndm" and cfg_name == "v-prediction":
         with pytest.raises(ValueError, match="PNDMScheduler's config key 'prediction_type' = 'v_prediction'"):
             QTaylorScheduler.from_config(ref.config)
@@ -149,7 +158,7 @@ class _nothing:
         (UniPCMultistepScheduler, dict(disable_corrector=[1]), "'disable_corrector' = [1]"),
         (PNDMScheduler, dict(skip_prk_steps=True), "nearest: sampler='plms'"),
         (DEISMultistepScheduler, dict(), "nearest: deis-2 or deis-3"),
-        (EulerDiscreteScheduler, dict(rescale_betas_zero_snr=True), "'rescale_betas_zero_snr' = True"),
+        (DDPMScheduler, dict(rescale_betas_zero_snr=True), "keeps ᾱ_T = 0"),
     ],
 )
 def test_a_config_the_swap_cannot_reproduce_is_refused_with_its_name(cls, kw, says):
@@ -181,6 +190,7 @@ SIGMA_CONFIGS = {
     "log-linear": dict(SD15, timestep_spacing="linspace", interpolation_type="log_linear"),
     "sigma-min": dict(SD15, final_sigmas_type="sigma_min"),
     "continuous-v": dict(prediction_type="v_prediction", timestep_type="continuous", use_karras_sigmas=True),
+    "zero-snr": dict(SD15, prediction_type="v_prediction", timestep_spacing="trailing", rescale_betas_zero_snr=True),
 }
 
 
@@ -349,6 +359,20 @@ def test_an_edm_swap_has_sigmas_and_no_beta_table():
         ours.alphas_cumprod
     ours.set_timesteps(5)
     assert ours.sigmas.tolist()[-1] == 0.0 and len(ours.timesteps) == 5
+
+
+@pytest.mark.parametrize("cls", [DPMSolverMultistepScheduler, UniPCMultistepScheduler, EulerDiscreteScheduler])
+def test_zero_terminal_snr_rescaling_gives_diffusers_table(cls):
+    """rescale_betas_zero_snr: the core's rescaling (Lin et al. 2024, Algorithm 1, float32)
+    gives diffusers' betas and ᾱ to float32 rounding (torch's float32 sqrt is not correctly
+    rounded on every CPU: up to one ulp of √ᾱ apart, which the cancellation near ᾱ_T = 0
+    magnifies), and ᾱ_T = 2⁻²⁴ exactly, as these classes hold it."""
+    ref = cls(**SD15, rescale_betas_zero_snr=True)
+    ours = QTaylorScheduler.from_config(ref)
+    assert float(ref.betas[-1]) == float(ours.betas[-1]) == 1.0
+    assert float(ours.alphas_cumprod[-1]) == float(ref.alphas_cumprod[-1]) == 2.0**-24
+    torch.testing.assert_close(ours.betas, ref.betas, rtol=0, atol=5e-6)
+    torch.testing.assert_close(ours.alphas_cumprod, ref.alphas_cumprod, rtol=0, atol=5e-7)
 
 
 def test_pndm_with_an_odd_gap_is_refused_where_its_midpoints_leave_the_middle():

@@ -102,13 +102,6 @@ impl SchedulerConfig {
                 "fixed_small, fixed_large, learned or learned_range",
             ));
         }
-        if c.rescale_betas_zero_snr {
-            return Err(bad(
-                "rescale_betas_zero_snr",
-                "true",
-                "false (zero terminal SNR is not supported)",
-            ));
-        }
         let max = crate::schedule::MAX_TRAIN_TIMESTEPS;
         if c.num_train_timesteps < 2 || c.num_train_timesteps > max {
             bail!(
@@ -128,7 +121,8 @@ impl SchedulerConfig {
     }
 
     /// The discrete schedule: `trained_betas` if given, else the named beta schedule, in
-    /// diffusers' float32 (see [`diffusers_betas`]).
+    /// diffusers' float32 (see [`diffusers_betas`]); with `rescale_betas_zero_snr` rescaled
+    /// to zero terminal SNR, ᾱ_T held at 2⁻²⁴ (see [`Tabulated::diffusers_zero_snr`]).
     pub fn schedule(&self, file: &Path) -> Result<Tabulated> {
         let betas: Vec<f32> = match &self.trained_betas {
             Some(b) => {
@@ -150,6 +144,11 @@ impl SchedulerConfig {
             )
             .with_context(|| format!("{}: key 'beta_schedule'", file.display()))?,
         };
+        if self.rescale_betas_zero_snr {
+            return Tabulated::diffusers_zero_snr(&betas)
+                .map(|(t, _)| t)
+                .with_context(|| format!("{}: betas", file.display()));
+        }
         Tabulated::from_alpha_bars("discrete", &diffusers_alphas_cumprod(&betas))
             .with_context(|| format!("{}: betas", file.display()))
     }
@@ -480,4 +479,32 @@ pub fn write_random_checkpoint(
         scheduler.as_bytes(),
     )?;
     Ok(tensors.values().map(|t| t.elem_count()).sum())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_zero_snr_checkpoint_config_is_rescaled_as_diffusers_does() {
+        let file = Path::new("scheduler_config.json");
+        let json = r#"{"beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012,
+                       "prediction_type": "v_prediction", "rescale_betas_zero_snr": true}"#;
+        let table = SchedulerConfig::from_json(json, file)
+            .unwrap()
+            .schedule(file)
+            .unwrap();
+        let last = crate::schedule::ZERO_SNR_LAST_ALPHA_BAR;
+        assert!((table.alpha_bar(1.0) / last - 1.0).abs() < 1e-12);
+        // the linear default falls below 2⁻²⁴ before the last step: an error naming the key
+        let json = r#"{"rescale_betas_zero_snr": true}"#;
+        let err = SchedulerConfig::from_json(json, file)
+            .unwrap()
+            .schedule(file)
+            .unwrap_err();
+        assert!(
+            format!("{err:#}").contains("'rescale_betas_zero_snr'"),
+            "{err:#}"
+        );
+    }
 }

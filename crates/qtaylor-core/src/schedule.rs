@@ -551,7 +551,60 @@ pub fn diffusers_alphas_cumprod(betas: &[f32]) -> Vec<f64> {
         .collect()
 }
 
+/// diffusers' `rescale_zero_terminal_snr`: Lin et al. 2024, "Common Diffusion Noise
+/// Schedules and Sample Steps are Flawed", Algorithm 1, in float32 as diffusers computes it.
+/// With `s_n = √ᾱ_n`, shift the last to 0 and keep the first:
+/// `s'_n = (s_n − s_T) · s_1 / (s_1 − s_T)`; then `ᾱ' = s'²`, `α'_1 = ᾱ'_1`,
+/// `α'_n = ᾱ'_n / ᾱ'_{n−1}`, `β' = 1 − α'` (so `β'_T = 1` and `ᾱ'_T = 0`: zero terminal SNR).
+pub fn rescale_zero_terminal_snr(betas: &[f32]) -> Vec<f32> {
+    let sqrt: Vec<f32> = diffusers_alphas_cumprod(betas)
+        .iter()
+        .map(|&a| (a as f32).sqrt())
+        .collect();
+    let (first, last) = (sqrt[0], sqrt[sqrt.len() - 1]);
+    let scale = first / (first - last);
+    let abar: Vec<f32> = sqrt
+        .iter()
+        .map(|&v| {
+            let r = (v - last) * scale;
+            r * r
+        })
+        .collect();
+    let mut out = Vec::with_capacity(abar.len());
+    out.push(1.0 - abar[0]);
+    for n in 1..abar.len() {
+        out.push(1.0 - abar[n] / abar[n - 1]);
+    }
+    out
+}
+
+/// ᾱ_T that diffusers' Euler, Euler ancestral, DPM-Solver multistep and UniPC schedulers
+/// put in place of the 0 of a zero-terminal-SNR table (σ_max = √(2²⁴ − 1) ≈ 4096).
+pub const ZERO_SNR_LAST_ALPHA_BAR: f64 = 1.0 / 16_777_216.0;
+
 impl Tabulated {
+    /// A discrete schedule from a diffusers beta schedule rescaled to zero terminal SNR
+    /// ([`rescale_zero_terminal_snr`]), its last ᾱ (0) replaced by
+    /// [`ZERO_SNR_LAST_ALPHA_BAR`] as diffusers' σ-space and multistep schedulers do (a
+    /// schedule needs ᾱ > 0: λ = −∞ at ᾱ = 0). Returns the schedule and the rescaled betas.
+    pub fn diffusers_zero_snr(betas: &[f32]) -> Result<(Self, Vec<f32>)> {
+        let rescaled = rescale_zero_terminal_snr(betas);
+        let mut abar = diffusers_alphas_cumprod(&rescaled);
+        let n = abar.len();
+        if n >= 2 && abar[n - 2] <= ZERO_SNR_LAST_ALPHA_BAR {
+            bail!(
+                "'rescale_betas_zero_snr' = true on these betas gives alpha_bar[{}] = {:e}, below the 2^-24 that \
+                 diffusers puts at the last step: its table does not decrease there (sigma falls again at the \
+                 last step), which no schedule here represents; use a beta schedule whose rescaled alpha_bar stays \
+                 above 2^-24 before the last step (e.g. scaled_linear 0.00085..0.012, Stable Diffusion's)",
+                n - 2,
+                abar[n - 2]
+            );
+        }
+        abar[n - 1] = ZERO_SNR_LAST_ALPHA_BAR;
+        Ok((Self::from_alpha_bars("discrete", &abar)?, rescaled))
+    }
+
     /// A discrete schedule from a diffusers beta schedule (see [`diffusers_betas`]).
     pub fn diffusers(
         beta_schedule: &str,
@@ -592,6 +645,49 @@ pub fn schedule_by_name(name: &str, beta_min: f64, beta_max: f64) -> Result<Box<
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn zero_terminal_snr_rescaling_ends_at_zero_snr_and_keeps_the_first_step() {
+        // Lin et al. 2024, Algorithm 1: √ᾱ' is affine in √ᾱ, 0 at the last step and equal
+        // at the first; recomputed here in f64 from the definition.
+        let betas = diffusers_betas("scaled_linear", 0.00085, 0.012, 1000).unwrap();
+        let got = rescale_zero_terminal_snr(&betas);
+        assert_eq!(got[999], 1.0);
+        let s: Vec<f64> = diffusers_alphas_cumprod(&betas)
+            .iter()
+            .map(|a| a.sqrt())
+            .collect();
+        let (s1, st) = (s[0], s[999]);
+        let abar = |n: usize| ((s[n] - st) * s1 / (s1 - st)).powi(2);
+        for n in [0usize, 1, 10, 500, 998] {
+            let want = if n == 0 {
+                1.0 - abar(0)
+            } else {
+                1.0 - abar(n) / abar(n - 1)
+            };
+            // f32 as in diffusers: 1 − ᾱ'_n/ᾱ'_{n−1} loses a few ulps of 1, and near the end
+            // √ᾱ_n − √ᾱ_T cancels (bit-equality with diffusers: python/tests/test_drop_in.py)
+            let tol = 1e-6 + 1e-4 * want;
+            assert!(
+                (got[n] as f64 - want).abs() <= tol,
+                "{n}: {} vs {want}",
+                got[n]
+            );
+        }
+        // linear 1e-4..0.02: the rescaled ᾱ_998 = 4e-9 lies below diffusers' ᾱ_T = 2⁻²⁴
+        let linear = diffusers_betas("linear", 1e-4, 0.02, 1000).unwrap();
+        let err = Tabulated::diffusers_zero_snr(&linear)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("'rescale_betas_zero_snr'") && err.contains("alpha_bar[998]"),
+            "{err}"
+        );
+        let (table, _) = Tabulated::diffusers_zero_snr(&betas).unwrap();
+        assert!((table.alpha_bar(1.0) - ZERO_SNR_LAST_ALPHA_BAR).abs() < 1e-18);
+        let a1 = diffusers_alphas_cumprod(&betas)[0];
+        assert!((table.alpha_bar(1.0 / 1000.0) - a1).abs() < 1e-6 * a1);
+    }
 
     /// Central finite difference of order k (k ≤ 3) of f at t with step h.
     fn fd(f: &dyn Fn(f64) -> f64, t: f64, h: f64, k: usize) -> f64 {
