@@ -130,6 +130,7 @@ def run(
     rows: int,
     prediction_type: str = "epsilon",
     clip: Optional[float] = None,
+    threshold: Optional[Tuple[float, float]] = None,
 ) -> Tuple[Any, float]: ...
 
 class Program:
@@ -140,6 +141,7 @@ class Program:
         times: Sequence[float],
         prediction_type: str = "epsilon",
         clip: Optional[float] = None,
+        threshold: Optional[Tuple[float, float]] = None,
     ) -> None: ...
     @property
     def call_times(self) -> List[float]: ...

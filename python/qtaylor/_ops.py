@@ -122,6 +122,17 @@ class TorchOps:
     def clamp(self, x: torch.Tensor, limit: float) -> torch.Tensor:
         return x.clamp(-limit, limit)
 
+    def threshold(self, x: torch.Tensor, ratio: float, max_value: float) -> torch.Tensor:
+        """Dynamic thresholding per sample (the core's X0Clip::Threshold, as diffusers'
+        ``_threshold_sample``): s = the ``ratio`` quantile of |x| over each row, clamped to
+        [1, max_value] (torch.clamp's order), then clamp(x, −s, s) / s; half precision in f32."""
+        flat = x.reshape(x.shape[0], -1)
+        if flat.dtype not in (torch.float32, torch.float64):
+            flat = flat.float()
+        s = torch.quantile(flat.abs(), ratio, dim=1)
+        s = torch.clamp(s, min=1, max=max_value).unsqueeze(1)
+        return (torch.clamp(flat, -s, s) / s).reshape(x.shape).to(x.dtype)
+
     def error_norm(self, e, a, b, rtol: float, atol: float, kind: str):
         m = torch.maximum(a.abs(), b.abs())
         if kind == "sum":

@@ -49,7 +49,6 @@ class QTaylorSchedulerOutput(BaseOutput):
 
 
 _UNSUPPORTED = {
-    "thresholding": "dynamic thresholding",
     "use_exponential_sigmas": "exponential sigmas (pass sigmas= to set_timesteps)",
     "use_beta_sigmas": "beta sigmas (pass sigmas= to set_timesteps)",
 }
@@ -181,7 +180,6 @@ _CONSUMED = {"solver_order", "algorithm_type", "solver_type", "skip_prk_steps", 
 # Source keys QTaylorScheduler does not implement, with the one value that leaves the run as
 # it is (any other value is refused, naming the key).
 _NEUTRAL = {
-    "thresholding": False,
     "use_exponential_sigmas": False,
     "use_beta_sigmas": False,
     "use_flow_sigmas": False,
@@ -195,8 +193,8 @@ _NEUTRAL = {
     "timestep_type": "discrete",
     "interpolation_type": "linear",
 }
-# Keys that matter only through another (thresholding, flow sigmas, dynamic shifting).
-_IDLE = {"dynamic_thresholding_ratio", "sample_max_value", "flow_shift", "time_shift_type"}
+# Keys that matter only through another (flow sigmas, dynamic shifting).
+_IDLE = {"flow_shift", "time_shift_type"}
 
 
 @functools.lru_cache(maxsize=None)
@@ -342,7 +340,15 @@ def _translate(cfg: dict, kwargs: dict):
                 "UniPCMultistepScheduler (reproduced), or pass sampler= to run a qtaylor sampler on ᾱ_T = 2⁻²⁴",
             )
         warnings.warn(f"QTaylorScheduler.from_config: 'rescale_betas_zero_snr' = True: {why}", stacklevel=3)
-    if name == "DDIMScheduler" and cfg.get("clip_sample") and not explicit:
+    if name == "DDIMScheduler" and cfg.get("thresholding") and not explicit:
+        raise _refused(
+            cfg,
+            "thresholding",
+            "qtaylor's DDIM makes ε̂ consistent with the thresholded x̂0, as DDIMScheduler.step with "
+            "use_clipped_model_output=True; its default keeps the unthresholded ε̂",
+            "pass sampler='ddim' for the consistent form, or keep the pipeline's own scheduler",
+        )
+    if name == "DDIMScheduler" and cfg.get("clip_sample") and not cfg.get("thresholding") and not explicit:
         raise _refused(
             cfg,
             "clip_sample",
@@ -467,6 +473,8 @@ class QTaylorScheduler(SchedulerMixin, ConfigMixin):
         s_tmax: float = float("inf"),
         s_noise: float = 1.0,
         thresholding: bool = False,
+        dynamic_thresholding_ratio: float = 0.995,
+        sample_max_value: float = 1.0,
         rescale_betas_zero_snr: bool = False,
         use_karras_sigmas: bool = False,
         use_exponential_sigmas: bool = False,
@@ -562,7 +570,9 @@ class QTaylorScheduler(SchedulerMixin, ConfigMixin):
         self._prediction = "sample" if self._edm else prediction_type
         self._labels: Optional[List[float]] = None
         self._label_dtype = None
-        self._clip = float(clip_sample_range) if clip_sample else None
+        # diffusers: thresholding, else clip_sample (the core applies either to x̂0)
+        self._threshold = (float(dynamic_thresholding_ratio), float(sample_max_value)) if thresholding else None
+        self._clip = float(clip_sample_range) if clip_sample and not thresholding else None
         if self._clip is not None and not (self._clip > 0 and math.isfinite(self._clip)):
             raise ValueError(f"clip_sample_range {clip_sample_range}: expected a positive number")
         # VP state: the start is N(0, I). A σ-space source's state is x/α, started as it does.
@@ -948,6 +958,7 @@ class QTaylorScheduler(SchedulerMixin, ConfigMixin):
             times,
             prediction_type=self._prediction,
             clip=self._clip,
+            threshold=self._threshold,
         )
         self._times = times
         self._program = program
@@ -1020,7 +1031,8 @@ class QTaylorScheduler(SchedulerMixin, ConfigMixin):
         full = self._times
         sub = full[step:]
         new = _core.Program(
-            self._schedule, self._spec, sub, prediction_type=self._prediction, clip=self._clip
+            self._schedule, self._spec, sub, prediction_type=self._prediction, clip=self._clip,
+            threshold=self._threshold,
         )
         if not np.allclose(new.call_model_times, old, rtol=0, atol=1e-9):
             raise ValueError(

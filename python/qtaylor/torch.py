@@ -12,7 +12,7 @@ dtype, moved by :class:`qtaylor._ops.TorchOps`.
 
 from __future__ import annotations
 
-from typing import Callable, NamedTuple, Optional, Sequence
+from typing import Callable, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 
@@ -123,6 +123,7 @@ def sample(
     schedule: Optional[_core.Schedule] = None,
     prediction_type: str = "epsilon",
     clip_sample: Optional[float] = None,
+    threshold: Optional[Tuple[float, float]] = None,
     grid: Optional[str] = None,
     t_max: Optional[float] = None,
     t_min: Optional[float] = None,
@@ -149,7 +150,8 @@ def sample(
     v_prediction); ``t`` is a 1-D tensor with one network time per row (the diffusers
     timestep t·T − 1 on a discrete schedule, the continuous time otherwise). ``schedule``
     defaults to DDPM's linear β (``Schedule.discrete()``). ``clip_sample`` clamps x̂0 to
-    ±value. ``generator`` drives the noise of stochastic samplers (or ``noise_sampler(like)``
+    ±value; ``threshold=(ratio, max)`` thresholds it dynamically per sample instead
+    (diffusers' ``thresholding`` with ``dynamic_thresholding_ratio``, ``sample_max_value``). ``generator`` drives the noise of stochastic samplers (or ``noise_sampler(like)``
     supplies it). ``callback({"i", "t", "x", "output", "nfe"})`` is called once after every
     network call, adaptive samplers included: the grid step ``i``, the call's network time
     ``t``, its input ``x`` and ``output``, and the network calls so far ``nfe``.
@@ -218,6 +220,7 @@ def sample(
                 x.shape[0],
                 prediction_type=prediction_type,
                 clip=clip_sample,
+                threshold=threshold,
             )
     finally:
         if bar is not None:

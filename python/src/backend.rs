@@ -5,6 +5,7 @@ use crate::*;
 
 /// Sampler operations on Python objects through an `ops` object with the methods
 /// `model(x, t, step)`, `lincomb(coefs, xs)`, `noise(like)`, `clamp(x, limit)`,
+/// `threshold(x, ratio, max)`,
 /// `error_norm(e, a, b, rtol, atol, kind)` and `begin_step(i, t, x)`.
 pub(crate) struct PyBackend<'py, 'a> {
     pub(crate) py: Python<'py>,
@@ -88,6 +89,14 @@ impl Backend for PyBackend<'_, '_> {
         Ok(r.unbind())
     }
 
+    fn threshold(&mut self, x: &Py<PyAny>, ratio: f64, max: f64) -> anyhow::Result<Py<PyAny>> {
+        let r = self
+            .ops
+            .call_method1("threshold", (x.bind(self.py), ratio, max))
+            .map_err(carry)?;
+        Ok(r.unbind())
+    }
+
     fn error_norm(
         &mut self,
         e: &Py<PyAny>,
@@ -124,7 +133,7 @@ impl Backend for PyBackend<'_, '_> {
 /// Runs `spec` over the grid `times` from `x` (the state at `times[0]`) on a batch of
 /// `rows` samples, every tensor operation through `ops`. Returns `(x, nfe)`.
 #[pyfunction]
-#[pyo3(signature = (schedule, spec, times, x, ops, rows, prediction_type = "epsilon", clip = None))]
+#[pyo3(signature = (schedule, spec, times, x, ops, rows, prediction_type = "epsilon", clip = None, threshold = None))]
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn run<'py>(
     py: Python<'py>,
@@ -136,10 +145,11 @@ pub(crate) fn run<'py>(
     rows: usize,
     prediction_type: &str,
     clip: Option<f64>,
+    threshold: Option<(f64, f64)>,
 ) -> PyResult<(Py<PyAny>, f64)> {
     guard(|| {
         let param = parse_param(prediction_type)?;
-        check_clip(clip)?;
+        let clip = x0_clip(clip, threshold)?;
         if rows == 0 {
             return Err(PyValueError::new_err("rows 0: the batch is empty"));
         }

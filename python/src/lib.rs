@@ -26,7 +26,7 @@ use pyo3::prelude::*;
 use pyo3::types::{PyList, PyTuple};
 
 use qtaylor_core::config::{DiscreteDefaults, GivenTimes, GridSettings, SamplerSettings};
-use qtaylor_core::exec::{Backend, Coef, Ctx, Parameterization, Tolerance};
+use qtaylor_core::exec::{Backend, Coef, Ctx, Parameterization, Tolerance, X0Clip};
 use qtaylor_core::grid::{Final, Grid, Spacing, TimeGrid};
 use qtaylor_core::keys::{self, Key, Spelling, Value};
 use qtaylor_core::program::{Op, Program as CoreProgram};

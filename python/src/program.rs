@@ -9,26 +9,28 @@ pub(crate) struct Program {
     pub(crate) inner: Arc<CoreProgram>,
     pub(crate) schedule: Schedule,
     pub(crate) param: Parameterization,
-    pub(crate) clip: Option<f64>,
+    pub(crate) clip: Option<X0Clip>,
     /// Grid step of each network call.
     pub(crate) call_steps: Vec<usize>,
 }
 
 #[pymethods]
 impl Program {
-    /// Records `spec` over the grid `times` for a network predicting `prediction_type`.
+    /// Records `spec` over the grid `times` for a network predicting `prediction_type`,
+    /// x̂0 clamped to ±`clip` or dynamically thresholded with `threshold = (ratio, max)`.
     #[new]
-    #[pyo3(signature = (schedule, spec, times, prediction_type = "epsilon", clip = None))]
+    #[pyo3(signature = (schedule, spec, times, prediction_type = "epsilon", clip = None, threshold = None))]
     pub(crate) fn new(
         schedule: &Schedule,
         spec: &SamplerSpec,
         times: Vec<f64>,
         prediction_type: &str,
         clip: Option<f64>,
+        threshold: Option<(f64, f64)>,
     ) -> PyResult<Self> {
         guard(|| {
             let param = parse_param(prediction_type)?;
-            check_clip(clip)?;
+            let clip = x0_clip(clip, threshold)?;
             let p = CoreProgram::record(
                 schedule.inner.as_ref(),
                 spec.sampler,
@@ -109,6 +111,9 @@ impl Program {
                 ),
                 Op::Noise { out, like } => format!("r{out} = randn_like(r{like})"),
                 Op::Clamp { out, x, limit } => format!("r{out} = clamp(r{x}, {limit})"),
+                Op::Threshold { out, x, ratio, max } => {
+                    format!("r{out} = threshold(r{x}, ratio={ratio}, max={max})")
+                }
                 Op::Begin { i, t, x } => format!("# step {i} at t={t} from r{x}"),
             })
             .collect::<Vec<_>>()
@@ -122,7 +127,7 @@ pub(crate) struct Replay {
     pub(crate) program: Arc<CoreProgram>,
     pub(crate) schedule: Schedule,
     pub(crate) param: Parameterization,
-    pub(crate) clip: Option<f64>,
+    pub(crate) clip: Option<X0Clip>,
     pub(crate) regs: Vec<Option<Py<PyAny>>>,
     /// Index into `program.ops` of the network call waiting for its output.
     pub(crate) at: Option<usize>,
@@ -268,9 +273,12 @@ impl Replay {
             let mut x0 = backend
                 .lincomb(&[(Coef::All(d[0]), &x), (Coef::All(d[1]), &p)])
                 .map_err(|e| to_py(e, false))?;
-            if let Some(c) = self.clip {
-                x0 = backend.clamp(&x0, c).map_err(|e| to_py(e, false))?;
+            x0 = match self.clip {
+                Some(X0Clip::Clamp(c)) => backend.clamp(&x0, c),
+                Some(X0Clip::Threshold { ratio, max }) => backend.threshold(&x0, ratio, max),
+                None => Ok(x0),
             }
+            .map_err(|e| to_py(e, false))?;
             Ok(x0)
         })
     }

@@ -129,7 +129,12 @@ pub(crate) fn parse_param(prediction_type: &str) -> PyResult<Parameterization> {
     prediction_type.parse().map_err(value_err)
 }
 
-pub(crate) fn check_clip(clip: Option<f64>) -> PyResult<()> {
+/// The x̂0 treatment of `clip` (diffusers' `clip_sample_range`) or `threshold`
+/// (`(dynamic_thresholding_ratio, sample_max_value)`), checked.
+pub(crate) fn x0_clip(
+    clip: Option<f64>,
+    threshold: Option<(f64, f64)>,
+) -> PyResult<Option<X0Clip>> {
     if let Some(c) = clip
         && !(c > 0.0 && c.is_finite())
     {
@@ -137,5 +142,24 @@ pub(crate) fn check_clip(clip: Option<f64>) -> PyResult<()> {
             "clip_sample_range {c}: expected a positive number"
         )));
     }
-    Ok(())
+    match (clip, threshold) {
+        (Some(_), Some(_)) => Err(PyValueError::new_err(
+            "clip and threshold are both given: clip_sample and thresholding exclude each other; choose one",
+        )),
+        (Some(c), None) => Ok(Some(X0Clip::Clamp(c))),
+        (None, Some((ratio, max))) => {
+            if !(ratio > 0.0 && ratio <= 1.0) {
+                return Err(PyValueError::new_err(format!(
+                    "dynamic_thresholding_ratio {ratio}: expected a quantile in (0, 1]"
+                )));
+            }
+            if !(max > 0.0 && max.is_finite()) {
+                return Err(PyValueError::new_err(format!(
+                    "sample_max_value {max}: expected a positive number"
+                )));
+            }
+            Ok(Some(X0Clip::Threshold { ratio, max }))
+        }
+        (None, None) => Ok(None),
+    }
 }

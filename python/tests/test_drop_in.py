@@ -148,7 +148,6 @@ class _nothing:
         (FlowMatchEulerDiscreteScheduler, dict(shift=3.0), "flow-matching"),
         (DPMSolverMultistepScheduler, dict(use_flow_sigmas=True, prediction_type="flow_prediction"), "flow-matching"),
         (ScoreSdeVeScheduler, dict(), "σ-only"),
-        (EDMDPMSolverMultistepScheduler, dict(thresholding=True), "'thresholding' = True"),
         (DDIMScheduler, dict(thresholding=True), "'thresholding' = True"),
         (DDIMScheduler, dict(rescale_betas_zero_snr=True), "'rescale_betas_zero_snr' = True"),
         (DPMSolverMultistepScheduler, dict(euler_at_final=True), "'euler_at_final' = True"),
@@ -373,6 +372,63 @@ def test_zero_terminal_snr_rescaling_gives_diffusers_table(cls):
     assert float(ours.alphas_cumprod[-1]) == float(ref.alphas_cumprod[-1]) == 2.0**-24
     torch.testing.assert_close(ours.betas, ref.betas, rtol=0, atol=5e-6)
     torch.testing.assert_close(ours.alphas_cumprod, ref.alphas_cumprod, rtol=0, atol=5e-7)
+
+
+@pytest.mark.parametrize(
+    "cls,kw",
+    [
+        (DDPMScheduler, dict(clip_sample=False)),
+        (DPMSolverMultistepScheduler, dict()),
+        (DPMSolverMultistepScheduler, dict(solver_order=3, dynamic_thresholding_ratio=0.9, sample_max_value=1.5)),
+        (UniPCMultistepScheduler, dict(prediction_type="v_prediction")),
+        (EDMDPMSolverMultistepScheduler, dict()),
+    ],
+)
+def test_dynamic_thresholding_is_reproduced(cls, kw):
+    """thresholding=True (Imagen's dynamic thresholding of x̂0, per sample: the core's
+    X0Clip::Threshold, a per-row quantile in TorchOps): the end point equals diffusers' own to
+    1e-5, and differs from the unthresholded run (the threshold bites on this model)."""
+    edm = cls is EDMDPMSolverMultistepScheduler
+    ends = []
+    for on in (True, False):
+        ref = cls(thresholding=on, **kw)
+        ours = QTaylorScheduler.from_config(ref.config)
+        ref.set_timesteps(10)
+        ours.set_timesteps(10)
+        if edm:
+            model = EDMGaussianModel(ref.config.sigma_data, ref.config.prediction_type)
+        else:
+            model = GaussianModel(ref.alphas_cumprod.to(torch.float64), ref.config.prediction_type)
+        seed = 3 if cls is DDPMScheduler else None
+        x = start_noise(dtype=torch.float64) * (3.0 if not edm else 1.0)
+        a, b = run_loop(ref, model, x, seed=seed), run_loop(ours, model, x, seed=seed)
+        assert rel_err(a, b) <= TOL
+        ends.append(b)
+    assert rel_err(ends[0], ends[1]) > 1e-3
+
+
+def test_ddim_thresholding_is_refused_and_runs_with_an_explicit_sampler():
+    ref = DDIMScheduler(thresholding=True)
+    with pytest.raises(ValueError, match="'thresholding' = True .* unthresholded ε̂"):
+        QTaylorScheduler.from_config(ref.config)
+    with pytest.warns(UserWarning, match="in place of DDIMScheduler"):
+        ours = QTaylorScheduler.from_config(ref.config, sampler="dpmpp-2m")
+    assert ours.config.thresholding
+
+
+def test_thresholding_in_the_loop_equals_the_scheduler():
+    """qtaylor.torch.sample(threshold=(ratio, max)) runs the same core op as the scheduler."""
+    import qtaylor.torch as qt
+
+    ref = DPMSolverMultistepScheduler(thresholding=True, timestep_spacing="trailing")
+    ours = QTaylorScheduler.from_config(ref.config)
+    ours.set_timesteps(8)
+    model = GaussianModel(ref.alphas_cumprod.to(torch.float64), "epsilon")
+    x = start_noise(dtype=torch.float64)
+    a = run_loop(ours, model, x)
+    b = qt.sample(lambda x, t: model(x, float(t[0])), x.clone(), sampler="dpmpp-2m", steps=8, spacing="trailing",
+                  threshold=(0.995, 1.0)).x
+    assert rel_err(a, b) <= 1e-10
 
 
 def test_pndm_with_an_odd_gap_is_refused_where_its_midpoints_leave_the_middle():

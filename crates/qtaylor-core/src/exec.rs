@@ -121,6 +121,19 @@ pub enum Tolerance {
     Max,
 }
 
+/// What is done to x̂0 after each network call, before the sampler uses it (ε̂ is then
+/// recomputed from it: ε̂ = (x − α x̂0)/σ).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum X0Clip {
+    /// diffusers' `clip_sample`: x̂0 clamped to `[−limit, limit]`.
+    Clamp(f64),
+    /// diffusers' dynamic thresholding (Saharia et al. 2022, "Photorealistic Text-to-Image
+    /// Diffusion Models with Deep Language Understanding", §2.3): per sample, `s` = the
+    /// `ratio` quantile of |x̂0| (linear interpolation, as `torch.quantile`), clamped to
+    /// `[1, max]`; then `x̂0 ← clamp(x̂0, −s, s) / s`.
+    Threshold { ratio: f64, max: f64 },
+}
+
 /// The tensor operations a sampler needs. `X` is a handle the backend understands.
 pub trait Backend {
     type X: Clone;
@@ -137,6 +150,14 @@ pub trait Backend {
 
     /// `x` clamped to `[−limit, limit]` (diffusers' `clip_sample`).
     fn clamp(&mut self, x: &Self::X, limit: f64) -> Result<Self::X>;
+
+    /// `x` dynamically thresholded per row ([`X0Clip::Threshold`]). Backends without a
+    /// per-row quantile say so.
+    fn threshold(&mut self, _x: &Self::X, ratio: f64, max: f64) -> Result<Self::X> {
+        bail!(
+            "dynamic thresholding (ratio {ratio}, max {max}) is not available on this backend; it runs in the Python scheduler (QTaylorScheduler with thresholding=True)"
+        )
+    }
 
     /// Per-row RMS of `e / scale` with the [`Tolerance`] scale built from `a` and `b`
     /// (the adaptive solvers' error norm).
@@ -170,7 +191,7 @@ pub struct Ctx<'a, B: Backend> {
     pub backend: &'a mut B,
     pub schedule: &'a dyn Schedule,
     param: Parameterization,
-    clip: Option<f64>,
+    clip: Option<X0Clip>,
     rows: usize,
     step: usize,
     /// Model evaluations, counted per sample: a call on k of the B rows adds k/B.
@@ -179,12 +200,12 @@ pub struct Ctx<'a, B: Backend> {
 
 impl<'a, B: Backend> Ctx<'a, B> {
     /// A context for `rows` samples of a network predicting `param`. With `clip`, x̂0 is
-    /// clamped to ±clip and ε̂ recomputed from it (diffusers' `clip_sample`).
+    /// clamped or thresholded ([`X0Clip`]) and ε̂ recomputed from it.
     pub fn new(
         backend: &'a mut B,
         schedule: &'a dyn Schedule,
         param: Parameterization,
-        clip: Option<f64>,
+        clip: Option<X0Clip>,
         rows: usize,
     ) -> Self {
         Ctx {
@@ -245,9 +266,12 @@ impl<'a, B: Backend> Ctx<'a, B> {
                 x0: self.lincomb(&[(col(&|c| c.1[0]), x), (col(&|c| c.1[1]), &pred)])?,
             },
         };
-        if let Some(limit) = self.clip {
-            // x̂0 clipped, ε̂ made consistent with it: ε̂ = (x − α x̂0)/σ.
-            d.x0 = self.backend.clamp(&d.x0, limit)?;
+        if let Some(clip) = self.clip {
+            // x̂0 clipped or thresholded, ε̂ made consistent with it: ε̂ = (x − α x̂0)/σ.
+            d.x0 = match clip {
+                X0Clip::Clamp(limit) => self.backend.clamp(&d.x0, limit)?,
+                X0Clip::Threshold { ratio, max } => self.backend.threshold(&d.x0, ratio, max)?,
+            };
             let back: Vec<Conversion> = t
                 .iter()
                 .map(|&t| {

@@ -11,7 +11,7 @@
 
 use anyhow::{Result, bail};
 
-use crate::exec::{Backend, Coef, Ctx, Parameterization, Tolerance};
+use crate::exec::{Backend, Coef, Ctx, Parameterization, Tolerance, X0Clip};
 use crate::samplers::{Options, Sampler};
 use crate::schedule::Schedule;
 
@@ -29,6 +29,13 @@ pub enum Op {
     Noise { out: Reg, like: Reg },
     /// `out ← clamp(regs[x], −limit, limit)`.
     Clamp { out: Reg, x: Reg, limit: f64 },
+    /// `out ← regs[x]` dynamically thresholded per row ([`crate::exec::X0Clip::Threshold`]).
+    Threshold {
+        out: Reg,
+        x: Reg,
+        ratio: f64,
+        max: f64,
+    },
     /// The sampler starts step `i` at time `t` in state `x`.
     Begin { i: usize, t: f64, x: Reg },
 }
@@ -104,6 +111,17 @@ impl Backend for Recorder {
         Ok(out)
     }
 
+    fn threshold(&mut self, x: &Reg, ratio: f64, max: f64) -> Result<Reg> {
+        let out = self.fresh();
+        self.ops.push(Op::Threshold {
+            out,
+            x: *x,
+            ratio,
+            max,
+        });
+        Ok(out)
+    }
+
     fn error_norm(
         &mut self,
         _e: &Reg,
@@ -126,14 +144,14 @@ impl Backend for Recorder {
 
 impl Program {
     /// Records `sampler` over the grid `ts` (from `ts[0]` to the end) for a network that
-    /// predicts `param`, with optional `clip_sample`.
+    /// predicts `param`, with optional `clip_sample` or dynamic thresholding ([`X0Clip`]).
     pub fn record(
         schedule: &dyn Schedule,
         sampler: Sampler,
         opts: &Options,
         ts: &[f64],
         param: Parameterization,
-        clip: Option<f64>,
+        clip: Option<X0Clip>,
     ) -> Result<Program> {
         if sampler.is_adaptive() {
             bail!(
@@ -166,7 +184,7 @@ impl Program {
             Op::Model { x, .. } => vec![*x],
             Op::Lincomb { terms, .. } => terms.iter().map(|t| t.1).collect(),
             Op::Noise { .. } => vec![],
-            Op::Clamp { x, .. } => vec![*x],
+            Op::Clamp { x, .. } | Op::Threshold { x, .. } => vec![*x],
             Op::Begin { x, .. } => vec![*x],
         }
     }
@@ -176,7 +194,8 @@ impl Program {
             Op::Model { out, .. }
             | Op::Lincomb { out, .. }
             | Op::Noise { out, .. }
-            | Op::Clamp { out, .. } => Some(*out),
+            | Op::Clamp { out, .. }
+            | Op::Threshold { out, .. } => Some(*out),
             Op::Begin { .. } => None,
         }
     }
@@ -189,7 +208,10 @@ impl Program {
         live[self.output] = true;
         let mut keep = vec![true; self.ops.len()];
         for (j, op) in self.ops.iter().enumerate().rev() {
-            let pure = matches!(op, Op::Lincomb { .. } | Op::Clamp { .. });
+            let pure = matches!(
+                op,
+                Op::Lincomb { .. } | Op::Clamp { .. } | Op::Threshold { .. }
+            );
             if pure
                 && let Some(w) = Self::writes(op)
                 && !live[w]
@@ -266,6 +288,10 @@ impl Program {
                     let x = get(regs, *x)?;
                     regs[*out] = Some(backend.clamp(&x, *limit)?);
                 }
+                Op::Threshold { out, x, ratio, max } => {
+                    let x = get(regs, *x)?;
+                    regs[*out] = Some(backend.threshold(&x, *ratio, *max)?);
+                }
                 Op::Begin { i, t, x } => {
                     let x = get(regs, *x)?;
                     backend.begin_step(*i, *t, &x)?;
@@ -283,5 +309,78 @@ impl Program {
                 regs[r] = None;
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::schedule::VpLinear;
+
+    /// The recorded x̂0 treatment sits after every network call and before anything reads
+    /// x̂0: one threshold (or clamp) per call, and the replay hands it to the backend.
+    #[test]
+    fn thresholding_is_recorded_after_every_network_call() {
+        let sched = VpLinear::default();
+        let ts = [1.0, 0.6, 0.3, 1e-3];
+        let sampler: Sampler = "dpmpp-2m".parse().unwrap();
+        let clip = Some(X0Clip::Threshold {
+            ratio: 0.995,
+            max: 1.0,
+        });
+        let p = Program::record(
+            &sched,
+            sampler,
+            &Options::default(),
+            &ts,
+            Parameterization::Eps,
+            clip,
+        )
+        .unwrap();
+        let calls = p
+            .ops
+            .iter()
+            .filter(|o| matches!(o, Op::Model { .. }))
+            .count();
+        let thresholds: Vec<usize> = p
+            .ops
+            .iter()
+            .enumerate()
+            .filter(|(_, o)| matches!(o, Op::Threshold { ratio, max, .. } if *ratio == 0.995 && *max == 1.0))
+            .map(|(j, _)| j)
+            .collect();
+        assert_eq!(calls, 3);
+        assert_eq!(thresholds.len(), calls);
+        // each threshold reads the x̂0 built from the call just before it
+        for &j in &thresholds {
+            let model = p.ops[..j]
+                .iter()
+                .rposition(|o| matches!(o, Op::Model { .. }))
+                .unwrap();
+            let Op::Model { out, .. } = p.ops[model] else {
+                unreachable!()
+            };
+            let Op::Threshold { x, .. } = p.ops[j] else {
+                unreachable!()
+            };
+            let builds_x = p.ops[model..j].iter().any(
+                |o| matches!(o, Op::Lincomb { out: w, terms } if *w == x && terms.iter().any(|t| t.1 == out)),
+            );
+            assert!(
+                builds_x,
+                "threshold at op {j} does not read the x̂0 of the call at op {model}"
+            );
+        }
+        // without thresholding: no such op
+        let plain = Program::record(
+            &sched,
+            sampler,
+            &Options::default(),
+            &ts,
+            Parameterization::Eps,
+            None,
+        )
+        .unwrap();
+        assert!(!plain.ops.iter().any(|o| matches!(o, Op::Threshold { .. })));
     }
 }
