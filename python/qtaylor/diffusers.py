@@ -86,13 +86,9 @@ def _unipc(cfg: dict) -> str:
 
 
 def _pndm(cfg: dict) -> str:
-    if cfg.get("skip_prk_steps", False):
-        raise _refused(
-            cfg,
-            "skip_prk_steps",
-            "qtaylor's plms differs from diffusers' PLMS start by about 1e-2 on leading grids (measured)",
-            "nearest: sampler='plms'",
-        )
+    """PNDM with its Runge-Kutta start (pndm), or with skip_prk_steps PLMS (plms: one
+    pseudo-Heun step, then Adams-Bashforth 2, 3, 4, the network's calls as diffusers lists
+    them)."""
     if cfg.get("prediction_type") == "v_prediction":
         raise _refused(
             cfg,
@@ -101,7 +97,7 @@ def _pndm(cfg: dict) -> str:
             "(its Runge-Kutta calls differ by 0.18, measured)",
             "nearest: sampler='pndm' (which converts at each call)",
         )
-    return "pndm"
+    return "plms" if cfg.get("skip_prk_steps", False) else "pndm"
 
 
 # The diffusers classes reproduced from their config without `sampler`: the qtaylor sampler
@@ -932,7 +928,7 @@ class QTaylorScheduler(SchedulerMixin, ConfigMixin):
                 f"be reproduced. Use leading spacing or a number of steps dividing "
                 f"{self.config.num_train_timesteps}, or pass sampler= to run qtaylor's sampler on this grid"
             )
-        if self.config.reproduces == "PNDMScheduler" and gap % 2:
+        if self.config.reproduces == "PNDMScheduler" and self.config.sampler == "pndm" and gap % 2:
             raise ValueError(
                 f"QTaylorScheduler: this config reproduces PNDMScheduler, which puts its Runge-Kutta midpoints "
                 f"T//N//2 = {gap // 2} after each timestep, off the middle of its gap T//N = {gap} "

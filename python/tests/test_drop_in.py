@@ -57,6 +57,7 @@ SOURCES = [
     ("ddim", DDIMScheduler, dict(clip_sample=False), "ddim", False),
     ("ddpm", DDPMScheduler, dict(clip_sample=False), "ddpm", True),
     ("pndm", PNDMScheduler, dict(), "pndm", False),
+    ("plms", PNDMScheduler, dict(skip_prk_steps=True), "plms", False),
     ("dpm++2m", DPMSolverMultistepScheduler, dict(), "dpmpp-2m", False),
     ("dpm++3m", DPMSolverMultistepScheduler, dict(solver_order=3), "dpmpp-3m", False),
     ("dpm++2m-sde", DPMSolverMultistepScheduler, dict(algorithm_type="sde-dpmsolver++"), "dpmpp-2m-sde", True),
@@ -96,7 +97,7 @@ def _vp_case(label, cls, own, sampler, stochastic, cfg_name, steps) -> float:
         with pytest.raises(ValueError, match="'rescale_betas_zero_snr' = True .* keeps ᾱ_T = 0"):
             QTaylorScheduler.from_config(ref.config)
         return 0.0
-    if label == "pndm" and cfg_name == "v-prediction":
+    if label in ("pndm", "plms") and cfg_name == "v-prediction":
         with pytest.raises(ValueError, match="PNDMScheduler's config key 'prediction_type' = 'v_prediction'"):
             QTaylorScheduler.from_config(ref.config)
         return 0.0
@@ -155,7 +156,6 @@ class _nothing:
         (DPMSolverMultistepScheduler, dict(algorithm_type="dpmsolver", final_sigmas_type="sigma_min"), "'algorithm_type' = 'dpmsolver'"),
         (DPMSolverMultistepScheduler, dict(use_karras_sigmas=True), "'use_karras_sigmas' = True"),
         (UniPCMultistepScheduler, dict(disable_corrector=[1]), "'disable_corrector' = [1]"),
-        (PNDMScheduler, dict(skip_prk_steps=True), "nearest: sampler='plms'"),
         (DEISMultistepScheduler, dict(), "nearest: deis-2 or deis-3"),
         (DDPMScheduler, dict(rescale_betas_zero_snr=True), "keeps ᾱ_T = 0"),
     ],

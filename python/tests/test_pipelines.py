@@ -411,6 +411,7 @@ SD_SOURCES = {
     "ddim": (DDIMScheduler, {}),
     "ddpm": (DDPMScheduler, {}),
     "pndm": (PNDMScheduler, {}),
+    "plms": (PNDMScheduler, dict(skip_prk_steps=True)),
     "dpmpp-2m": (DPMSolverMultistepScheduler, {}),
     "dpmpp-2m-sde": (DPMSolverMultistepScheduler, dict(algorithm_type="sde-dpmsolver++")),
     "unipc-2": (UniPCMultistepScheduler, {}),
