@@ -154,7 +154,7 @@ fn reference_solution_matches_the_exact_gaussian_flow_and_checks_itself() {
     );
 }
 
-const ALL: [&str; 31] = [
+const ALL: [&str; 32] = [
     "qt-1",
     "qt-2",
     "qt-3",
@@ -185,6 +185,7 @@ const ALL: [&str; 31] = [
     "ipndm",
     "deis-2",
     "deis-3",
+    "deis-logrho-3",
     "edm-heun",
 ];
 

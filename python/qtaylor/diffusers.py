@@ -85,6 +85,15 @@ def _unipc(cfg: dict) -> str:
     return f"unipc-{order}"
 
 
+def _deis(cfg: dict) -> str:
+    """diffusers' DEIS (algorithm 'deis', solver 'logrho': ε Lagrange in ln ρ, integrated in
+    ρ = σ/α), orders 1 to 3: deis-logrho-K."""
+    order = cfg.get("solver_order", 2)
+    if not 1 <= order <= 3:
+        raise _refused(cfg, "solver_order", "qtaylor's DEIS has orders 1 to 3", "nearest: sampler='deis-logrho-3'")
+    return f"deis-logrho-{order}"
+
+
 def _pndm(cfg: dict) -> str:
     """PNDM with its Runge-Kutta start (pndm), or with skip_prk_steps PLMS (plms: one
     pseudo-Heun step, then Adams-Bashforth 2, 3, 4, the network's calls as diffusers lists
@@ -108,6 +117,7 @@ SOURCES = {
     "PNDMScheduler": _pndm,
     "DPMSolverMultistepScheduler": _dpm_multistep,
     "UniPCMultistepScheduler": _unipc,
+    "DEISMultistepScheduler": _deis,
     "EulerDiscreteScheduler": lambda cfg: "k-euler",
     "EulerAncestralDiscreteScheduler": lambda cfg: "k-euler-a",
     "HeunDiscreteScheduler": lambda cfg: "k-heun",
@@ -159,7 +169,6 @@ _MULTISTEP = ("DPMSolverMultistepScheduler", "UniPCMultistepScheduler", "DEISMul
 # VP classes that run with an explicit `sampler` (their schedule keys are honoured), but
 # whose own algorithm qtaylor does not reproduce, with the nearest qtaylor sampler.
 _NEAREST = {
-    "DEISMultistepScheduler": "deis-2 or deis-3 (tAB in t; diffusers' DEIS is in log ρ)",
     "DPMSolverSinglestepScheduler": "dpm-solver-2 or dpm-solver-3",
     "DPMSolverSDEScheduler": "dpmpp-2m-sde",
     "LCMScheduler": "ddim",
@@ -309,6 +318,9 @@ def _translate(cfg: dict, kwargs: dict):
                 )
         elif key not in _CONSUMED:
             raise _refused(cfg, key, "QTaylorScheduler has no such key", "keep the pipeline's own scheduler")
+    if name == "DEISMultistepScheduler":
+        # DEIS ends at the first trained step's σ (it has no final_sigmas_type key)
+        out["final_sigmas_type"] = "sigma_min"
     if "set_alpha_to_one" in cfg:
         # DDIM/PNDM: the last step goes to ᾱ = 1 (x̂0), or to the first trained step.
         out["final_sigmas_type"] = "zero" if cfg["set_alpha_to_one"] else "sigma_min"

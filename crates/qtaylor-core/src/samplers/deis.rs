@@ -13,6 +13,11 @@
 //! Riemann sum; here 32-point Gauss–Legendre quadrature in ln ρ, where the integrand is
 //! smooth (to about 1e-14 per step). Order 1 is DDIM. The order warms up 1, 2, …; with
 //! `lower_order_final` and fewer than 15 steps it drops to 2, 1 at the end (diffusers).
+//!
+//! The log-ρ variant (diffusers' `DEISMultistepScheduler`, `solver_type="logrho"`) takes the
+//! Lagrange polynomial in `u = ln ρ` through the same outputs and integrates it in ρ:
+//! `x_{i+1}/α_{i+1} = x_i/α_i + Σ_j ε_{i−j} ∫_{ρ_i}^{ρ_{i+1}} ℓ_j(ln ρ) dρ`, the integral by
+//! the same quadrature in u (`dρ = e^u du`; exact to rounding for these polynomial × e^u).
 
 use anyhow::Result;
 
@@ -85,13 +90,58 @@ pub fn tab_coefficients(schedule: &dyn Schedule, t: f64, s: f64, nodes: &[f64]) 
         .collect()
 }
 
-/// DEIS-tAB of `order` (1 NFE per step).
+/// `C_j = α_s ∫_{ρ(t)}^{ρ(s)} ℓ_j(ln ρ) dρ` for the Lagrange basis in `u = ln ρ` on the
+/// times `nodes` (newest first): diffusers' DEIS coefficients (its closed-form `ind_fn`),
+/// by 32-point Gauss–Legendre in u. A step to ρ = 0 (σ = 0) integrates to ρ = 0 (ρ ℓ(ln ρ)
+/// → 0), its lower end taken where e^u is below f64 resolution of ρ(t).
+pub fn logrho_coefficients(schedule: &dyn Schedule, t: f64, s: f64, nodes: &[f64]) -> Vec<f64> {
+    let (gx, gw) = gauss_legendre(32);
+    let u_of = |tau: f64| -schedule.lambda(tau);
+    let u0 = u_of(t);
+    let u1 = if schedule.sigma(s) > 0.0 {
+        u_of(s)
+    } else {
+        u0 - 60.0
+    };
+    let (mid, half) = (0.5 * (u0 + u1), 0.5 * (u1 - u0));
+    let us: Vec<f64> = nodes.iter().map(|&tk| u_of(tk)).collect();
+    (0..nodes.len())
+        .map(|j| {
+            let basis = |u: f64| {
+                us.iter()
+                    .enumerate()
+                    .filter(|&(k, _)| k != j)
+                    .map(|(_, &uk)| (u - uk) / (us[j] - uk))
+                    .product::<f64>()
+            };
+            let integral: f64 = gx
+                .iter()
+                .zip(&gw)
+                .map(|(&x, &w)| {
+                    let u = mid + half * x;
+                    w * basis(u) * u.exp()
+                })
+                .sum();
+            schedule.alpha(s) * half * integral
+        })
+        .collect()
+}
+
+/// Which DEIS: tAB (Lagrange in t) or diffusers' log-ρ form.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Variant {
+    TAb,
+    LogRho,
+}
+
+/// DEIS of `order` (1 NFE per step), tAB or log-ρ.
 pub fn sample_deis<B: Backend>(
     ctx: &mut Ctx<B>,
     mut x: B::X,
     ts: &[f64],
     order: usize,
     lower_order_final: bool,
+    variant: Variant,
 ) -> Result<B::X> {
     let n = ts.len() - 1;
     // (t, ε) of the last `order` grid points, newest first.
@@ -108,7 +158,10 @@ pub fn sample_deis<B: Backend>(
         hist.truncate(order);
         let k = multistep_order(order, i, n, hist.len(), lower_order_final);
         let nodes: Vec<f64> = hist[..k].iter().map(|(t, _)| *t).collect();
-        let c = tab_coefficients(ctx.schedule, t, s, &nodes);
+        let c = match variant {
+            Variant::TAb => tab_coefficients(ctx.schedule, t, s, &nodes),
+            Variant::LogRho => logrho_coefficients(ctx.schedule, t, s, &nodes),
+        };
         let ratio = ctx.schedule.alpha(s) / ctx.schedule.alpha(t);
         let mut terms: Vec<(f64, &B::X)> = vec![(ratio, &x)];
         terms.extend(c.iter().copied().zip(hist[..k].iter().map(|(_, e)| e)));
@@ -149,6 +202,49 @@ mod tests {
                 "{t}->{sn}: {} vs {b}",
                 c[0]
             );
+        }
+    }
+
+    #[test]
+    fn logrho_coefficients_equal_the_closed_form_antiderivatives() {
+        // diffusers' DEIS integrates the Lagrange basis in ln ρ against dρ in closed form:
+        // order 2, ∫ (ln ρ − ln c)/(ln b − ln c) dρ = ρ (ln ρ − ln c − 1)/(ln b − ln c); order 3,
+        // ∫ (ln ρ − ln c)(ln ρ − ln d) dρ / ((ln b − ln c)(ln b − ln d)) = ρ [(ln ρ − ln c)(ln ρ −
+        // ln d) − (2 ln ρ − ln c − ln d) + 2] / (…). Order 1 is DDIM.
+        let s = VpLinear::default();
+        let rho = |t: f64| s.sigma(t) / s.alpha(t);
+        let ind2 = |r: f64, b: f64, c: f64| r * (r.ln() - c.ln() - 1.0) / (b.ln() - c.ln());
+        let ind3 = |r: f64, b: f64, c: f64, d: f64| {
+            let (l, lc, ld) = (r.ln(), c.ln(), d.ln());
+            r * ((l - lc) * (l - ld) - (2.0 * l - lc - ld) + 2.0) / ((b.ln() - lc) * (b.ln() - ld))
+        };
+        for &(t, sn, t1, t2) in &[
+            (0.5, 0.4, 0.6, 0.7),
+            (0.2, 0.1, 0.3, 0.45),
+            (0.05, 0.02, 0.08, 0.12),
+        ] {
+            let (rt, rs, r1, r2) = (rho(t), rho(sn), rho(t1), rho(t2));
+            let a = s.alpha(sn);
+            let c1 = logrho_coefficients(&s, t, sn, &[t]);
+            let (_, b) = ddim_coefficients(&s, t, sn);
+            assert!((c1[0] - b).abs() < 1e-12 * (1.0 + b.abs()));
+            let c2 = logrho_coefficients(&s, t, sn, &[t, t1]);
+            let want2 = [
+                a * (ind2(rs, rt, r1) - ind2(rt, rt, r1)),
+                a * (ind2(rs, r1, rt) - ind2(rt, r1, rt)),
+            ];
+            let c3 = logrho_coefficients(&s, t, sn, &[t, t1, t2]);
+            let want3 = [
+                a * (ind3(rs, rt, r1, r2) - ind3(rt, rt, r1, r2)),
+                a * (ind3(rs, r1, r2, rt) - ind3(rt, r1, r2, rt)),
+                a * (ind3(rs, r2, rt, r1) - ind3(rt, r2, rt, r1)),
+            ];
+            for (got, want) in c2.iter().zip(want2).chain(c3.iter().zip(want3)) {
+                assert!(
+                    (got - want).abs() < 1e-12 * (1.0 + want.abs()),
+                    "{t}->{sn}: {got} vs {want}"
+                );
+            }
         }
     }
 

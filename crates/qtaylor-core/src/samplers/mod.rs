@@ -248,6 +248,8 @@ pub enum Sampler {
     Ipndm,
     /// `deis-K`, K = 1, 2, 3 (tAB).
     Deis(usize),
+    /// `deis-logrho-K`, K = 1, 2, 3 (diffusers' DEIS: Lagrange in ln ρ, integrated in ρ).
+    DeisLogRho(usize),
     EdmHeun,
     /// `k-euler`: Euler in ς = σ/α with Karras' churn (k-diffusion, diffusers' Euler).
     KEuler,
@@ -393,6 +395,17 @@ pub fn catalog() -> Vec<CatalogEntry> {
         ),
         e("deis-3", "1", "DEIS tAB order 3"),
         e(
+            "deis-logrho-1",
+            "1",
+            "DEIS in log rho order 1 (= DDIM; diffusers' DEISMultistep)",
+        ),
+        e(
+            "deis-logrho-2",
+            "1",
+            "DEIS in log rho order 2: eps Lagrange in ln(sigma/alpha), integrated in sigma/alpha (diffusers' DEISMultistep)",
+        ),
+        e("deis-logrho-3", "1", "DEIS in log rho order 3"),
+        e(
             "edm-heun",
             "2",
             "EDM Heun (arXiv 2206.00364 Alg. 2) on its own Karras grid, --s-churn --s-tmin --s-tmax --s-noise",
@@ -489,6 +502,7 @@ impl FromStr for Sampler {
             _ if s.starts_with("qt-") => Sampler::QuasiTaylor(order(&s[3..], MAX_QT_ORDER)?),
             _ if s.starts_with("dpm-solver-") => Sampler::DpmSolver(order(&s[11..], 3)?),
             _ if s.starts_with("unipc-") => Sampler::UniPc(order(&s[6..], 3)?),
+            _ if s.starts_with("deis-logrho-") => Sampler::DeisLogRho(order(&s[12..], 3)?),
             _ if s.starts_with("deis-") => Sampler::Deis(order(&s[5..], 3)?),
             _ => bail!("unknown sampler '{s}'; valid samplers: {}", valid_names()),
         })
@@ -519,6 +533,7 @@ impl fmt::Display for Sampler {
             Sampler::Plms => write!(f, "plms"),
             Sampler::Ipndm => write!(f, "ipndm"),
             Sampler::Deis(k) => write!(f, "deis-{k}"),
+            Sampler::DeisLogRho(k) => write!(f, "deis-logrho-{k}"),
             Sampler::EdmHeun => write!(f, "edm-heun"),
             Sampler::KEuler => write!(f, "k-euler"),
             Sampler::KEulerAncestral => write!(f, "k-euler-a"),
@@ -570,6 +585,9 @@ pub fn all_samplers() -> Vec<Sampler> {
         Deis(1),
         Deis(2),
         Deis(3),
+        DeisLogRho(1),
+        DeisLogRho(2),
+        DeisLogRho(3),
         EdmHeun,
         KEuler,
         KHeun,
@@ -636,7 +654,9 @@ impl Sampler {
             Sampler::Ddim => &[ETA],
             Sampler::Ddpm => &[DDPM_VARIANCE],
             Sampler::Rk45 | Sampler::DpmSolverAdaptive(_) => &[RTOL, ATOL],
-            Sampler::DpmPpMultistep(_) | Sampler::Deis(_) => &[LOWER_ORDER_FINAL],
+            Sampler::DpmPpMultistep(_) | Sampler::Deis(_) | Sampler::DeisLogRho(_) => {
+                &[LOWER_ORDER_FINAL]
+            }
             Sampler::DpmPp2MSde => &[ETA, LOWER_ORDER_FINAL],
             Sampler::UniPc(_) => &[UNIPC_VARIANT, UNIPC_CORRECTOR, LOWER_ORDER_FINAL],
             Sampler::EdmHeun | Sampler::KEuler | Sampler::KHeun | Sampler::KDpm2 => {
@@ -762,7 +782,12 @@ impl Sampler {
             Sampler::Pndm => pndm::sample_pndm(ctx, x, ts),
             Sampler::Plms => pndm::sample_plms(ctx, x, ts),
             Sampler::Ipndm => pndm::sample_ipndm(ctx, x, ts),
-            Sampler::Deis(k) => deis::sample_deis(ctx, x, ts, k, opts.lower_order_final),
+            Sampler::Deis(k) => {
+                deis::sample_deis(ctx, x, ts, k, opts.lower_order_final, deis::Variant::TAb)
+            }
+            Sampler::DeisLogRho(k) => {
+                deis::sample_deis(ctx, x, ts, k, opts.lower_order_final, deis::Variant::LogRho)
+            }
             Sampler::EdmHeun => edm::sample_edm_heun(ctx, x, ts, &churn),
             Sampler::KEuler => k_diffusion::sample_k_euler(ctx, x, ts, &churn),
             Sampler::KHeun => k_diffusion::sample_k_heun(ctx, x, ts, &churn),
