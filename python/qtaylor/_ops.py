@@ -14,6 +14,8 @@ from __future__ import annotations
 
 from typing import Callable, Optional, Sequence, Union
 
+import math
+
 import torch
 
 Coef = Union[float, Sequence[float]]
@@ -24,11 +26,13 @@ def work_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def all_finite(x: torch.Tensor) -> bool:
-    """True when no entry is NaN or Inf: one reduction with no temporary, accumulated in
-    float64 (float32 on MPS, which has no float64), where any NaN or Inf makes the sum
-    non-finite and finite float32 entries cannot overflow it."""
-    acc = torch.float32 if x.device.type == "mps" else torch.float64
-    return bool(torch.isfinite(x.sum(dtype=acc)))
+    """True when no entry is NaN or Inf. First the sum in the tensor's own dtype (one
+    reduction, no copy): any NaN or Inf makes it non-finite, so a finite sum proves every
+    entry finite. Only a non-finite sum (a NaN, an Inf, or finite entries whose sum
+    overflows, e.g. large float16 values) takes the exact elementwise check."""
+    if math.isfinite(x.sum().item()):
+        return True
+    return bool(torch.isfinite(x).all())
 
 
 class TorchOps:

@@ -753,9 +753,8 @@ class QTaylorScheduler(SchedulerMixin, ConfigMixin):
 
     def _alpha_at_call(self, k: int) -> float:
         """α at network call k (α at the grid's end past the last call): the factor between a
-        σ-space source's state x/α and the VP state."""
-        t = self._call_times[k] if k < len(self._call_times) else self._times[-1]
-        return float(self._schedule.alpha(float(t)))
+        σ-space source's state x/α and the VP state (from the core, once per grid)."""
+        return self._call_alphas[min(k, len(self._call_alphas) - 1)]
 
     # -- grids --------------------------------------------------------------------------
     def set_timesteps(
@@ -995,6 +994,9 @@ class QTaylorScheduler(SchedulerMixin, ConfigMixin):
         self.timesteps = ts.to(device) if device is not None else ts
         self._call_times = program.call_times
         self._call_steps = program.call_steps
+        # α at each call and at the grid's end; the timestep each call expects, as floats
+        self._call_alphas = [float(a) for a in self._schedule.alpha(np.array(list(self._call_times) + [times[-1]]))]
+        self._label_values = [float(v) for v in self.timesteps.tolist()]
         self.order = self._calls_per_step(program)
 
     @staticmethod
@@ -1054,6 +1056,8 @@ class QTaylorScheduler(SchedulerMixin, ConfigMixin):
         self._call_times = new.call_times
         self._call_steps = new.call_steps
         self.timesteps = self.timesteps[k:].to(device)
+        self._call_alphas = self._call_alphas[k:]
+        self._label_values = self._label_values[k:]
         self._replay = None
 
     # -- stepping -----------------------------------------------------------------------
@@ -1080,6 +1084,13 @@ class QTaylorScheduler(SchedulerMixin, ConfigMixin):
 
     def _step_vp(self, model_output, t_val, sample, generator, return_dict):
         """step() on the VP state."""
+        prev, x0 = self._advance(model_output, t_val, sample, generator, return_dict)
+        if not return_dict:
+            return (prev,)
+        return QTaylorSchedulerOutput(prev_sample=prev, pred_original_sample=x0)
+
+    def _advance(self, model_output, t_val, sample, generator, want_x0):
+        """Feeds one network call to the replay: the next VP state, and x̂0 if asked for."""
         if self._replay is None:
             self._start(t_val, sample)
         replay = self._replay
@@ -1089,21 +1100,18 @@ class QTaylorScheduler(SchedulerMixin, ConfigMixin):
             expected = float(self.timesteps[len(self._call_times) + self._tail_done].item())
             if abs(t_val - expected) <= 1e-3 * max(1.0, abs(expected)):
                 self._tail_done += 1
-                prev = sample
-                if not return_dict:
-                    return (prev,)
-                x0 = replay.x0(model_output, sample, self._times[-1], self._ops)
-                return QTaylorSchedulerOutput(prev_sample=prev, pred_original_sample=x0.to(sample.dtype))
+                x0 = replay.x0(model_output, sample, self._times[-1], self._ops) if want_x0 else None
+                return sample, (x0.to(sample.dtype) if x0 is not None else None)
         if replay.finished:
             raise ValueError(
                 f"step() called after the last of the {len(self._call_times)} network calls; call set_timesteps again"
             )
         k = replay.calls_done
-        expected = self.timesteps[k].item()
-        if abs(t_val - float(expected)) > 1e-3 * max(1.0, abs(float(expected))):
+        expected = self._label_values[k]
+        if abs(t_val - expected) > 1e-3 * max(1.0, abs(expected)):
             raise ValueError(
-                f"step() got timestep {t_val} but the sampler's network call {k} is at timestep {expected}; "
-                "pass the scheduler's timesteps in order"
+                f"step() got timestep {t_val} but the sampler's network call {k} is at timestep "
+                f"{self.timesteps[k].item()}; pass the scheduler's timesteps in order"
             )
         if model_output.shape != sample.shape:
             c = sample.shape[1] if sample.dim() > 1 else None
@@ -1115,20 +1123,16 @@ class QTaylorScheduler(SchedulerMixin, ConfigMixin):
                 )
         if not all_finite(model_output):
             raise ValueError(
-                f"model_output contains NaN or Inf at network call {k} (timestep {expected})"
+                f"model_output contains NaN or Inf at network call {k} (timestep {self.timesteps[k].item()})"
             )
         self._ops.generator = generator
-        x0 = None
-        if return_dict:
-            x0 = replay.x0(model_output, sample, self._call_times[k], self._ops)
+        x0 = replay.x0(model_output, sample, self._call_times[k], self._ops) if want_x0 else None
         prev = replay.feed(model_output, sample, self._ops)
         if prev.dtype != sample.dtype:
             prev = prev.to(sample.dtype)
         if x0 is not None and x0.dtype != sample.dtype:
             x0 = x0.to(sample.dtype)
-        if not return_dict:
-            return (prev,)
-        return QTaylorSchedulerOutput(prev_sample=prev, pred_original_sample=x0)
+        return prev, x0
 
     def _step_sigma_space(self, model_output, t_val, sample, generator, return_dict):
         """step() for a σ-space source: its state x/α goes to the VP state of this call and
@@ -1141,14 +1145,16 @@ class QTaylorScheduler(SchedulerMixin, ConfigMixin):
             # EDM: the network's output F becomes the denoiser D = c_skip x + c_out F (the
             # source's precondition_outputs), which the program reads as x̂0.
             model_output = self._source.precondition_outputs(sample, model_output, self._level_at_call(k))
-        a = self._alpha_at_call(k)
-        out = self._step_vp(model_output, t_val, (sample.to(work_dtype(sample.dtype)) * a).to(sample.dtype),
-                            generator, True)
-        k_next = self._replay.calls_done
-        prev = (out.prev_sample.to(work_dtype(sample.dtype)) / self._alpha_at_call(k_next)).to(sample.dtype)
+        work = work_dtype(sample.dtype)
+        vp = (sample if sample.dtype == work else sample.to(work)) * self._alpha_at_call(k)
+        prev, x0 = self._advance(model_output, t_val, vp if vp.dtype == sample.dtype else vp.to(sample.dtype),
+                                 generator, return_dict)
+        prev = (prev if prev.dtype == work else prev.to(work)) / self._alpha_at_call(self._replay.calls_done)
+        if prev.dtype != sample.dtype:
+            prev = prev.to(sample.dtype)
         if not return_dict:
             return (prev,)
-        return QTaylorSchedulerOutput(prev_sample=prev, pred_original_sample=out.pred_original_sample)
+        return QTaylorSchedulerOutput(prev_sample=prev, pred_original_sample=x0)
 
     def _start(self, t_val: float, sample: torch.Tensor):
         first = float(self.timesteps[0].item())
