@@ -154,7 +154,7 @@ fn reference_solution_matches_the_exact_gaussian_flow_and_checks_itself() {
     );
 }
 
-const ALL: [&str; 32] = [
+const ALL: [&str; 33] = [
     "qt-1",
     "qt-2",
     "qt-3",
@@ -186,6 +186,7 @@ const ALL: [&str; 32] = [
     "deis-2",
     "deis-3",
     "deis-logrho-3",
+    "dpmpp-singlestep-2",
     "edm-heun",
 ];
 

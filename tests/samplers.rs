@@ -128,6 +128,19 @@ fn deis_logrho_k_has_global_order_k() {
 }
 
 #[test]
+fn dpmpp_singlestep_2_is_second_order() {
+    // groups of two grid steps: DPM-Solver++(2S) with the grid's point as its intermediate
+    assert_order(
+        "dpmpp-singlestep-2",
+        &Options::default(),
+        Grid::LogSnr,
+        1e-3,
+        2.0,
+        0.2,
+    );
+}
+
+#[test]
 fn pndm_family_is_second_order_on_grids_not_uniform_in_sigma_over_alpha() {
     // Fixed Adams–Bashforth coefficients applied to ε with the DDIM transfer are exact for
     // a step size uniform in ρ = σ/α only; on the usual grids the measured order is 2.
@@ -175,7 +188,12 @@ fn first_order_members_of_every_family_equal_ddim() {
         unipc_corrector: false,
         ..Options::default()
     };
-    for name in ["dpm-solver-1", "deis-1", "deis-logrho-1"] {
+    for name in [
+        "dpm-solver-1",
+        "deis-1",
+        "deis-logrho-1",
+        "dpmpp-singlestep-1",
+    ] {
         runs_equal(name, "ddim", &o, &o, 12, 1e-10);
     }
     runs_equal("unipc-1", "ddim", &no_corr, &o, 12, 1e-10);

@@ -85,6 +85,28 @@ def _unipc(cfg: dict) -> str:
     return f"unipc-{order}"
 
 
+def _dpm_singlestep(cfg: dict) -> str:
+    """diffusers' DPMSolverSinglestepScheduler with DPM-Solver++ (midpoint), orders 1 and 2:
+    dpmpp-singlestep-K (its order list over the grid's own points)."""
+    algo, order = cfg.get("algorithm_type", "dpmsolver++"), cfg.get("solver_order", 2)
+    if algo != "dpmsolver++":
+        raise _refused(
+            cfg, "algorithm_type", "qtaylor's singlestep DPM-Solver is the ++ (data prediction) form",
+            "nearest: sampler='dpm-solver-2' (noise prediction, λ-midpoint)",
+        )
+    if order >= 2 and cfg.get("solver_type", "midpoint") != "midpoint":
+        raise _refused(
+            cfg, "solver_type", "qtaylor's singlestep DPM-Solver++ is the midpoint form",
+            "nearest: sampler='dpmpp-singlestep-2'",
+        )
+    if order not in (1, 2):
+        raise _refused(
+            cfg, "solver_order", "qtaylor's singlestep DPM-Solver++ has orders 1 and 2",
+            "nearest: sampler='dpmpp-singlestep-2' or 'dpm-solver-3'",
+        )
+    return f"dpmpp-singlestep-{order}"
+
+
 def _deis(cfg: dict) -> str:
     """diffusers' DEIS (algorithm 'deis', solver 'logrho': ε Lagrange in ln ρ, integrated in
     ρ = σ/α), orders 1 to 3: deis-logrho-K."""
@@ -118,6 +140,7 @@ SOURCES = {
     "DPMSolverMultistepScheduler": _dpm_multistep,
     "UniPCMultistepScheduler": _unipc,
     "DEISMultistepScheduler": _deis,
+    "DPMSolverSinglestepScheduler": _dpm_singlestep,
     "EulerDiscreteScheduler": lambda cfg: "k-euler",
     "EulerAncestralDiscreteScheduler": lambda cfg: "k-euler-a",
     "HeunDiscreteScheduler": lambda cfg: "k-heun",
@@ -164,12 +187,16 @@ _GRID_BY_SOURCE = {
 }
 
 # Classes whose spacing is the multistep one (N + 1 points, the last dropped).
-_MULTISTEP = ("DPMSolverMultistepScheduler", "UniPCMultistepScheduler", "DEISMultistepScheduler")
+_MULTISTEP = (
+    "DPMSolverMultistepScheduler",
+    "UniPCMultistepScheduler",
+    "DEISMultistepScheduler",
+    "DPMSolverSinglestepScheduler",
+)
 
 # VP classes that run with an explicit `sampler` (their schedule keys are honoured), but
 # whose own algorithm qtaylor does not reproduce, with the nearest qtaylor sampler.
 _NEAREST = {
-    "DPMSolverSinglestepScheduler": "dpm-solver-2 or dpm-solver-3",
     "DPMSolverSDEScheduler": "dpmpp-2m-sde",
     "LCMScheduler": "ddim",
     "TCDScheduler": "ddim",
@@ -318,6 +345,9 @@ def _translate(cfg: dict, kwargs: dict):
                 )
         elif key not in _CONSUMED:
             raise _refused(cfg, key, "QTaylorScheduler has no such key", "keep the pipeline's own scheduler")
+    if name == "DPMSolverSinglestepScheduler":
+        # no timestep_spacing key: its grid is always the multistep linspace one
+        out["timestep_spacing"] = "linspace"
     if name == "DEISMultistepScheduler":
         # DEIS ends at the first trained step's σ (it has no final_sigmas_type key)
         out["final_sigmas_type"] = "sigma_min"

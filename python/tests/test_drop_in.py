@@ -29,6 +29,7 @@ from diffusers import (
     DDPMScheduler,
     DEISMultistepScheduler,
     DPMSolverMultistepScheduler,
+    DPMSolverSDEScheduler,
     DPMSolverSinglestepScheduler,
     EDMDPMSolverMultistepScheduler,
     EDMEulerScheduler,
@@ -69,6 +70,8 @@ SOURCES = [
     ("unipc-2-bh1", UniPCMultistepScheduler, dict(solver_type="bh1", final_sigmas_type="sigma_min"), "unipc-2", False),
     ("deis-2", DEISMultistepScheduler, dict(), "deis-logrho-2", False),
     ("deis-3", DEISMultistepScheduler, dict(solver_order=3), "deis-logrho-3", False),
+    ("dpm++2s", DPMSolverSinglestepScheduler, dict(), "dpmpp-singlestep-2", False),
+    ("dpm++2s-lof", DPMSolverSinglestepScheduler, dict(lower_order_final=True, final_sigmas_type="sigma_min"), "dpmpp-singlestep-2", False),
 ]
 CONFIGS = {
     "defaults": dict(),
@@ -82,9 +85,9 @@ CONFIGS = {
 
 
 def _source(cls, own, cfg_name):
-    cfg = dict(CONFIGS[cfg_name])
-    if cls not in (DDIMScheduler, PNDMScheduler):
-        cfg.pop("set_alpha_to_one", None)
+    # the keys the class takes (DPMSolverSinglestep has no spacing keys, …)
+    keys = inspect.signature(cls.__init__).parameters
+    cfg = {k: v for k, v in CONFIGS[cfg_name].items() if k in keys}
     if cls is DDPMScheduler and cfg_name == "defaults":
         cfg = {}
     return cls(**own, **cfg)
@@ -165,7 +168,8 @@ class _nothing:
         (DPMSolverMultistepScheduler, dict(algorithm_type="dpmsolver", final_sigmas_type="sigma_min"), "'algorithm_type' = 'dpmsolver'"),
         (DPMSolverMultistepScheduler, dict(use_karras_sigmas=True), "'use_karras_sigmas' = True"),
         (UniPCMultistepScheduler, dict(disable_corrector=[1]), "'disable_corrector' = [1]"),
-        (DPMSolverSinglestepScheduler, dict(), "nearest: dpm-solver-2 or dpm-solver-3"),
+        (DPMSolverSDEScheduler, dict(), "nearest: dpmpp-2m-sde"),
+        (DPMSolverSinglestepScheduler, dict(solver_order=3), "'solver_order' = 3"),
         (DDPMScheduler, dict(rescale_betas_zero_snr=True), "keeps ᾱ_T = 0"),
     ],
 )

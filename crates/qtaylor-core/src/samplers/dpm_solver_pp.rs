@@ -134,6 +134,98 @@ pub fn sample_dpmpp_2s<B: Backend>(ctx: &mut Ctx<B>, mut x: B::X, ts: &[f64]) ->
     Ok(x)
 }
 
+/// The orders of diffusers' `DPMSolverSinglestepScheduler` over `n` grid steps
+/// (`get_order_list`): groups `1, 2` (order 2) or `1, 2, 3` (order 3); with
+/// `lower_order_final` the end is completed by lower orders (order 2: `…, 1, 1` for even n,
+/// `…, 1` for odd n); a last step to σ = 0 is first order.
+pub fn singlestep_orders(
+    n: usize,
+    order: usize,
+    lower_order_final: bool,
+    to_zero: bool,
+) -> Vec<usize> {
+    let group: Vec<usize> = (1..=order).collect();
+    let mut out: Vec<usize> = if lower_order_final {
+        match order {
+            3 => match n % 3 {
+                0 => [group.repeat((n / 3).saturating_sub(1)), vec![1, 2, 1]].concat(),
+                1 => [group.repeat(n / 3), vec![1]].concat(),
+                _ => [group.repeat(n / 3), vec![1, 2]].concat(),
+            },
+            2 => {
+                if n.is_multiple_of(2) {
+                    [group.repeat((n / 2).saturating_sub(1)), vec![1, 1]].concat()
+                } else {
+                    [group.repeat(n / 2), vec![1]].concat()
+                }
+            }
+            _ => vec![1; n],
+        }
+    } else {
+        // diffusers turns lower_order_final on where n is not a multiple of the order
+        let mut v = group.repeat(n / order);
+        v.resize(n, 1);
+        v
+    };
+    out.truncate(n);
+    if to_zero && let Some(last) = out.last_mut() {
+        *last = 1;
+    }
+    out
+}
+
+/// diffusers' `DPMSolverSinglestepScheduler` with DPM-Solver++ (midpoint), orders 1 and 2
+/// (arXiv 2211.01095, Alg. 1 with the grid's own intermediate points): the grid is cut into
+/// groups by [`singlestep_orders`]; an order-2 group `t₀ → t₁ → t₂` calls the network at t₀
+/// (a first-order step to t₁) and at t₁, then goes from t₀ to t₂ with
+/// `x₂ = (σ₂/σ₀) x₀ − α₂ φ₁ m₀ − ½ α₂ φ₁ (m₁ − m₀)/r`, `r = (λ₁ − λ₀)/(λ₂ − λ₀)`,
+/// `φ₁ = e^{−(λ₂−λ₀)} − 1`. One NFE per grid step.
+pub fn sample_dpmpp_singlestep<B: Backend>(
+    ctx: &mut Ctx<B>,
+    mut x: B::X,
+    ts: &[f64],
+    order: usize,
+    lower_order_final: bool,
+) -> Result<B::X> {
+    let n = ts.len() - 1;
+    let orders = singlestep_orders(
+        n,
+        order,
+        lower_order_final,
+        reaches_zero(ctx.schedule, ts[n]),
+    );
+    // The group's start: (time, state, x̂0 there).
+    let mut start: Option<(f64, B::X, B::X)> = None;
+    for i in 0..n {
+        let (t, s) = (ts[i], ts[i + 1]);
+        ctx.begin_step(i, t, &x)?;
+        let m = ctx.denoise(&x, t)?.x0;
+        if reaches_zero(ctx.schedule, s) {
+            x = m;
+            continue;
+        }
+        match (orders[i], start.take()) {
+            (2, Some((t0, x0, m0))) => {
+                let (ratio, a_s, h) = scalars(ctx, t0, s);
+                let r = (ctx.schedule.lambda(t) - ctx.schedule.lambda(t0)) / h;
+                let phi1 = (-h).exp_m1();
+                x = ctx.lc(&[
+                    (ratio, &x0),
+                    (-a_s * phi1 * (1.0 - 0.5 / r), &m0),
+                    (-a_s * phi1 * 0.5 / r, &m),
+                ])?;
+            }
+            _ => {
+                let (ratio, a_s, h) = scalars(ctx, t, s);
+                let next = ctx.lc(&[(ratio, &x), (-a_s * (-h).exp_m1(), &m)])?;
+                start = Some((t, x, m));
+                x = next;
+            }
+        }
+    }
+    Ok(x)
+}
+
 /// SDE-DPM-Solver++(2M) with stochasticity η (one NFE and one normal draw per step).
 pub fn sample_dpmpp_2m_sde<B: Backend>(
     ctx: &mut Ctx<B>,
@@ -181,6 +273,36 @@ pub fn sample_dpmpp_2m_sde<B: Backend>(
         x = next;
     }
     Ok(x)
+}
+
+#[cfg(test)]
+mod singlestep_tests {
+    use super::*;
+
+    #[test]
+    fn singlestep_orders_are_diffusers_order_lists() {
+        // DPMSolverSinglestepScheduler.get_order_list, written out for a few step counts
+        assert_eq!(singlestep_orders(6, 2, true, false), vec![1, 2, 1, 2, 1, 1]);
+        assert_eq!(
+            singlestep_orders(7, 2, true, false),
+            vec![1, 2, 1, 2, 1, 2, 1]
+        );
+        assert_eq!(
+            singlestep_orders(6, 2, false, false),
+            vec![1, 2, 1, 2, 1, 2]
+        );
+        assert_eq!(singlestep_orders(6, 2, false, true), vec![1, 2, 1, 2, 1, 1]);
+        assert_eq!(singlestep_orders(6, 3, true, false), vec![1, 2, 3, 1, 2, 1]);
+        assert_eq!(
+            singlestep_orders(7, 3, true, false),
+            vec![1, 2, 3, 1, 2, 3, 1]
+        );
+        assert_eq!(
+            singlestep_orders(8, 3, true, false),
+            vec![1, 2, 3, 1, 2, 3, 1, 2]
+        );
+        assert_eq!(singlestep_orders(4, 1, true, true), vec![1, 1, 1, 1]);
+    }
 }
 
 #[cfg(test)]

@@ -250,6 +250,9 @@ pub enum Sampler {
     Deis(usize),
     /// `deis-logrho-K`, K = 1, 2, 3 (diffusers' DEIS: Lagrange in ln ρ, integrated in ρ).
     DeisLogRho(usize),
+    /// `dpmpp-singlestep-K`, K = 1, 2: diffusers' DPMSolverSinglestep (DPM-Solver++ in groups
+    /// of the grid's own points).
+    DpmPpSinglestep(usize),
     EdmHeun,
     /// `k-euler`: Euler in ς = σ/α with Karras' churn (k-diffusion, diffusers' Euler).
     KEuler,
@@ -406,6 +409,16 @@ pub fn catalog() -> Vec<CatalogEntry> {
         ),
         e("deis-logrho-3", "1", "DEIS in log rho order 3"),
         e(
+            "dpmpp-singlestep-1",
+            "1",
+            "DPM-Solver++ singlestep order 1 (= DDIM; diffusers' DPMSolverSinglestep)",
+        ),
+        e(
+            "dpmpp-singlestep-2",
+            "1",
+            "DPM-Solver++(2S) on groups of the grid's own points (diffusers' DPMSolverSinglestep), --lower-order-final",
+        ),
+        e(
             "edm-heun",
             "2",
             "EDM Heun (arXiv 2206.00364 Alg. 2) on its own Karras grid, --s-churn --s-tmin --s-tmax --s-noise",
@@ -503,6 +516,9 @@ impl FromStr for Sampler {
             _ if s.starts_with("dpm-solver-") => Sampler::DpmSolver(order(&s[11..], 3)?),
             _ if s.starts_with("unipc-") => Sampler::UniPc(order(&s[6..], 3)?),
             _ if s.starts_with("deis-logrho-") => Sampler::DeisLogRho(order(&s[12..], 3)?),
+            _ if s.starts_with("dpmpp-singlestep-") => {
+                Sampler::DpmPpSinglestep(order(&s[17..], 2)?)
+            }
             _ if s.starts_with("deis-") => Sampler::Deis(order(&s[5..], 3)?),
             _ => bail!("unknown sampler '{s}'; valid samplers: {}", valid_names()),
         })
@@ -534,6 +550,7 @@ impl fmt::Display for Sampler {
             Sampler::Ipndm => write!(f, "ipndm"),
             Sampler::Deis(k) => write!(f, "deis-{k}"),
             Sampler::DeisLogRho(k) => write!(f, "deis-logrho-{k}"),
+            Sampler::DpmPpSinglestep(k) => write!(f, "dpmpp-singlestep-{k}"),
             Sampler::EdmHeun => write!(f, "edm-heun"),
             Sampler::KEuler => write!(f, "k-euler"),
             Sampler::KEulerAncestral => write!(f, "k-euler-a"),
@@ -588,6 +605,8 @@ pub fn all_samplers() -> Vec<Sampler> {
         DeisLogRho(1),
         DeisLogRho(2),
         DeisLogRho(3),
+        DpmPpSinglestep(1),
+        DpmPpSinglestep(2),
         EdmHeun,
         KEuler,
         KHeun,
@@ -654,9 +673,10 @@ impl Sampler {
             Sampler::Ddim => &[ETA],
             Sampler::Ddpm => &[DDPM_VARIANCE],
             Sampler::Rk45 | Sampler::DpmSolverAdaptive(_) => &[RTOL, ATOL],
-            Sampler::DpmPpMultistep(_) | Sampler::Deis(_) | Sampler::DeisLogRho(_) => {
-                &[LOWER_ORDER_FINAL]
-            }
+            Sampler::DpmPpMultistep(_)
+            | Sampler::Deis(_)
+            | Sampler::DeisLogRho(_)
+            | Sampler::DpmPpSinglestep(_) => &[LOWER_ORDER_FINAL],
             Sampler::DpmPp2MSde => &[ETA, LOWER_ORDER_FINAL],
             Sampler::UniPc(_) => &[UNIPC_VARIANT, UNIPC_CORRECTOR, LOWER_ORDER_FINAL],
             Sampler::EdmHeun | Sampler::KEuler | Sampler::KHeun | Sampler::KDpm2 => {
@@ -784,6 +804,9 @@ impl Sampler {
             Sampler::Ipndm => pndm::sample_ipndm(ctx, x, ts),
             Sampler::Deis(k) => {
                 deis::sample_deis(ctx, x, ts, k, opts.lower_order_final, deis::Variant::TAb)
+            }
+            Sampler::DpmPpSinglestep(k) => {
+                dpm_solver_pp::sample_dpmpp_singlestep(ctx, x, ts, k, opts.lower_order_final)
             }
             Sampler::DeisLogRho(k) => {
                 deis::sample_deis(ctx, x, ts, k, opts.lower_order_final, deis::Variant::LogRho)
