@@ -1005,8 +1005,16 @@ class QTaylorScheduler(SchedulerMixin, ConfigMixin):
         if labels is not None:
             # A σ-space source's own network timesteps, one per call of the same sampler.
             if len(labels) != len(model_times) + int(tail):
+                source = type(self._source).__name__
+                if self.config.reproduces is None:
+                    raise ValueError(
+                        f"sampler '{self._spec.name}' calls the network {len(model_times)} times on "
+                        f"{source}'s grid of {len(labels)} network times: on a {source} config the network "
+                        "times are the source's own, one per level, so only a sampler with one call per step "
+                        "runs there (e.g. k-euler, ddim, dpmpp-2m, unipc-3, qt-3)"
+                    )
                 raise ValueError(
-                    f"{self.config.reproduces} calls the network {len(labels)} times on this grid, "
+                    f"{source} calls the network {len(labels)} times on this grid, "
                     f"{self._spec.name} {len(model_times)} times (a step of length zero?); this grid is not "
                     "reproduced: choose another number of steps"
                 )

@@ -364,6 +364,30 @@ def test_the_swap_reproduces_edms_schedulers_with_their_preconditioning(label, c
         assert err <= TOL
 
 
+def test_an_explicit_sampler_on_an_edm_config_runs_on_its_grid_or_says_why_not():
+    """EDM configs have no VP table: an explicit sampler runs on the source's σ grid and network
+    times, which allows one call per level; a sampler with more calls per step is refused."""
+    ref = EDMEulerScheduler()
+    with pytest.warns(UserWarning, match="in place of EDMEulerScheduler"):
+        ours = QTaylorScheduler.from_config(ref.config, sampler="dpmpp-2m")
+    model = EDMGaussianModel(ref.config.sigma_data, ref.config.prediction_type)
+    x = start_noise(dtype=torch.float64)
+    ends = {}
+    for steps in (10, 200):
+        ref.set_timesteps(steps)
+        ours.set_timesteps(steps)
+        assert ours.timesteps.tolist() == ref.timesteps.tolist()
+        ends[steps] = run_loop(ref, model, x), run_loop(ours, model, x)
+    # both converge to the same flow; at 10 steps DPM-Solver++(2M) is the closer to it
+    assert rel_err(*ends[200]) < 3e-2  # Euler is first order: 1e-2 from the flow at 200 steps
+    truth = ends[200][1]
+    assert rel_err(ends[10][1], truth) < 0.5 * rel_err(ends[10][0], truth)
+    with pytest.warns(UserWarning):
+        heun = QTaylorScheduler.from_config(ref.config, sampler="heun")
+    with pytest.raises(ValueError, match="sampler 'heun' calls the network 19 times on EDMEulerScheduler's grid"):
+        heun.set_timesteps(10)
+
+
 def test_an_edm_swap_has_sigmas_and_no_beta_table():
     ours = QTaylorScheduler.from_config(EDMEulerScheduler().config)
     assert float(ours.sigmas[0]) == pytest.approx(80.0)
