@@ -171,8 +171,12 @@ _SIGMA_CLASSES = (
 # preconditioning D = c_skip x + c_out F (the source class's precondition_inputs/outputs, with
 # its sigma_data): the qtaylor sampler takes D as its x̂0 (prediction "sample").
 _EDM_CLASSES = ("EDMEulerScheduler", "EDMDPMSolverMultistepScheduler")
+# The continuous σ grids of the multistep classes, made by the source class itself when its
+# algorithm is reproduced (its network timesteps are those σ rounded to integer steps).
+_SOURCE_GRIDS = ("use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas", "use_lu_lambdas")
 # Grid keys of the σ-space and EDM classes, honoured by the source's own set_timesteps.
 _GRID_BY_SOURCE = {
+    "use_lu_lambdas",
     "sigma_data",
     "sigma_schedule",
     "rho",
@@ -204,7 +208,18 @@ _NEAREST = {
 
 # The samplers whose lower_order_final lowers the order over the last steps (diffusers'
 # multistep rule: min(order, steps left) with fewer than 15 steps).
-_LOWERS_AT_THE_END = ("dpmpp-2m", "dpmpp-3m", "dpmpp-2m-sde", "unipc-2", "unipc-3", "deis-2", "deis-3")
+_LOWERS_AT_THE_END = (
+    "dpmpp-2m",
+    "dpmpp-3m",
+    "dpmpp-2m-sde",
+    "unipc-2",
+    "unipc-3",
+    "deis-2",
+    "deis-3",
+    "deis-logrho-2",
+    "deis-logrho-3",
+)
+_SECOND_ORDER_AT_THE_END = ("dpmpp-2m", "dpmpp-2m-sde", "deis-2", "deis-logrho-2")
 
 # Source keys honoured by choosing the sampler or its options (above, and in _translate).
 _CONSUMED = {"solver_order", "algorithm_type", "solver_type", "skip_prk_steps", "set_alpha_to_one", "disable_corrector", "predict_x0"}
@@ -323,6 +338,11 @@ def _translate(cfg: dict, kwargs: dict):
     # An EDM config has no VP schedule to run another sampler on: its source always makes the
     # grid (a sampler with one call per level runs there; see _set_source_timesteps).
     sigma_source = sigma_source or name in _EDM_CLASSES
+    # The multistep classes with a continuous σ grid (karras, exponential, beta, Lu's λ): the
+    # source makes the grid (its σ levels, and its timesteps rounded to integers as the
+    # network's input); the state stays VP.
+    grid_source = name in _MULTISTEP and not explicit and any(cfg.get(k) for k in _SOURCE_GRIDS)
+    sigma_source = sigma_source or grid_source
     if sigma_source:
         out["source_config"] = {
             k: (v.tolist() if hasattr(v, "tolist") else v) for k, v in cfg.items() if not k.startswith("_")
@@ -356,14 +376,6 @@ def _translate(cfg: dict, kwargs: dict):
         out["final_sigmas_type"] = "zero" if cfg["set_alpha_to_one"] else "sigma_min"
     if name in _MULTISTEP:
         out["spacing_family"] = "multistep"
-        for key in ("use_karras_sigmas", "use_lu_lambdas"):
-            if cfg.get(key) and not explicit:
-                raise _refused(
-                    cfg,
-                    key,
-                    "diffusers rounds these timesteps to integers, qtaylor keeps them fractional",
-                    "pass sampler=... to run it on qtaylor's fractional grid",
-                )
     if name in ("DDIMScheduler", "DDPMScheduler") and cfg.get("rescale_betas_zero_snr"):
         why = (
             f"{name} keeps ᾱ_T = 0 at its first step, where qtaylor's schedules need ᾱ > 0 (λ = −∞); "
@@ -589,18 +601,21 @@ class QTaylorScheduler(SchedulerMixin, ConfigMixin):
         self._source = None
         self._source_sigmas: Optional[torch.Tensor] = None
         self._edm = False
+        self._scaled_state = False
         if source_config is not None:
             source_config = dict(source_config)
             name = source_config.pop("_class_name", reproduces)
-            if name not in _SIGMA_CLASSES + _EDM_CLASSES:
+            if name not in _SIGMA_CLASSES + _EDM_CLASSES + _MULTISTEP:
                 raise ValueError(
-                    f"source_config is given for the class {name!r}; it applies to the σ-space and EDM "
-                    f"classes {', '.join(_SIGMA_CLASSES + _EDM_CLASSES)} only"
+                    f"source_config is given for the class {name!r}; it applies to the σ-space, EDM and "
+                    f"multistep classes {', '.join(_SIGMA_CLASSES + _EDM_CLASSES + _MULTISTEP)} only"
                 )
             # The source class itself, for its grid, network timesteps and (EDM) its
             # preconditioning (never its step).
             self._source = getattr(diffusers, name)(**source_config)
             self._edm = name in _EDM_CLASSES
+            # the source's state is x/α (σ-space and EDM classes) or the VP state (multistep)
+            self._scaled_state = name not in _MULTISTEP
             if self._edm:
                 # Headroom over sigma_max: the source's float32 top level may round above it.
                 self._schedule = _core.Schedule.ve(sigma_max=float(self._source.config.sigma_max) * (1 + 1e-6))
@@ -755,7 +770,7 @@ class QTaylorScheduler(SchedulerMixin, ConfigMixin):
     def scale_model_input(self, sample: torch.Tensor, timestep=None) -> torch.Tensor:
         """The network's input: the state itself (VP), or for a σ-space source the state
         x/α times α = 1/√(σ² + 1) at this call, as the source class scales it."""
-        if self._source is None:
+        if self._source is None or not self._scaled_state:
             return sample
         k = self._call_index(timestep)
         if self._edm:
@@ -912,21 +927,40 @@ class QTaylorScheduler(SchedulerMixin, ConfigMixin):
         self._spec = self._base_spec
         if len(raw) >= 2 and same[-1]:
             idle = max(0, len(labels) - self._spec.nfe(len(levels) - 1, levels[-1] == 0.0))
+        if idle and self._spec.name.startswith(("unipc-", "dpmpp-singlestep-")):
+            # UniPC spends the repeated level's call on correcting its last step (qtaylor's
+            # UniPC does not correct the last step); the singlestep solver's order list counts
+            # the zero step, so its groups shift.
+            cfg = src.config
+            key = "final_sigmas_type" if cfg.get("final_sigmas_type") == "sigma_min" else next(
+                (k for k in _SOURCE_GRIDS if cfg.get(k)), "final_sigmas_type"
+            )
+            raise ValueError(
+                f"{name}'s config key '{key}' = {cfg.get(key)!r} ends its grid on a repeated level, whose network "
+                f"call {name} uses ({'to correct its last step' if self._spec.name.startswith('unipc-') else 'in its order list'}); "
+                f"{self._spec.name} does not reproduce that. Use final_sigmas_type='zero' or another grid"
+            )
         if idle and self._spec.name in _LOWERS_AT_THE_END:
-            if self._spec.name not in ("dpmpp-2m", "dpmpp-2m-sde"):
-                # Higher orders on a step of (nearly) zero length: diffusers divides by it
-                # (NaN from 15 steps on), and under 15 steps lowers the order on the step
-                # before, which qtaylor's lower_order_final cannot express.
-                raise ValueError(
-                    f"{name}'s config key 'final_sigmas_type' = {src.config.final_sigmas_type!r} ends its grid on a "
-                    f"step of length zero, which {self._spec.name} cannot take as {name} does (its order-3 update "
-                    f"divides by the step: NaN in diffusers from 15 steps on; under 15 it lowers the order of the "
-                    f"step before). Use final_sigmas_type='zero', or solver_order=2"
+            # The source's grid ends on a step of length zero (EDM DPM-Solver's final
+            # sigma_min, DEIS's repeated last karras σ): with lower_order_final and fewer than
+            # 15 steps the source lowers the order there, so the real last step keeps
+            # min(order, 2); an order-2 sampler is that without lower_order_final, an order-3
+            # one would need to drop to 2 on its last step, which qtaylor cannot express.
+            # DPM-Solver++(3M) divides by the zero step (NaN in diffusers from 15 steps on).
+            lowering = self.config.lower_order_final and len(labels) < 15
+            second = self._spec.name in _SECOND_ORDER_AT_THE_END
+            if not second and (lowering or self._spec.name == "dpmpp-3m"):
+                cfg = src.config
+                key = "final_sigmas_type" if cfg.get("final_sigmas_type") == "sigma_min" else next(
+                    (k for k in _SOURCE_GRIDS if cfg.get(k)), "final_sigmas_type"
                 )
-            if self.config.lower_order_final and len(labels) < 15:
-                # The source lowers the order on its last step, the idle one: on the real last
-                # step DPM-Solver++(2M) keeps order 2 (min(2, steps left = 2)), which is this
-                # sampler without lower_order_final.
+                raise ValueError(
+                    f"{name}'s config key '{key}' = {cfg.get(key)!r} ends its grid on a step of length zero, which "
+                    f"{self._spec.name} cannot take as {name} does (under 15 steps it lowers the order of the step "
+                    "before; DPM-Solver++(3M) divides by the zero step, NaN in diffusers). Use solver_order=2, "
+                    "15 or more steps (not for DPM-Solver++(3M)), or another grid"
+                )
+            if second and lowering:
                 self._spec = _core.SamplerSpec(self._spec.name, **dict(self._spec_options, lower_order_final=False))
         if self._spec.nfe(len(levels) - 1, levels[-1] == 0.0) != len(labels) and self._spec.nfe(1, False) == 1:
             # One call per step, but fewer calls than levels (Euler with log_linear
@@ -1116,7 +1150,7 @@ class QTaylorScheduler(SchedulerMixin, ConfigMixin):
             raise ValueError(f"step() got timestep {t_val}; expected one of the scheduler's timesteps")
         if not all_finite(sample):
             raise ValueError("sample contains NaN or Inf; the state passed to step() must be finite")
-        if self._source is not None:
+        if self._source is not None and self._scaled_state:
             return self._step_sigma_space(model_output, t_val, sample, generator, return_dict)
         return self._step_vp(model_output, t_val, sample, generator, return_dict)
 
@@ -1233,13 +1267,14 @@ class QTaylorScheduler(SchedulerMixin, ConfigMixin):
                     raise ValueError(f"add_noise: timestep {v} is not one of this grid's timesteps {labels}")
                 t.append(self._call_times[k])
             t = np.array(t, dtype=np.float64)
-            lvl = np.atleast_1d(self._schedule.sigma(t)) / np.atleast_1d(self._schedule.alpha(t))
-            a, s = np.ones_like(lvl), lvl
+            a, s = np.atleast_1d(self._schedule.alpha(t)), np.atleast_1d(self._schedule.sigma(t))
+            if self._scaled_state:  # the σ-space state x0 + (σ/α) ε
+                a, s = np.ones_like(a), s / a
         else:
             t = self._schedule.time_of_model_time(steps)
             a = np.atleast_1d(self._schedule.alpha(t))
             s = np.atleast_1d(self._schedule.sigma(t))
-            if self._source is not None:  # the σ-space state x0 + (σ/α) ε
+            if self._source is not None and self._scaled_state:  # the σ-space state x0 + (σ/α) ε
                 a, s = np.ones_like(a), s / a
         work = work_dtype(original_samples.dtype)
         shape = (-1,) + (1,) * (original_samples.dim() - 1)

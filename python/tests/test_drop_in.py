@@ -81,6 +81,8 @@ CONFIGS = {
     "v-prediction": dict(prediction_type="v_prediction", timestep_spacing="trailing"),
     # zero terminal SNR (Lin et al. 2024): v-prediction, trailing, rescaled betas
     "zero-snr": dict(SD15, prediction_type="v_prediction", timestep_spacing="trailing", rescale_betas_zero_snr=True),
+    # "DPM++ 2M Karras": the source's karras σ, its timesteps rounded to integers for the network
+    "karras": dict(SD15, use_karras_sigmas=True),
 }
 
 
@@ -103,6 +105,21 @@ def _vp_case(label, cls, own, sampler, stochastic, cfg_name, steps) -> float:
         # ᾱ_T = 0 exactly in these two (the others hold 2⁻²⁴): refused, naming the key
         with pytest.raises(ValueError, match="'rescale_betas_zero_snr' = True .* keeps ᾱ_T = 0"):
             QTaylorScheduler.from_config(ref.config)
+        return 0.0
+    if cfg_name == "karras" and label in ("unipc-2-bh1", "dpm++2s-lof"):
+        # sigma_min after a karras grid repeats its last level: UniPC corrects its last step
+        # with that call, the singlestep solver counts it in its order list; refused
+        ours = QTaylorScheduler.from_config(ref.config)
+        ref.set_timesteps(steps)
+        with pytest.raises(ValueError, match="'final_sigmas_type' = 'sigma_min' ends its grid on a repeated level"):
+            ours.set_timesteps(steps)
+        return 0.0
+    if label == "deis-3" and cfg_name == "karras" and steps < 15:
+        # DEIS repeats its last karras σ (a step of length zero) and lowers its order there
+        ours = QTaylorScheduler.from_config(ref.config)
+        ref.set_timesteps(steps)
+        with pytest.raises(ValueError, match="'use_karras_sigmas' = True ends its grid on a step of length zero"):
+            ours.set_timesteps(steps)
         return 0.0
     if label in ("pndm", "plms") and cfg_name == "v-prediction":
         with pytest.raises(ValueError, match="PNDMScheduler's config key 'prediction_type' = 'v_prediction'"):
@@ -166,7 +183,6 @@ class _nothing:
         (DPMSolverMultistepScheduler, dict(euler_at_final=True), "'euler_at_final' = True"),
         (DPMSolverMultistepScheduler, dict(solver_type="heun"), "'solver_type' = 'heun'"),
         (DPMSolverMultistepScheduler, dict(algorithm_type="dpmsolver", final_sigmas_type="sigma_min"), "'algorithm_type' = 'dpmsolver'"),
-        (DPMSolverMultistepScheduler, dict(use_karras_sigmas=True), "'use_karras_sigmas' = True"),
         (UniPCMultistepScheduler, dict(disable_corrector=[1]), "'disable_corrector' = [1]"),
         (DPMSolverSDEScheduler, dict(), "nearest: dpmpp-2m-sde"),
         (DPMSolverSinglestepScheduler, dict(solver_order=3), "'solver_order' = 3"),

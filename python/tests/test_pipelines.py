@@ -421,6 +421,7 @@ SD_SOURCES = {
     "dpmpp-2s": (DPMSolverSinglestepScheduler, {}),
     "euler": (EulerDiscreteScheduler, {}),
     "euler-karras": (EulerDiscreteScheduler, dict(use_karras_sigmas=True)),
+    "dpmpp-2m-karras": (DPMSolverMultistepScheduler, dict(use_karras_sigmas=True)),
     "euler-a": (EulerAncestralDiscreteScheduler, {}),
     "heun": (HeunDiscreteScheduler, {}),
     "lms": (LMSDiscreteScheduler, {}),
