@@ -174,6 +174,15 @@ _EDM_CLASSES = ("EDMEulerScheduler", "EDMDPMSolverMultistepScheduler")
 # The continuous σ grids of the multistep classes, made by the source class itself when its
 # algorithm is reproduced (its network timesteps are those σ rounded to integer steps).
 _SOURCE_GRIDS = ("use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas", "use_lu_lambdas")
+def _repeat_key(cfg) -> tuple:
+    """The config key behind a source grid's repeated last level: final_sigmas_type =
+    'sigma_min', else the continuous grid that is on (DEIS repeats its last karras σ)."""
+    if cfg.get("final_sigmas_type") == "sigma_min":
+        return "final_sigmas_type", "sigma_min"
+    key = next((k for k in _SOURCE_GRIDS if cfg.get(k)), "final_sigmas_type")
+    return key, cfg.get(key)
+
+
 # Grid keys of the σ-space and EDM classes, honoured by the source's own set_timesteps.
 _GRID_BY_SOURCE = {
     "use_lu_lambdas",
@@ -931,12 +940,9 @@ class QTaylorScheduler(SchedulerMixin, ConfigMixin):
             # UniPC spends the repeated level's call on correcting its last step (qtaylor's
             # UniPC does not correct the last step); the singlestep solver's order list counts
             # the zero step, so its groups shift.
-            cfg = src.config
-            key = "final_sigmas_type" if cfg.get("final_sigmas_type") == "sigma_min" else next(
-                (k for k in _SOURCE_GRIDS if cfg.get(k)), "final_sigmas_type"
-            )
+            key, value = _repeat_key(src.config)
             raise ValueError(
-                f"{name}'s config key '{key}' = {cfg.get(key)!r} ends its grid on a repeated level, whose network "
+                f"{name}'s config key '{key}' = {value!r} ends its grid on a repeated level, whose network "
                 f"call {name} uses ({'to correct its last step' if self._spec.name.startswith('unipc-') else 'in its order list'}); "
                 f"{self._spec.name} does not reproduce that. Use final_sigmas_type='zero' or another grid"
             )
@@ -950,12 +956,9 @@ class QTaylorScheduler(SchedulerMixin, ConfigMixin):
             lowering = self.config.lower_order_final and len(labels) < 15
             second = self._spec.name in _SECOND_ORDER_AT_THE_END
             if not second and (lowering or self._spec.name == "dpmpp-3m"):
-                cfg = src.config
-                key = "final_sigmas_type" if cfg.get("final_sigmas_type") == "sigma_min" else next(
-                    (k for k in _SOURCE_GRIDS if cfg.get(k)), "final_sigmas_type"
-                )
+                key, value = _repeat_key(src.config)
                 raise ValueError(
-                    f"{name}'s config key '{key}' = {cfg.get(key)!r} ends its grid on a step of length zero, which "
+                    f"{name}'s config key '{key}' = {value!r} ends its grid on a step of length zero, which "
                     f"{self._spec.name} cannot take as {name} does (under 15 steps it lowers the order of the step "
                     "before; DPM-Solver++(3M) divides by the zero step, NaN in diffusers). Use solver_order=2, "
                     "15 or more steps (not for DPM-Solver++(3M)), or another grid"
