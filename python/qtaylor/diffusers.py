@@ -174,6 +174,8 @@ _EDM_CLASSES = ("EDMEulerScheduler", "EDMDPMSolverMultistepScheduler")
 # The continuous σ grids of the multistep classes, made by the source class itself when its
 # algorithm is reproduced (its network timesteps are those σ rounded to integer steps).
 _SOURCE_GRIDS = ("use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas", "use_lu_lambdas")
+
+
 def _repeat_key(cfg) -> tuple:
     """The config key behind a source grid's repeated last level: final_sigmas_type =
     'sigma_min', else the continuous grid that is on (DEIS repeats its last karras σ)."""
@@ -183,7 +185,8 @@ def _repeat_key(cfg) -> tuple:
     return key, cfg.get(key)
 
 
-# Grid keys of the σ-space and EDM classes, honoured by the source's own set_timesteps.
+# Grid keys of the classes whose source makes the grid (σ-space, EDM, and multistep with a
+# continuous σ grid), honoured by the source's own set_timesteps.
 _GRID_BY_SOURCE = {
     "use_lu_lambdas",
     "sigma_data",
@@ -350,7 +353,13 @@ def _translate(cfg: dict, kwargs: dict):
     # The multistep classes with a continuous σ grid (karras, exponential, beta, Lu's λ): the
     # source makes the grid (its σ levels, and its timesteps rounded to integers as the
     # network's input); the state stays VP.
-    grid_source = name in _MULTISTEP and not explicit and any(cfg.get(k) for k in _SOURCE_GRIDS)
+    # (An explicit sampler that is the source's own algorithm reproduces it all the same.)
+    grid_source = name in _MULTISTEP and any(cfg.get(k) for k in _SOURCE_GRIDS)
+    if grid_source and explicit:
+        try:
+            grid_source = chosen == SOURCES[name](cfg)
+        except ValueError:
+            grid_source = False
     sigma_source = sigma_source or grid_source
     if sigma_source:
         out["source_config"] = {
@@ -487,7 +496,8 @@ class QTaylorScheduler(SchedulerMixin, ConfigMixin):
     ``steps_offset``, ``clip_sample``, ``clip_sample_range``, ``final_sigmas_type``,
     ``lower_order_final``, ``variance_type``, ``use_karras_sigmas``, ``use_lu_lambdas``,
     ``rescale_betas_zero_snr``: zero terminal SNR, with ᾱ_T = 2⁻²⁴ as diffusers' Euler,
-    DPM-Solver multistep and UniPC hold it), and
+    DPM-Solver multistep and UniPC hold it; ``thresholding`` with
+    ``dynamic_thresholding_ratio`` and ``sample_max_value``: dynamic thresholding of x̂0), and
     the sampler's options (``sampler``,
     ``expand``, ``qt_last``, ``eta``, ``unipc_variant``, ``unipc_corrector``,
     ``ddpm_variance``, ``s_churn``, ``s_tmin``, ``s_tmax``, ``s_noise``).

@@ -413,6 +413,25 @@ def test_an_edm_swap_has_sigmas_and_no_beta_table():
     assert ours.sigmas.tolist()[-1] == 0.0 and len(ours.timesteps) == 5
 
 
+def test_naming_the_sources_own_sampler_on_a_karras_config_still_reproduces_it():
+    """DPM++ 2M Karras with sampler='dpmpp-2m' (its own algorithm): the source's grid, rounded
+    timesteps and all, not qtaylor's fractional one; another sampler gets qtaylor's grid and a
+    warning."""
+    ref = DPMSolverMultistepScheduler(**SD15, use_karras_sigmas=True)
+    ours = QTaylorScheduler.from_config(ref.config, sampler="dpmpp-2m")
+    assert ours.config.reproduces == "DPMSolverMultistepScheduler"
+    ref.set_timesteps(10)
+    ours.set_timesteps(10)
+    assert ours.timesteps.tolist() == ref.timesteps.tolist()
+    model = GaussianModel(ref.alphas_cumprod.to(torch.float64), "epsilon")
+    x = start_noise(dtype=torch.float64)
+    assert rel_err(run_loop(ref, model, x), run_loop(ours, model, x)) <= TOL
+    with pytest.warns(UserWarning, match="in place of DPMSolverMultistepScheduler"):
+        other = QTaylorScheduler.from_config(ref.config, sampler="unipc-2")
+    other.set_timesteps(10)
+    assert other.config.reproduces is None and other.timesteps.dtype == torch.float32  # fractional
+
+
 @pytest.mark.parametrize("cls", [DPMSolverMultistepScheduler, UniPCMultistepScheduler, EulerDiscreteScheduler])
 def test_zero_terminal_snr_rescaling_gives_diffusers_table(cls):
     """rescale_betas_zero_snr: the core's rescaling (Lin et al. 2024, Algorithm 1, float32)
