@@ -345,21 +345,21 @@ def _translate(cfg: dict, kwargs: dict):
     ours = set(inspect.signature(QTaylorScheduler.__init__).parameters) - {"self"}
     out = {k: v for k, v in cfg.items() if k.startswith("_")}
     chosen = kwargs.get("sampler", cfg.get("sampler"))
-    # An explicit sampler that is the source's own algorithm reproduces it all the same.
-    sigma_source = name in _SIGMA_CLASSES and (not explicit or chosen == SOURCES[name](cfg))
+    # The source's own sampler (None where it is refused: then only an explicit one runs). An
+    # explicit sampler that is the source's own algorithm reproduces it all the same.
+    try:
+        own = SOURCES[name](cfg) if name in SOURCES else None
+    except ValueError:
+        own = None
+    reproduced = not explicit or (own is not None and chosen == own)
+    sigma_source = name in _SIGMA_CLASSES and reproduced
     # An EDM config has no VP schedule to run another sampler on: its source always makes the
     # grid (a sampler with one call per level runs there; see _set_source_timesteps).
     sigma_source = sigma_source or name in _EDM_CLASSES
     # The multistep classes with a continuous σ grid (karras, exponential, beta, Lu's λ): the
     # source makes the grid (its σ levels, and its timesteps rounded to integers as the
     # network's input); the state stays VP.
-    # (An explicit sampler that is the source's own algorithm reproduces it all the same.)
-    grid_source = name in _MULTISTEP and any(cfg.get(k) for k in _SOURCE_GRIDS)
-    if grid_source and explicit:
-        try:
-            grid_source = chosen == SOURCES[name](cfg)
-        except ValueError:
-            grid_source = False
+    grid_source = name in _MULTISTEP and reproduced and any(cfg.get(k) for k in _SOURCE_GRIDS)
     sigma_source = sigma_source or grid_source
     if sigma_source:
         out["source_config"] = {
@@ -440,10 +440,6 @@ def _translate(cfg: dict, kwargs: dict):
         out.pop("sampler", None)
         explicit = False
     if explicit:
-        try:
-            own = SOURCES[name](cfg) if name in SOURCES else None
-        except ValueError:  # the source's own algorithm is not reproduced; the user chose one
-            own = None
         if chosen != own:
             warnings.warn(
                 f"QTaylorScheduler.from_config: running qtaylor's {chosen} on the config of {name} "
@@ -804,11 +800,15 @@ class QTaylorScheduler(SchedulerMixin, ConfigMixin):
         if self._replay is not None and not self._replay.finished:
             return self._replay.calls_done
         if timestep is not None:
-            t = float(timestep.item() if isinstance(timestep, torch.Tensor) else timestep)
-            for k, v in enumerate(self.timesteps.tolist()):
-                if abs(float(v) - t) <= 1e-3 * max(1.0, abs(float(v))):
-                    return k
+            calls = self._calls_at(float(timestep.item() if isinstance(timestep, torch.Tensor) else timestep))
+            if calls:
+                return calls[0]
         return 0
+
+    def _calls_at(self, t: float) -> List[int]:
+        """The network calls whose timestep is ``t`` (to 1e-3 relative, the tolerance of every
+        lookup of a pipeline's timestep), in order."""
+        return [k for k, v in enumerate(self._label_values) if abs(v - t) <= 1e-3 * max(1.0, abs(v))]
 
     def _level_at_call(self, k: int) -> float:
         """σ/α at network call k (EDM's σ), the grid's end past the last call."""
@@ -1246,16 +1246,13 @@ class QTaylorScheduler(SchedulerMixin, ConfigMixin):
         if abs(t_val - first) > 1e-3 * max(1.0, abs(first)):
             # A pipeline that sliced the timesteps without set_begin_index: start at the
             # first step whose first call is at this timestep.
-            ts = [float(v) for v in self.timesteps.tolist()]
-            for k, v in enumerate(ts):
-                if abs(v - t_val) <= 1e-3 * max(1.0, abs(v)) and self._first_call_of_step(
-                    self._call_steps[k]
-                ) == k:
+            for k in self._calls_at(t_val):
+                if self._first_call_of_step(self._call_steps[k]) == k:
                     self._restart_at_call(k)
                     break
             else:
                 raise ValueError(
-                    f"step() got timestep {t_val}, which starts no step of this grid (timesteps {ts})"
+                    f"step() got timestep {t_val}, which starts no step of this grid (timesteps {self._label_values})"
                 )
         self._replay = _core.Replay(self._program, sample, self._ops)
 
@@ -1272,13 +1269,12 @@ class QTaylorScheduler(SchedulerMixin, ConfigMixin):
         tv = timesteps if isinstance(timesteps, torch.Tensor) else torch.tensor(timesteps)
         steps = np.atleast_1d(tv.detach().cpu().to(torch.float64).numpy())
         if self._source is not None and self._labels is not None:
-            labels = [float(v) for v in self.timesteps.tolist()]
             t = []
             for v in steps:
-                k = next((k for k, lab in enumerate(labels) if abs(lab - v) <= 1e-3 * max(1.0, abs(lab))), None)
-                if k is None:
-                    raise ValueError(f"add_noise: timestep {v} is not one of this grid's timesteps {labels}")
-                t.append(self._call_times[k])
+                calls = self._calls_at(float(v))
+                if not calls:
+                    raise ValueError(f"add_noise: timestep {v} is not one of this grid's timesteps {self._label_values}")
+                t.append(self._call_times[calls[0]])
             t = np.array(t, dtype=np.float64)
             a, s = np.atleast_1d(self._schedule.alpha(t)), np.atleast_1d(self._schedule.sigma(t))
             if self._scaled_state:  # the σ-space state x0 + (σ/α) ε

@@ -273,12 +273,9 @@ impl Replay {
             let mut x0 = backend
                 .lincomb(&[(Coef::All(d[0]), &x), (Coef::All(d[1]), &p)])
                 .map_err(|e| to_py(e, false))?;
-            x0 = match self.clip {
-                Some(X0Clip::Clamp(c)) => backend.clamp(&x0, c),
-                Some(X0Clip::Threshold { ratio, max }) => backend.threshold(&x0, ratio, max),
-                None => Ok(x0),
+            if let Some(clip) = self.clip {
+                x0 = clip.apply(&mut backend, &x0).map_err(|e| to_py(e, false))?;
             }
-            .map_err(|e| to_py(e, false))?;
             Ok(x0)
         })
     }

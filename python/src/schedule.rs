@@ -110,51 +110,41 @@ impl Schedule {
         trained_betas: Option<Vec<f64>>,
         rescale_betas_zero_snr: bool,
     ) -> PyResult<Self> {
-        if rescale_betas_zero_snr {
-            let betas: Vec<f32> = match trained_betas {
-                Some(b) => b.iter().map(|&v| v as f32).collect(),
-                None => {
-                    sched::diffusers_betas(beta_schedule, beta_start, beta_end, num_train_timesteps)
-                        .map_err(value_err)?
-                }
-            };
-            if betas.len() < 2 {
-                return Err(PyValueError::new_err(format!(
-                    "trained_betas has {} entries; expected at least 2",
-                    betas.len()
-                )));
-            }
-            let (t, rescaled) = Tabulated::diffusers_zero_snr(&betas).map_err(value_err)?;
-            let n = t.len();
-            return Ok(Schedule {
-                inner: Arc::new(t),
-                train_steps: Some(n),
-                betas: Some(Arc::new(rescaled.iter().map(|&v| v as f64).collect())),
-            });
+        if let Some(b) = &trained_betas
+            && b.len() < 2
+        {
+            return Err(PyValueError::new_err(format!(
+                "trained_betas has {} entries; expected at least 2",
+                b.len()
+            )));
         }
-        let (t, betas) = match trained_betas {
-            Some(b) => {
-                if b.len() < 2 {
-                    return Err(PyValueError::new_err(format!(
-                        "trained_betas has {} entries; expected at least 2",
-                        b.len()
-                    )));
-                }
+        let (t, betas): (Tabulated, Vec<f64>) = match trained_betas {
+            // given betas keep their f64 product (as before); only the zero-SNR rescaling,
+            // which diffusers computes in float32, takes them as float32
+            Some(b) if !rescale_betas_zero_snr => {
                 let t = Tabulated::from_betas("discrete", &b).map_err(value_err)?;
-                let f32s: Vec<f64> = b.iter().map(|&v| v as f32 as f64).collect();
-                (t, f32s)
+                (t, b.iter().map(|&v| v as f32 as f64).collect())
             }
-            None => {
-                let t =
-                    Tabulated::diffusers(beta_schedule, beta_start, beta_end, num_train_timesteps)
-                        .map_err(value_err)?;
-                let b = sched::diffusers_betas(
-                    beta_schedule,
-                    beta_start,
-                    beta_end,
-                    num_train_timesteps,
-                )
-                .map_err(value_err)?;
+            given => {
+                let b: Vec<f32> = match given {
+                    Some(b) => b.iter().map(|&v| v as f32).collect(),
+                    None => sched::diffusers_betas(
+                        beta_schedule,
+                        beta_start,
+                        beta_end,
+                        num_train_timesteps,
+                    )
+                    .map_err(value_err)?,
+                };
+                let (t, b) = if rescale_betas_zero_snr {
+                    Tabulated::diffusers_zero_snr(&b).map_err(value_err)?
+                } else {
+                    let abar = sched::diffusers_alphas_cumprod(&b);
+                    (
+                        Tabulated::from_alpha_bars("discrete", &abar).map_err(value_err)?,
+                        b,
+                    )
+                };
                 (t, b.iter().map(|&v| v as f64).collect())
             }
         };

@@ -95,6 +95,14 @@ def _source(cls, own, cfg_name):
     return cls(**own, **cfg)
 
 
+def _end_point_difference(ref, ours, model, stochastic: bool) -> float:
+    """A pipeline's loop with each scheduler from the same float64 start noise (the same
+    generator seed for a stochastic one): the end points' relative difference."""
+    seed = 3 if stochastic else None
+    x = start_noise(dtype=torch.float64)
+    return rel_err(run_loop(ref, model, x, seed=seed), run_loop(ours, model, x, seed=seed))
+
+
 def _vp_case(label, cls, own, sampler, stochastic, cfg_name, steps) -> float:
     """The end points' relative difference of one VP cell (after checking the mapping and the
     network calls); PNDM with v-prediction is refused, checked here (returns 0)."""
@@ -136,9 +144,7 @@ def _vp_case(label, cls, own, sampler, stochastic, cfg_name, steps) -> float:
         # steps; measured): in this float64 matrix its σ table is float64 too.
         ref.sigmas = ref.sigmas.double()
     model = GaussianModel(ref.alphas_cumprod.to(torch.float64), ref.config.prediction_type)
-    x = start_noise(dtype=torch.float64)
-    seed = 3 if stochastic else None
-    return rel_err(run_loop(ref, model, x, seed=seed), run_loop(ours, model, x, seed=seed))
+    return _end_point_difference(ref, ours, model, stochastic)
 
 
 @pytest.mark.parametrize("steps", [10, 25])
@@ -238,9 +244,7 @@ def _sigma_case(label, cls, own, sampler, stochastic, cfg_name, steps) -> Option
     model = GaussianModel(ref.alphas_cumprod.to(torch.float64), ref.config.prediction_type)
     if cfg_name == "continuous-v":
         model = _NoiseLevelModel(model)
-    seed = 3 if stochastic else None
-    x = start_noise(dtype=torch.float64)
-    return rel_err(run_loop(ref, model, x, seed=seed), run_loop(ours, model, x, seed=seed))
+    return _end_point_difference(ref, ours, model, stochastic)
 
 
 @pytest.mark.parametrize("steps", [10, 25])
@@ -363,9 +367,7 @@ def _edm_case(label, cls, own, sampler, stochastic, cfg_name, steps) -> Optional
     assert ours.init_noise_sigma == pytest.approx(float(ref.init_noise_sigma), rel=1e-6)
     torch.testing.assert_close(ours.sigmas, ref.sigmas, rtol=1e-6, atol=0)
     model = EDMGaussianModel(ref.config.sigma_data, ref.config.prediction_type)
-    seed = 3 if stochastic else None
-    x = start_noise(dtype=torch.float64)
-    return rel_err(run_loop(ref, model, x, seed=seed), run_loop(ours, model, x, seed=seed))
+    return _end_point_difference(ref, ours, model, stochastic)
 
 
 @pytest.mark.parametrize("steps", [10, 25])

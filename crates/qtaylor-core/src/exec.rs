@@ -134,6 +134,16 @@ pub enum X0Clip {
     Threshold { ratio: f64, max: f64 },
 }
 
+impl X0Clip {
+    /// `x̂0` clamped or thresholded on `backend`.
+    pub fn apply<B: Backend>(&self, backend: &mut B, x0: &B::X) -> Result<B::X> {
+        match *self {
+            X0Clip::Clamp(limit) => backend.clamp(x0, limit),
+            X0Clip::Threshold { ratio, max } => backend.threshold(x0, ratio, max),
+        }
+    }
+}
+
 /// The tensor operations a sampler needs. `X` is a handle the backend understands.
 pub trait Backend {
     type X: Clone;
@@ -268,10 +278,7 @@ impl<'a, B: Backend> Ctx<'a, B> {
         };
         if let Some(clip) = self.clip {
             // x̂0 clipped or thresholded, ε̂ made consistent with it: ε̂ = (x − α x̂0)/σ.
-            d.x0 = match clip {
-                X0Clip::Clamp(limit) => self.backend.clamp(&d.x0, limit)?,
-                X0Clip::Threshold { ratio, max } => self.backend.threshold(&d.x0, ratio, max)?,
-            };
+            d.x0 = clip.apply(self.backend, &d.x0)?;
             let back: Vec<Conversion> = t
                 .iter()
                 .map(|&t| {
