@@ -15,11 +15,12 @@ output. ``disable`` hides the progress bar (``None``: shown on a terminal only).
 
 **How.** The core samples VP models; k-diffusion's path is its schedule
 ``qtaylor.Schedule.ve``: time t = σ, ᾱ(t) = 1/(1 + σ²), so the VE state is the VP state over
-α: ``x_ve = x_vp / α(σ)``. The functions start from ``x · α(σ_0)``, hand
-:func:`qtaylor.torch.sample` a model that calls yours at ``x_vp / α(t)`` with σ = t and reads
-its output as the data prediction (``prediction_type="sample"``), run the grid ``sigmas`` as
-the schedule's times, and return the end state over ``α(σ_N)`` (1 at σ_N = 0). α comes
-from the core, like every coefficient; this module only moves tensors.
+α: ``x_ve = x_vp / α(σ)``. :func:`qtaylor.torch.sample` works in the model's own state, so
+the functions hand it your ``x`` and a model that calls yours with σ = t and reads its
+output as the data prediction (``prediction_type="sample"``), run the grid ``sigmas`` as
+the schedule's times, and return the end state; the core converts between the VE and VP
+states with the schedule's ``state_scale`` (1/α), like every coefficient; this module only
+moves tensors.
 
 **Exact equivalents** (same algorithm; tested against k-diffusion 0.1.1.post1 in float64,
 ``python/tests/test_k_diffusion.py``):
@@ -177,22 +178,11 @@ class _Run:
         self.per_step_noise = False
         self.dpm_solver_keys = False
 
-    # -- the change of variables ----------------------------------------------------------
-    def _alpha(self, t) -> np.ndarray:
-        return np.atleast_1d(self.schedule.alpha(np.asarray(t, dtype=np.float64)))
-
-    @staticmethod
-    def _scale(x: torch.Tensor, a: np.ndarray) -> torch.Tensor:
-        """``x · a`` with one factor per row (or one for all), in x's dtype."""
-        if bool(np.all(a == a[0])):
-            return x * float(a[0])
-        f = torch.from_numpy(a).to(device=x.device, dtype=x.dtype).view((-1,) + (1,) * (x.dim() - 1))
-        return x * f
-
-    def _model(self, x_vp: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        x_ve = self._scale(x_vp, 1.0 / self._alpha(t.tolist()))
+    # -- the model -----------------------------------------------------------------------
+    def _model(self, x_ve: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        # qtaylor.torch.sample hands the model its own state: the VE state x0 + σ ε
         self.last_input = x_ve
-        return self.model(x_ve, t.to(dtype=x_vp.dtype), **self.extra_args)
+        return self.model(x_ve, t.to(dtype=x_ve.dtype), **self.extra_args)
 
     # -- steps, callback and noise --------------------------------------------------------
     def _on_step(self, i: int, t: float, x: torch.Tensor) -> None:
@@ -239,11 +229,9 @@ class _Run:
         return self.noise_sampler(self.sigmas[min(i, last)], self.sigmas[min(i + 1, last)])
 
     def run(self, sampler: str, steps: Optional[int] = None, **options) -> torch.Tensor:
-        start = self.times[0] if self.times is not None else self.grid["t_max"]
-        x_vp = self._scale(self.x, self._alpha(start))
         out = _qt.sample(
             self._model,
-            x_vp,
+            self.x,
             sampler,
             steps,
             schedule=self.schedule,
@@ -255,8 +243,7 @@ class _Run:
             **self.grid,
             **options,
         )
-        end = self.times[-1] if self.times is not None else self.grid["t_min"]
-        return self._scale(out.x, 1.0 / self._alpha(end))
+        return out.x
 
 
 def _sigma_grid(sigmas):

@@ -147,8 +147,11 @@ def sample(
     """Samples from ``x`` (the state at the grid's first time) with ``sampler``.
 
     ``model(x, t)`` returns the prediction named by ``prediction_type`` (epsilon, sample,
-    v_prediction); ``t`` is a 1-D tensor with one network time per row (the diffusers
-    timestep t·T − 1 on a discrete schedule, the continuous time otherwise). ``schedule``
+    v_prediction, flow_prediction); ``t`` is a 1-D tensor with one network time per row (the
+    diffusers timestep t·T − 1 on a discrete schedule, ``1000 ς`` on ``Schedule.flow``, the
+    continuous time otherwise). ``x``, the model's input and the result are in the model's
+    own state: the VP state, the flow state ``(1 − ς) x0 + ς ε`` on ``Schedule.flow`` (start
+    from pure noise at ``t_max=1``), ``x0 + t ε`` on ``Schedule.ve``. ``schedule``
     defaults to DDPM's linear β (``Schedule.discrete()``). ``clip_sample`` clamps x̂0 to
     ±value; ``threshold=(ratio, max)`` thresholds it dynamically per sample instead
     (diffusers' ``thresholding`` with ``dynamic_thresholding_ratio``, ``sample_max_value``). ``generator`` drives the noise of stochastic samplers (or ``noise_sampler(like)``
@@ -221,6 +224,7 @@ def sample(
                 prediction_type=prediction_type,
                 clip=clip_sample,
                 threshold=threshold,
+                model_state=True,
             )
     finally:
         if bar is not None:

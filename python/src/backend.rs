@@ -11,6 +11,24 @@ pub(crate) struct PyBackend<'py, 'a> {
     pub(crate) py: Python<'py>,
     pub(crate) ops: &'a Bound<'py, PyAny>,
     pub(crate) schedule: &'a Schedule,
+    /// The model takes its own state, `state_scale(t) · x` (flow, VE), not the VP state.
+    pub(crate) model_state: bool,
+}
+
+impl PyBackend<'_, '_> {
+    /// `x` scaled per row by `f(t)` (no operation where every factor is 1).
+    fn scaled(
+        &mut self,
+        x: &Py<PyAny>,
+        t: &[f64],
+        f: impl Fn(f64) -> f64,
+    ) -> anyhow::Result<Py<PyAny>> {
+        let c: Vec<f64> = t.iter().map(|&t| f(t)).collect();
+        if c.iter().all(|&c| c == 1.0) {
+            return Ok(x.clone_ref(self.py));
+        }
+        self.lincomb(&[(Coef::from(c), x)])
+    }
 }
 
 /// A Python exception carried through `anyhow` so it reaches the caller unchanged.
@@ -49,9 +67,15 @@ impl Backend for PyBackend<'_, '_> {
 
     fn predict(&mut self, x: &Py<PyAny>, t: &[f64], step: usize) -> anyhow::Result<Py<PyAny>> {
         let mt: Vec<f64> = t.iter().map(|&t| self.schedule.model_t(t)).collect();
+        let input = if self.model_state {
+            let s = self.schedule.inner.clone();
+            self.scaled(x, t, |t| s.state_scale(t))?
+        } else {
+            x.clone_ref(self.py)
+        };
         let r = self
             .ops
-            .call_method1("model", (x.bind(self.py), mt, step))
+            .call_method1("model", (input.bind(self.py), mt, step))
             .map_err(carry)?;
         Ok(r.unbind())
     }
@@ -131,9 +155,11 @@ impl Backend for PyBackend<'_, '_> {
 }
 
 /// Runs `spec` over the grid `times` from `x` (the state at `times[0]`) on a batch of
-/// `rows` samples, every tensor operation through `ops`. Returns `(x, nfe)`.
+/// `rows` samples, every tensor operation through `ops`. Returns `(x, nfe)`. With
+/// `model_state`, `x`, the model's input and the result are the model's own state
+/// (`state_scale(t)` times the VP state the samplers hold: the flow or VE state).
 #[pyfunction]
-#[pyo3(signature = (schedule, spec, times, x, ops, rows, prediction_type = "epsilon", clip = None, threshold = None))]
+#[pyo3(signature = (schedule, spec, times, x, ops, rows, prediction_type = "epsilon", clip = None, threshold = None, model_state = false))]
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn run<'py>(
     py: Python<'py>,
@@ -146,6 +172,7 @@ pub(crate) fn run<'py>(
     prediction_type: &str,
     clip: Option<f64>,
     threshold: Option<(f64, f64)>,
+    model_state: bool,
 ) -> PyResult<(Py<PyAny>, f64)> {
     guard(|| {
         let param = parse_param(prediction_type)?;
@@ -158,10 +185,28 @@ pub(crate) fn run<'py>(
             py,
             ops: &ops,
             schedule,
+            model_state,
+        };
+        let sc = schedule.inner.clone();
+        let (first, last) = (times[0], times[times.len() - 1]);
+        let x = if model_state {
+            backend
+                .scaled(&x.unbind(), &[first], |t| 1.0 / sc.state_scale(t))
+                .map_err(|e| to_py(e, false))?
+        } else {
+            x.unbind()
         };
         let mut ctx = Ctx::new(&mut backend, schedule.inner.as_ref(), param, clip, rows);
-        let out = samplers::run(&mut ctx, spec.sampler, &spec.opts, &times, x.unbind())
+        let out = samplers::run(&mut ctx, spec.sampler, &spec.opts, &times, x)
             .map_err(|e| to_py(e, false))?;
-        Ok((out, ctx.nfe()))
+        let nfe = ctx.nfe();
+        let out = if model_state {
+            backend
+                .scaled(&out, &[last], |t| sc.state_scale(t))
+                .map_err(|e| to_py(e, false))?
+        } else {
+            out
+        };
+        Ok((out, nfe))
     })
 }

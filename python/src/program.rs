@@ -146,6 +146,7 @@ impl Replay {
             py,
             ops,
             schedule: &self.schedule,
+            model_state: false,
         };
         let next = self
             .program
@@ -266,6 +267,7 @@ impl Replay {
                 py,
                 ops: &ops,
                 schedule: &self.schedule,
+                model_state: false,
             };
             let (a, s) = (self.schedule.inner.alpha(t), self.schedule.inner.sigma(t));
             let (_, d) = qtaylor_core::exec::conversion(self.param, a, s);

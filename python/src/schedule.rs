@@ -85,6 +85,60 @@ impl Schedule {
         })
     }
 
+    /// Rectified flow (SD3, Flux): `x = (1 − ς) x0 + ς ε` in VP coordinates, time t the
+    /// unshifted flow time, `ς = s t/(1 + (s − 1) t)` with `shift` s, or diffusers' dynamic
+    /// `mu` with `time_shift_type` (exponential: s = e^μ; linear: s = μ). The model's state is
+    /// the VP state times `state_scale(t) = 1/(α + σ)`; its network time is `1000 ς`.
+    #[staticmethod]
+    #[pyo3(signature = (shift = None, mu = None, time_shift_type = "exponential"))]
+    pub(crate) fn flow(
+        shift: Option<f64>,
+        mu: Option<f64>,
+        time_shift_type: &str,
+    ) -> PyResult<Self> {
+        let inner = match (shift, mu) {
+            (Some(_), Some(_)) => {
+                return Err(PyValueError::new_err(
+                    "give shift or mu, not both (mu is diffusers' dynamic shift)",
+                ));
+            }
+            (_, Some(mu)) => sched::Flow::from_mu(mu, time_shift_type),
+            (s, None) => sched::Flow::new(s.unwrap_or(1.0)),
+        }
+        .map_err(value_err)?;
+        Ok(Schedule {
+            inner: Arc::new(inner),
+            train_steps: None,
+            betas: None,
+        })
+    }
+
+    /// The times of noise levels in the model's own terms (σ/α on VP and VE schedules,
+    /// diffusers' `sigmas`; ς on flow); 0 is t = 0.
+    pub(crate) fn time_of_level(
+        &self,
+        py: Python<'_>,
+        level: &Bound<'_, PyAny>,
+    ) -> PyResult<Py<PyAny>> {
+        if let Ok(v) = level.extract::<f64>() {
+            let t = self.inner.time_of_level(v).map_err(value_err)?;
+            return Ok(t.into_pyobject(py)?.into_any().unbind());
+        }
+        let arr: PyReadonlyArrayDyn<f64> = level.extract().map_err(|_| {
+            PyValueError::new_err("expected a float or a numpy array of float64 noise levels")
+        })?;
+        let mut out = arr.as_array().to_owned();
+        for v in out.iter_mut() {
+            *v = self.inner.time_of_level(*v).map_err(value_err)?;
+        }
+        Ok(out.into_pyarray(py).into_any().unbind())
+    }
+
+    /// The model's state over the VP state at t (1 on VP, 1/α on VE, 1/(α + σ) on flow).
+    pub(crate) fn state_scale(&self, py: Python<'_>, t: &Bound<'_, PyAny>) -> PyResult<Py<PyAny>> {
+        vectorize(py, t, |t| self.inner.state_scale(t))
+    }
+
     /// The continuous limit of Stable Diffusion's scaled-linear schedule.
     #[staticmethod]
     pub(crate) fn scaled_linear() -> Self {

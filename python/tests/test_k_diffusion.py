@@ -29,6 +29,7 @@ import pytest
 import torch
 
 import qtaylor
+from qtaylor._ops import TorchOps
 import qtaylor.k_diffusion as qkd
 import qtaylor.torch as qt
 
@@ -263,14 +264,18 @@ def test_every_sampler_runs_on_k_diffusion_arguments_as_torch_sample_runs_it_on_
     torch.manual_seed(3)
     out = qkd.sample(Mixture(), x, sigmas, extra_args=EXTRA, disable=True, sampler=sampler)
     torch.manual_seed(3)
-    ref = qt.sample(
-        _ve_model_in_vp_coordinates(Mixture(), EXTRA),
-        x / math.sqrt(1 + float(sigmas[0]) ** 2),
-        sampler,
-        schedule=qtaylor.Schedule.ve(sigma_max=2 * float(sigmas[0])),
-        times=sigmas.tolist(),
+    # the core's loop on the VP state, the model called through the scaling written out above
+    x_vp = x / math.sqrt(1 + float(sigmas[0]) ** 2)
+    ref, _ = qtaylor._core.run(
+        qtaylor.Schedule.ve(sigma_max=2 * float(sigmas[0])),
+        qtaylor._core.SamplerSpec(sampler),
+        sigmas.tolist(),
+        x_vp,
+        TorchOps(_ve_model_in_vp_coordinates(Mixture(), EXTRA)),
+        x.shape[0],
         prediction_type="sample",
-    ).x
+    )
+    ref = ref * math.sqrt(1 + float(sigmas[-1]) ** 2)
     assert out.shape == x.shape and out.dtype == x.dtype and bool(torch.isfinite(out).all())
     assert _max_diff(out, ref) <= TOL, _max_diff(out, ref)
 

@@ -16,9 +16,20 @@ pub struct Common {
     /// `sample` without --problem and --model uses the embedded MNIST model
     #[arg(long)]
     pub problem: Option<String>,
-    /// vp-linear | cosine | scaled-linear | discrete [default: vp-linear]
+    /// vp-linear | cosine | scaled-linear | discrete | flow (rectified flow, SD3/Flux: x =
+    /// (1 − ς) x0 + ς ε, t the unshifted time) | ve (x = x0 + t ε, EDM) [default: vp-linear]
     #[arg(long)]
     pub schedule: Option<String>,
+    /// Flow schedule: time shift s, ς = s t/(1 + (s − 1) t) (diffusers' shift) [default: 1]
+    #[arg(long, allow_negative_numbers = true)]
+    pub shift: Option<f64>,
+    /// Flow schedule: dynamic shift μ (diffusers' mu), instead of --shift
+    #[arg(long, allow_negative_numbers = true)]
+    pub mu: Option<f64>,
+    /// Flow schedule: how --mu shifts, exponential (s = e^μ) | linear (s = μ)
+    /// [default: exponential]
+    #[arg(long)]
+    pub time_shift: Option<String>,
     /// β_min of the vp-linear schedule [default: 0.1]
     #[arg(long)]
     pub beta_min: Option<f64>,
@@ -64,8 +75,8 @@ pub struct Common {
     /// checkpoint's, else 0]
     #[arg(long)]
     pub steps_offset: Option<usize>,
-    /// Discrete schedule: end at zero (ᾱ = 1, returns x̂0) or at the last trained step
-    /// [default: zero]
+    /// Discrete and flow schedules: end at zero (ᾱ = 1, returns x̂0) or at the last trained
+    /// step (flow: at --t-min) [default: zero]
     #[arg(long)]
     pub r#final: Option<String>,
     /// Continuous grids: final time [default: 1e-3; a discrete schedule: its first trained
@@ -81,7 +92,8 @@ pub struct Common {
     /// Seed: sample i draws its noise from stream (seed, i) [default: 0]
     #[arg(long)]
     pub seed: Option<u64>,
-    /// Expansion variable of the quasi-Taylor samplers: t | abar | logsnr [default: t]
+    /// Expansion variable of the quasi-Taylor samplers: t | abar | logsnr | state (the
+    /// model's own state in t: the flow or VE state) [default: t]
     #[arg(long)]
     pub expand: Option<String>,
     /// Final step of the quasi-Taylor samplers: ddim (K → ∞ limit) | taylor [default: ddim]
@@ -145,6 +157,10 @@ impl Common {
                 beta_start: self.beta_start,
                 beta_end: self.beta_end,
                 train_steps: self.train_steps,
+                shift: self.shift,
+                mu: self.mu,
+                time_shift: self.time_shift.clone(),
+                ve_sigma_max: self.sigma_max.or(self.t_max),
             },
             grid: GridSettings {
                 grid: self.grid.clone(),

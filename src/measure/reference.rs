@@ -11,6 +11,10 @@
 //!
 //! where x̂0 is nearly constant at low noise, so adaptive DOPRI5 needs few steps. Every
 //! sample has its own steps ([`dopri5`]).
+//!
+//! From pure noise (α = 0, λ = −∞: rectified flow at ς = 1) the interval in λ is infinite;
+//! there the ODE is first integrated in `ρ = e^λ = α/σ` (`dy/dρ = x̂0`, regular at ρ = 0:
+//! the VE form, in which DDIM is Euler) up to λ = 0, then in λ.
 
 use anyhow::{Result, bail};
 use candle_core::{DType, Tensor};
@@ -50,31 +54,63 @@ pub fn integrate_pf_ode(
     let x = x_init.to_dtype(DType::F64)?;
     let (l0, l1) = (schedule.lambda(t_max), schedule.lambda(t_min));
     let mut noise = NoiseStreams::new(0, 0, b);
-    let mut field =
-        |ctx: &mut Ctx<CandleBackend>, y: &Tensor, lam: &[f64], active: usize| -> Result<Tensor> {
-            let t: Vec<f64> = lam
-                .iter()
-                .map(|&l| {
-                    if l == l0 {
-                        Ok(t_max)
-                    } else if l == l1 {
-                        Ok(t_min)
-                    } else {
-                        schedule.t_of_lambda(l)
-                    }
-                })
-                .collect::<Result<_>>()?;
+    // The time of log-SNR l (the ends exactly).
+    let time = |l: f64| -> Result<f64> {
+        if l == l0 {
+            Ok(t_max)
+        } else if l == l1 {
+            Ok(t_min)
+        } else {
+            schedule.t_of_lambda(l)
+        }
+    };
+    // dy/dλ = e^λ x̂0 (in_rho = false) or dy/dρ = x̂0 at λ = ln ρ (in_rho = true).
+    let field = |in_rho: bool| {
+        move |ctx: &mut Ctx<CandleBackend>,
+              y: &Tensor,
+              v: &[f64],
+              active: usize|
+              -> Result<Tensor> {
+            let lam: Vec<f64> = v.iter().map(|&v| if in_rho { v.ln() } else { v }).collect();
+            let t: Vec<f64> = lam.iter().map(|&l| time(l)).collect::<Result<_>>()?;
             let sig: Vec<f64> = t.iter().map(|&t| schedule.sigma(t)).collect();
             let x = lincomb_rows(&[(Coef::Rows(sig), y)])?;
             let d = ctx.denoise_rows(&x, &t, active)?;
+            if in_rho {
+                return Ok(d.x0);
+            }
             lincomb_rows(&[(Coef::Rows(lam.iter().map(|l| l.exp()).collect()), &d.x0)])
-        };
+        }
+    };
     let y0 = (x / schedule.sigma(t_max))?;
-    let sol = with_ctx(model, schedule, &mut noise, "reference", |ctx| {
-        dopri5(ctx, &mut field, y0, l0, l1, tol, tol, 10_000_000)
+    let (y, evals) = with_ctx(model, schedule, &mut noise, "reference", |ctx| {
+        let mut y = y0;
+        let mut evals = 0u64;
+        let mut from = l0;
+        if l0 == f64::NEG_INFINITY {
+            let to = l1.min(0.0);
+            let sol = dopri5(
+                ctx,
+                &mut field(true),
+                y,
+                0.0,
+                to.exp(),
+                tol,
+                tol,
+                10_000_000,
+            )?;
+            evals += sol.evals.iter().sum::<usize>() as u64;
+            y = sol.y;
+            from = to;
+        }
+        if from < l1 {
+            let sol = dopri5(ctx, &mut field(false), y, from, l1, tol, tol, 10_000_000)?;
+            evals += sol.evals.iter().sum::<usize>() as u64;
+            y = sol.y;
+        }
+        Ok((y, evals))
     })?;
-    let evals = sol.evals.iter().sum::<usize>() as u64;
-    Ok(((sol.y * schedule.sigma(t_min))?, evals))
+    Ok(((y * schedule.sigma(t_min))?, evals))
 }
 
 /// The reference end point, computed at `tol` and at `tol/2`; `check` is their largest

@@ -34,11 +34,8 @@ fn coef(values: Vec<f64>) -> Coef {
     }
 }
 
-/// Converts a prediction made at `(x, t)` into `(ε̂, x̂0)`:
-///
-/// - from ε̂: `x̂0 = (x − σ ε̂)/α`;
-/// - from x̂0: `ε̂ = (x − α x̂0)/σ`;
-/// - from v̂: `ε̂ = σ x + α v̂`, `x̂0 = α x − σ v̂` (using `α² + σ² = 1`).
+/// Converts a prediction made at `(x, t)` into `(ε̂, x̂0)` with the core's exact
+/// conversion ([`qtaylor_core::exec::conversion`]: from ε̂, x̂0, v̂ or the flow velocity).
 pub fn to_eps_x0(
     p: Parameterization,
     pred: &Tensor,
@@ -46,28 +43,27 @@ pub fn to_eps_x0(
     t: &[f64],
     schedule: &dyn Schedule,
 ) -> Result<Denoised> {
-    let a: Vec<f64> = t.iter().map(|&t| schedule.alpha(t)).collect();
-    let s: Vec<f64> = t.iter().map(|&t| schedule.sigma(t)).collect();
-    let map =
-        |f: &dyn Fn(f64, f64) -> f64| coef(a.iter().zip(&s).map(|(&a, &s)| f(a, s)).collect());
-    Ok(match p {
-        Parameterization::Eps => Denoised {
-            x0: lincomb_rows(&[(map(&|a, _| 1.0 / a), x), (map(&|a, s| -s / a), pred)])?,
-            eps: pred.clone(),
-        },
-        Parameterization::X0 => Denoised {
-            eps: lincomb_rows(&[(map(&|_, s| 1.0 / s), x), (map(&|a, s| -a / s), pred)])?,
-            x0: pred.clone(),
-        },
-        Parameterization::V => Denoised {
-            eps: lincomb_rows(&[(map(&|_, s| s), x), (map(&|a, _| a), pred)])?,
-            x0: lincomb_rows(&[(map(&|a, _| a), x), (map(&|_, s| -s), pred)])?,
-        },
-    })
+    let c: Vec<_> = t
+        .iter()
+        .map(|&t| qtaylor_core::exec::conversion(p, schedule.alpha(t), schedule.sigma(t)))
+        .collect();
+    let map = |f: &dyn Fn(&qtaylor_core::exec::Conversion) -> f64| coef(c.iter().map(f).collect());
+    let (eps, x0) = match p {
+        Parameterization::Eps => (pred.clone(), None),
+        _ => (
+            lincomb_rows(&[(map(&|c| c.0[0]), x), (map(&|c| c.0[1]), pred)])?,
+            (p == Parameterization::X0).then(|| pred.clone()),
+        ),
+    };
+    let x0 = match x0 {
+        Some(x0) => x0,
+        None => lincomb_rows(&[(map(&|c| c.1[0]), x), (map(&|c| c.1[1]), pred)])?,
+    };
+    Ok(Denoised { eps, x0 })
 }
 
 /// Converts `(ε̂, x̂0)` at `(x, t)` into the prediction of parameterization `p`
-/// (`v̂ = α ε̂ − σ x̂0`).
+/// (`v̂ = α ε̂ − σ x̂0`; the flow velocity `ε̂ − x̂0`).
 pub fn from_eps_x0(
     p: Parameterization,
     d: &Denoised,
@@ -81,6 +77,9 @@ pub fn from_eps_x0(
             let a = coef(t.iter().map(|&t| schedule.alpha(t)).collect());
             let s = coef(t.iter().map(|&t| -schedule.sigma(t)).collect());
             lincomb_rows(&[(a, &d.eps), (s, &d.x0)])?
+        }
+        Parameterization::Flow => {
+            lincomb_rows(&[(Coef::All(1.0), &d.eps), (Coef::All(-1.0), &d.x0)])?
         }
     })
 }
@@ -112,6 +111,7 @@ mod tests {
             Parameterization::Eps,
             Parameterization::X0,
             Parameterization::V,
+            Parameterization::Flow,
         ] {
             let pred = from_eps_x0(p, &truth, &t, &s).unwrap();
             let back = to_eps_x0(p, &pred, &x, &t, &s).unwrap();

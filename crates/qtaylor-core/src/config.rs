@@ -20,7 +20,7 @@ use crate::bail_option;
 use crate::grid::{self, Final, Grid, Spacing, TimeGrid};
 use crate::keys::{self, Key, Value};
 use crate::samplers::{self, DdpmVariance, Options, Sampler};
-use crate::schedule::{Schedule, Tabulated, schedule_by_name};
+use crate::schedule::{Flow, Schedule, Tabulated, Ve, schedule_by_name};
 
 /// The schedule a run uses when none is named.
 pub const DEFAULT_SCHEDULE: &str = "vp-linear";
@@ -32,8 +32,14 @@ pub const DEFAULT_BETA_SCHEDULE: &str = "linear";
 pub const DEFAULT_BETA_START: f64 = 1e-4;
 pub const DEFAULT_BETA_END: f64 = 0.02;
 pub const DEFAULT_TRAIN_STEPS: usize = 1000;
-/// The final time of a continuous grid on a continuous schedule.
+/// The final time of a continuous grid on a continuous schedule (on rectified flow, the
+/// unshifted time of its last level before 0: diffusers' `1/num_train_timesteps`).
 pub const DEFAULT_T_MIN: f64 = 1e-3;
+/// The VE schedule's largest σ/α and its final time (EDM's σ_max = 80, σ_min = 0.002).
+pub const DEFAULT_VE_SIGMA_MAX: f64 = 80.0;
+pub const DEFAULT_VE_T_MIN: f64 = 0.002;
+/// How a flow schedule's `mu` shifts by default (diffusers' `time_shift_type`).
+pub const DEFAULT_TIME_SHIFT: &str = "exponential";
 
 /// `Some(v)` with `v` other than `default`.
 fn set<T: PartialEq>(v: &Option<T>, default: T) -> bool {
@@ -52,6 +58,14 @@ pub struct ScheduleSettings {
     pub beta_start: Option<f64>,
     pub beta_end: Option<f64>,
     pub train_steps: Option<usize>,
+    /// Flow: the static time shift s (diffusers' `shift`) [default: 1].
+    pub shift: Option<f64>,
+    /// Flow: the dynamic shift μ (diffusers' `mu`), instead of `shift`.
+    pub mu: Option<f64>,
+    /// Flow: how μ shifts, exponential (s = e^μ) or linear (s = μ).
+    pub time_shift: Option<String>,
+    /// VE: the largest σ/α, the schedule's end (the grid's `sigma_max`) [default: 80].
+    pub ve_sigma_max: Option<f64>,
 }
 
 /// What a discrete grid takes by default: the spacing, its offset and the trained steps (a
@@ -106,6 +120,17 @@ impl ScheduleSettings {
                     .map(|f| (f.0, "discrete")),
             )
             .next();
+        let flow_used = !checkpoint && self.name() == "flow";
+        let unused = unused.or_else(|| {
+            [
+                (keys::SHIFT, self.shift.is_some()),
+                (keys::MU, self.mu.is_some()),
+                (keys::TIME_SHIFT, self.time_shift.is_some()),
+            ]
+            .into_iter()
+            .find(|f| f.1 && !flow_used)
+            .map(|f| (f.0, "flow"))
+        });
         if let Some((key, schedule)) = unused {
             if checkpoint {
                 bail_option!(
@@ -141,6 +166,27 @@ impl ScheduleSettings {
                 train_steps: steps,
             };
             return Ok((Arc::new(s), Some(d)));
+        }
+        if self.name() == "flow" {
+            let flow = match (self.shift, self.mu) {
+                (Some(_), Some(_)) => {
+                    bail_option!("give ", keys::SHIFT, " or ", keys::MU, ", not both")
+                }
+                (_, Some(mu)) => {
+                    Flow::from_mu(mu, self.time_shift.as_deref().unwrap_or(DEFAULT_TIME_SHIFT))?
+                }
+                (shift, None) => {
+                    if let Some(ts) = &self.time_shift {
+                        bail_option!((keys::TIME_SHIFT, ts.as_str()), " applies to ", keys::MU);
+                    }
+                    Flow::new(shift.unwrap_or(1.0))?
+                }
+            };
+            return Ok((Arc::new(flow), None));
+        }
+        if self.name() == "ve" {
+            let ve = Ve::new(self.ve_sigma_max.unwrap_or(DEFAULT_VE_SIGMA_MAX))?;
+            return Ok((Arc::new(ve), None));
         }
         let s = schedule_by_name(
             self.name(),
@@ -208,7 +254,8 @@ impl GridSettings {
         schedule: &dyn Schedule,
         discrete: Option<&DiscreteDefaults>,
     ) -> Result<TimeGrid> {
-        if discrete.is_none() && set(&self.final_.as_deref(), "zero") {
+        let flow = schedule.final_zero_by_default();
+        if discrete.is_none() && !flow && set(&self.final_.as_deref(), "zero") {
             bail_option!(
                 keys::FINAL,
                 " applies to discrete schedules (",
@@ -309,12 +356,23 @@ impl GridSettings {
                     ")"
                 );
             }
-            let (t_max, t_min) = self.range(schedule, DEFAULT_T_MIN)?;
+            let default_t_min = if schedule.name().starts_with("ve(") {
+                DEFAULT_VE_T_MIN
+            } else {
+                DEFAULT_T_MIN
+            };
+            let (t_max, t_min) = self.range(schedule, default_t_min)?;
+            // Rectified flow ends at ς = 0 (diffusers' terminal 0) unless final = last.
+            let to_zero = flow
+                && match &self.final_ {
+                    Some(f) => f.parse::<Final>()? == Final::Zero,
+                    None => true,
+                };
             return Ok(TimeGrid::Continuous {
                 grid: self.parse_grid(self.grid.as_deref().unwrap_or("uniform"))?,
                 t_max,
                 t_min,
-                to_zero: false,
+                to_zero,
             });
         };
         let last: Final = match &self.final_ {

@@ -65,6 +65,9 @@ pub enum Parameterization {
     X0,
     /// Velocity `v̂ = α ε̂ − σ x̂0` (diffusers `v_prediction`).
     V,
+    /// Flow velocity `v̂ = ε̂ − x̂0 = dx/dς` on a rectified-flow path (diffusers
+    /// `flow_prediction`, SD3 and Flux).
+    Flow,
 }
 
 impl FromStr for Parameterization {
@@ -74,9 +77,10 @@ impl FromStr for Parameterization {
             "epsilon" | "eps" => Parameterization::Eps,
             "sample" | "x0" => Parameterization::X0,
             "v_prediction" | "v" => Parameterization::V,
+            "flow_prediction" | "flow" => Parameterization::Flow,
             other => {
                 bail!(
-                    "unknown prediction type '{other}'; expected one of: epsilon, sample, v_prediction"
+                    "unknown prediction type '{other}'; expected one of: epsilon, sample, v_prediction, flow_prediction"
                 )
             }
         })
@@ -89,6 +93,7 @@ impl fmt::Display for Parameterization {
             Parameterization::Eps => "epsilon",
             Parameterization::X0 => "sample",
             Parameterization::V => "v_prediction",
+            Parameterization::Flow => "flow_prediction",
         })
     }
 }
@@ -101,7 +106,10 @@ pub type Conversion = ([f64; 2], [f64; 2]);
 ///
 /// - from ε̂: `x̂0 = (x − σ ε̂)/α`;
 /// - from x̂0: `ε̂ = (x − α x̂0)/σ`;
-/// - from v̂: `ε̂ = σ x + α v̂`, `x̂0 = α x − σ v̂` (using `α² + σ² = 1`).
+/// - from v̂: `ε̂ = σ x + α v̂`, `x̂0 = α x − σ v̂` (using `α² + σ² = 1`);
+/// - from the flow velocity `v̂ = ε̂ − x̂0`: the model state is `x/(α + σ)` (the flow path
+///   `(1 − ς) x0 + ς ε` scaled to the VP state), so `x = α x̂0 + σ ε̂` and `ε̂ − x̂0 = v̂` give
+///   `ε̂ = (x + α v̂)/(α + σ)`, `x̂0 = (x − σ v̂)/(α + σ)` (finite at ς = 1, where α = 0).
 ///
 /// Returns `([e_x, e_p], [d_x, d_p])`.
 pub fn conversion(p: Parameterization, alpha: f64, sigma: f64) -> Conversion {
@@ -109,6 +117,10 @@ pub fn conversion(p: Parameterization, alpha: f64, sigma: f64) -> Conversion {
         Parameterization::Eps => ([0.0, 1.0], [1.0 / alpha, -sigma / alpha]),
         Parameterization::X0 => ([1.0 / sigma, -alpha / sigma], [0.0, 1.0]),
         Parameterization::V => ([sigma, alpha], [alpha, -sigma]),
+        Parameterization::Flow => {
+            let k = 1.0 / (alpha + sigma);
+            ([k, alpha * k], [k, -sigma * k])
+        }
     }
 }
 
@@ -271,7 +283,7 @@ impl<'a, B: Backend> Ctx<'a, B> {
                 eps: self.lincomb(&[(col(&|c| c.0[0]), x), (col(&|c| c.0[1]), &pred)])?,
                 x0: pred,
             },
-            Parameterization::V => Denoised {
+            Parameterization::V | Parameterization::Flow => Denoised {
                 eps: self.lincomb(&[(col(&|c| c.0[0]), x), (col(&|c| c.0[1]), &pred)])?,
                 x0: self.lincomb(&[(col(&|c| c.1[0]), x), (col(&|c| c.1[1]), &pred)])?,
             },
@@ -345,6 +357,7 @@ mod tests {
                 (Parameterization::Eps, eps),
                 (Parameterization::X0, x0),
                 (Parameterization::V, a * eps - s * x0),
+                (Parameterization::Flow, eps - x0),
             ] {
                 let (e, d) = conversion(p, a, s);
                 assert!((e[0] * x + e[1] * pred - eps).abs() < 1e-14, "{p}");

@@ -54,6 +54,12 @@ keys! {
     BETA_START = "beta_start",
     BETA_END = "beta_end",
     TRAIN_STEPS = "train_steps",
+    /// A flow schedule's time shift s (diffusers' `shift`).
+    SHIFT = "shift",
+    /// A flow schedule's dynamic shift μ (diffusers' `mu`).
+    MU = "mu",
+    /// How μ shifts: exponential (s = e^μ) or linear (s = μ) (diffusers' `time_shift_type`).
+    TIME_SHIFT = "time_shift",
     // The grid.
     STEPS = "steps",
     GRID = "grid",

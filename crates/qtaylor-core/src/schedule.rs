@@ -86,6 +86,38 @@ pub trait Schedule: Debug + Send + Sync {
         -&self.log_alpha_bar_series(t, n + 1).differentiate()
     }
 
+    /// The model's state over the VP state at `t`: the model sees `state_scale(t) · x` where
+    /// the samplers hold `x = α x0 + σ ε`. 1 on VP paths, `1/α` on the VE path ([`Ve`]),
+    /// `1/(α + σ)` on rectified flow ([`Flow`]).
+    fn state_scale(&self, _t: f64) -> f64 {
+        1.0
+    }
+
+    /// Taylor series, order `n`, of the model state's coefficients `(c α, c σ)` with
+    /// `c = state_scale`: the model's state is `c α x0 + c σ ε`. VP: `(α, σ)`; VE: `(1, t)`;
+    /// flow: `(1 − ς, ς)`.
+    fn state_series(&self, t: f64, n: usize) -> (Series, Series) {
+        (self.alpha_series(t, n), self.sigma_series(t, n))
+    }
+
+    /// The time of a noise level in the model's own terms: σ/α on VP and VE paths (diffusers'
+    /// `sigmas`, `λ = −ln level`), ς on rectified flow. Level 0 is t = 0 (σ = 0).
+    fn time_of_level(&self, level: f64) -> Result<f64> {
+        if level == 0.0 {
+            return Ok(0.0);
+        }
+        if level.is_nan() || level < 0.0 {
+            bail!("noise level {level} is not a positive number");
+        }
+        self.t_of_lambda(-level.ln())
+    }
+
+    /// True when a continuous grid on this schedule ends at σ = 0 by default (rectified
+    /// flow: diffusers' flow schedulers append a terminal 0).
+    fn final_zero_by_default(&self) -> bool {
+        false
+    }
+
     /// The network's time argument at `t`: `t` itself. Discrete schedules return the
     /// (fractional) diffusers timestep instead ([`Tabulated::network_time`]).
     fn network_time(&self, t: f64) -> f64 {
@@ -285,6 +317,196 @@ impl Schedule for Ve {
     }
     fn lambda(&self, t: f64) -> f64 {
         -t.ln()
+    }
+    fn state_scale(&self, t: f64) -> f64 {
+        (1.0 + t * t).sqrt()
+    }
+    fn state_series(&self, t: f64, n: usize) -> (Series, Series) {
+        (Series::constant(1.0, n), Series::variable(t, n))
+    }
+}
+
+/// Rectified flow, the path of SD3 and Flux (Liu et al. 2022, "Flow Straight and Fast";
+/// Esser et al. 2024, "Scaling Rectified Flow Transformers", §2 and §5.3.2):
+/// `x = (1 − ς) x0 + ς ε`, ς ∈ [0, 1], with diffusers' time shift. Time `t = u ∈ (0, 1]` is
+/// the unshifted flow time; the noise level is
+///
+/// `ς(u) = s u / (1 + (s − 1) u)` ([`shift_sigma`]),
+///
+/// which is diffusers' static `shift` s, and also its dynamic shifts: `time_shift_type
+/// "exponential"` with `mu` is `s = e^μ`, `"linear"` is `s = μ` (both map ς the same way).
+/// A grid uniform in t is diffusers' default shifted grid.
+///
+/// In VP coordinates the path is `r·(α x0 + σ ε)` with `r = √((1 − ς)² + ς²)`:
+/// `α = (1 − ς)/r`, `σ = ς/r`, `ᾱ = (1 − ς)²/r²`, `λ = ln((1 − ς)/ς)`; the model's state
+/// is the VP state times `r = 1/(α + σ)` ([`Schedule::state_scale`]). At u = 1, ς = 1: ᾱ = 0
+/// and λ = −∞ (pure noise, where diffusers' flow samplers start); α and σ stay analytic
+/// there (their series are written in ς, not through `ln ᾱ`). The network time is
+/// `1000 ς` (diffusers passes `timesteps = ς·1000`).
+#[derive(Clone, Debug)]
+pub struct Flow {
+    pub shift: f64,
+}
+
+/// diffusers' flow time shift `ς = s u / (1 + (s − 1) u)` of `u ∈ [0, 1]`.
+pub fn shift_sigma(shift: f64, u: f64) -> f64 {
+    shift * u / (1.0 + (shift - 1.0) * u)
+}
+
+/// The inverse of [`shift_sigma`]: `u = ς / (s − (s − 1) ς)`.
+pub fn unshift_sigma(shift: f64, sigma: f64) -> f64 {
+    sigma / (shift - (shift - 1.0) * sigma)
+}
+
+/// The network time of a flow model at level ς: `1000 ς`, diffusers' `timesteps`.
+pub const FLOW_TIMESTEP_SCALE: f64 = 1000.0;
+
+impl Flow {
+    /// Errors unless `shift` is finite and positive (it names the key).
+    pub fn new(shift: f64) -> Result<Self> {
+        if !(shift > 0.0 && shift.is_finite()) {
+            crate::bail_option!(
+                (crate::keys::SHIFT, shift),
+                ": the flow time shift must be a positive number (1 = no shift)"
+            );
+        }
+        Ok(Flow { shift })
+    }
+
+    /// The schedule of diffusers' dynamic shift `mu` of `time_shift_type` ("exponential":
+    /// `s = e^μ`, "linear": `s = μ`).
+    pub fn from_mu(mu: f64, time_shift: &str) -> Result<Self> {
+        if !mu.is_finite() {
+            crate::bail_option!((crate::keys::MU, mu), ": expected a finite number");
+        }
+        match time_shift {
+            "exponential" => Flow::new(mu.exp()),
+            "linear" => {
+                if mu <= 0.0 {
+                    crate::bail_option!(
+                        (crate::keys::MU, mu),
+                        ": the linear time shift needs mu > 0"
+                    );
+                }
+                Flow::new(mu)
+            }
+            other => crate::bail_option!(
+                (crate::keys::TIME_SHIFT, other),
+                ": expected exponential or linear"
+            ),
+        }
+    }
+
+    /// ς(t).
+    pub fn flow_sigma(&self, t: f64) -> f64 {
+        shift_sigma(self.shift, t)
+    }
+
+    /// The series of ς around `t`, order `n`.
+    fn flow_sigma_series(&self, t: f64, n: usize) -> Series {
+        let s = self.shift;
+        &Series::polynomial(&[0.0, s], t, n) / &Series::polynomial(&[1.0, s - 1.0], t, n)
+    }
+
+    /// `(1 − ς, ς, 1/r)` as series: α = (1 − ς)/r and σ = ς/r.
+    fn parts(&self, t: f64, n: usize) -> (Series, Series, Series) {
+        let sig = self.flow_sigma_series(t, n);
+        let one_minus = &(-&sig) + 1.0;
+        let r2 = &(&one_minus * &one_minus) + &(&sig * &sig);
+        (one_minus, sig, r2.powf(-0.5))
+    }
+}
+
+impl Schedule for Flow {
+    fn name(&self) -> String {
+        format!("flow(shift={})", self.shift)
+    }
+    fn log_alpha_bar_series(&self, t: f64, n: usize) -> Series {
+        let (one_minus, sig, _) = self.parts(t, n);
+        let r2 = &(&one_minus * &one_minus) + &(&sig * &sig);
+        &(&one_minus.ln() * 2.0) - &r2.ln()
+    }
+    fn log_alpha_bar_and_slope(&self, t: f64) -> (f64, f64) {
+        let s = self.shift;
+        let g = self.flow_sigma(t);
+        let dg = s / (1.0 + (s - 1.0) * t).powi(2);
+        let r2 = (1.0 - g) * (1.0 - g) + g * g;
+        let l = 2.0 * (1.0 - g).ln() - r2.ln();
+        let dl_dg = -2.0 / (1.0 - g) - 2.0 * (2.0 * g - 1.0) / r2;
+        (l, dl_dg * dg)
+    }
+    fn alpha(&self, t: f64) -> f64 {
+        let g = self.flow_sigma(t);
+        (1.0 - g) / ((1.0 - g) * (1.0 - g) + g * g).sqrt()
+    }
+    fn sigma(&self, t: f64) -> f64 {
+        let g = self.flow_sigma(t);
+        g / ((1.0 - g) * (1.0 - g) + g * g).sqrt()
+    }
+    fn lambda(&self, t: f64) -> f64 {
+        let g = self.flow_sigma(t);
+        (1.0 - g).ln() - g.ln()
+    }
+    fn alpha_series(&self, t: f64, n: usize) -> Series {
+        let (one_minus, _, inv_r) = self.parts(t, n);
+        &one_minus * &inv_r
+    }
+    fn sigma_series(&self, t: f64, n: usize) -> Series {
+        let (_, sig, inv_r) = self.parts(t, n);
+        &sig * &inv_r
+    }
+    fn lambda_series(&self, t: f64, n: usize) -> Series {
+        let (one_minus, sig, _) = self.parts(t, n);
+        &one_minus.ln() - &sig.ln()
+    }
+    fn state_series(&self, t: f64, n: usize) -> (Series, Series) {
+        let (one_minus, sig, _) = self.parts(t, n);
+        (one_minus, sig)
+    }
+    fn state_scale(&self, t: f64) -> f64 {
+        let g = self.flow_sigma(t);
+        ((1.0 - g) * (1.0 - g) + g * g).sqrt()
+    }
+    fn network_time(&self, t: f64) -> f64 {
+        FLOW_TIMESTEP_SCALE * self.flow_sigma(t)
+    }
+    fn final_zero_by_default(&self) -> bool {
+        true
+    }
+    fn time_of_network_time(&self, n: f64) -> Result<f64> {
+        if !(n.is_finite() && n > 0.0 && n <= FLOW_TIMESTEP_SCALE) {
+            bail!(
+                "network time {n} is outside the domain (0, {FLOW_TIMESTEP_SCALE}] of schedule {} (timesteps are 1000 ς)",
+                self.name()
+            );
+        }
+        Ok(unshift_sigma(self.shift, n / FLOW_TIMESTEP_SCALE))
+    }
+    /// The level is ς itself: `u = ` [`unshift_sigma`]`(ς)`, for ς ∈ [0, 1].
+    fn time_of_level(&self, level: f64) -> Result<f64> {
+        if !(0.0..=1.0).contains(&level) {
+            bail!(
+                "flow sigma {level} is outside [0, 1] (x = (1 - sigma) x0 + sigma eps; 1 is pure noise)"
+            );
+        }
+        Ok(unshift_sigma(self.shift, level))
+    }
+    /// Closed form: `ς = 1/(1 + e^λ)`, then u = [`unshift_sigma`].
+    fn t_of_lambda(&self, lambda: f64) -> Result<f64> {
+        if lambda.is_nan() {
+            bail!(
+                "log-SNR {lambda} is not a number (schedule {})",
+                self.name()
+            );
+        }
+        let g = 1.0 / (1.0 + lambda.exp());
+        if !(g > 0.0 && g <= 1.0) {
+            bail!(
+                "log-SNR {lambda} is outside the range of schedule {}",
+                self.name()
+            );
+        }
+        Ok(unshift_sigma(self.shift, g))
     }
 }
 
@@ -636,7 +858,7 @@ pub fn schedule_by_name(name: &str, beta_min: f64, beta_max: f64) -> Result<Box<
         other => {
             crate::bail_option!(
                 (crate::keys::SCHEDULE, other),
-                ": unknown schedule; expected one of: vp-linear, cosine, scaled-linear"
+                ": unknown schedule; expected one of: vp-linear, cosine, scaled-linear, discrete, flow, ve"
             )
         }
     })
@@ -722,6 +944,9 @@ mod tests {
             Box::new(Cosine::default()),
             Box::new(ScaledLinear::default()),
             Box::new(Ve::new(80.0).unwrap()),
+            Box::new(Flow::new(1.0).unwrap()),
+            Box::new(Flow::new(3.0).unwrap()),
+            Box::new(Flow::from_mu(0.8, "linear").unwrap()),
         ];
         for s in &scheds {
             for &t in &[0.05, 0.3, 0.7, 0.95] {
@@ -751,6 +976,64 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn flow_is_the_path_one_minus_sigma_x0_plus_sigma_eps_scaled_to_vp() {
+        // ς(u) = s u/(1 + (s − 1) u); the model state c(α x0 + σ ε) = (1 − ς) x0 + ς ε.
+        for shift in [1.0, 3.0, 0.5] {
+            let f = Flow::new(shift).unwrap();
+            for u in [1e-4, 0.1, 0.5, 0.9, 0.999] {
+                let g = shift * u / (1.0 + (shift - 1.0) * u);
+                let (a, s, c) = (f.alpha(u), f.sigma(u), f.state_scale(u));
+                assert!((a * a + s * s - 1.0).abs() < 1e-15);
+                assert!((c * a - (1.0 - g)).abs() < 1e-15 && (c * s - g).abs() < 1e-15);
+                assert!((f.lambda(u) - ((1.0 - g) / g).ln()).abs() < 1e-12);
+                assert!((f.alpha_bar(u) - a * a).abs() < 1e-14);
+                let (sa, ss) = f.state_series(u, 2);
+                assert!((sa.value() - (1.0 - g)).abs() < 1e-15 && (ss.value() - g).abs() < 1e-15);
+                // network time 1000 ς and back; λ and back
+                assert!((f.network_time(u) - 1000.0 * g).abs() < 1e-9);
+                let back = f.time_of_network_time(f.network_time(u)).unwrap();
+                assert!((back - u).abs() < 1e-12, "{shift} {u}: {back}");
+                assert!((f.t_of_lambda(f.lambda(u)).unwrap() - u).abs() < 1e-12);
+            }
+            // pure noise at u = 1: ᾱ = 0, λ = −∞, and α, σ analytic there
+            assert_eq!(f.alpha(1.0), 0.0);
+            assert_eq!(f.sigma(1.0), 1.0);
+            assert_eq!(f.lambda(1.0), f64::NEG_INFINITY);
+            let a = f.alpha_series(1.0, 3);
+            assert!(a.0.iter().all(|c| c.is_finite()), "{a:?}");
+            let h = 1e-4;
+            let fd1 = (f.alpha(1.0) - f.alpha(1.0 - h)) / h;
+            assert!((a.derivative(1) - fd1).abs() < 1e-3 * (1.0 + fd1.abs()));
+        }
+        // diffusers' dynamic shifts: exponential is s = e^μ, linear is s = μ
+        let u = 0.37;
+        let mu: f64 = 1.15;
+        let e = Flow::from_mu(mu, "exponential").unwrap();
+        let want = mu.exp() / (mu.exp() + (1.0 / u - 1.0));
+        assert!((e.flow_sigma(u) - want).abs() < 1e-15);
+        let l = Flow::from_mu(mu, "linear").unwrap();
+        assert!((l.flow_sigma(u) - mu / (mu + (1.0 / u - 1.0))).abs() < 1e-15);
+    }
+
+    #[test]
+    fn flow_refuses_a_shift_that_is_not_positive_naming_the_key() {
+        for bad in [0.0, -1.0, f64::NAN, f64::INFINITY] {
+            let e = Flow::new(bad).unwrap_err().to_string();
+            assert!(e.contains("shift") && e.contains("positive"), "{e}");
+        }
+        let e = Flow::from_mu(-0.5, "linear").unwrap_err().to_string();
+        assert!(e.contains("mu") && e.contains("-0.5"), "{e}");
+        let e = Flow::from_mu(0.5, "cubic").unwrap_err().to_string();
+        assert!(e.contains("time_shift") && e.contains("cubic"), "{e}");
+        let e = Flow::new(3.0)
+            .unwrap()
+            .time_of_network_time(1000.5)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("1000.5"), "{e}");
     }
 
     #[test]
@@ -798,6 +1081,7 @@ mod tests {
             Box::new(Cosine::default()),
             Box::new(ScaledLinear::default()),
             Box::new(Tabulated::from_betas("t", &betas).unwrap()),
+            Box::new(Flow::new(3.0).unwrap()),
         ];
         for s in &scheds {
             for &t in &[0.003, 0.2, 0.55, 0.9] {

@@ -191,10 +191,14 @@ impl Gmm {
     }
 }
 
-/// The exact ε̂ of a [`Gmm`] under a schedule, as a [`Model`] on any candle device.
+/// The exact ε̂ of a [`Gmm`] under a schedule, as a [`Model`] on any candle device. On a
+/// schedule that reaches pure noise (α = 0 at its end, rectified flow at ς = 1), where ε̂
+/// no longer determines x̂0, it predicts the flow velocity `ε̂ − x̂0` instead, as a
+/// flow-matching network does.
 pub struct GmmModel {
     pub gmm: Arc<Gmm>,
     pub schedule: Arc<dyn Schedule>,
+    param: Parameterization,
     means: Tensor,     // (K, d) f64
     variances: Tensor, // (K, d) f64
     log_w: Tensor,     // (K,) f64
@@ -211,9 +215,15 @@ impl GmmModel {
             k,
             device,
         )?;
+        let param = if schedule.alpha(schedule.t_end()) == 0.0 {
+            Parameterization::Flow
+        } else {
+            Parameterization::Eps
+        };
         Ok(GmmModel {
             gmm,
             schedule,
+            param,
             means,
             variances,
             log_w,
@@ -261,7 +271,8 @@ impl GmmModel {
         }
     }
 
-    /// ε̂ of one row (CPU path): responsibilities by log-sum-exp, then the weighted sum.
+    /// The prediction of one row (CPU path): responsibilities by log-sum-exp, then the
+    /// weighted sums of ε̂ and (for the flow velocity) x̂0.
     fn eps_row(&self, m: &Marginal, x: &[f64], out: &mut [f64]) {
         let g = &self.gmm;
         let (k, d) = (g.weights.len(), g.dim);
@@ -288,6 +299,22 @@ impl GmmModel {
             for j in 0..d {
                 out[j] += r * (x[j] - m.alpha * mu[j]) * iv[j];
             }
+        }
+        if self.param == Parameterization::Flow {
+            // x̂0 = E[x0 | x] = Σ_k r_k (μ_k + α v_k z_k), z_k = (x − α μ_k)/(α² v_k + σ²);
+            // the flow velocity is ε̂ − x̂0.
+            let mut x0 = vec![0.0; d];
+            for (c, &w) in logits.iter().enumerate() {
+                let r = w / total;
+                let (mu, iv, var) = (&g.means[c], &m.inv_var[c * d..(c + 1) * d], &g.variances[c]);
+                for j in 0..d {
+                    x0[j] += r * (mu[j] + m.alpha * var[j] * (x[j] - m.alpha * mu[j]) * iv[j]);
+                }
+            }
+            for (o, x0) in out.iter_mut().zip(&x0) {
+                *o = *o * m.sigma - x0;
+            }
+            return;
         }
         for o in out.iter_mut() {
             *o *= m.sigma;
@@ -337,17 +364,26 @@ impl GmmModel {
         let w = logits.broadcast_sub(&max)?.exp()?;
         let r = w.broadcast_div(&w.sum_keepdim(D::Minus1)?)?; // (B,K)
         let weighted = z.broadcast_mul(&r.unsqueeze(2)?)?.sum(1)?; // (B,d)
-        let eps = weighted.broadcast_mul(&row_tensor(&s, &weighted)?)?;
-        Ok(eps.to_dtype(x.dtype())?)
+        let mut out = weighted.broadcast_mul(&row_tensor(&s, &weighted)?)?;
+        if self.param == Parameterization::Flow {
+            // v̂ = ε̂ − x̂0 with x̂0 = Σ_k r_k (μ_k + α v_k z_k)
+            let post = mu
+                .broadcast_add(&var.broadcast_mul(&z)?.broadcast_mul(&at)?)?
+                .broadcast_mul(&r.unsqueeze(2)?)?
+                .sum(1)?;
+            out = (out - post)?;
+        }
+        Ok(out.to_dtype(x.dtype())?)
     }
 }
 
 impl Model for GmmModel {
     fn parameterization(&self) -> Parameterization {
-        Parameterization::Eps
+        self.param
     }
 
-    /// `ε̂ = σ Σ_k r_k (x − α μ_k)/(α² v_k + σ²)`, computed in f64 and returned in x's dtype.
+    /// `ε̂ = σ Σ_k r_k (x − α μ_k)/(α² v_k + σ²)` (or the flow velocity `ε̂ − x̂0`, see
+    /// [`GmmModel`]), computed in f64 and returned in x's dtype.
     fn predict(&self, x: &Tensor, t: &[f64]) -> Result<Tensor> {
         let (b, d) = x
             .dims2()
@@ -398,6 +434,37 @@ mod tests {
                         "t={t} j={j}: {} vs {want}",
                         ei[j]
                     );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn on_flow_the_mixture_predicts_the_velocity_eps_minus_posterior_mean() {
+        // One Gaussian N(μ, v): E[x0 | x] = μ + α v (x − α μ)/(α² v + σ²) and
+        // ε̂ = σ (x − α μ)/(α² v + σ²), written out; at pure noise (t = 1) v̂ = x − μ.
+        let g = Gmm {
+            dim: 2,
+            weights: vec![1.0],
+            means: vec![vec![0.5, -1.0]],
+            variances: vec![vec![0.3, 2.0]],
+        };
+        let sched: Arc<dyn Schedule> = Arc::new(crate::schedule::Flow::new(3.0).unwrap());
+        let m = GmmModel::new(Arc::new(g.clone()), sched.clone(), &Device::Cpu).unwrap();
+        assert_eq!(m.parameterization(), Parameterization::Flow);
+        let x = Tensor::new(&[[0.7f64, -0.2], [-1.5, 2.5]], &Device::Cpu).unwrap();
+        let xs = rows_f64(&x).unwrap();
+        for t in [1.0, 0.8, 0.3, 0.01] {
+            let (a, s) = (sched.alpha(t), sched.sigma(t));
+            for path in [m.predict_cpu(&x, &[t]), m.predict_tensor(&x, &[t])] {
+                let got = rows_f64(&path.unwrap()).unwrap();
+                for (row, xr) in got.iter().zip(&xs) {
+                    for j in 0..2 {
+                        let (mu, v) = (g.means[0][j], g.variances[0][j]);
+                        let z = (xr[j] - a * mu) / (a * a * v + s * s);
+                        let want = s * z - (mu + a * v * z);
+                        assert!((row[j] - want).abs() < 1e-13, "t={t}: {} vs {want}", row[j]);
+                    }
                 }
             }
         }

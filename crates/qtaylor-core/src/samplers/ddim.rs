@@ -20,7 +20,7 @@
 
 use anyhow::Result;
 
-use super::{Backend, Ctx, DdpmVariance, reaches_zero};
+use super::{Backend, Ctx, DdpmVariance, pure_noise, reaches_zero};
 use crate::schedule::Schedule;
 
 /// `(A, B)` of the deterministic DDIM step `x_s = A x_t + B ε̂`:
@@ -39,6 +39,14 @@ pub fn ddim_eta_coefficients(schedule: &dyn Schedule, t: f64, s: f64, eta: f64) 
     let c = eta * (ss / st) * beta_ts.sqrt();
     let dir = (ss * ss - c * c).max(0.0).sqrt();
     (as_ / at, dir - as_ * st / at, c)
+}
+
+/// `(dir, c)` of the DDIM step from pure noise (α_t = 0, σ_t = 1) to s, written in x̂0:
+/// `x_s = α_s x̂0 + dir ε̂ + c z` with `c = η σ_s` (ᾱ_t/ᾱ_s = 0) and `dir = √(σ_s² − c²)`.
+pub fn ddim_from_pure_noise(schedule: &dyn Schedule, s: f64, eta: f64) -> (f64, f64) {
+    let ss = schedule.sigma(s);
+    let c = eta * ss;
+    ((ss * ss - c * c).max(0.0).sqrt(), c)
 }
 
 /// `(A, B, C)` of DDPM's ancestral step `x_s = μ̃ + C z`, `μ̃ = A x_t + B ε̂`.
@@ -77,6 +85,18 @@ pub fn sample_ddim<B: Backend>(
             continue;
         }
         let (a, b, c) = ddim_eta_coefficients(ctx.schedule, t, s, eta);
+        if pure_noise(ctx.schedule, t) {
+            // α_t = 0 (ς = 1): A x_t + B ε̂ is ∞ − ∞; the step in x̂0 is the same formula
+            let (dir, c) = ddim_from_pure_noise(ctx.schedule, s, eta);
+            let a_s = ctx.schedule.alpha(s);
+            x = if c > 0.0 {
+                let z = ctx.noise_like(&x)?;
+                ctx.lc(&[(a_s, &d.x0), (dir, &d.eps), (c, &z)])?
+            } else {
+                ctx.lc(&[(a_s, &d.x0), (dir, &d.eps)])?
+            };
+            continue;
+        }
         x = if c > 0.0 {
             let z = ctx.noise_like(&x)?;
             ctx.lc(&[(a, &x), (b, &d.eps), (c, &z)])?
@@ -100,6 +120,13 @@ pub fn sample_ddpm<B: Backend>(
         let d = ctx.denoise(&x, t)?;
         if reaches_zero(ctx.schedule, s) {
             x = d.x0;
+            continue;
+        }
+        if pure_noise(ctx.schedule, t) {
+            // α_t = 0: ᾱ_{t|s} = 0, so μ̃ = α_s x̂0 and the variance is σ_s² (either variant)
+            let z = ctx.noise_like(&x)?;
+            let (a_s, s_s) = (ctx.schedule.alpha(s), ctx.schedule.sigma(s));
+            x = ctx.lc(&[(a_s, &d.x0), (s_s, &z)])?;
             continue;
         }
         let (a, b, c) = ddpm_coefficients(ctx.schedule, t, s, variance);

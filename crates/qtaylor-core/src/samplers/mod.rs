@@ -631,7 +631,37 @@ pub fn reaches_zero(schedule: &dyn Schedule, s: f64) -> bool {
     schedule.sigma(s) == 0.0
 }
 
+/// True at pure noise: α(t) = 0 (ᾱ = 0, λ = −∞), where rectified flow starts (ς = 1). There
+/// `x = ε`, ε̂ = x and only x̂0 carries information; a sampler whose step is written as
+/// `A x_t + B ε̂` or in λ either takes that step in x̂0 or cannot start there
+/// ([`Sampler::starts_at_pure_noise`]).
+pub fn pure_noise(schedule: &dyn Schedule, t: f64) -> bool {
+    schedule.alpha(t) == 0.0
+}
+
 impl Sampler {
+    /// True for samplers that can start at pure noise (α = 0: rectified flow's ς = 1, where
+    /// diffusers' flow pipelines start): their first step is written in x̂0 (DDIM, DDPM,
+    /// quasi-Taylor in t or state, Euler/Heun/RK4 with the drift α' x̂0 + σ' ε̂) or its
+    /// λ-increment enters only through `e^{−h}` (DPM-Solver++ multistep and 2M-SDE, UniPC,
+    /// singlestep order 1). The others divide by α or place a stage at λ = −∞ + h/2.
+    pub fn starts_at_pure_noise(&self) -> bool {
+        matches!(
+            self,
+            Sampler::QuasiTaylor(_)
+                | Sampler::QitInf
+                | Sampler::Ddim
+                | Sampler::Ddpm
+                | Sampler::Euler
+                | Sampler::Heun
+                | Sampler::Rk4
+                | Sampler::DpmPpMultistep(_)
+                | Sampler::DpmPp2MSde
+                | Sampler::UniPc(_)
+                | Sampler::DpmPpSinglestep(1)
+        )
+    }
+
     /// True for samplers with step-size control (their NFE is not fixed by the grid).
     pub fn is_adaptive(&self) -> bool {
         matches!(self, Sampler::Rk45 | Sampler::DpmSolverAdaptive(_))
@@ -904,6 +934,23 @@ pub fn run<B: Backend>(
         bail_option!(
             keys::DENOISE_FINAL,
             ": the grid already ends at sigma = 0, where the sample is x̂0"
+        );
+    }
+    if pure_noise(ctx.schedule, ts[0]) && !sampler.starts_at_pure_noise() {
+        let natives: Vec<String> = all_samplers()
+            .into_iter()
+            .filter(|s| s.starts_at_pure_noise())
+            .map(|s| s.to_string())
+            .collect();
+        bail_option!(
+            (keys::SAMPLER, sampler.to_string()),
+            format!(
+                ": the grid starts at pure noise (t = {}, alpha = 0, log-SNR -inf: rectified flow's sigma = 1), where this sampler's step is undefined; start the grid below it (",
+                ts[0]
+            ),
+            (keys::T_MAX, 0.999),
+            ", or sigmas below 1) or use a sampler that starts there: ",
+            natives.join(", ")
         );
     }
     let mut x = sampler.dispatch(ctx, x, ts, opts)?;

@@ -13,7 +13,7 @@
 
 use anyhow::{Result, bail};
 
-use super::{Backend, Ctx, reaches_zero};
+use super::{Backend, Ctx, pure_noise, reaches_zero};
 use crate::exec::{Coef, Tolerance};
 
 /// `f(x, t)` as a tensor: `−½β x + β/(2σ) ε̂` (one NFE).
@@ -34,6 +34,15 @@ fn first_stage<B: Backend>(ctx: &mut Ctx<B>, x: &mut B::X, t: f64, s: f64) -> Re
     if reaches_zero(ctx.schedule, s) {
         *x = d.x0;
         return Ok(None);
+    }
+    if pure_noise(ctx.schedule, t) {
+        // α_t = 0: −½β x + β/(2σ) ε̂ is ∞ − ∞; the same drift is α' x̂0 + σ' ε̂
+        // (differentiate x = α x̂0 + σ ε̂ with x̂0, ε̂ fixed), finite where α, σ are analytic.
+        let (a, s) = (
+            ctx.schedule.alpha_series(t, 1),
+            ctx.schedule.sigma_series(t, 1),
+        );
+        return Ok(Some(ctx.lc(&[(a.0[1], &d.x0), (s.0[1], &d.eps)])?));
     }
     Ok(Some(drift_of(ctx, x, t, &d.eps)?))
 }

@@ -193,7 +193,12 @@ pub fn sample_unipc<B: Backend>(
             hist.remove(0);
         }
         hist.push((ctx.schedule.lambda(t), m));
-        let mut p = order.min(hist.len());
+        // A node at pure noise (λ = −∞, rectified flow's ς = 1) is infinitely far in λ: its
+        // divided difference is 0 in the limit, so it is not used (r_k = −∞ has no
+        // Vandermonde system).
+        let older = &hist[..hist.len() - 1];
+        let finite = older.iter().filter(|(l, _)| l.is_finite()).count();
+        let mut p = order.min(hist.len()).min(finite + 1);
         if lower_order_final {
             p = p.min(n - i);
         }
