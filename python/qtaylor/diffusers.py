@@ -51,6 +51,9 @@ class QTaylorSchedulerOutput(BaseOutput):
 _UNSUPPORTED = {
     "use_exponential_sigmas": "exponential sigmas (pass sigmas= to set_timesteps)",
     "use_beta_sigmas": "beta sigmas (pass sigmas= to set_timesteps)",
+    "invert_sigmas": "inverted flow sigmas (1 − ς, ending at pure noise)",
+    "stochastic_sampling": "FlowMatchEuler's stochastic step (1 − ς') x̂0 + ς' z, fresh noise only; nearest: "
+    "sampler='ddpm' or 'dpmpp-2m-sde'",
 }
 
 
@@ -149,7 +152,20 @@ SOURCES = {
     "LMSDiscreteScheduler": lambda cfg: "k-lms",
     "EDMEulerScheduler": lambda cfg: "k-euler",
     "EDMDPMSolverMultistepScheduler": _dpm_multistep,
+    # x + (ς' − ς) v̂ is DDIM on the flow path, exactly (from ς = 1 too)
+    "FlowMatchEulerDiscreteScheduler": lambda cfg: "ddim",
 }
+
+# Rectified-flow (SD3, Flux) sources: FlowMatchEulerDiscreteScheduler, and DPM-Solver
+# multistep / UniPC with use_flow_sigmas. The source's own set_timesteps makes the levels ς
+# (shift, mu, shift_terminal, karras/exponential/beta sigmas, and the pipeline's sigmas=),
+# the sampler runs on Schedule.flow at those levels in VP coordinates, and the state the
+# pipeline holds is the flow state (1 − ς) x0 + ς ε = VP state × state_scale.
+_FLOW_CLASSES = ("FlowMatchEulerDiscreteScheduler",)
+
+
+def _is_flow(cfg: dict, name: str) -> bool:
+    return name in _FLOW_CLASSES or bool(cfg.get("use_flow_sigmas")) or cfg.get("prediction_type") == "flow_prediction"
 
 # The σ-space (k-diffusion) classes: their state is x/α (``init_noise_sigma`` σ_max or
 # √(σ_max² + 1), ``scale_model_input`` divides by √(σ² + 1)), and their grid — spacing,
@@ -241,19 +257,16 @@ _CONSUMED = {"solver_order", "algorithm_type", "solver_type", "skip_prk_steps", 
 _NEUTRAL = {
     "use_exponential_sigmas": False,
     "use_beta_sigmas": False,
-    "use_flow_sigmas": False,
-    "use_dynamic_shifting": False,
     "euler_at_final": False,
     "lambda_min_clipped": -float("inf"),
     "solver_p": None,
     "sigma_min": None,
     "sigma_max": None,
-    "shift_terminal": None,
     "timestep_type": "discrete",
     "interpolation_type": "linear",
 }
-# Keys that matter only through another (flow sigmas, dynamic shifting).
-_IDLE = {"flow_shift", "time_shift_type"}
+# Keys that matter only through another.
+_IDLE: set = set()
 
 
 @functools.lru_cache(maxsize=None)
@@ -304,15 +317,29 @@ def _translate(cfg: dict, kwargs: dict):
     """``cfg`` of the diffusers class ``cfg["_class_name"]`` as QTaylorScheduler's config."""
     name = cfg["_class_name"]
     explicit = kwargs.get("sampler") is not None or "sampler" in cfg
-    flow_keys = [k for k in ("use_flow_sigmas",) if cfg.get(k)]
-    if cfg.get("prediction_type") == "flow_prediction":
-        flow_keys.append("prediction_type")
-    if "FlowMatch" in name or flow_keys:
-        said = f" ({', '.join(f'{k!r} = {cfg[k]!r}' for k in flow_keys)})" if flow_keys else ""
+    flow = _is_flow(cfg, name)
+    if cfg.get("use_flow_sigmas") and name not in ("DPMSolverMultistepScheduler", "UniPCMultistepScheduler"):
+        raise _refused(
+            cfg,
+            "use_flow_sigmas",
+            f"{name}'s algorithm on the flow path is not reproduced (qtaylor reproduces FlowMatchEulerDiscreteScheduler "
+            "and DPM-Solver multistep / UniPC with use_flow_sigmas)",
+            "nearest: the same keys in DPMSolverMultistepScheduler or UniPCMultistepScheduler, or "
+            "QTaylorScheduler.from_config(FlowMatchEulerDiscreteScheduler().config, sampler=...)",
+        )
+    if flow and name not in _FLOW_CLASSES + ("DPMSolverMultistepScheduler", "UniPCMultistepScheduler"):
         raise ValueError(
-            f"QTaylorScheduler.from_config: {name}{said} is a flow-matching (rectified flow) configuration "
-            "(SD3, Flux: x = (1 - σ) x0 + σ ε); QTaylorScheduler samples variance-preserving models only, "
-            "and on this pipeline it would produce garbage. Keep the pipeline's own scheduler."
+            f"QTaylorScheduler.from_config: {name} is a flow-matching (rectified flow) configuration whose "
+            "algorithm QTaylorScheduler does not reproduce; it reproduces FlowMatchEulerDiscreteScheduler and "
+            "DPMSolverMultistepScheduler / UniPCMultistepScheduler with use_flow_sigmas. Nearest: "
+            "QTaylorScheduler.from_config(FlowMatchEulerDiscreteScheduler.from_config(config), sampler=...), or "
+            "keep the pipeline's own scheduler."
+        )
+    if flow and not cfg.get("use_flow_sigmas") and name not in _FLOW_CLASSES:
+        raise ValueError(
+            f"QTaylorScheduler.from_config: {name}'s config key 'prediction_type' = 'flow_prediction' with "
+            "'use_flow_sigmas' = False is not reproduced (a flow model on the config's VP betas is not a Gaussian "
+            "path qtaylor can sample); set use_flow_sigmas=True"
         )
     if (name.startswith("EDM") and name not in _EDM_CLASSES) or name in (
         "ScoreSdeVeScheduler",
@@ -361,6 +388,8 @@ def _translate(cfg: dict, kwargs: dict):
     # network's input); the state stays VP.
     grid_source = name in _MULTISTEP and reproduced and any(cfg.get(k) for k in _SOURCE_GRIDS)
     sigma_source = sigma_source or grid_source
+    # A flow config's source always makes the levels ς (any sampler runs on them).
+    sigma_source = sigma_source or flow
     if sigma_source:
         out["source_config"] = {
             k: (v.tolist() if hasattr(v, "tolist") else v) for k, v in cfg.items() if not k.startswith("_")
@@ -435,7 +464,9 @@ def _translate(cfg: dict, kwargs: dict):
             )
         if cfg.get("predict_x0") is False:
             raise _refused(cfg, "predict_x0", "qtaylor's UniPC predicts x0", "keep the pipeline's own scheduler")
-    if sigma_source and explicit and name not in _EDM_CLASSES:
+    if name in _FLOW_CLASSES:
+        out["prediction_type"] = "flow_prediction"
+    if sigma_source and explicit and name not in _EDM_CLASSES and not flow:
         kwargs = {k: v for k, v in kwargs.items() if k != "sampler"}
         out.pop("sampler", None)
         explicit = False
@@ -504,7 +535,10 @@ class QTaylorScheduler(SchedulerMixin, ConfigMixin):
 
     # The classes whose config it takes: the VP ones and EDM's two (from_config refuses the
     # flow-matching ones).
-    _compatibles = [e.name for e in KarrasDiffusionSchedulers] + ["EDMDPMSolverMultistepScheduler"]
+    _compatibles = [e.name for e in KarrasDiffusionSchedulers] + [
+        "EDMDPMSolverMultistepScheduler",
+        "FlowMatchEulerDiscreteScheduler",
+    ]
     order = 1
 
     @register_to_config
@@ -545,16 +579,59 @@ class QTaylorScheduler(SchedulerMixin, ConfigMixin):
         use_exponential_sigmas: bool = False,
         use_beta_sigmas: bool = False,
         use_lu_lambdas: bool = False,
+        shift: float = 1.0,
+        use_dynamic_shifting: bool = False,
+        base_shift: Optional[float] = 0.5,
+        max_shift: Optional[float] = 1.15,
+        base_image_seq_len: int = 256,
+        max_image_seq_len: int = 4096,
+        time_shift_type: str = "exponential",
+        shift_terminal: Optional[float] = None,
+        invert_sigmas: bool = False,
+        stochastic_sampling: bool = False,
+        use_flow_sigmas: bool = False,
+        flow_shift: float = 1.0,
     ):
         for key, what in _UNSUPPORTED.items():
             if locals()[key]:
                 raise ValueError(
                     f"QTaylorScheduler: config key '{key}' = True ({what}) is not supported; set it to False"
                 )
-        if prediction_type not in ("epsilon", "sample", "v_prediction"):
+        if prediction_type not in ("epsilon", "sample", "v_prediction", "flow_prediction"):
             raise ValueError(
-                f"prediction_type '{prediction_type}' is not supported; expected one of: epsilon, sample, v_prediction"
+                f"prediction_type '{prediction_type}' is not supported; expected one of: epsilon, sample, "
+                "v_prediction, flow_prediction"
             )
+        for key, value in (("shift", shift), ("flow_shift", flow_shift)):
+            if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+                raise ValueError(f"QTaylorScheduler: config key '{key}' = {value!r}: the flow time shift must be a positive number")
+        if time_shift_type not in ("exponential", "linear"):
+            raise ValueError(
+                f"QTaylorScheduler: config key 'time_shift_type' = {time_shift_type!r}; expected exponential or linear"
+            )
+        flow = prediction_type == "flow_prediction" or use_flow_sigmas
+        if use_flow_sigmas and prediction_type != "flow_prediction":
+            raise ValueError(
+                f"QTaylorScheduler: config key 'use_flow_sigmas' = True with 'prediction_type' = {prediction_type!r}: "
+                "qtaylor samples flow models that predict the velocity; set prediction_type='flow_prediction'"
+            )
+        if not flow:
+            for key, value, neutral in (
+                ("shift", shift, 1.0),
+                ("use_dynamic_shifting", use_dynamic_shifting, False),
+                ("base_shift", base_shift, 0.5),
+                ("max_shift", max_shift, 1.15),
+                ("base_image_seq_len", base_image_seq_len, 256),
+                ("max_image_seq_len", max_image_seq_len, 4096),
+                ("time_shift_type", time_shift_type, "exponential"),
+                ("shift_terminal", shift_terminal, None),
+                ("flow_shift", flow_shift, 1.0),
+            ):
+                if value != neutral:
+                    raise ValueError(
+                        f"QTaylorScheduler: config key '{key}' = {value!r} applies to flow configs "
+                        f"(prediction_type='flow_prediction'); set it to {neutral!r}"
+                    )
         if timestep_spacing not in ("leading", "trailing", "linspace"):
             raise ValueError(
                 f"timestep_spacing '{timestep_spacing}' is not supported; expected one of: leading, trailing, linspace"
@@ -617,10 +694,34 @@ class QTaylorScheduler(SchedulerMixin, ConfigMixin):
         self._source_sigmas: Optional[torch.Tensor] = None
         self._edm = False
         self._scaled_state = False
+        self._flow = flow
+        if flow and source_config is None:
+            # Built directly (not from a source config): FlowMatchEulerDiscreteScheduler of these
+            # keys makes the levels, exactly as diffusers would.
+            if use_flow_sigmas:
+                raise ValueError(
+                    "QTaylorScheduler: use_flow_sigmas=True is a DPMSolverMultistepScheduler / UniPCMultistepScheduler "
+                    "key; build with QTaylorScheduler.from_config(that_scheduler.config) instead"
+                )
+            source_config = dict(
+                _class_name="FlowMatchEulerDiscreteScheduler",
+                num_train_timesteps=num_train_timesteps,
+                shift=shift,
+                use_dynamic_shifting=use_dynamic_shifting,
+                base_shift=base_shift,
+                max_shift=max_shift,
+                base_image_seq_len=base_image_seq_len,
+                max_image_seq_len=max_image_seq_len,
+                time_shift_type=time_shift_type,
+                shift_terminal=shift_terminal,
+                use_karras_sigmas=use_karras_sigmas,
+            )
         if source_config is not None:
             source_config = dict(source_config)
             name = source_config.pop("_class_name", reproduces)
-            if name not in _SIGMA_CLASSES + _EDM_CLASSES + _MULTISTEP:
+            if flow and name not in _FLOW_CLASSES + ("DPMSolverMultistepScheduler", "UniPCMultistepScheduler"):
+                raise ValueError(f"source_config of {name!r} is not a flow scheduler's; prediction_type='flow_prediction' needs one")
+            if not flow and name not in _SIGMA_CLASSES + _EDM_CLASSES + _MULTISTEP:
                 raise ValueError(
                     f"source_config is given for the class {name!r}; it applies to the σ-space, EDM and "
                     f"multistep classes {', '.join(_SIGMA_CLASSES + _EDM_CLASSES + _MULTISTEP)} only"
@@ -629,8 +730,11 @@ class QTaylorScheduler(SchedulerMixin, ConfigMixin):
             # preconditioning (never its step).
             self._source = getattr(diffusers, name)(**source_config)
             self._edm = name in _EDM_CLASSES
-            # the source's state is x/α (σ-space and EDM classes) or the VP state (multistep)
-            self._scaled_state = name not in _MULTISTEP
+            # the source's state is x/α (σ-space and EDM classes), the flow state, or the VP
+            # state (multistep)
+            self._scaled_state = flow or name not in _MULTISTEP
+            if flow:
+                self._schedule = self._flow_schedule()
             if self._edm:
                 # Headroom over sigma_max: the source's float32 top level may round above it.
                 self._schedule = _core.Schedule.ve(sigma_max=float(self._source.config.sigma_max) * (1 + 1e-6))
@@ -643,8 +747,9 @@ class QTaylorScheduler(SchedulerMixin, ConfigMixin):
         self._clip = float(clip_sample_range) if clip_sample and not thresholding else None
         if self._clip is not None and not (self._clip > 0 and math.isfinite(self._clip)):
             raise ValueError(f"clip_sample_range {clip_sample_range}: expected a positive number")
-        # VP state: the start is N(0, I). A σ-space source's state is x/α, started as it does.
-        self.init_noise_sigma = 1.0 if self._source is None else float(self._source.init_noise_sigma)
+        # VP state: the start is N(0, I). A σ-space source's state is x/α, started as it does;
+        # a flow state starts at pure noise ε.
+        self.init_noise_sigma = 1.0 if self._source is None else float(getattr(self._source, "init_noise_sigma", 1.0))
         self.num_inference_steps: Optional[int] = None
         self.timesteps = torch.from_numpy(
             np.arange(0, num_train_timesteps)[::-1].copy().astype(np.int64)
@@ -655,6 +760,21 @@ class QTaylorScheduler(SchedulerMixin, ConfigMixin):
         self._begin_index: Optional[int] = None
         self._ops = _FedOps()
         self._ops.noise_dtype = None if self._edm else _NOISE_DTYPE.get(self._spec.name)
+
+    def _flow_schedule(self, mu: Optional[float] = None) -> "_core.Schedule":
+        """Schedule.flow of this config: the source's static shift (FlowMatch's ``shift``,
+        DPM-Solver's and UniPC's ``flow_shift``), or diffusers' dynamic ``mu`` with
+        ``time_shift_type``. The levels ς come from the source; the shift decides the time t
+        they sit at (the variable qt-K expands in)."""
+        cfg = self._source.config
+        if mu is not None:
+            kind = cfg.get("time_shift_type", "exponential")
+            self._flow_shift = (None, float(mu), kind)
+        else:
+            key = "shift" if type(self._source).__name__ in _FLOW_CLASSES else "flow_shift"
+            self._flow_shift = (float(cfg.get(key, 1.0)), None, "exponential")
+        shift, m, kind = self._flow_shift
+        return _core.Schedule.flow(shift=shift, mu=m, time_shift_type=kind)
 
     # -- from another scheduler's config --------------------------------------------------
     @classmethod
@@ -697,6 +817,7 @@ class QTaylorScheduler(SchedulerMixin, ConfigMixin):
             "init_noise_sigma": self.init_noise_sigma,
             "source_sigmas": None if self._source_sigmas is None else self._source_sigmas.tolist(),
             "spec_lowered": self._spec is not self._base_spec,
+            "flow_shift": getattr(self, "_flow_shift", None),
         }
 
     def __setstate__(self, state):
@@ -704,6 +825,10 @@ class QTaylorScheduler(SchedulerMixin, ConfigMixin):
         self.__init__(**{k: v for k, v in cfg.items() if not k.startswith("_")})
         # diffusers' bookkeeping keys (_class_name, _use_default_values, ...) as they were.
         self.register_to_config(**{k: v for k, v in cfg.items() if k.startswith("_")})
+        if state.get("flow_shift") is not None and self._flow:
+            shift, mu, kind = state["flow_shift"]
+            self._flow_shift = (shift, mu, kind)
+            self._schedule = _core.Schedule.flow(shift=shift, mu=mu, time_shift_type=kind)
         if state["times"] is not None:
             if state.get("spec_lowered"):
                 self._spec = _core.SamplerSpec(self._spec.name, **dict(self._spec_options, lower_order_final=False))
@@ -742,6 +867,11 @@ class QTaylorScheduler(SchedulerMixin, ConfigMixin):
         return self._begin_index
 
     def _no_table(self, what: str):
+        if self._flow:
+            raise AttributeError(
+                f"'{what}': this scheduler samples a rectified-flow model ((1 - ς) x0 + ς ε), whose path has "
+                "no beta table; its levels are `sigmas` (ς)"
+            )
         if self._edm:
             raise AttributeError(
                 f"'{what}': this scheduler reproduces {type(self._source).__name__}, whose variance-exploding path "
@@ -785,7 +915,7 @@ class QTaylorScheduler(SchedulerMixin, ConfigMixin):
     def scale_model_input(self, sample: torch.Tensor, timestep=None) -> torch.Tensor:
         """The network's input: the state itself (VP), or for a σ-space source the state
         x/α times α = 1/√(σ² + 1) at this call, as the source class scales it."""
-        if self._source is None or not self._scaled_state:
+        if self._source is None or not self._scaled_state or self._flow:
             return sample
         k = self._call_index(timestep)
         if self._edm:
@@ -816,8 +946,9 @@ class QTaylorScheduler(SchedulerMixin, ConfigMixin):
         return float(self._schedule.sigma(float(t)) / self._schedule.alpha(float(t)))
 
     def _alpha_at_call(self, k: int) -> float:
-        """α at network call k (α at the grid's end past the last call): the factor between a
-        σ-space source's state x/α and the VP state (from the core, once per grid)."""
+        """The factor from the source's state to the VP state at network call k (at the grid's
+        end past the last call): α for a σ-space source's x/α, 1/state_scale for the flow
+        state (from the core, once per grid)."""
         return self._call_alphas[min(k, len(self._call_alphas) - 1)]
 
     # -- grids --------------------------------------------------------------------------
@@ -827,18 +958,34 @@ class QTaylorScheduler(SchedulerMixin, ConfigMixin):
         device: Union[str, torch.device, None] = None,
         timesteps: Optional[List[int]] = None,
         sigmas: Optional[List[float]] = None,
+        mu: Optional[float] = None,
     ):
         """Sets the grid: ``num_inference_steps`` with the config's spacing, or explicit
         descending ``timesteps`` (fractional ones are fractional steps of the table, linear
         in log σ as diffusers' ``_sigma_to_t``), or diffusers ``sigmas`` (σ/α, descending;
         a final 0 ends at x̂0), and records the sampler's program on it. A tuned grid file
         (``qtaylor tune``) goes in through either:
-        ``set_timesteps(sigmas=qtaylor.read_grid_file(path, scheduler.schedule)["sigmas"])``."""
+        ``set_timesteps(sigmas=qtaylor.read_grid_file(path, scheduler.schedule)["sigmas"])``.
+
+        Flow configs (SD3, Flux) take the arguments of FlowMatchEulerDiscreteScheduler, as
+        ``retrieve_timesteps`` passes them: ``sigmas`` (ς, unshifted; Flux passes
+        ``linspace(1, 1/N, N)``) shifted by ``shift`` or by ``mu`` (required with
+        ``use_dynamic_shifting``), float ``timesteps = ς·1000``, and a terminal 0. The levels
+        are exactly diffusers': its default grid, ``linspace`` from ``σ_max`` to the stored
+        ``σ_min``, shifts σ_min a second time (diffusers #13243: the last level lands at
+        ``shift(shift(1/T))``, 0.009 for shift 3, and its network call does little), and
+        qtaylor keeps that for parity; pass ``sigmas`` (as Flux does) for a grid shifted
+        once."""
         given = [n for n, v in (("timesteps", timesteps), ("sigmas", sigmas)) if v is not None]
-        if len(given) > 1:
+        if len(given) > 1 and not self._flow:
             raise ValueError("give only one of timesteps= and sigmas=")
+        if mu is not None and not self._flow:
+            raise ValueError(
+                f"set_timesteps(mu={mu}): mu is the dynamic shift of flow configs (prediction_type="
+                "'flow_prediction'); this config is a VP one"
+            )
         if self._source is not None:
-            self._set_source_timesteps(num_inference_steps, device, timesteps, sigmas)
+            self._set_source_timesteps(num_inference_steps, device, timesteps, sigmas, mu)
             return
         final = "zero" if self.config.final_sigmas_type == "zero" else "last"
         # With final_sigmas_type "sigma_min" a grid that already ends at timestep 0 keeps that
@@ -900,7 +1047,7 @@ class QTaylorScheduler(SchedulerMixin, ConfigMixin):
         self._install(times, device, tail)
         self.num_inference_steps = len(times) - 1 + int(tail)
 
-    def _set_source_timesteps(self, num_inference_steps, device, timesteps, sigmas):
+    def _set_source_timesteps(self, num_inference_steps, device, timesteps, sigmas, mu=None):
         """The σ-space source's own grid: its sigmas (the levels the sampler steps through)
         and its timesteps (the network's time at each call), from the source class's
         set_timesteps with the same arguments."""
@@ -908,7 +1055,7 @@ class QTaylorScheduler(SchedulerMixin, ConfigMixin):
         name = type(src).__name__
         params = inspect.signature(src.set_timesteps).parameters
         kw = {}
-        for key, value in (("timesteps", timesteps), ("sigmas", sigmas)):
+        for key, value in (("timesteps", timesteps), ("sigmas", sigmas), ("mu", mu)):
             if value is not None:
                 if key not in params:
                     raise ValueError(
@@ -923,7 +1070,19 @@ class QTaylorScheduler(SchedulerMixin, ConfigMixin):
             or num_inference_steps < 1
         ):
             raise ValueError(f"num_inference_steps={num_inference_steps!r}: expected a positive integer")
+        if self._flow:
+            if sigmas is not None:
+                bad = [float(v) for v in np.asarray(sigmas, dtype=np.float64).reshape(-1) if not 0.0 < float(v) <= 1.0]
+                if bad:
+                    raise ValueError(
+                        f"set_timesteps(sigmas=...): flow sigma {bad[0]} is outside (0, 1] (x = (1 - σ) x0 + σ ε; "
+                        "1 is pure noise, and the terminal 0 is appended)"
+                    )
+            if mu is not None and not math.isfinite(float(mu)):
+                raise ValueError(f"set_timesteps(mu={mu}): expected a finite number")
         src.set_timesteps(num_inference_steps=num_inference_steps, device="cpu", **kw)
+        if self._flow:
+            self._schedule = self._flow_schedule(mu if self._source.config.get("use_dynamic_shifting") else None)
         self._source_sigmas = src.sigmas.detach().cpu().clone()
         raw = src.sigmas.detach().cpu().to(torch.float64).tolist()
         # Consecutive levels equal to float32 rounding are one level (EDM DPM-Solver's
@@ -985,9 +1144,27 @@ class QTaylorScheduler(SchedulerMixin, ConfigMixin):
                     stacklevel=3,
                 )
                 levels = levels[: len(labels) + 1]
-        times = _core.grid_times(self._schedule, sigmas=levels).tolist()
+        if self._flow:
+            if not all(0.0 <= v <= 1.0 for v in levels):
+                key = next((k for k in _SOURCE_GRIDS if src.config.get(k)), None)
+                if key is not None:
+                    raise ValueError(
+                        f"{name}'s config key '{key}' = True with use_flow_sigmas gives levels up to {max(levels):.4g}: "
+                        f"diffusers makes VP σ/α levels there and steps them as flow levels (α = 1 − σ < 0); set {key}=False"
+                    )
+                raise ValueError(f"{name} gives flow levels outside [0, 1] ({max(levels):.4g}); nothing to reproduce")
+            # ς levels; FlowMatch's network times are ς·1000 in float32 at every call (so a
+            # sampler with several calls per step runs too), unless timesteps= were given or
+            # its num_train_timesteps is not 1000 (then the source's own ς·T, one call per level)
+            times = _core.grid_times(
+                self._schedule, times=[float(v) for v in self._schedule.time_of_level(np.array(levels))]
+            ).tolist()
+            if name in _FLOW_CLASSES and timesteps is None and src.config.num_train_timesteps == 1000:
+                labels = None
+        else:
+            times = _core.grid_times(self._schedule, sigmas=levels).tolist()
         self._install(times, device, tail=idle, labels=labels, label_dtype=src.timesteps.dtype)
-        self.init_noise_sigma = float(src.init_noise_sigma)
+        self.init_noise_sigma = float(getattr(src, "init_noise_sigma", 1.0))
         self.num_inference_steps = len(times) - 1 + idle
 
     def set_grid_file(self, path, device: Union[str, torch.device, None] = None):
@@ -1066,6 +1243,8 @@ class QTaylorScheduler(SchedulerMixin, ConfigMixin):
                     "reproduced: choose another number of steps"
                 )
             ts = torch.tensor(labels, dtype=label_dtype)
+        elif self._flow:
+            ts = torch.tensor(model_times, dtype=torch.float32)  # ς·1000, as FlowMatch's timesteps
         elif all(abs(v - round(v)) < 1e-9 for v in model_times):
             ts = torch.tensor([int(round(v)) for v in model_times], dtype=torch.int64)
         else:
@@ -1080,7 +1259,13 @@ class QTaylorScheduler(SchedulerMixin, ConfigMixin):
         self._call_times = program.call_times
         self._call_steps = program.call_steps
         # α at each call and at the grid's end; the timestep each call expects, as floats
-        self._call_alphas = [float(a) for a in self._schedule.alpha(np.array(list(self._call_times) + [times[-1]]))]
+        points = np.array(list(self._call_times) + [times[-1]])
+        if self._flow:
+            # the flow state is the VP state times state_scale
+            factors = 1.0 / np.asarray(self._schedule.state_scale(points))
+        else:
+            factors = np.asarray(self._schedule.alpha(points))
+        self._call_alphas = [float(a) for a in factors]
         self._label_values = [float(v) for v in self.timesteps.tolist()]
         self.order = self._calls_per_step(program)
 
@@ -1276,18 +1461,31 @@ class QTaylorScheduler(SchedulerMixin, ConfigMixin):
                     raise ValueError(f"add_noise: timestep {v} is not one of this grid's timesteps {self._label_values}")
                 t.append(self._call_times[calls[0]])
             t = np.array(t, dtype=np.float64)
-            a, s = np.atleast_1d(self._schedule.alpha(t)), np.atleast_1d(self._schedule.sigma(t))
-            if self._scaled_state:  # the σ-space state x0 + (σ/α) ε
-                a, s = np.ones_like(a), s / a
         else:
-            t = self._schedule.time_of_model_time(steps)
-            a = np.atleast_1d(self._schedule.alpha(t))
-            s = np.atleast_1d(self._schedule.sigma(t))
-            if self._source is not None and self._scaled_state:  # the σ-space state x0 + (σ/α) ε
-                a, s = np.ones_like(a), s / a
+            t = np.atleast_1d(self._schedule.time_of_model_time(steps))
+        a, s = np.atleast_1d(self._schedule.alpha(t)), np.atleast_1d(self._schedule.sigma(t))
+        if self._flow:  # the flow state (1 − ς) x0 + ς ε: the VP coefficients times state_scale
+            c = np.atleast_1d(self._schedule.state_scale(t))
+            a, s = c * a, c * s
+        elif self._source is not None and self._scaled_state:  # the σ-space state x0 + (σ/α) ε
+            a, s = np.ones_like(a), s / a
         work = work_dtype(original_samples.dtype)
         shape = (-1,) + (1,) * (original_samples.dim() - 1)
         at = torch.tensor(a, dtype=work, device=original_samples.device).view(shape)
         st = torch.tensor(s, dtype=work, device=original_samples.device).view(shape)
         out = at * original_samples.to(work) + st * noise.to(device=original_samples.device, dtype=work)
         return out.to(original_samples.dtype)
+
+    def scale_noise(
+        self,
+        sample: torch.Tensor,
+        timestep: Union[float, torch.Tensor],
+        noise: Optional[torch.Tensor] = None,
+    ) -> torch.Tensor:
+        """FlowMatchEulerDiscreteScheduler's forward process, which the flow img2img pipelines
+        call: ``ς noise + (1 − ς) sample`` at the level of ``timestep`` (one per row, or one).
+        On a VP config it is :meth:`add_noise`."""
+        if noise is None:
+            raise ValueError("scale_noise: noise is required (a tensor shaped like sample)")
+        tv = timestep if isinstance(timestep, torch.Tensor) else torch.tensor([float(timestep)])
+        return self.add_noise(sample, noise, tv.reshape(-1))

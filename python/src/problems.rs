@@ -76,6 +76,13 @@ impl ExactProblem {
         self.problem.item_shape()
     }
 
+    /// What [`ExactProblem::predict`] returns: epsilon, or flow_prediction (the velocity
+    /// ε̂ − x̂0) on schedules that reach pure noise (rectified flow).
+    #[getter]
+    pub(crate) fn prediction_type(&self) -> String {
+        self.problem.model().parameterization().to_string()
+    }
+
     /// The exact ε̂ at states `x` (float64, shape (B, *item)) and schedule times `t` (one
     /// per row, or one).
     pub(crate) fn eps<'py>(
@@ -83,6 +90,29 @@ impl ExactProblem {
         py: Python<'py>,
         x: PyReadonlyArrayDyn<'py, f64>,
         t: Vec<f64>,
+    ) -> PyResult<Bound<'py, PyArrayDyn<f64>>> {
+        self.evaluate(py, x, t, false)
+    }
+
+    /// The problem model's own prediction ([`ExactProblem::prediction_type`]) at VP states
+    /// `x` and schedule times `t`, as the command line's model computes it.
+    pub(crate) fn predict<'py>(
+        &self,
+        py: Python<'py>,
+        x: PyReadonlyArrayDyn<'py, f64>,
+        t: Vec<f64>,
+    ) -> PyResult<Bound<'py, PyArrayDyn<f64>>> {
+        self.evaluate(py, x, t, true)
+    }
+}
+
+impl ExactProblem {
+    fn evaluate<'py>(
+        &self,
+        py: Python<'py>,
+        x: PyReadonlyArrayDyn<'py, f64>,
+        t: Vec<f64>,
+        raw: bool,
     ) -> PyResult<Bound<'py, PyArrayDyn<f64>>> {
         guard(|| {
             let shape = x.as_array().shape().to_vec();
@@ -109,6 +139,9 @@ impl ExactProblem {
             let out = model
                 .predict(&xt, &t)
                 .and_then(|p| {
+                    if raw {
+                        return Ok(p.flatten_all()?.to_vec1::<f64>()?);
+                    }
                     qtaylor::models::model::to_eps_x0(
                         model.parameterization(),
                         &p,
@@ -116,8 +149,8 @@ impl ExactProblem {
                         &t,
                         self.schedule.inner.as_ref(),
                     )
+                    .and_then(|d| Ok(d.eps.flatten_all()?.to_vec1::<f64>()?))
                 })
-                .and_then(|d| Ok(d.eps.flatten_all()?.to_vec1::<f64>()?))
                 .map_err(|e| PyRuntimeError::new_err(format!("{e:#}")))?;
             let arr = numpy::ndarray::ArrayD::from_shape_vec(shape, out)
                 .map_err(|e| PyRuntimeError::new_err(format!("{e}")))?;

@@ -77,6 +77,13 @@ impl SamplerSpec {
         self.sampler.is_adaptive()
     }
 
+    /// True if the sampler can start at pure noise (α = 0: rectified flow's ς = 1, where
+    /// diffusers' flow pipelines start); the others refuse such a grid.
+    #[getter]
+    pub(crate) fn starts_at_pure_noise(&self) -> bool {
+        self.sampler.starts_at_pure_noise()
+    }
+
     /// True when the sampler draws fresh noise during sampling.
     #[getter]
     pub(crate) fn is_stochastic(&self) -> bool {

@@ -133,11 +133,11 @@ def test_timesteps_that_do_not_decrease_are_rejected():
 @pytest.mark.parametrize("route", ["scheduler", "torch", "program"])
 def test_unsupported_prediction_type_names_it_and_the_choices(route, model, x0, vp):
     fn = {
-        "scheduler": lambda: scheduler(prediction_type="flow"),
-        "torch": lambda: qt.sample(model, x0, "qt-3", 5, schedule=vp, prediction_type="flow"),
-        "program": lambda: _core.Program(vp, qtaylor.SamplerSpec("qt-3"), [1.0, 0.5, 0.1], prediction_type="flow"),
+        "scheduler": lambda: scheduler(prediction_type="score"),
+        "torch": lambda: qt.sample(model, x0, "qt-3", 5, schedule=vp, prediction_type="score"),
+        "program": lambda: _core.Program(vp, qtaylor.SamplerSpec("qt-3"), [1.0, 0.5, 0.1], prediction_type="score"),
     }[route]
-    raises_value_error(fn, "'flow'", "epsilon", "sample", "v_prediction")
+    raises_value_error(fn, "'score'", "epsilon", "sample", "v_prediction", "flow_prediction")
 
 
 @pytest.mark.parametrize("route", ["torch", "grid"])

@@ -8,8 +8,8 @@ sampling loop equals the source scheduler's own on the exact-score Gaussian mode
 ``test_diffusers_parity`` to 1e-5 relative, the same generator for the stochastic ones, and
 the network calls (``timesteps``) are the same; likewise the σ-space classes (Euler, Heun,
 LMS, KDPM2 and their ancestral forms) and EDM's two schedulers on their own grids. Then the
-refusals: a flow-matching or other VE
-config, a source key that would change the run, a class whose algorithm qtaylor does not
+refusals: a σ-only (VE) config that is not EDM's, a flow config on VP betas or with a flow
+algorithm that is not reproduced (flow matching itself: ``test_flow.py``), a source key that would change the run, a class whose algorithm qtaylor does not
 reproduce; each names what it refuses.
 """
 
@@ -181,8 +181,8 @@ class _nothing:
 @pytest.mark.parametrize(
     "cls,kw,says",
     [
-        (FlowMatchEulerDiscreteScheduler, dict(shift=3.0), "flow-matching"),
-        (DPMSolverMultistepScheduler, dict(use_flow_sigmas=True, prediction_type="flow_prediction"), "flow-matching"),
+        (DEISMultistepScheduler, dict(use_flow_sigmas=True, prediction_type="flow_prediction"), "'use_flow_sigmas' = True"),
+        (DPMSolverMultistepScheduler, dict(prediction_type="flow_prediction"), "'prediction_type' = 'flow_prediction'"),
         (ScoreSdeVeScheduler, dict(), "σ-only"),
         (DDIMScheduler, dict(thresholding=True), "'thresholding' = True"),
         (DDIMScheduler, dict(rescale_betas_zero_snr=True), "'rescale_betas_zero_snr' = True"),
@@ -555,9 +555,10 @@ def test_an_explicit_sampler_runs_on_any_vp_config_and_says_what_it_replaces():
     # A source whose own algorithm is refused still runs a sampler the user chose.
     with pytest.warns(UserWarning, match="in place of DPMSolverMultistepScheduler"):
         QTaylorScheduler.from_config(DPMSolverMultistepScheduler(solver_type="heun").config, sampler="dpmpp-2m")
-    # Flow matching stays refused even with a sampler: the VP schedule would be wrong.
-    with pytest.raises(ValueError, match="flow-matching"):
-        QTaylorScheduler.from_config(FlowMatchEulerDiscreteScheduler().config, sampler="ddim")
+    # On a flow config the sampler runs on the flow path (test_flow.py), with the same warning.
+    with pytest.warns(UserWarning, match="in place of FlowMatchEulerDiscreteScheduler"):
+        ours = QTaylorScheduler.from_config(FlowMatchEulerDiscreteScheduler().config, sampler="qt-3")
+    assert ours.config.prediction_type == "flow_prediction" and ours.schedule.name.startswith("flow")
 
 
 def test_euler_names_which_euler_it_is():

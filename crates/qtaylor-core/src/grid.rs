@@ -313,9 +313,9 @@ pub fn validate_timesteps(ts: &[i64], train_steps: usize) -> Result<Vec<usize>> 
 /// λ = −ln σ) above the float64 table's edge. Four roundings are allowed.
 pub const SIGMA_EDGE_TOLERANCE: f64 = 4.0 / (1u64 << 24) as f64;
 
-/// Times of a descending list of diffusers sigmas (σ/α): λ = −ln σ, σ = 0 → t = 0 (only
-/// as the last entry); a σ within [`SIGMA_EDGE_TOLERANCE`] above the schedule's largest is
-/// its end.
+/// Times of a descending list of diffusers sigmas (σ/α; on rectified flow ς) through
+/// [`Schedule::time_of_level`] (λ = −ln σ), σ = 0 → t = 0 (only as the last entry); a σ
+/// within [`SIGMA_EDGE_TOLERANCE`] above the schedule's largest is its end.
 pub fn times_of_sigmas(schedule: &dyn Schedule, sigmas: &[f64]) -> Result<Vec<f64>> {
     let n = sigmas.len();
     let edge = schedule.lambda(schedule.t_end());
@@ -349,7 +349,7 @@ pub fn times_of_sigmas(schedule: &dyn Schedule, sigmas: &[f64]) -> Result<Vec<f6
                 return Ok(schedule.t_end());
             }
             schedule
-                .t_of_lambda(lambda)
+                .time_of_level(s)
                 .map_err(|e| option_error!(keys::SIGMAS, format!(": entry {i} ({s}): {e}")).into())
         })
         .collect()

@@ -183,7 +183,8 @@ impl Program {
         match op {
             Op::Model { x, .. } => vec![*x],
             Op::Lincomb { terms, .. } => terms.iter().map(|t| t.1).collect(),
-            Op::Noise { .. } => vec![],
+            // the draw is shaped like `like`: the replay reads it
+            Op::Noise { like, .. } => vec![*like],
             Op::Clamp { x, .. } | Op::Threshold { x, .. } => vec![*x],
             Op::Begin { x, .. } => vec![*x],
         }
