@@ -388,3 +388,50 @@ def test_every_key_of_a_flow_class_is_honoured_or_refused(cls, base, key, value)
         pytest.skip(f"{cls.__name__} with {key}={value!r} gives NaN itself")
     b = run(ours, 10, start(), generator=gen(), **kw)
     assert rel(b, a) <= REL_TOL, f"{key}={value!r} was taken but not reproduced: {rel(b, a):.2e}"
+
+
+def test_the_command_line_loads_a_flow_checkpoint_as_diffusers_does(qtaylor_bin, tmp_path):
+    """A folder whose scheduler_config.json is a FlowMatchEulerDiscreteScheduler config is a
+    flow model on the command line: ``qtaylor sample --model`` with ``ddim`` on diffusers'
+    sigmas ends where diffusers' own Euler loop with the same UNet ends."""
+    torch.manual_seed(0)
+    unet = diffusers.UNet2DModel(
+        sample_size=8, in_channels=1, out_channels=1, layers_per_block=1, block_out_channels=(8, 16),
+        norm_num_groups=4, down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"),
+    )
+    unet.save_pretrained(tmp_path / "ck" / "unet")
+    src = diffusers.FlowMatchEulerDiscreteScheduler(shift=3.0)
+    src.save_pretrained(tmp_path / "ck" / "scheduler")
+    src.set_timesteps(6)
+    rows, seed = 3, 2
+    draw, _ = qtaylor.torch.stream_noise(seed, rows)
+    x = draw([1, 8, 8]).float()
+    with torch.no_grad():
+        for t in src.timesteps:
+            x = src.step(unet(x, t).sample, t, x).prev_sample
+    out = tmp_path / "x.npy"
+    cmd = [str(qtaylor_bin), "sample", "--model", str(tmp_path / "ck"), "--sampler", "ddim", "--seed", str(seed),
+           "--batch", str(rows), "--sigmas", ",".join(repr(float(v)) for v in src.sigmas.tolist()),
+           "--out", str(tmp_path / "x.png"), "--save-npy", str(out)]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    cli = torch.from_numpy(np.load(out)).float()
+    assert cli.shape == x.shape
+    assert rel(cli, x) <= 1e-4, rel(cli, x)  # float32 networks on both sides
+
+
+def test_the_command_line_refuses_flow_keys_it_does_not_take(qtaylor_bin, tmp_path):
+    torch.manual_seed(0)
+    unet = diffusers.UNet2DModel(
+        sample_size=8, in_channels=1, out_channels=1, layers_per_block=1, block_out_channels=(8, 16),
+        norm_num_groups=4, down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"),
+    )
+    unet.save_pretrained(tmp_path / "ck" / "unet")
+    for kw, key in [(dict(use_dynamic_shifting=True), "use_dynamic_shifting"), (dict(shift=-1.0), "shift"),
+                    (dict(use_karras_sigmas=True), "use_karras_sigmas")]:
+        diffusers.FlowMatchEulerDiscreteScheduler(**kw).save_pretrained(tmp_path / "ck" / "scheduler")
+        out = tmp_path / "never.png"
+        r = subprocess.run([str(qtaylor_bin), "sample", "--model", str(tmp_path / "ck"), "--sampler", "ddim",
+                            "--steps", "4", "--out", str(out)], capture_output=True, text=True, timeout=120)
+        assert r.returncode != 0 and f"'{key}'" in r.stderr and "panicked" not in r.stderr, r.stderr
+        assert not out.exists()

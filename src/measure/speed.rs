@@ -9,7 +9,6 @@ use candle_core::{DType, Device};
 
 use crate::bail_option;
 use crate::gpu::profile::device_report;
-use crate::grid::TimeGrid;
 use crate::keys;
 use crate::models::checkpoint::DiffusersModel;
 use crate::sampling::samplers::{self, Options, Sampler};
@@ -120,13 +119,7 @@ pub fn run(a: &SpeedSettings) -> Result<Vec<String>> {
     if a.sampler != "none" {
         let sampler: Sampler = a.sampler.parse()?;
         let opts = Options::default();
-        let grid = TimeGrid::Discrete {
-            spacing: m.scheduler.timestep_spacing.parse()?,
-            offset: m.scheduler.steps_offset,
-            timesteps: None,
-            train_steps: m.scheduler.num_train_timesteps,
-            last: crate::grid::Final::Zero,
-        };
+        let grid = m.default_grid()?;
         // The start noise is drawn before the clock starts (on the host: about 15 ms for
         // batch 256, as much as 6 % of a 10-step bf16 sample on an H200); the sampler gets
         // fresh streams for any noise it draws on the way. Returns the median time, the NFE

@@ -3,6 +3,10 @@
 //! pipeline), or the same files flat in one folder. Loads the UNet, maps the scheduler
 //! config onto a discrete schedule and a parameterization, and exposes the network as a
 //! [`Model`] on continuous time (the network gets the float timestep `n = t·T − 1`).
+//!
+//! A `FlowMatchEulerDiscreteScheduler` config is a rectified-flow model ([`Flow`] with its
+//! `shift`, the flow-velocity prediction): the network gets the flow state
+//! `(1 − ς) x0 + ς ε` (the VP state times [`Schedule::state_scale`]) at timestep `1000 ς`.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -13,7 +17,7 @@ use serde::Deserialize;
 
 use crate::models::model::{Model, Parameterization, to_eps_x0};
 use crate::models::unet::{UNet2D, UNet2DConfig, Weights};
-use crate::schedule::{Schedule, Tabulated, diffusers_alphas_cumprod, diffusers_betas};
+use crate::schedule::{Flow, Schedule, Tabulated, diffusers_alphas_cumprod, diffusers_betas};
 
 fn d_steps() -> usize {
     1000
@@ -43,6 +47,29 @@ fn d_leading() -> String {
 /// The fields of a diffusers `scheduler_config.json` that define the model's diffusion.
 #[derive(Clone, Debug, Deserialize)]
 pub struct SchedulerConfig {
+    /// The scheduler class (`DDPMScheduler`, …, `FlowMatchEulerDiscreteScheduler`).
+    #[serde(default, rename = "_class_name")]
+    pub class_name: Option<String>,
+    /// Flow: the static time shift (`FlowMatchEulerDiscreteScheduler`'s `shift`).
+    #[serde(default)]
+    pub shift: Option<f64>,
+    /// Flow keys qtaylor's checkpoint loader does not take (refused when set).
+    #[serde(default)]
+    pub use_dynamic_shifting: bool,
+    #[serde(default)]
+    pub invert_sigmas: bool,
+    #[serde(default)]
+    pub stochastic_sampling: bool,
+    #[serde(default)]
+    pub shift_terminal: Option<f64>,
+    #[serde(default)]
+    pub use_flow_sigmas: bool,
+    #[serde(default)]
+    pub use_karras_sigmas: bool,
+    #[serde(default)]
+    pub use_exponential_sigmas: bool,
+    #[serde(default)]
+    pub use_beta_sigmas: bool,
     #[serde(default = "d_steps")]
     pub num_train_timesteps: usize,
     #[serde(default = "d_start")]
@@ -72,8 +99,46 @@ pub struct SchedulerConfig {
 impl SchedulerConfig {
     /// Parses and checks a `scheduler_config.json`; `file` names it in errors.
     pub fn from_json(text: &str, file: &Path) -> Result<Self> {
-        let c: SchedulerConfig = serde_json::from_str(text)
+        let mut c: SchedulerConfig = serde_json::from_str(text)
             .with_context(|| format!("{}: malformed scheduler config", file.display()))?;
+        if c.is_flow() {
+            // FlowMatchEulerDiscreteScheduler has no prediction_type: its network predicts
+            // the velocity
+            c.prediction_type = "flow_prediction".into();
+            for (key, on) in [
+                ("use_dynamic_shifting", c.use_dynamic_shifting),
+                ("invert_sigmas", c.invert_sigmas),
+                ("stochastic_sampling", c.stochastic_sampling),
+                ("shift_terminal", c.shift_terminal.is_some_and(|v| v != 0.0)),
+                ("use_karras_sigmas", c.use_karras_sigmas),
+                ("use_exponential_sigmas", c.use_exponential_sigmas),
+                ("use_beta_sigmas", c.use_beta_sigmas),
+            ] {
+                if on {
+                    bail!(
+                        "{}: key '{key}' is set; qtaylor's command line samples flow checkpoints with a static shift and its own grids (--grid, --sigmas, a grid file) only (use the Python QTaylorScheduler, which takes diffusers' flow keys, or set it off)",
+                        file.display()
+                    );
+                }
+            }
+            let shift = c.shift.unwrap_or(1.0);
+            Flow::new(shift).with_context(|| format!("{}: key 'shift'", file.display()))?;
+        } else if c.use_flow_sigmas || c.prediction_type == "flow_prediction" {
+            bail!(
+                "{}: a flow config of {} (use_flow_sigmas / flow_prediction) is not loaded by the command line; save the model with a FlowMatchEulerDiscreteScheduler config",
+                file.display(),
+                c.class_name.as_deref().unwrap_or("an unnamed scheduler")
+            );
+        } else if let Some(name) = c
+            .class_name
+            .as_deref()
+            .filter(|n| n.starts_with("FlowMatch"))
+        {
+            bail!(
+                "{}: '_class_name' {name} is not loaded; qtaylor loads FlowMatchEulerDiscreteScheduler configs",
+                file.display()
+            );
+        }
         let bad = |key: &str, v: &str, want: &str| {
             anyhow::anyhow!(
                 "{}: key '{key}': '{v}' is not supported; expected {want}",
@@ -84,7 +149,7 @@ impl SchedulerConfig {
             bad(
                 "prediction_type",
                 &c.prediction_type,
-                "epsilon, sample or v_prediction",
+                "epsilon, sample, v_prediction or flow_prediction",
             )
         })?;
         if !matches!(
@@ -118,6 +183,27 @@ impl SchedulerConfig {
             );
         }
         Ok(c)
+    }
+
+    /// True for a rectified-flow model (`FlowMatchEulerDiscreteScheduler`).
+    pub fn is_flow(&self) -> bool {
+        self.class_name.as_deref() == Some("FlowMatchEulerDiscreteScheduler")
+    }
+
+    /// The model's schedule: [`Flow`] with the config's shift for a flow model, else the
+    /// discrete schedule ([`SchedulerConfig::schedule`]).
+    pub fn any_schedule(&self, file: &Path) -> Result<Arc<dyn Schedule>> {
+        if self.is_flow() {
+            if self.num_train_timesteps != 1000 {
+                bail!(
+                    "{}: key 'num_train_timesteps': {} (a flow model's network time is 1000 ς here; 1000 expected)",
+                    file.display(),
+                    self.num_train_timesteps
+                );
+            }
+            return Ok(Arc::new(Flow::new(self.shift.unwrap_or(1.0))?));
+        }
+        Ok(Arc::new(self.schedule(file)?))
     }
 
     /// The discrete schedule: `trained_betas` if given, else the named beta schedule, in
@@ -226,7 +312,7 @@ pub fn find_files(dir: &Path) -> Result<CheckpointFiles> {
 pub struct DiffusersModel {
     pub unet: UNet2D,
     pub scheduler: SchedulerConfig,
-    pub schedule: Arc<Tabulated>,
+    pub schedule: Arc<dyn Schedule>,
     pub parameterization: Parameterization,
     /// Clip x̂0 to ±range (the scheduler config's `clip_sample`).
     pub clip: Option<f64>,
@@ -322,7 +408,7 @@ impl DiffusersModel {
         Ok(DiffusersModel {
             parameterization: scheduler.prediction_type.parse()?,
             clip: scheduler.clip_sample.then_some(scheduler.clip_sample_range),
-            schedule: Arc::new(scheduler.schedule(&files.scheduler)?),
+            schedule: scheduler.any_schedule(&files.scheduler)?,
             parameters: weights.parameter_count(),
             scheduler,
             unet,
@@ -384,6 +470,16 @@ impl DiffusersModel {
     /// channels only for a learned-variance model; `labels` for a class-conditional network.
     pub fn network(&self, x: &Tensor, t: &[f64], labels: Option<&[u32]>) -> Result<Tensor> {
         let steps: Vec<f64> = t.iter().map(|&t| self.schedule.network_time(t)).collect();
+        // The model's own state (flow: the VP state times state_scale = 1/(α + σ)).
+        let scale: Vec<f64> = t.iter().map(|&t| self.schedule.state_scale(t)).collect();
+        let scaled;
+        let x = if scale.iter().all(|&c| c == 1.0) {
+            x
+        } else {
+            scaled =
+                crate::tensor::ops::lincomb_rows(&[(crate::tensor::ops::Coef::from(scale), x)])?;
+            &scaled
+        };
         let mut out = self.unet.forward_labels(x, &steps, labels)?;
         let c = self.unet.config.in_channels;
         if out.dim(1)? != c {
@@ -401,6 +497,39 @@ impl DiffusersModel {
                 let d = to_eps_x0(self.parameterization, &out, x, t, self.schedule.as_ref())?;
                 Ok(d.x0.clamp(-r, r)?)
             }
+        }
+    }
+}
+
+impl DiffusersModel {
+    /// The model's default grid, ending at σ = 0: its scheduler config's discrete spacing, or
+    /// for a flow model uniform in its unshifted time from pure noise to t = 1e-3, then 0
+    /// (diffusers' flow grid shifted once).
+    pub fn default_grid(&self) -> Result<crate::grid::TimeGrid> {
+        if self.scheduler.is_flow() {
+            return Ok(crate::grid::TimeGrid::Continuous {
+                grid: crate::grid::Grid::Uniform,
+                t_max: self.schedule.t_end(),
+                t_min: crate::config::DEFAULT_T_MIN,
+                to_zero: true,
+            });
+        }
+        Ok(crate::grid::TimeGrid::Discrete {
+            spacing: self.scheduler.timestep_spacing.parse()?,
+            offset: self.scheduler.steps_offset,
+            timesteps: None,
+            train_steps: self.scheduler.num_train_timesteps,
+            last: crate::grid::Final::Zero,
+        })
+    }
+
+    /// The last positive time of the model's grids: its first trained step (discrete), or
+    /// the flow default's `t_min`.
+    pub fn last_positive_time(&self) -> f64 {
+        if self.scheduler.is_flow() {
+            crate::config::DEFAULT_T_MIN
+        } else {
+            crate::grid::time_of_timestep(0.0, self.scheduler.num_train_timesteps)
         }
     }
 }

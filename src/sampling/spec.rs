@@ -206,14 +206,15 @@ impl RunSettings {
                 if self.no_clip {
                     m.clip = None;
                 }
-                let discrete = DiscreteDefaults {
+                // A flow model's grid is continuous (uniform in its unshifted time to ς = 0).
+                let discrete = (!m.scheduler.is_flow()).then(|| DiscreteDefaults {
                     spacing: m.scheduler.timestep_spacing.clone(),
                     offset: m.scheduler.steps_offset,
                     train_steps: m.scheduler.num_train_timesteps,
-                };
+                });
                 Ok(Sampled {
                     schedule: m.schedule.clone(),
-                    discrete: Some(discrete),
+                    discrete,
                     variance_type: Some(m.scheduler.variance_type.clone()),
                     loaded: Loaded::Checkpoint(Box::new(m)),
                 })

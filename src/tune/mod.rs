@@ -237,9 +237,13 @@ impl Share<'_> {
     }
 }
 
-/// `n` times uniform in λ from `hi` to `lo` (end points exact).
+/// `n` times uniform in λ from `hi` to `lo` (end points exact). From pure noise (λ(hi) =
+/// −∞, rectified flow's ς = 1) the inner times are uniform in λ from `hi − (hi − lo)/1000`.
 fn lambda_uniform(schedule: &dyn Schedule, hi: f64, lo: f64, n: usize) -> Result<Vec<f64>> {
-    let (l0, l1) = (schedule.lambda(hi), schedule.lambda(lo));
+    let (mut l0, l1) = (schedule.lambda(hi), schedule.lambda(lo));
+    if l0 == f64::NEG_INFINITY {
+        l0 = schedule.lambda(hi - (hi - lo) / 1000.0);
+    }
     let mut v = Vec::with_capacity(n + 1);
     for i in 0..=n {
         v.push(match i {
@@ -476,10 +480,15 @@ pub fn tune(
     let (times, refine_end, refine_evals) = if cfg.refine_sweeps == 0 || n_pos < 2 {
         (start_times, start_cost, 0)
     } else {
-        let lam: Vec<f64> = start_times[..n_pos]
+        let mut lam: Vec<f64> = start_times[..n_pos]
             .iter()
             .map(|&t| schedule.lambda(t))
             .collect();
+        if lam[0] == f64::NEG_INFINITY && lam.len() > 1 {
+            // pure noise (flow's ς = 1): the first time stays t_hi (`to_times`), its λ only
+            // has to lie below the others
+            lam[0] = lam[1].min(schedule.lambda(t_hi - (t_hi - t_lo) / 1000.0)) - 1.0;
+        }
         let to_times = |l: &[f64]| -> Result<Vec<f64>> {
             let mut ts = Vec::with_capacity(steps + 1);
             for (i, &v) in l.iter().enumerate() {

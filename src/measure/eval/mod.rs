@@ -43,7 +43,7 @@ use anyhow::{Context, Result, bail};
 use candle_core::{DType, Device, Tensor};
 use serde::{Deserialize, Serialize};
 
-use crate::grid::{Final, TimeGrid};
+use crate::grid::TimeGrid;
 use crate::io::idx::{ImageSet, Split, load_image_set};
 use crate::keys;
 use crate::measure::feature_metrics::precision_recall;
@@ -737,15 +737,8 @@ fn setup(o: &EvalOptions, device: &Device) -> Result<Setup> {
         guidance: o.guidance,
         rows: Vec::new(),
     };
-    let grid = TimeGrid::Discrete {
-        spacing: m.scheduler.timestep_spacing.parse()?,
-        offset: m.scheduler.steps_offset,
-        timesteps: None,
-        train_steps: m.scheduler.num_train_timesteps,
-        last: Final::Zero,
-    };
+    let grid = m.default_grid()?;
     // The grids of the fixed-budget rows.
-    let train_steps = m.scheduler.num_train_timesteps;
     let tuned: Vec<crate::sampling::gridfile::GridFile> =
         match (&o.grid_dir, o.grids.iter().any(|g| g == "tuned")) {
             (Some(dir), true) => {
@@ -800,7 +793,7 @@ fn setup(o: &EvalOptions, device: &Device) -> Result<Setup> {
             name => TimeGrid::Continuous {
                 grid: name.parse()?,
                 t_max: crate::schedule::Schedule::t_end(m.schedule.as_ref()),
-                t_min: crate::grid::time_of_timestep(0.0, train_steps),
+                t_min: m.last_positive_time(),
                 to_zero: true,
             },
         };
