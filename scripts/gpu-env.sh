@@ -14,4 +14,4 @@ fi
 PY=${PY:-/opt/torch/.venv/bin/python}
 [ -x "$PY" ] || PY=$(command -v python3)
 mkdir -p "$OUT"
-nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader || echo "no GPU visible (a CPU dry run)"

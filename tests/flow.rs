@@ -109,3 +109,51 @@ fn samplers_that_start_at_pure_noise_run_from_sigma_one_and_the_others_say_why_n
         }
     }
 }
+
+#[test]
+fn the_default_flow_grid_is_fluxs_uniform_to_zero_and_final_last_ends_at_t_min() {
+    use qtaylor::config::GridSettings;
+    let flow = Flow::new(3.0).unwrap();
+    let g = GridSettings {
+        steps: Some(4),
+        ..GridSettings::default()
+    };
+    let tg = g.time_grid(&flow, None).unwrap();
+    assert!(tg.ends_at_zero());
+    // linspace(1, 1/N, N), then 0: diffusers' Flux pipeline, shifted by the schedule
+    assert_eq!(
+        g.times(&flow, &tg).unwrap(),
+        vec![1.0, 0.75, 0.5, 0.25, 0.0]
+    );
+    let last = GridSettings {
+        steps: Some(4),
+        final_: Some("last".into()),
+        ..GridSettings::default()
+    };
+    let ts = last
+        .times(&flow, &last.time_grid(&flow, None).unwrap())
+        .unwrap();
+    assert_eq!((ts[0], ts[4], ts.len()), (1.0, 1e-3, 5));
+    // a given t_min keeps the last positive level there, then 0
+    let tmin = GridSettings {
+        steps: Some(4),
+        t_min: Some(0.01),
+        ..GridSettings::default()
+    };
+    let ts = tmin
+        .times(&flow, &tmin.time_grid(&flow, None).unwrap())
+        .unwrap();
+    assert_eq!((ts[3], ts[4]), (0.01, 0.0));
+}
+
+#[test]
+fn the_flow_network_time_is_1000_sigma_and_the_model_state_is_the_flow_state() {
+    let f = Flow::new(3.0).unwrap();
+    for u in [1.0, 0.6, 0.1] {
+        let g = f.flow_sigma(u);
+        assert!((f.network_time(u) - 1000.0 * g).abs() < 1e-9);
+        // x_flow = (1 − ς) x0 + ς ε = state_scale · (α x0 + σ ε)
+        let c = f.state_scale(u);
+        assert!((c * f.alpha(u) - (1.0 - g)).abs() < 1e-15 && (c * f.sigma(u) - g).abs() < 1e-15);
+    }
+}

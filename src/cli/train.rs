@@ -6,6 +6,8 @@ use std::path::PathBuf;
 use anyhow::{Result, bail};
 use candle_core::DType;
 use clap::Args;
+use qtaylor::train::{Objective, SigmaSampling};
+use qtaylor::{bail_option, keys};
 
 #[derive(Args)]
 pub struct TrainArgs {
@@ -55,6 +57,15 @@ pub struct TrainArgs {
     /// dropped to the null class (the last one) for classifier-free guidance [default: 0.1]
     #[arg(long)]
     pub label_dropout: Option<f64>,
+    /// The loss: eps (DDPM's ε-prediction; a DDPMScheduler checkpoint) or flow (rectified
+    /// flow, SD3-style: the velocity ε − x0 at x = (1 − σ) x0 + σ ε, timestep 1000σ; a
+    /// FlowMatchEulerDiscreteScheduler checkpoint)
+    #[arg(long, default_value = "eps", value_parser = ["eps", "flow"])]
+    pub objective: String,
+    /// With --objective flow: how each image's σ is drawn: uniform on (0, 1), or
+    /// logit-normal (SD3's σ = sigmoid(z), z ~ N(0, 1)) [default: logit-normal]
+    #[arg(long, value_parser = ["uniform", "logit-normal"])]
+    pub sigma_sampling: Option<String>,
     /// cpu, cuda or cuda:N (GPU N)
     #[arg(long, default_value = "cpu")]
     pub device: String,
@@ -91,7 +102,31 @@ pub struct TrainClassifierArgs {
     pub device: String,
 }
 
+/// The objective of `--objective` and `--sigma-sampling`.
+fn objective(a: &TrainArgs) -> Result<Objective> {
+    let sampling = match a.sigma_sampling.as_deref() {
+        None | Some("logit-normal") => SigmaSampling::default(),
+        Some("uniform") => SigmaSampling::Uniform,
+        Some(other) => bail_option!(
+            (keys::SIGMA_SAMPLING, other),
+            ": expected uniform or logit-normal"
+        ),
+    };
+    match (a.objective.as_str(), &a.sigma_sampling) {
+        ("flow", _) => Ok(Objective::Flow(sampling)),
+        ("eps", None) => Ok(Objective::Eps),
+        ("eps", Some(s)) => bail_option!(
+            (keys::SIGMA_SAMPLING, s),
+            " applies to ",
+            (keys::OBJECTIVE, "flow"),
+            " only (this run's objective is eps)"
+        ),
+        (other, _) => bail_option!((keys::OBJECTIVE, other), ": expected eps or flow"),
+    }
+}
+
 pub fn cmd_train(a: &TrainArgs) -> Result<()> {
+    let objective = objective(a)?;
     let devices = match &a.devices {
         Some(list) => qtaylor::gpu::device::by_names(list)?,
         None => vec![qtaylor::gpu::device::by_name(&a.device)?],
@@ -114,6 +149,7 @@ pub fn cmd_train(a: &TrainArgs) -> Result<()> {
     o.limit = a.limit;
     o.max_seconds = a.max_seconds;
     o.label_dropout = a.label_dropout;
+    o.objective = objective;
     o.save_dtype = match a.save_dtype.as_str() {
         "f32" => DType::F32,
         "f16" => DType::F16,

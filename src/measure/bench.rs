@@ -965,9 +965,15 @@ impl BenchReport {
 
     /// The Markdown report (also printed by the CLI).
     pub fn markdown(&self) -> String {
+        // From pure noise (rectified flow at ς = 1) the reference starts in ρ = e^λ.
+        let variable = if self.schedule.starts_with("flow") && self.t_start == 1.0 {
+            "ρ = e^λ from pure noise to λ = 0, then in λ"
+        } else {
+            "λ"
+        };
         let mut s = format!(
             "# qtaylor bench: {}\n\nschedule {}, grid {}, t {} → {}, {} samples (seed {}), dtype {}.\n\
-             Reference: PF-ODE in f64 (DOPRI5 in λ, rtol = atol = {:.0e}; |tol − tol/2| ≤ {:.1e}; {:.0} NFE/sample).\n\n",
+             Reference: PF-ODE in f64 (DOPRI5 in {variable}, rtol = atol = {:.0e}; |tol − tol/2| ≤ {:.1e}; {:.0} NFE/sample).\n\n",
             self.problem,
             self.schedule,
             self.grid,

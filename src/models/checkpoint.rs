@@ -503,14 +503,14 @@ impl DiffusersModel {
 
 impl DiffusersModel {
     /// The model's default grid, ending at σ = 0: its scheduler config's discrete spacing, or
-    /// for a flow model uniform in its unshifted time from pure noise to t = 1e-3, then 0
-    /// (diffusers' flow grid shifted once).
+    /// for a flow model N steps uniform in its unshifted time from pure noise to 0 (Flux's
+    /// `linspace(1, 1/N, N)`, shifted, then 0).
     pub fn default_grid(&self) -> Result<crate::grid::TimeGrid> {
         if self.scheduler.is_flow() {
             return Ok(crate::grid::TimeGrid::Continuous {
                 grid: crate::grid::Grid::Uniform,
                 t_max: self.schedule.t_end(),
-                t_min: crate::config::DEFAULT_T_MIN,
+                t_min: 0.0,
                 to_zero: true,
             });
         }

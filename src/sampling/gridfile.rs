@@ -7,7 +7,7 @@
 //!  "schedule": "discrete", "model": "assets/mnist-unet",
 //!  "times": [1.0, …, 0.0],          // schedule times t_0 > … > t_N (0: x̂0)
 //!  "timesteps": [999.0, …],          // the network's time of every t > 0 (diffusers timesteps)
-//!  "sigmas": [157.4, …, 0.0],        // σ/α of every time (diffusers' sigmas)
+//!  "sigmas": [157.4, …, 0.0],        // σ/α of every time (diffusers' sigmas; flow: ς)
 //!  "tuning": {…}}                    // how it was found (teacher, samples, errors, seconds)
 //! ```
 //!
@@ -60,13 +60,7 @@ impl GridFile {
             .collect();
         let sigmas = times
             .iter()
-            .map(|&t| {
-                if t > 0.0 {
-                    (-schedule.lambda(t)).exp()
-                } else {
-                    0.0
-                }
-            })
+            .map(|&t| if t > 0.0 { schedule.level(t) } else { 0.0 })
             .collect();
         GridFile {
             format: FORMAT.into(),

@@ -5,6 +5,21 @@
 //! ε ~ N(0, I), minimise `‖ε̂(√ᾱ_n·x0 + √(1−ᾱ_n)·ε, n) − ε‖²` (mean over pixels and batch),
 //! with ᾱ_n of diffusers' linear β schedule (1e-4 … 0.02, T = 1000) in its float32 values.
 //!
+//! Or ([`Objective::Flow`]) the flow-matching loss of rectified flow (Liu et al. 2022,
+//! "Flow Straight and Fast"; Esser et al. 2024, "Scaling Rectified Flow Transformers", the
+//! SD3 paper, §2 and §3.1): for x0, a noise level σ ∈ (0, 1) and ε ~ N(0, I), the network
+//! gets `x_σ = (1 − σ)·x0 + σ·ε` at the float timestep `1000·σ` (as diffusers'
+//! `FlowMatchEulerDiscreteScheduler` passes `timesteps = σ·1000`) and minimises
+//! `‖v̂(x_σ, 1000σ) − (ε − x0)‖²` (mean over pixels and batch): it predicts the velocity
+//! `dx_σ/dσ = ε − x0`. σ is drawn per image ([`SigmaSampling`]): uniform on (0, 1), or SD3's
+//! logit-normal `σ = sigmoid(m + s·z)`, z ~ N(0, 1) (§3.1, "lognorm(m, s)"; m = 0, s = 1 by
+//! default). The uniform draw is rand's `Open01` (multiples of 2⁻⁵³ strictly inside (0, 1)),
+//! so σ is never exactly 0 or 1; the logit-normal one is in (0, 1) in exact arithmetic and
+//! rounds to an end in f64 only for |m + s·z| > 36 (never at m = 0, s = 1 in practice). No
+//! clamp is applied: the loss is well defined at both ends (σ = 0: x_σ = x0 at timestep 0;
+//! σ = 1: pure noise at timestep 1000), so such a draw is harmless. A flow checkpoint's
+//! `scheduler_config.json` is [`FLOW_SCHEDULER_CONFIG`], which qtaylor loads as a flow model.
+//!
 //! Optimiser: AdamW as `torch.optim.AdamW` (Loshchilov & Hutter 2019; decoupled weight decay
 //! `p ← p − lr·wd·p`, then `m ← β1·m + (1−β1)·g`, `v ← β2·v + (1−β2)·g²`,
 //! `p ← p − lr·(m/(1−β1^k)) / (√(v/(1−β2^k)) + ε)`), with the gradient clipped to a global
@@ -12,14 +27,15 @@
 //! moving average of the weights with diffusers' `EMAModel` warm-up decay
 //! `min(decay, (1 + k)/(10 + k))` after update k.
 //!
-//! Exact resume: the images, timesteps and noise of step k are functions of (seed, k) only
+//! Exact resume: the images, timesteps (or σ) and noise of step k are functions of (seed, k) only
 //! (the data order of epoch e is a shuffle seeded by (seed, e)), and the checkpoint holds the
 //! weights, both Adam moments, the EMA and the step, so a run split into chunks (`--resume`)
 //! computes what one uninterrupted run computes.
 //!
 //! A checkpoint folder is a diffusers checkpoint (`config.json`,
 //! `diffusion_pytorch_model.safetensors` with the EMA weights, `scheduler_config.json`: what
-//! `UNet2DModel.from_pretrained` and `DDPMScheduler.from_pretrained` read) plus
+//! `UNet2DModel.from_pretrained` and `DDPMScheduler.from_pretrained` (a flow run:
+//! `FlowMatchEulerDiscreteScheduler.from_pretrained`) read) plus
 //! `train_state.safetensors` (the optimiser state, with the run's settings in its metadata)
 //! and `train_log.csv`. Every file is written atomically; a run that fails writes nothing.
 
@@ -33,7 +49,7 @@ use qtaylor_core::keys;
 use qtaylor_core::{bail_option, option_error};
 use rand::SeedableRng;
 use rand_chacha::ChaCha12Rng;
-use rand_distr::{Distribution, StandardNormal, Uniform};
+use rand_distr::{Distribution, Open01, StandardNormal, Uniform};
 use serde::{Deserialize, Serialize};
 
 use crate::gpu::profile::timed;
@@ -87,6 +103,94 @@ pub const TRAIN_SCHEDULER_CONFIG: &str = r#"{
 }
 "#;
 
+/// The schedule of a flow run ([`Objective::Flow`]) as a diffusers
+/// `FlowMatchEulerDiscreteScheduler` config: what diffusers 0.42 saves for
+/// `FlowMatchEulerDiscreteScheduler(shift=1.0)` (less `_diffusers_version`). The network
+/// predicts the velocity ε − x0 at timestep 1000·σ.
+pub const FLOW_SCHEDULER_CONFIG: &str = r#"{
+  "_class_name": "FlowMatchEulerDiscreteScheduler",
+  "base_image_seq_len": 256,
+  "base_shift": 0.5,
+  "invert_sigmas": false,
+  "max_image_seq_len": 4096,
+  "max_shift": 1.15,
+  "num_train_timesteps": 1000,
+  "shift": 1.0,
+  "shift_terminal": null,
+  "stochastic_sampling": false,
+  "time_shift_type": "exponential",
+  "use_beta_sigmas": false,
+  "use_dynamic_shifting": false,
+  "use_exponential_sigmas": false,
+  "use_karras_sigmas": false
+}
+"#;
+
+/// The training objective.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Objective {
+    /// DDPM's ε-prediction loss on the linear β schedule ([`TRAIN_SCHEDULER_CONFIG`]).
+    #[default]
+    Eps,
+    /// Rectified flow's velocity loss (SD3-style), σ drawn by the rule given
+    /// ([`FLOW_SCHEDULER_CONFIG`]).
+    Flow(SigmaSampling),
+}
+
+impl Objective {
+    /// True for [`Objective::Flow`].
+    pub fn is_flow(&self) -> bool {
+        matches!(self, Objective::Flow(_))
+    }
+}
+
+impl std::fmt::Display for Objective {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Objective::Eps => f.write_str("eps"),
+            Objective::Flow(SigmaSampling::Uniform) => f.write_str("flow (sigma uniform)"),
+            Objective::Flow(SigmaSampling::LogitNormal { mean, std }) => {
+                write!(f, "flow (sigma logit-normal, mean {mean}, std {std})")
+            }
+        }
+    }
+}
+
+/// How a flow run draws each image's noise level σ ∈ (0, 1).
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SigmaSampling {
+    /// Uniform on (0, 1) (rectified flow, Liu et al. 2022).
+    Uniform,
+    /// `σ = sigmoid(mean + std·z)`, z ~ N(0, 1): SD3's logit-normal (Esser et al. 2024,
+    /// §3.1), which weights the middle of the path; the default is mean 0, std 1.
+    LogitNormal { mean: f64, std: f64 },
+}
+
+impl Default for SigmaSampling {
+    /// Logit-normal with mean 0 and std 1 (SD3's choice).
+    fn default() -> Self {
+        SigmaSampling::LogitNormal {
+            mean: 0.0,
+            std: 1.0,
+        }
+    }
+}
+
+impl SigmaSampling {
+    /// One draw of σ.
+    fn sample(&self, rng: &mut ChaCha12Rng) -> f64 {
+        match *self {
+            SigmaSampling::Uniform => Open01.sample(rng),
+            SigmaSampling::LogitNormal { mean, std } => {
+                let z: f64 = StandardNormal.sample(rng);
+                1.0 / (1.0 + (-(mean + std * z)).exp())
+            }
+        }
+    }
+}
+
 /// What a training run does. `steps` is the total: a resumed run continues up to it.
 #[derive(Clone, Debug)]
 pub struct TrainOptions {
@@ -118,6 +222,8 @@ pub struct TrainOptions {
     /// labels replaced by the null class K − 1 (classifier-free guidance's label dropout,
     /// Ho & Salimans 2022), so one model is conditional and unconditional. `None`: 0.1.
     pub label_dropout: Option<f64>,
+    /// The loss: ε-prediction (the default) or flow matching.
+    pub objective: Objective,
     pub progress: bool,
 }
 
@@ -141,6 +247,7 @@ impl TrainOptions {
             save_dtype: DType::F32,
             max_seconds: None,
             label_dropout: None,
+            objective: Objective::Eps,
             progress: false,
         }
     }
@@ -162,6 +269,13 @@ struct RunSettings {
     /// Label dropout of a class-conditional run (absent for an unconditional one).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     label_dropout: Option<f64>,
+    /// The objective (absent for ε-prediction, as in folders written before flow runs).
+    #[serde(default, skip_serializing_if = "is_eps")]
+    objective: Objective,
+}
+
+fn is_eps(o: &Objective) -> bool {
+    *o == Objective::Eps
 }
 
 impl RunSettings {
@@ -170,7 +284,16 @@ impl RunSettings {
         let a = serde_json::to_value(self).expect("serialisable");
         let b = serde_json::to_value(asked).expect("serialisable");
         let mut out = Vec::new();
+        if self.objective != asked.objective {
+            out.push(format!(
+                "objective: {} in the folder, {} asked for",
+                self.objective, asked.objective
+            ));
+        }
         for (k, va) in a.as_object().expect("object") {
+            if k == "objective" {
+                continue;
+            }
             let vb = &b[k];
             if k == "config" {
                 let (ca, cb) = (va.as_object(), vb.as_object());
@@ -314,6 +437,16 @@ fn prepare(opts: &TrainOptions) -> Result<Prepared> {
     if !(0.0..1.0).contains(&opts.ema) {
         bail_option!((keys::EMA, opts.ema), " must lie in [0, 1)");
     }
+    if let Objective::Flow(SigmaSampling::LogitNormal { mean, std }) = opts.objective
+        && !(mean.is_finite() && std.is_finite() && std > 0.0)
+    {
+        bail_option!(
+            (keys::SIGMA_SAMPLING, "logit-normal"),
+            format!(
+                ": mean {mean} and std {std}; expected a finite mean and a positive, finite std"
+            )
+        );
+    }
     let mut data = load_image_set(&opts.data, Split::Train)?;
     if let Some(n) = opts.limit {
         if n == 0 || n > data.n {
@@ -401,6 +534,7 @@ fn prepare(opts: &TrainOptions) -> Result<Prepared> {
         weight_decay: opts.weight_decay,
         warmup: opts.warmup,
         label_dropout,
+        objective: opts.objective,
     };
     Ok(Prepared {
         config,
@@ -552,10 +686,11 @@ fn write_checkpoint(
         &out.join("config.json"),
         serde_json::to_string_pretty(&cfg)?.as_bytes(),
     )?;
-    crate::io::write_atomic(
-        &out.join("scheduler_config.json"),
-        TRAIN_SCHEDULER_CONFIG.as_bytes(),
-    )?;
+    let scheduler = match p.settings.objective {
+        Objective::Eps => TRAIN_SCHEDULER_CONFIG,
+        Objective::Flow(_) => FLOW_SCHEDULER_CONFIG,
+    };
+    crate::io::write_atomic(&out.join("scheduler_config.json"), scheduler.as_bytes())?;
     let mut csv = String::from("step,loss,lr\n");
     for (k, loss, lr) in log {
         csv.push_str(&format!("{k},{loss:.6},{lr:.3e}\n"));
@@ -606,7 +741,7 @@ fn epoch_order(n: usize, seed: u64, e: usize) -> Vec<u32> {
     order
 }
 
-/// Step `k`'s batch: (x_n, n, ε) from the data, seeded by (seed, k) only.
+/// Step `k`'s images from the data, seeded by (seed, k) only.
 struct Batcher<'a> {
     data: &'a ImageSet,
     seed: u64,
@@ -634,27 +769,42 @@ impl Batcher<'_> {
     }
 }
 
-/// One step's inputs: noisy images, timesteps, the noise to predict and, for a
-/// class-conditional network of `classes` = (K, dropout), the labels with a fraction
-/// `dropout` replaced by the null class K − 1 (from their own stream (seed, 3, k)).
+/// One step's inputs: noisy images, timesteps, the target (the noise ε, or for a flow run
+/// the velocity ε − x0) and, for a class-conditional network of `classes` = (K, dropout), the
+/// labels with a fraction `dropout` replaced by the null class K − 1 (from their own stream
+/// (seed, 3, k)).
 struct StepBatch {
     xt: Tensor,
     ts: Vec<f64>,
-    eps: Tensor,
+    target: Tensor,
     labels: Option<Vec<u32>>,
 }
 
-/// Only `rows` of the global batch are kept (a data-parallel replica's slice); the draws are
-/// those of the whole batch, so the slices of R replicas together are the one-device batch.
-fn make_batch(
+/// Step `k`'s draws for the whole global batch, on the host.
+struct Draws {
+    /// The images, flattened, in [−1, 1].
+    x0: Vec<f32>,
+    labels: Option<Vec<u32>>,
+    /// The network's timesteps: n, or 1000·σ for a flow run.
+    ts: Vec<f64>,
+    /// A flow run's noise levels σ (empty for ε-prediction).
+    sigmas: Vec<f64>,
+    /// ε ~ N(0, I), as `x0`.
+    noise: Vec<f32>,
+    /// Each row's (a, s) of `x_t = a·x0 + s·ε`.
+    coef: Vec<(f32, f32)>,
+    flow: bool,
+}
+
+/// The draws of step `k` (0-based), seeded by (seed, k) only: the images, then from the
+/// stream (seed, 2, k) each image's timestep (ε-prediction) or σ (flow), then the noise.
+fn draw(
     b: &mut Batcher,
+    objective: Objective,
     alpha_bars: &[f64],
     k: usize,
     classes: Option<(usize, f64)>,
-    rows: std::ops::Range<usize>,
-    device: &Device,
-) -> Result<StepBatch> {
-    let (h, w) = (b.data.h, b.data.w);
+) -> Draws {
     let (x0, labels) = b.images(k);
     let labels = classes.map(|(n, p)| {
         let mut rng = stream(b.seed, 3, k as u64);
@@ -667,32 +817,130 @@ fn make_batch(
             .collect()
     });
     let mut rng = stream(b.seed, 2, k as u64);
-    let steps = Uniform::new(0, alpha_bars.len()).expect("non-empty schedule");
-    let ts: Vec<usize> = (0..b.batch).map(|_| steps.sample(&mut rng)).collect();
-    let eps: Vec<f32> = (0..x0.len())
+    let (ts, sigmas, coef) = match objective {
+        Objective::Eps => {
+            let steps = Uniform::new(0, alpha_bars.len()).expect("non-empty schedule");
+            let ns: Vec<usize> = (0..b.batch).map(|_| steps.sample(&mut rng)).collect();
+            let coef = ns
+                .iter()
+                .map(|&n| {
+                    (
+                        alpha_bars[n].sqrt() as f32,
+                        (1.0 - alpha_bars[n]).sqrt() as f32,
+                    )
+                })
+                .collect();
+            (ns.iter().map(|&n| n as f64).collect(), Vec::new(), coef)
+        }
+        Objective::Flow(rule) => {
+            let sigmas: Vec<f64> = (0..b.batch).map(|_| rule.sample(&mut rng)).collect();
+            let coef = sigmas
+                .iter()
+                .map(|&s| ((1.0 - s) as f32, s as f32))
+                .collect();
+            (sigmas.iter().map(|&s| 1000.0 * s).collect(), sigmas, coef)
+        }
+    };
+    let noise: Vec<f32> = (0..x0.len())
         .map(|_| {
             let v: f32 = StandardNormal.sample(&mut rng);
             v
         })
         .collect();
+    Draws {
+        x0,
+        labels,
+        ts,
+        sigmas,
+        noise,
+        coef,
+        flow: objective.is_flow(),
+    }
+}
+
+/// Step `k`'s batch. Only `rows` of the global batch are kept (a data-parallel replica's
+/// slice); the draws are those of the whole batch, so the slices of R replicas together are
+/// the one-device batch.
+fn make_batch(
+    b: &mut Batcher,
+    objective: Objective,
+    alpha_bars: &[f64],
+    k: usize,
+    classes: Option<(usize, f64)>,
+    rows: std::ops::Range<usize>,
+    device: &Device,
+) -> Result<StepBatch> {
+    let (h, w) = (b.data.h, b.data.w);
+    let dr = draw(b, objective, alpha_bars, k, classes);
     let d = h * w;
     let mut xt = Vec::with_capacity(rows.len() * d);
     for j in rows.clone() {
-        let n = ts[j];
-        let (a, s) = (
-            alpha_bars[n].sqrt() as f32,
-            (1.0 - alpha_bars[n]).sqrt() as f32,
-        );
+        let (a, s) = dr.coef[j];
         for i in j * d..(j + 1) * d {
-            xt.push(a * x0[i] + s * eps[i]);
+            xt.push(a * dr.x0[i] + s * dr.noise[i]);
         }
     }
+    let span = rows.start * d..rows.end * d;
+    let target = if dr.flow {
+        dr.noise[span.clone()]
+            .iter()
+            .zip(&dr.x0[span])
+            .map(|(e, x)| e - x)
+            .collect()
+    } else {
+        dr.noise[span].to_vec()
+    };
     let shape = (rows.len(), 1, h, w);
     Ok(StepBatch {
         xt: Tensor::from_vec(xt, shape, device)?,
-        ts: ts[rows.clone()].iter().map(|&n| n as f64).collect(),
-        eps: Tensor::from_vec(eps[rows.start * d..rows.end * d].to_vec(), shape, device)?,
-        labels: labels.map(|l: Vec<u32>| l[rows].to_vec()),
+        ts: dr.ts[rows.clone()].to_vec(),
+        target: Tensor::from_vec(target, shape, device)?,
+        labels: dr.labels.map(|l| l[rows].to_vec()),
+    })
+}
+
+/// Step `k`'s (0-based) whole batch of a run as training draws it, on the host: a hook for
+/// tests, not a stable interface.
+#[doc(hidden)]
+#[derive(Clone, Debug)]
+pub struct DrawnBatch {
+    /// Images (rows of h·w), noise, network input and target, all flattened alike.
+    pub x0: Vec<f32>,
+    pub noise: Vec<f32>,
+    pub input: Vec<f32>,
+    pub target: Vec<f32>,
+    /// Each image's network timestep, and for a flow run its σ (else empty).
+    pub timesteps: Vec<f64>,
+    pub sigmas: Vec<f64>,
+}
+
+/// See [`DrawnBatch`].
+#[doc(hidden)]
+pub fn drawn_batch(opts: &TrainOptions, k: usize) -> Result<DrawnBatch> {
+    let p = prepare(opts)?;
+    let batcher = || Batcher {
+        data: &p.data,
+        seed: opts.seed,
+        batch: opts.batch,
+        cached: None,
+    };
+    let dr = draw(&mut batcher(), opts.objective, &p.alpha_bars, k, None);
+    let sb = make_batch(
+        &mut batcher(),
+        opts.objective,
+        &p.alpha_bars,
+        k,
+        None,
+        0..opts.batch,
+        &Device::Cpu,
+    )?;
+    Ok(DrawnBatch {
+        x0: dr.x0,
+        noise: dr.noise,
+        input: sb.xt.flatten_all()?.to_vec1()?,
+        target: sb.target.flatten_all()?.to_vec1()?,
+        timesteps: sb.ts,
+        sigmas: dr.sigmas,
     })
 }
 
@@ -722,12 +970,20 @@ fn train_step(
     let part = opts.batch / world;
     let rows = reducer.rank() * part..(reducer.rank() + 1) * part;
     let sb = timed("train: batch (host draws, upload)", device, || {
-        make_batch(b, &p.alpha_bars, s.step, classes, rows, device)
+        make_batch(
+            b,
+            p.settings.objective,
+            &p.alpha_bars,
+            s.step,
+            classes,
+            rows,
+            device,
+        )
     })?;
     let loss = timed("train: forward and loss", device, || {
         let net = UNet2D::new(p.config.clone(), &s.weights(device))?;
         let pred = net.forward_labels(&sb.xt, &sb.ts, sb.labels.as_deref())?;
-        Ok((pred - &sb.eps)?.sqr()?.mean_all()?)
+        Ok((pred - &sb.target)?.sqr()?.mean_all()?)
     })?;
     let nan = |loss_value: f64| {
         anyhow::Error::new(option_error!(
@@ -1052,11 +1308,17 @@ mod tests {
             cached: None,
         };
         let classes = Some((4, 0.3));
-        for k in [0usize, 5] {
-            let whole = make_batch(&mut batcher(), &abars, k, classes, 0..12, &dev).unwrap();
+        let objectives = [
+            Objective::Eps,
+            Objective::Flow(SigmaSampling::Uniform),
+            Objective::Flow(SigmaSampling::default()),
+        ];
+        for (o, k) in objectives.into_iter().flat_map(|o| [(o, 0usize), (o, 5)]) {
+            let batch = |rows| make_batch(&mut batcher(), o, &abars, k, classes, rows, &dev);
+            let whole = batch(0..12).unwrap();
             let parts: Vec<StepBatch> = [0..4, 4..8, 8..12]
                 .into_iter()
-                .map(|rows| make_batch(&mut batcher(), &abars, k, classes, rows, &dev).unwrap())
+                .map(|rows| batch(rows).unwrap())
                 .collect();
             let cat = |f: &dyn Fn(&StepBatch) -> &Tensor| {
                 Tensor::cat(&parts.iter().map(f).collect::<Vec<_>>(), 0).unwrap()
@@ -1065,8 +1327,11 @@ mod tests {
                 a.flatten_all().unwrap().to_vec1::<f32>().unwrap()
                     == b.flatten_all().unwrap().to_vec1::<f32>().unwrap()
             };
-            assert!(same(&whole.xt, &cat(&|b| &b.xt)), "step {k}: x_t");
-            assert!(same(&whole.eps, &cat(&|b| &b.eps)), "step {k}: noise");
+            assert!(same(&whole.xt, &cat(&|b| &b.xt)), "{o}, step {k}: x_t");
+            assert!(
+                same(&whole.target, &cat(&|b| &b.target)),
+                "{o}, step {k}: target"
+            );
             let ts: Vec<f64> = parts.iter().flat_map(|b| b.ts.clone()).collect();
             assert_eq!(whole.ts, ts, "step {k}: timesteps");
             let labels: Vec<u32> = parts
@@ -1077,6 +1342,86 @@ mod tests {
             // The slices differ from one another: each replica sees its own images.
             assert!(!same(&parts[0].xt, &parts[1].xt));
         }
+    }
+
+    #[test]
+    fn an_eps_batch_draws_what_it_drew_before_flow_runs() {
+        // The ε-prediction draws are unchanged: timesteps then noise from stream (seed, 2, k).
+        let data = ImageSet {
+            n: 10,
+            h: 4,
+            w: 4,
+            images: (0..10 * 16).map(|i| (i * 53 % 256) as u8).collect(),
+            labels: vec![0; 10],
+        };
+        let abars = diffusers_alphas_cumprod(&diffusers_betas("linear", 1e-4, 0.02, 1000).unwrap());
+        let mut b = Batcher {
+            data: &data,
+            seed: 7,
+            batch: 3,
+            cached: None,
+        };
+        let (x0, _) = b.images(2);
+        let sb = make_batch(&mut b, Objective::Eps, &abars, 2, None, 0..3, &Device::Cpu).unwrap();
+        let mut rng = stream(7, 2, 2);
+        let steps = Uniform::new(0, 1000).unwrap();
+        let ns: Vec<usize> = (0..3).map(|_| steps.sample(&mut rng)).collect();
+        let eps: Vec<f32> = (0..48).map(|_| StandardNormal.sample(&mut rng)).collect();
+        assert_eq!(sb.ts, ns.iter().map(|&n| n as f64).collect::<Vec<_>>());
+        assert_eq!(
+            sb.target.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+            eps
+        );
+        let xt: Vec<f32> = (0..48)
+            .map(|i| {
+                let n = ns[i / 16];
+                abars[n].sqrt() as f32 * x0[i] + (1.0 - abars[n]).sqrt() as f32 * eps[i]
+            })
+            .collect();
+        assert_eq!(sb.xt.flatten_all().unwrap().to_vec1::<f32>().unwrap(), xt);
+    }
+
+    #[test]
+    fn the_flow_scheduler_config_loads_as_a_flow_model() {
+        let c = SchedulerConfig::from_json(FLOW_SCHEDULER_CONFIG, Path::new("flow")).unwrap();
+        assert!(c.is_flow());
+        assert_eq!((c.shift, c.num_train_timesteps), (Some(1.0), 1000));
+        c.any_schedule(Path::new("flow")).unwrap();
+    }
+
+    #[test]
+    fn run_settings_without_an_objective_read_as_eps_and_a_change_of_objective_is_named() {
+        let settings = |objective| RunSettings {
+            config: serde_json::json!({}),
+            data: "d".into(),
+            limit: None,
+            batch: 4,
+            seed: 0,
+            lr: 1e-3,
+            ema: 0.9,
+            weight_decay: 0.0,
+            warmup: 0,
+            label_dropout: None,
+            objective,
+        };
+        let eps = settings(Objective::Eps);
+        let text = serde_json::to_string(&eps).unwrap();
+        assert!(!text.contains("objective"), "{text}");
+        let read: RunSettings = serde_json::from_str(&text).unwrap();
+        assert_eq!(read, eps);
+        let flow = settings(Objective::Flow(SigmaSampling::default()));
+        let back: RunSettings =
+            serde_json::from_str(&serde_json::to_string(&flow).unwrap()).unwrap();
+        assert_eq!(back, flow);
+        assert_eq!(
+            flow.differences(&eps),
+            ["objective: flow (sigma logit-normal, mean 0, std 1) in the folder, eps asked for"]
+        );
+        assert_eq!(
+            eps.differences(&settings(Objective::Flow(SigmaSampling::Uniform))),
+            ["objective: eps in the folder, flow (sigma uniform) asked for"]
+        );
+        assert!(flow.differences(&back).is_empty());
     }
 
     #[test]

@@ -32,8 +32,8 @@ pub const DEFAULT_BETA_SCHEDULE: &str = "linear";
 pub const DEFAULT_BETA_START: f64 = 1e-4;
 pub const DEFAULT_BETA_END: f64 = 0.02;
 pub const DEFAULT_TRAIN_STEPS: usize = 1000;
-/// The final time of a continuous grid on a continuous schedule (on rectified flow, the
-/// unshifted time of its last level before 0: diffusers' `1/num_train_timesteps`).
+/// The final time of a continuous grid on a continuous schedule (on rectified flow with a
+/// grid other than uniform, the unshifted time of its last level before 0).
 pub const DEFAULT_T_MIN: f64 = 1e-3;
 /// The VE schedule's largest σ/α and its final time (EDM's σ_max = 80, σ_min = 0.002).
 pub const DEFAULT_VE_SIGMA_MAX: f64 = 80.0;
@@ -361,13 +361,19 @@ impl GridSettings {
             } else {
                 DEFAULT_T_MIN
             };
-            let (t_max, t_min) = self.range(schedule, default_t_min)?;
+            let (t_max, mut t_min) = self.range(schedule, default_t_min)?;
             // Rectified flow ends at ς = 0 (diffusers' terminal 0) unless final = last.
             let to_zero = flow
                 && match &self.final_ {
                     Some(f) => f.parse::<Final>()? == Final::Zero,
                     None => true,
                 };
+            let uniform = matches!(self.grid.as_deref(), None | Some("uniform"));
+            if to_zero && uniform && self.t_min.is_none() && self.sigma_min.is_none() {
+                // Flux's grid: N steps uniform in the unshifted time from t_max to 0
+                // (`linspace(1, 1/N, N)` shifted, then 0), see TimeGrid::Continuous.
+                t_min = 0.0;
+            }
             return Ok(TimeGrid::Continuous {
                 grid: self.parse_grid(self.grid.as_deref().unwrap_or("uniform"))?,
                 t_max,

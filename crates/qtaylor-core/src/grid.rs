@@ -443,7 +443,8 @@ pub fn time_of_timestep(n: f64, train_steps: usize) -> f64 {
 #[derive(Clone, Debug)]
 pub enum TimeGrid {
     /// A continuous grid from `t_max` to `t_min`; with `to_zero` its last step goes on to
-    /// t = 0 (σ = 0, where the sample is x̂0), within the same step count. On a discrete schedule the times are
+    /// t = 0 (σ = 0, where the sample is x̂0), within the same step count. A uniform grid
+    /// with `to_zero` and `t_min = 0` is N steps uniform from `t_max` to 0. On a discrete schedule the times are
     /// fractional steps (see [`crate::schedule::Tabulated::network_time`]), as diffusers'
     /// `use_karras_sigmas` grids.
     Continuous {
@@ -477,6 +478,16 @@ impl TimeGrid {
             } => {
                 if !*to_zero {
                     return grid.times(schedule, steps, *t_max, *t_min);
+                }
+                if *t_min == 0.0 {
+                    // uniform all the way to t = 0 (rectified flow's default, Flux's grid)
+                    if steps == 0 {
+                        bail_option!((keys::STEPS, 0usize), ": at least one step is needed");
+                    }
+                    let n = steps as f64;
+                    let mut ts: Vec<f64> = (0..steps).map(|i| t_max * (n - i as f64) / n).collect();
+                    ts.push(0.0);
+                    return Ok(ts);
                 }
                 // `steps` steps in all, the last one to σ = 0 (diffusers' final sigma 0).
                 let mut ts = match steps {

@@ -122,6 +122,10 @@ keys! {
     LIMIT = "limit",
     SAVE_EVERY = "save_every",
     LABEL_DROPOUT = "label_dropout",
+    /// The training loss: eps (ε-prediction) or flow (flow matching).
+    OBJECTIVE = "objective",
+    /// How a flow run draws σ: uniform or logit-normal.
+    SIGMA_SAMPLING = "sigma_sampling",
     /// A network's config.json.
     CONFIG = "config",
     RESUME = "resume",

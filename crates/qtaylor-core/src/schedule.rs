@@ -100,6 +100,12 @@ pub trait Schedule: Debug + Send + Sync {
         (self.alpha_series(t, n), self.sigma_series(t, n))
     }
 
+    /// The noise level at `t` in the model's own terms (the inverse of
+    /// [`Schedule::time_of_level`]): σ/α = e^{−λ} on VP and VE paths, ς on rectified flow.
+    fn level(&self, t: f64) -> f64 {
+        (-self.lambda(t)).exp()
+    }
+
     /// The time of a noise level in the model's own terms: σ/α on VP and VE paths (diffusers'
     /// `sigmas`, `λ = −ln level`), ς on rectified flow. Level 0 is t = 0 (σ = 0).
     fn time_of_level(&self, level: f64) -> Result<f64> {
@@ -481,6 +487,9 @@ impl Schedule for Flow {
             );
         }
         Ok(unshift_sigma(self.shift, n / FLOW_TIMESTEP_SCALE))
+    }
+    fn level(&self, t: f64) -> f64 {
+        self.flow_sigma(t)
     }
     /// The level is ς itself: `u = ` [`unshift_sigma`]`(ς)`, for ς ∈ [0, 1].
     fn time_of_level(&self, level: f64) -> Result<f64> {
