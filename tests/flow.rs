@@ -4,7 +4,7 @@ mod common;
 
 use std::sync::Arc;
 
-use candle_core::{DType, Device};
+use candle_core::{DType, Device, Tensor};
 use common::*;
 use qtaylor::models::problems::gmm::GmmModel;
 use qtaylor::sampling::samplers::{Options, Sampler, all_samplers, sample};
@@ -156,4 +156,43 @@ fn the_flow_network_time_is_1000_sigma_and_the_model_state_is_the_flow_state() {
         let c = f.state_scale(u);
         assert!((c * f.alpha(u) - (1.0 - g)).abs() < 1e-15 && (c * f.sigma(u) - g).abs() < 1e-15);
     }
+}
+
+#[test]
+fn the_shipped_flow_model_draws_the_digit_it_is_asked_for() {
+    // assets/mnist-flow-unet (trained by `qtaylor train --objective flow`): one sample per
+    // class at 10 NFE with guidance 2, read by the shipped MNIST classifier.
+    let dir = tempfile::tempdir().unwrap();
+    let npy = dir.path().join("x.npy");
+    let out = run_ok(&[
+        "sample",
+        "--model",
+        "assets/mnist-flow-unet",
+        "--sampler",
+        "unipc-3",
+        "--steps",
+        "10",
+        "--classes",
+        "all",
+        "--guidance",
+        "2",
+        "--batch",
+        "20",
+        "--out",
+        p(&dir.path().join("x.png")),
+        "--save-npy",
+        p(&npy),
+    ]);
+    assert!(stderr(&out).contains("NFE"), "{}", stderr(&out));
+    let x = Tensor::read_npy(&npy).unwrap().to_dtype(DType::F32).unwrap();
+    assert_eq!(x.dims(), &[20, 1, 28, 28]);
+    let c = qtaylor::models::classifier::Classifier::load(
+        std::path::Path::new("assets/classifier-mnist"),
+        &Device::Cpu,
+    )
+    .unwrap();
+    let pred: Vec<u32> = c.logits(&x).unwrap().argmax(1).unwrap().to_vec1().unwrap();
+    // --classes all: one row per digit, two samples each (sample i asks for i / 2)
+    let right = pred.iter().enumerate().filter(|(i, p)| **p as usize == i / 2).count();
+    assert!(right >= 18, "{right} of 20 drawn as asked: {pred:?}");
 }

@@ -435,3 +435,25 @@ def test_the_command_line_refuses_flow_keys_it_does_not_take(qtaylor_bin, tmp_pa
                             "--steps", "4", "--out", str(out)], capture_output=True, text=True, timeout=120)
         assert r.returncode != 0 and f"'{key}'" in r.stderr and "panicked" not in r.stderr, r.stderr
         assert not out.exists()
+
+
+def test_diffusers_loads_the_shipped_flow_model_and_the_swap_reproduces_its_scheduler(repo_root):
+    """assets/mnist-flow-unet is a diffusers folder: UNet2DModel and
+    FlowMatchEulerDiscreteScheduler load it as they are; the swap runs it as they do."""
+    folder = repo_root / "assets" / "mnist-flow-unet"
+    unet = diffusers.UNet2DModel.from_pretrained(folder).float().eval()
+    src = diffusers.FlowMatchEulerDiscreteScheduler.from_pretrained(folder)
+    labels = torch.arange(10)
+
+    def loop(s, x):
+        s.set_timesteps(6)
+        with torch.no_grad():
+            for t in s.timesteps:
+                x = s.step(unet(x, t, class_labels=labels).sample, t, x).prev_sample
+        return x
+
+    x = torch.randn(10, 1, 28, 28, generator=torch.Generator().manual_seed(0))
+    ref = loop(src, x.clone())
+    ours = loop(QTaylorScheduler.from_config(src.config), x.clone())
+    assert rel(ours, ref) <= 1e-5, rel(ours, ref)
+    assert float(ref.min()) > -1.5 and float(ref.max()) < 1.5  # images in [−1, 1], not noise
