@@ -531,10 +531,18 @@ class QTaylorScheduler(SchedulerMixin, ConfigMixin):
 
     ``final_sigmas_type="zero"`` (default) ends at ᾱ = 1, where the last call returns
     x̂0; ``"sigma_min"`` ends at the first trained timestep.
+
+    Flow-matching models (``prediction_type="flow_prediction"``; SD3, Flux): the keys of
+    ``FlowMatchEulerDiscreteScheduler`` (``shift``, ``use_dynamic_shifting`` with ``mu`` at
+    ``set_timesteps``, ``base_shift``, ``max_shift``, ``base_image_seq_len``,
+    ``max_image_seq_len``, ``time_shift_type``, ``shift_terminal``; ``invert_sigmas`` and
+    ``stochastic_sampling`` are refused) and of DPM-Solver / UniPC on flow sigmas
+    (``use_flow_sigmas``, ``flow_shift``). The levels ς are the flow source class's own;
+    the sampler runs on ``Schedule.flow`` and the pipeline's state is the flow state
+    ``(1 − ς) x0 + ς ε``. On a VP config a flow key other than its default is refused.
     """
 
-    # The classes whose config it takes: the VP ones and EDM's two (from_config refuses the
-    # flow-matching ones).
+    # The classes whose config it takes: the VP ones, EDM's two and FlowMatch Euler.
     _compatibles = [e.name for e in KarrasDiffusionSchedulers] + [
         "EDMDPMSolverMultistepScheduler",
         "FlowMatchEulerDiscreteScheduler",
@@ -788,8 +796,9 @@ class QTaylorScheduler(SchedulerMixin, ConfigMixin):
         ``sampler`` runs on any VP config; the source's algorithm keys then give way to it,
         which a warning says. EDM's two schedulers are reproduced on their own σ grid and
         preconditioning (another sampler runs there too if it makes one call per level).
-        Flow-matching configs are refused: qtaylor does not sample that path through this
-        scheduler yet.
+        Flow-matching configs (FlowMatchEulerDiscreteScheduler; DPM-Solver multistep and
+        UniPC with ``use_flow_sigmas``) are reproduced on the source's own levels ς, and any
+        sampler runs there (the ones that cannot start at pure noise, ς = 1, say so).
         """
         if isinstance(config, SchedulerMixin) and isinstance(config, ConfigMixin):
             # The scheduler itself (``from_config(pipe.scheduler)``): its class is known.

@@ -457,3 +457,21 @@ def test_diffusers_loads_the_shipped_flow_model_and_the_swap_reproduces_its_sche
     ours = loop(QTaylorScheduler.from_config(src.config), x.clone())
     assert rel(ours, ref) <= 1e-5, rel(ours, ref)
     assert float(ref.min()) > -1.5 and float(ref.max()) < 1.5  # images in [−1, 1], not noise
+
+
+def test_the_pytorch_loop_samples_a_flow_model_in_its_own_state():
+    """qtaylor.torch.sample on Schedule.flow: x, the model's input and the result are the flow
+    state, the model gets 1000 ς; ddim there is FlowMatch's Euler loop on the same levels."""
+    src = diffusers.FlowMatchEulerDiscreteScheduler(shift=3.0)
+    ref = run(src, 8, start())
+    sched = qtaylor.Schedule.flow(shift=3.0)
+    times = [float(t) for t in sched.time_of_level(np.asarray(src.sigmas.tolist(), dtype=np.float64))]
+    seen = []
+
+    def model(x, t):
+        seen.append(float(t[0]))
+        return velocity(x, t)
+
+    out = qtaylor.torch.sample(model, start(), "ddim", schedule=sched, times=times, prediction_type="flow_prediction")
+    assert out.nfe == 8 and rel(out.x, ref) <= REL_TOL, rel(out.x, ref)
+    assert abs(seen[0] - 1000.0) < 1e-9 and abs(seen[1] - float(src.timesteps[1])) < 1e-3
