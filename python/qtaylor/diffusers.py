@@ -1181,6 +1181,15 @@ class QTaylorScheduler(SchedulerMixin, ConfigMixin):
         each way it was tuned for another run (sampler, NFE, schedule), as ``qtaylor sample
         --grid-file`` does; errors name the file."""
         g = _core.read_grid_file(str(path), self._schedule, spec=self._spec)
+        if self._flow:
+            # the file's times on this flow schedule (its levels ς are already shifted: the
+            # source's set_timesteps(sigmas=) would shift them again)
+            times = [float(t) for t in g["times"]]
+            self._spec = self._base_spec
+            self._install(times, device)
+            self._source_sigmas = torch.tensor([float(v) for v in g["sigmas"]], dtype=torch.float32)
+            self.num_inference_steps = len(times) - 1
+            return
         self.set_timesteps(sigmas=g["sigmas"], device=device)
 
     def _check_reproduced(self, times: List[float], n: int, explicit: bool):

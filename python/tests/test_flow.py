@@ -475,3 +475,29 @@ def test_the_pytorch_loop_samples_a_flow_model_in_its_own_state():
     out = qtaylor.torch.sample(model, start(), "ddim", schedule=sched, times=times, prediction_type="flow_prediction")
     assert out.nfe == 8 and rel(out.x, ref) <= REL_TOL, rel(out.x, ref)
     assert abs(seen[0] - 1000.0) < 1e-9 and abs(seen[1] - float(src.timesteps[1])) < 1e-3
+
+
+def test_a_grid_file_tuned_on_the_flow_path_sets_the_swaps_levels(qtaylor_bin, tmp_path):
+    """``qtaylor tune --schedule flow`` writes ς levels; ``set_grid_file`` runs them as they
+    are (the source's ``set_timesteps(sigmas=)`` would shift them a second time)."""
+    mix = _mixture_file(tmp_path)
+    grid = tmp_path / "g.json"
+    r = subprocess.run([str(qtaylor_bin), "tune", "--problem", str(mix), "--schedule", "flow", "--shift", "3",
+                        "--sampler", "unipc-3", "--nfe", "5", "--out", str(grid)], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    g = json.loads(grid.read_text())
+    assert g["sigmas"][0] == 1.0 and g["sigmas"][-1] == 0.0 and all(0 <= v <= 1 for v in g["sigmas"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        q = QTaylorScheduler.from_config(diffusers.FlowMatchEulerDiscreteScheduler(shift=3.0).config, sampler="unipc-3")
+    q.set_grid_file(grid)
+    assert np.allclose(q.sigmas.double().numpy(), g["sigmas"], rtol=1e-6, atol=0)
+    assert len(q.timesteps) == 5 and abs(float(q.timesteps[0]) - 1000.0) < 1e-3
+    out = run_grid(q, start())
+    assert bool(torch.isfinite(out).all())
+
+
+def run_grid(q, x):
+    for t in q.timesteps:
+        x = q.step(velocity(x, t.reshape(1).expand(x.shape[0])), t, x).prev_sample
+    return x
