@@ -184,7 +184,10 @@ fn the_shipped_flow_model_draws_the_digit_it_is_asked_for() {
         p(&npy),
     ]);
     assert!(stderr(&out).contains("NFE"), "{}", stderr(&out));
-    let x = Tensor::read_npy(&npy).unwrap().to_dtype(DType::F32).unwrap();
+    let x = Tensor::read_npy(&npy)
+        .unwrap()
+        .to_dtype(DType::F32)
+        .unwrap();
     assert_eq!(x.dims(), &[20, 1, 28, 28]);
     let c = qtaylor::models::classifier::Classifier::load(
         std::path::Path::new("assets/classifier-mnist"),
@@ -193,6 +196,10 @@ fn the_shipped_flow_model_draws_the_digit_it_is_asked_for() {
     .unwrap();
     let pred: Vec<u32> = c.logits(&x).unwrap().argmax(1).unwrap().to_vec1().unwrap();
     // --classes all: one row per digit, two samples each (sample i asks for i / 2)
-    let right = pred.iter().enumerate().filter(|(i, p)| **p as usize == i / 2).count();
+    let right = pred
+        .iter()
+        .enumerate()
+        .filter(|(i, p)| **p as usize == i / 2)
+        .count();
     assert!(right >= 18, "{right} of 20 drawn as asked: {pred:?}");
 }

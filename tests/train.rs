@@ -24,9 +24,7 @@ fn opts(data: &Path, out: &Path, steps: usize) -> TrainOptions {
     o
 }
 
-fn tensors(file: &Path) -> std::collections::HashMap<String, Tensor> {
-    candle_core::safetensors::load(file, &Device::Cpu).unwrap()
-}
+use common::tensors;
 
 /// The ε-prediction loss of a saved model on a fixed batch (fixed timesteps and noise).
 fn fixed_loss(model_dir: &Path) -> f64 {
@@ -134,20 +132,7 @@ fn resume_continues_the_same_optimizer_state() {
     o.resume = Some(split.clone());
     let r = train(&o, &Device::Cpu).unwrap();
     assert_eq!((r.start_step, r.end_step), (3, 8));
-    let a = tensors(&straight.join("train_state.safetensors"));
-    let b = tensors(&split.join("train_state.safetensors"));
-    assert_eq!(a.len(), b.len());
-    for (k, t) in &a {
-        assert_eq!(
-            max_abs_diff(t, &b[k]).unwrap(),
-            0.0,
-            "{k} differs after resume"
-        );
-    }
-    assert_eq!(
-        std::fs::read_to_string(straight.join("train_log.csv")).unwrap(),
-        std::fs::read_to_string(split.join("train_log.csv")).unwrap()
-    );
+    common::assert_same_training(&straight, &split);
 }
 
 fn qtaylor(args: &[&str]) -> (bool, String) {

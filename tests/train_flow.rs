@@ -32,10 +32,6 @@ fn opts(data: &Path, out: &Path, steps: usize, objective: Objective) -> TrainOpt
     o
 }
 
-fn tensors(file: &Path) -> std::collections::HashMap<String, Tensor> {
-    candle_core::safetensors::load(file, &Device::Cpu).unwrap()
-}
-
 fn mean_std(v: &[f64]) -> (f64, f64) {
     let n = v.len() as f64;
     let m = v.iter().sum::<f64>() / n;
@@ -254,18 +250,7 @@ fn a_resumed_flow_run_is_the_uninterrupted_one_and_another_objective_is_refused(
     o.resume = Some(split.clone());
     let r = train(&o, &Device::Cpu).unwrap();
     assert_eq!((r.start_step, r.end_step), (3, 8));
-    let a = tensors(&straight.join("train_state.safetensors"));
-    let b = tensors(&split.join("train_state.safetensors"));
-    assert_eq!(a.len(), b.len());
-    for (k, t) in &a {
-        assert_eq!(
-            max_abs_diff(t, &b[k]).unwrap(),
-            0.0,
-            "{k} differs after resume"
-        );
-    }
-    let log = |d: &PathBuf| std::fs::read_to_string(d.join("train_log.csv")).unwrap();
-    assert_eq!(log(&straight), log(&split));
+    common::assert_same_training(&straight, &split);
     let before: Vec<(PathBuf, Vec<u8>)> = std::fs::read_dir(&split)
         .unwrap()
         .map(|e| {

@@ -301,13 +301,25 @@ fn unsupported_block_types_and_prediction_types_name_the_key() {
     );
     let d = damaged("multihead");
     edit_json(&d.path().join("scheduler/scheduler_config.json"), |v| {
-        v["prediction_type"] = "flow".into();
+        v["prediction_type"] = "score".into();
     });
     sample_fails(
         d.path(),
         &[],
-        &["scheduler_config.json", "prediction_type", "flow"],
+        &["scheduler_config.json", "prediction_type", "score"],
     );
+    // a flow model's prediction on a VP scheduler config is refused, not read on VP betas
+    for flow in ["flow", "flow_prediction"] {
+        let d = damaged("multihead");
+        edit_json(&d.path().join("scheduler/scheduler_config.json"), |v| {
+            v["prediction_type"] = flow.into();
+        });
+        sample_fails(
+            d.path(),
+            &[],
+            &["scheduler_config.json", "FlowMatchEulerDiscreteScheduler"],
+        );
+    }
 }
 
 #[test]

@@ -31,6 +31,29 @@ pub(crate) fn vectorize(
     Ok(out.into_pyarray(py).into_any().unbind())
 }
 
+/// `f` over a float or a numpy array of float64 `what`, its first error raised as ValueError.
+pub(crate) fn try_vectorize(
+    py: Python<'_>,
+    x: &Bound<'_, PyAny>,
+    what: &str,
+    f: impl Fn(f64) -> anyhow::Result<f64>,
+) -> PyResult<Py<PyAny>> {
+    if let Ok(v) = x.extract::<f64>() {
+        let t = f(v).map_err(value_err)?;
+        return Ok(t.into_pyobject(py)?.into_any().unbind());
+    }
+    let arr: PyReadonlyArrayDyn<f64> = x.extract().map_err(|_| {
+        PyValueError::new_err(format!(
+            "expected a float or a numpy array of float64 {what}"
+        ))
+    })?;
+    let mut out = arr.as_array().to_owned();
+    for v in out.iter_mut() {
+        *v = f(*v).map_err(value_err)?;
+    }
+    Ok(out.into_pyarray(py).into_any().unbind())
+}
+
 impl Schedule {
     pub(crate) fn check_t(&self, t: f64) -> PyResult<()> {
         if !(t.is_finite() && t >= 0.0 && t <= self.inner.t_end()) {
@@ -120,18 +143,7 @@ impl Schedule {
         py: Python<'_>,
         level: &Bound<'_, PyAny>,
     ) -> PyResult<Py<PyAny>> {
-        if let Ok(v) = level.extract::<f64>() {
-            let t = self.inner.time_of_level(v).map_err(value_err)?;
-            return Ok(t.into_pyobject(py)?.into_any().unbind());
-        }
-        let arr: PyReadonlyArrayDyn<f64> = level.extract().map_err(|_| {
-            PyValueError::new_err("expected a float or a numpy array of float64 noise levels")
-        })?;
-        let mut out = arr.as_array().to_owned();
-        for v in out.iter_mut() {
-            *v = self.inner.time_of_level(*v).map_err(value_err)?;
-        }
-        Ok(out.into_pyarray(py).into_any().unbind())
+        try_vectorize(py, level, "noise levels", |v| self.inner.time_of_level(v))
     }
 
     /// The model's state over the VP state at t (1 on VP, 1/α on VE, 1/(α + σ) on flow).
@@ -315,18 +327,7 @@ impl Schedule {
         py: Python<'_>,
         n: &Bound<'_, PyAny>,
     ) -> PyResult<Py<PyAny>> {
-        if let Ok(v) = n.extract::<f64>() {
-            let t = self.inner.time_of_network_time(v).map_err(value_err)?;
-            return Ok(t.into_pyobject(py)?.into_any().unbind());
-        }
-        let arr: PyReadonlyArrayDyn<f64> = n.extract().map_err(|_| {
-            PyValueError::new_err("expected a float or a numpy array of float64 timesteps")
-        })?;
-        let mut out = arr.as_array().to_owned();
-        for v in out.iter_mut() {
-            *v = self.inner.time_of_network_time(*v).map_err(value_err)?;
-        }
-        Ok(out.into_pyarray(py).into_any().unbind())
+        try_vectorize(py, n, "timesteps", |v| self.inner.time_of_network_time(v))
     }
 
     pub(crate) fn __repr__(&self) -> String {

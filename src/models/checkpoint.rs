@@ -123,7 +123,9 @@ impl SchedulerConfig {
             }
             let shift = c.shift.unwrap_or(1.0);
             Flow::new(shift).with_context(|| format!("{}: key 'shift'", file.display()))?;
-        } else if c.use_flow_sigmas || c.prediction_type == "flow_prediction" {
+        } else if c.use_flow_sigmas
+            || c.prediction_type.parse::<Parameterization>().ok() == Some(Parameterization::Flow)
+        {
             bail!(
                 "{}: a flow config of {} (use_flow_sigmas / flow_prediction) is not loaded by the command line; save the model with a FlowMatchEulerDiscreteScheduler config",
                 file.display(),

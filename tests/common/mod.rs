@@ -609,3 +609,29 @@ pub fn stub_sbatch_logs(bin: &Path) -> String {
         })
         .collect()
 }
+
+/// The tensors of a safetensors file, on the CPU.
+pub fn tensors(file: &Path) -> std::collections::HashMap<String, Tensor> {
+    candle_core::safetensors::load(file, &Device::Cpu).unwrap()
+}
+
+/// Two training folders hold the same optimiser state, bit for bit, and the same log (a
+/// resumed run against the uninterrupted one).
+pub fn assert_same_training(a: &Path, b: &Path) {
+    let (ta, tb) = (
+        tensors(&a.join("train_state.safetensors")),
+        tensors(&b.join("train_state.safetensors")),
+    );
+    assert_eq!(ta.len(), tb.len());
+    for (k, t) in &ta {
+        assert_eq!(
+            qtaylor::tensor::ops::max_abs_diff(t, &tb[k]).unwrap(),
+            0.0,
+            "{k} differs after resume"
+        );
+    }
+    assert_eq!(
+        std::fs::read_to_string(a.join("train_log.csv")).unwrap(),
+        std::fs::read_to_string(b.join("train_log.csv")).unwrap()
+    );
+}

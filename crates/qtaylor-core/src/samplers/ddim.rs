@@ -17,6 +17,10 @@
 //! μ̃ = α_s β_{t|s}/σ_t² · x̂0 + sqrt(ᾱ_{t|s}) σ_s²/σ_t² · x_t,   x_s = μ̃ + c z,
 //! c² = β̃ = σ_s²/σ_t² · β_{t|s}  (beta-tilde)   or   c² = β_{t|s}  (beta).
 //! ```
+//!
+//! Variable: none to integrate: the step is the closed form in α and σ at the grid's two
+//! times (exact under the SPA in any time variable). From pure noise (α_t = 0, rectified
+//! flow's ς = 1) it is written in x̂0.
 
 use anyhow::Result;
 

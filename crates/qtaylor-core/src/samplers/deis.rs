@@ -18,6 +18,9 @@
 //! Lagrange polynomial in `u = ln ρ` through the same outputs and integrates it in ρ:
 //! `x_{i+1}/α_{i+1} = x_i/α_i + Σ_j ε_{i−j} ∫_{ρ_i}^{ρ_{i+1}} ℓ_j(ln ρ) dρ`, the integral by
 //! the same quadrature in u (`dρ = e^u du`; exact to rounding for these polynomial × e^u).
+//!
+//! Variable: `deis-K` integrates in t (the paper's tAB); `deis-logrho-K` interpolates in ln
+//! ρ and integrates in ρ = σ/α. ρ is infinite at pure noise, so neither starts there.
 
 use anyhow::Result;
 

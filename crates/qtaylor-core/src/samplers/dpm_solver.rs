@@ -20,6 +20,9 @@
 //! paper's adaptive pairs (lower order for the error estimate, continue from the higher;
 //! `h ← min(θ h E^{−1/order}, λ_end − λ)`, θ = 0.9, h₀ = 0.05), with the step size controlled
 //! for every sample separately (the reference controls the batch as a whole).
+//!
+//! Variable: λ = ln(α/σ), on the noise prediction. λ = −∞ at pure noise, where the
+//! singlestep midpoints are undefined: these samplers do not start there.
 
 use anyhow::{Result, bail};
 

@@ -22,6 +22,10 @@
 //! code, diffusers and k-diffusion: its D₂ estimates h² m''/2 but is weighted by φ₃, which is
 //! exact for h² m'', so the scheme is second order as coded (measured in the tests; kept for
 //! parity with those implementations).
+//!
+//! Variable: λ = ln(α/σ), on the data prediction. The multistep and 2M-SDE forms start at
+//! pure noise (λ = −∞ enters only through e^{−h} = 0; an older node at −∞ drops out); the
+//! 2S and singlestep-2 midpoints do not.
 
 use anyhow::Result;
 

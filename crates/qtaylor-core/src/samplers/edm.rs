@@ -21,6 +21,8 @@
 //!
 //! ς̂ is capped at ς(t_max) (the schedule cannot go noisier). S_churn = 0 is the
 //! deterministic Heun sampler.
+//!
+//! Variable: ς = σ/α (EDM's σ), infinite at pure noise: it does not start there.
 
 use anyhow::Result;
 

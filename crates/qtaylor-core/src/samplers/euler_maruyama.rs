@@ -9,6 +9,9 @@
 //! ```
 //!
 //! It is also the order-1 quasi-Itô-Taylor scheme (`qit-1`, DESIGN §5).
+//!
+//! Variable: t, on the reverse SDE (drift β x/2 − β ε̂/σ), singular at pure noise (β = ∞ on
+//! rectified flow at ς = 1).
 
 use anyhow::Result;
 

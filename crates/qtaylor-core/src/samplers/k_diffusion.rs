@@ -27,6 +27,9 @@
 //! except LMS's, which integrates its polynomial down to 0 as k-diffusion does. The network
 //! is called at `t(ς)` for the intermediate levels (ς̂, ς_m), found on the schedule
 //! (a discrete schedule's network time there is diffusers' `_sigma_to_t`).
+//!
+//! Variable: ς = σ/α on the state x/α (k-diffusion's σ), infinite at pure noise: these
+//! samplers do not start there.
 
 use anyhow::Result;
 

@@ -15,6 +15,9 @@
 //!   coefficients from the first step on (1 NFE per step).
 //!
 //! The coefficients are those of a uniform grid, whatever the grid (as in the papers).
+//!
+//! Variable: t, with DDIM's transfer between the grid's times written as `A x_t + B ε̂` (A
+//! = α_s/α_t): it does not start at pure noise.
 
 use std::collections::VecDeque;
 

@@ -20,6 +20,9 @@
 //! `½βx − β(x − αx̂0)/σ²`; it agrees with DESIGN §5.) Order 1 is Euler–Maruyama
 //! ([`super::euler_maruyama`]); the infinite order is the exact SPA transition, the DDPM
 //! posterior, which `qit-inf` runs through [`super::ddim::sample_ddim`] with η = 1.
+//!
+//! Variable: t, on the reverse SDE; `qit-inf` (the DDPM posterior) starts at pure noise,
+//! `qit-1/2` do not (β = ∞ there).
 
 use anyhow::Result;
 

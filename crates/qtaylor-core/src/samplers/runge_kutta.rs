@@ -10,6 +10,10 @@
 //! is what score_sde's probability-flow sampler runs through `scipy.integrate.solve_ivp`.
 //! Our DOPRI5 controls the step of every sample separately (per-row times), so a
 //! sample's result does not depend on the rest of the batch.
+//!
+//! Variable: t, on the probability-flow ODE. At pure noise the drift −½βx + β/(2σ) ε̂ is
+//! written α′ x̂0 + σ′ ε̂ (finite where α, σ are analytic), so Euler, Heun and RK4 start
+//! there; RK45 does not.
 
 use anyhow::{Result, bail};
 

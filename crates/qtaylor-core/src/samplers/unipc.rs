@@ -19,6 +19,9 @@
 //! output stored for t is the one at the predicted point, so UniC costs no NFE; the last
 //! step is not corrected. The order warms up 1, 2, …, p; with `lower_order_final` it is
 //! `min(p, steps left)` (diffusers, unconditionally).
+//!
+//! Variable: λ = ln(α/σ), on the data prediction; starts at pure noise (a node at λ = −∞
+//! drops out of the Vandermonde system).
 
 use std::fmt;
 use std::str::FromStr;
