@@ -13,15 +13,7 @@ mod common;
 use common::{TINY_CONFIG, tiny_data};
 
 fn opts(data: &Path, out: &Path, steps: usize) -> TrainOptions {
-    let mut o = TrainOptions::new(data.to_str().unwrap(), out);
-    o.config = TINY_CONFIG.to_string();
-    o.steps = steps;
-    o.batch = 16;
-    o.lr = 3e-3;
-    o.warmup = 5;
-    o.ema = 0.9;
-    o.save_every = 1000;
-    o
+    common::tiny_train_options(data, out, steps)
 }
 
 use common::tensors;

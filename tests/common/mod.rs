@@ -635,3 +635,17 @@ pub fn assert_same_training(a: &Path, b: &Path) {
         std::fs::read_to_string(b.join("train_log.csv")).unwrap()
     );
 }
+
+/// The training options of the tiny CPU runs: TINY_CONFIG, batch 16, lr 3e-3, 5 warm-up
+/// steps, EMA 0.9.
+pub fn tiny_train_options(data: &Path, out: &Path, steps: usize) -> qtaylor::train::TrainOptions {
+    let mut o = qtaylor::train::TrainOptions::new(data.to_str().unwrap(), out);
+    o.config = TINY_CONFIG.to_string();
+    o.steps = steps;
+    o.batch = 16;
+    o.lr = 3e-3;
+    o.warmup = 5;
+    o.ema = 0.9;
+    o.save_every = 1000;
+    o
+}
