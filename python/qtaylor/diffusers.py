@@ -782,7 +782,7 @@ class QTaylorScheduler(SchedulerMixin, ConfigMixin):
             key = "shift" if type(self._source).__name__ in _FLOW_CLASSES else "flow_shift"
             self._flow_shift = (float(cfg.get(key, 1.0)), None, "exponential")
         shift, m, kind = self._flow_shift
-        return _core.Schedule.flow(shift=shift, mu=m, time_shift_type=kind)
+        return _core.Schedule.flow(shift=shift, mu=m, time_shift=kind)
 
     # -- from another scheduler's config --------------------------------------------------
     @classmethod
@@ -837,7 +837,7 @@ class QTaylorScheduler(SchedulerMixin, ConfigMixin):
         if state.get("flow_shift") is not None and self._flow:
             shift, mu, kind = state["flow_shift"]
             self._flow_shift = (shift, mu, kind)
-            self._schedule = _core.Schedule.flow(shift=shift, mu=mu, time_shift_type=kind)
+            self._schedule = _core.Schedule.flow(shift=shift, mu=mu, time_shift=kind)
         if state["times"] is not None:
             if state.get("spec_lowered"):
                 self._spec = _core.SamplerSpec(self._spec.name, **dict(self._spec_options, lower_order_final=False))

@@ -110,22 +110,19 @@ impl Schedule {
 
     /// Rectified flow (SD3, Flux): `x = (1 − ς) x0 + ς ε` in VP coordinates, time t the
     /// unshifted flow time, `ς = s t/(1 + (s − 1) t)` with `shift` s, or diffusers' dynamic
-    /// `mu` with `time_shift_type` (exponential: s = e^μ; linear: s = μ). The model's state is
+    /// `mu` with `time_shift` (diffusers' `time_shift_type`; exponential: s = e^μ; linear:
+    /// s = μ). The model's state is
     /// the VP state times `state_scale(t) = 1/(α + σ)`; its network time is `1000 ς`.
     #[staticmethod]
-    #[pyo3(signature = (shift = None, mu = None, time_shift_type = "exponential"))]
-    pub(crate) fn flow(
-        shift: Option<f64>,
-        mu: Option<f64>,
-        time_shift_type: &str,
-    ) -> PyResult<Self> {
+    #[pyo3(signature = (shift = None, mu = None, time_shift = "exponential"))]
+    pub(crate) fn flow(shift: Option<f64>, mu: Option<f64>, time_shift: &str) -> PyResult<Self> {
         let inner = match (shift, mu) {
             (Some(_), Some(_)) => {
                 return Err(PyValueError::new_err(
                     "give shift or mu, not both (mu is diffusers' dynamic shift)",
                 ));
             }
-            (_, Some(mu)) => sched::Flow::from_mu(mu, time_shift_type),
+            (_, Some(mu)) => sched::Flow::from_mu(mu, time_shift),
             (s, None) => sched::Flow::new(s.unwrap_or(1.0)),
         }
         .map_err(value_err)?;

@@ -501,3 +501,23 @@ def run_grid(q, x):
     for t in q.timesteps:
         x = q.step(velocity(x, t.reshape(1).expand(x.shape[0])), t, x).prev_sample
     return x
+
+
+@pytest.mark.parametrize(
+    "kw,says",
+    [
+        (dict(shift=0.0), "shift=0"),
+        (dict(shift=-3.0), "shift=-3"),
+        (dict(mu=float("nan")), "mu=NaN"),
+        (dict(mu=-1.0, time_shift="linear"), "mu=-1"),
+        (dict(mu=1.0, time_shift="cubic"), "time_shift='cubic'"),
+        (dict(shift=2.0, mu=1.0), "not both"),
+    ],
+)
+def test_a_bad_flow_schedule_names_the_keyword_and_its_value(kw, says):
+    with pytest.raises(ValueError) as e:
+        qtaylor.Schedule.flow(**kw)
+    assert says in str(e.value), str(e.value)
+    # and a level outside [0, 1] names the value
+    with pytest.raises(ValueError, match="1.5"):
+        qtaylor.Schedule.flow(shift=3.0).time_of_level(1.5)
