@@ -203,3 +203,14 @@ fn the_shipped_flow_model_draws_the_digit_it_is_asked_for() {
         .count();
     assert!(right >= 18, "{right} of 20 drawn as asked: {pred:?}");
 }
+
+#[test]
+fn from_pure_noise_k_euler_is_ddim_and_k_euler_a_runs() {
+    // Euler in ς = σ/α without churn is DDIM (exactly, from ς = ∞ as its limit)
+    let sched = flow3();
+    let (a, _) = flow_run(&sched, "k-euler".parse().unwrap(), 10, 1.0, 0.0).unwrap();
+    let (b, _) = flow_run(&sched, Sampler::Ddim, 10, 1.0, 0.0).unwrap();
+    assert!((a - b).abs() < 1e-12 * b, "{a} vs {b}");
+    let (e, nfe) = flow_run(&sched, "k-euler-a".parse().unwrap(), 10, 1.0, 0.0).unwrap();
+    assert!(e.is_finite() && nfe == 10.0);
+}

@@ -28,12 +28,13 @@
 //! is called at `t(ς)` for the intermediate levels (ς̂, ς_m), found on the schedule
 //! (a discrete schedule's network time there is diffusers' `_sigma_to_t`).
 //!
-//! Variable: ς = σ/α on the state x/α (k-diffusion's σ), infinite at pure noise: these
-//! samplers do not start there.
+//! Variable: ς = σ/α on the state x/α (k-diffusion's σ), infinite at pure noise. k-euler and
+//! k-euler-a start there (their step from ς = ∞ tends to DDIM's, taken in x̂0); the two-stage
+//! ones and LMS (a node at ς = ∞) do not.
 
 use anyhow::Result;
 
-use super::{Backend, Ctx, Options};
+use super::{Backend, Ctx, Options, pure_noise};
 use crate::schedule::Schedule;
 
 /// Karras' churn parameters (in ς = σ/α units), shared by Euler, Heun and DPM2.
@@ -193,6 +194,14 @@ pub fn sample_k_euler<B: Backend>(
     for i in 0..n {
         ctx.begin_step(i, ts[i], &x)?;
         let (x_hat, t_hat, s_hat) = churn_up(ctx, x, ts[i], n, churn)?;
+        if pure_noise(sched, t_hat) {
+            // ς = ∞ (rectified flow's ς = 1; churn is capped there): x/α + (ς' − ς) ε̂ tends
+            // to x̂0 + ς' ε̂, DDIM's step, written in x̂0
+            let den = ctx.denoise(&x_hat, t_hat)?;
+            let (a_next, s_next) = (sched.alpha(ts[i + 1]), sched.sigma(ts[i + 1]));
+            x = ctx.lc(&[(a_next, &den.x0), (s_next, &den.eps)])?;
+            continue;
+        }
         let d = ctx.denoise(&x_hat, t_hat)?.eps;
         let (s_next, a_next) = (varsigma(sched, ts[i + 1]), sched.alpha(ts[i + 1]));
         x = ctx.lc(&[
@@ -240,6 +249,24 @@ pub fn sample_k_ancestral<B: Backend>(
         ctx.begin_step(i, ts[i], &x)?;
         let (s, a) = (varsigma(sched, ts[i]), sched.alpha(ts[i]));
         let (s_next, a_next) = (varsigma(sched, ts[i + 1]), sched.alpha(ts[i + 1]));
+        if !mid && pure_noise(sched, ts[i]) {
+            // Euler ancestral from ς = ∞: ς_up → min(η ς', ς'), ς_down = √(ς'² − ς_up²), and
+            // x/α + (ς_down − ς) ε̂ → x̂0 + ς_down ε̂ (DDIM with η from pure noise)
+            let den = ctx.denoise(&x, ts[i])?;
+            let up = (eta * s_next).min(s_next);
+            let down = (s_next * s_next - up * up).max(0.0).sqrt();
+            x = if up > 0.0 && s_noise > 0.0 && s_next > 0.0 {
+                let z = ctx.noise_like(&x)?;
+                ctx.lc(&[
+                    (a_next, &den.x0),
+                    (a_next * down, &den.eps),
+                    (a_next * up * s_noise, &z),
+                ])?
+            } else {
+                ctx.lc(&[(a_next, &den.x0), (a_next * down, &den.eps)])?
+            };
+            continue;
+        }
         let d = ctx.denoise(&x, ts[i])?.eps;
         let (down, up) = ancestral_step(s, s_next, eta);
         let slope = if mid && down > 0.0 {

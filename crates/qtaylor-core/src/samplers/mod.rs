@@ -642,9 +642,10 @@ pub fn pure_noise(schedule: &dyn Schedule, t: f64) -> bool {
 impl Sampler {
     /// True for samplers that can start at pure noise (α = 0: rectified flow's ς = 1, where
     /// diffusers' flow pipelines start): their first step is written in x̂0 (DDIM, DDPM,
-    /// quasi-Taylor in t or state, Euler/Heun/RK4 with the drift α' x̂0 + σ' ε̂) or its
-    /// λ-increment enters only through `e^{−h}` (DPM-Solver++ multistep and 2M-SDE, UniPC,
-    /// singlestep order 1). The others divide by α or place a stage at λ = −∞ + h/2.
+    /// quasi-Taylor in t or state, Euler/Heun/RK4 with the drift α' x̂0 + σ' ε̂, k-euler and
+    /// k-euler-a as their ς → ∞ limit) or its λ-increment enters only through `e^{−h}`
+    /// (DPM-Solver++ multistep and 2M-SDE, UniPC, singlestep order 1). The others divide by
+    /// α or place a stage at λ = −∞ + h/2.
     pub fn starts_at_pure_noise(&self) -> bool {
         matches!(
             self,
@@ -659,6 +660,8 @@ impl Sampler {
                 | Sampler::DpmPp2MSde
                 | Sampler::UniPc(_)
                 | Sampler::DpmPpSinglestep(1)
+                | Sampler::KEuler
+                | Sampler::KEulerAncestral
         )
     }
 
