@@ -34,33 +34,35 @@ pub fn ddim_coefficients(schedule: &dyn Schedule, t: f64, s: f64) -> (f64, f64) 
     (a, b)
 }
 
-/// `(A, B, C)` of the DDIM step with η: `x_s = A x_t + B ε̂ + C z`.
-pub fn ddim_eta_coefficients(schedule: &dyn Schedule, t: f64, s: f64, eta: f64) -> (f64, f64, f64) {
-    let (at, st) = (schedule.alpha(t), schedule.sigma(t));
+/// `(K₀, K_ε, C)` of the DDIM step with η written in x̂0: `x_s = K₀ x̂0 + K_ε ε̂ + C z` with
+/// `K₀ = α_s`, `K_ε = √(σ_s² − C²)` (finite at pure noise, α_t = 0).
+pub fn ddim_x0_coefficients(schedule: &dyn Schedule, t: f64, s: f64, eta: f64) -> (f64, f64, f64) {
+    let st = schedule.sigma(t);
     let (as_, ss) = (schedule.alpha(s), schedule.sigma(s));
     // 1 − ᾱ_t/ᾱ_s without cancellation.
     let beta_ts = -(schedule.log_alpha_bar(t) - schedule.log_alpha_bar(s)).exp_m1();
     let c = eta * (ss / st) * beta_ts.sqrt();
-    let dir = (ss * ss - c * c).max(0.0).sqrt();
+    (as_, (ss * ss - c * c).max(0.0).sqrt(), c)
+}
+
+/// `(A, B, C)` of the DDIM step with η: `x_s = A x_t + B ε̂ + C z` (x̂0 = (x_t − σ_t ε̂)/α_t in
+/// [`ddim_x0_coefficients`]: `A = K₀/α_t`, `B = K_ε − K₀ σ_t/α_t`).
+pub fn ddim_eta_coefficients(schedule: &dyn Schedule, t: f64, s: f64, eta: f64) -> (f64, f64, f64) {
+    let (at, st) = (schedule.alpha(t), schedule.sigma(t));
+    let (as_, dir, c) = ddim_x0_coefficients(schedule, t, s, eta);
     (as_ / at, dir - as_ * st / at, c)
 }
 
-/// `(dir, c)` of the DDIM step from pure noise (α_t = 0, σ_t = 1) to s, written in x̂0:
-/// `x_s = α_s x̂0 + dir ε̂ + c z` with `c = η σ_s` (ᾱ_t/ᾱ_s = 0) and `dir = √(σ_s² − c²)`.
-pub fn ddim_from_pure_noise(schedule: &dyn Schedule, s: f64, eta: f64) -> (f64, f64) {
-    let ss = schedule.sigma(s);
-    let c = eta * ss;
-    ((ss * ss - c * c).max(0.0).sqrt(), c)
-}
-
-/// `(A, B, C)` of DDPM's ancestral step `x_s = μ̃ + C z`, `μ̃ = A x_t + B ε̂`.
-pub fn ddpm_coefficients(
+/// `(K₀, K_x, C)` of DDPM's ancestral step written in x̂0: `x_s = K₀ x̂0 + K_x x_t + C z`,
+/// the posterior mean's two terms and the standard deviation of `variance` (finite at pure
+/// noise, where `K_x = 0`).
+pub fn ddpm_x0_coefficients(
     schedule: &dyn Schedule,
     t: f64,
     s: f64,
     variance: DdpmVariance,
 ) -> (f64, f64, f64) {
-    let (at, st) = (schedule.alpha(t), schedule.sigma(t));
+    let st = schedule.sigma(t);
     let (as_, ss) = (schedule.alpha(s), schedule.sigma(s));
     let log_ratio = schedule.log_alpha_bar(t) - schedule.log_alpha_bar(s);
     let beta_ts = -log_ratio.exp_m1();
@@ -70,7 +72,20 @@ pub fn ddpm_coefficients(
         DdpmVariance::BetaTilde => ss * ss / (st * st) * beta_ts,
         DdpmVariance::Beta => beta_ts,
     };
-    (k1 + k0 / at, -k0 * st / at, var.sqrt())
+    (k0, k1, var.sqrt())
+}
+
+/// `(A, B, C)` of DDPM's ancestral step `x_s = μ̃ + C z`, `μ̃ = A x_t + B ε̂`
+/// ([`ddpm_x0_coefficients`] with x̂0 = (x_t − σ_t ε̂)/α_t).
+pub fn ddpm_coefficients(
+    schedule: &dyn Schedule,
+    t: f64,
+    s: f64,
+    variance: DdpmVariance,
+) -> (f64, f64, f64) {
+    let (at, st) = (schedule.alpha(t), schedule.sigma(t));
+    let (k0, k1, c) = ddpm_x0_coefficients(schedule, t, s, variance);
+    (k1 + k0 / at, -k0 * st / at, c)
 }
 
 /// DDIM with η (η = 0: deterministic; one NFE per step).
@@ -88,11 +103,9 @@ pub fn sample_ddim<B: Backend>(
             x = d.x0;
             continue;
         }
-        let (a, b, c) = ddim_eta_coefficients(ctx.schedule, t, s, eta);
         if pure_noise(ctx.schedule, t) {
             // α_t = 0 (ς = 1): A x_t + B ε̂ is ∞ − ∞; the step in x̂0 is the same formula
-            let (dir, c) = ddim_from_pure_noise(ctx.schedule, s, eta);
-            let a_s = ctx.schedule.alpha(s);
+            let (a_s, dir, c) = ddim_x0_coefficients(ctx.schedule, t, s, eta);
             x = if c > 0.0 {
                 let z = ctx.noise_like(&x)?;
                 ctx.lc(&[(a_s, &d.x0), (dir, &d.eps), (c, &z)])?
@@ -101,6 +114,7 @@ pub fn sample_ddim<B: Backend>(
             };
             continue;
         }
+        let (a, b, c) = ddim_eta_coefficients(ctx.schedule, t, s, eta);
         x = if c > 0.0 {
             let z = ctx.noise_like(&x)?;
             ctx.lc(&[(a, &x), (b, &d.eps), (c, &z)])?
@@ -127,10 +141,10 @@ pub fn sample_ddpm<B: Backend>(
             continue;
         }
         if pure_noise(ctx.schedule, t) {
-            // α_t = 0: ᾱ_{t|s} = 0, so μ̃ = α_s x̂0 and the variance is σ_s² (either variant)
+            // α_t = 0: ᾱ_{t|s} = 0, so μ̃ = α_s x̂0 (K_x = 0), written in x̂0
+            let (k0, _, c) = ddpm_x0_coefficients(ctx.schedule, t, s, variance);
             let z = ctx.noise_like(&x)?;
-            let (a_s, s_s) = (ctx.schedule.alpha(s), ctx.schedule.sigma(s));
-            x = ctx.lc(&[(a_s, &d.x0), (s_s, &z)])?;
+            x = ctx.lc(&[(k0, &d.x0), (c, &z)])?;
             continue;
         }
         let (a, b, c) = ddpm_coefficients(ctx.schedule, t, s, variance);
@@ -158,6 +172,32 @@ mod tests {
                 );
             }
         }
+    }
+
+    #[test]
+    fn at_pure_noise_the_x0_forms_are_the_limits_of_the_steps_just_below_it() {
+        // rectified flow at ς = 1: α_t = 0; just below, the x̂0 forms are continuous in t
+        let f = crate::schedule::Flow::new(3.0).unwrap();
+        let s = 0.7;
+        for eta in [0.0, 0.5, 1.0] {
+            let at = ddim_x0_coefficients(&f, 1.0, s, eta);
+            let near = ddim_x0_coefficients(&f, 1.0 - 1e-9, s, eta);
+            for (u, v) in [(at.0, near.0), (at.1, near.1), (at.2, near.2)] {
+                assert!(u.is_finite() && (u - v).abs() < 1e-6, "η {eta}: {u} vs {v}");
+            }
+        }
+        for var in [DdpmVariance::BetaTilde, DdpmVariance::Beta] {
+            let at = ddpm_x0_coefficients(&f, 1.0, s, var);
+            let near = ddpm_x0_coefficients(&f, 1.0 - 1e-9, s, var);
+            assert_eq!(at.1, 0.0);
+            for (u, v) in [(at.0, near.0), (at.1, near.1), (at.2, near.2)] {
+                assert!(u.is_finite() && (u - v).abs() < 1e-6, "{var:?}: {u} vs {v}");
+            }
+        }
+        // β̃ is DDIM with η = 1; the β variance is 1 there (ᾱ_t/ᾱ_s = 0)
+        let tilde = ddpm_x0_coefficients(&f, 1.0, s, DdpmVariance::BetaTilde);
+        assert!((tilde.2 - f.sigma(s)).abs() < 1e-15);
+        assert_eq!(ddpm_x0_coefficients(&f, 1.0, s, DdpmVariance::Beta).2, 1.0);
     }
 
     #[test]
