@@ -237,13 +237,21 @@ impl Share<'_> {
     }
 }
 
-/// `n` times uniform in λ from `hi` to `lo` (end points exact). From pure noise (λ(hi) =
-/// −∞, rectified flow's ς = 1) the inner times are uniform in λ from `hi − (hi − lo)/1000`.
-fn lambda_uniform(schedule: &dyn Schedule, hi: f64, lo: f64, n: usize) -> Result<Vec<f64>> {
-    let (mut l0, l1) = (schedule.lambda(hi), schedule.lambda(lo));
-    if l0 == f64::NEG_INFINITY {
-        l0 = schedule.lambda(hi - (hi - lo) / 1000.0);
+/// λ at `hi`, or where it is −∞ (pure noise, rectified flow's ς = 1) λ at
+/// `hi − (hi − lo)/1000`: the finite top of the candidates' λ range.
+fn finite_top_lambda(schedule: &dyn Schedule, hi: f64, lo: f64) -> f64 {
+    let l = schedule.lambda(hi);
+    if l == f64::NEG_INFINITY {
+        schedule.lambda(hi - (hi - lo) / 1000.0)
+    } else {
+        l
     }
+}
+
+/// `n` times uniform in λ from `hi` to `lo` (end points exact; from pure noise the inner
+/// ones from [`finite_top_lambda`]).
+fn lambda_uniform(schedule: &dyn Schedule, hi: f64, lo: f64, n: usize) -> Result<Vec<f64>> {
+    let (l0, l1) = (finite_top_lambda(schedule, hi, lo), schedule.lambda(lo));
     let mut v = Vec::with_capacity(n + 1);
     for i in 0..=n {
         v.push(match i {
@@ -487,7 +495,7 @@ pub fn tune(
         if lam[0] == f64::NEG_INFINITY && lam.len() > 1 {
             // pure noise (flow's ς = 1): the first time stays t_hi (`to_times`), its λ only
             // has to lie below the others
-            lam[0] = lam[1].min(schedule.lambda(t_hi - (t_hi - t_lo) / 1000.0)) - 1.0;
+            lam[0] = lam[1].min(finite_top_lambda(schedule, t_hi, t_lo)) - 1.0;
         }
         let to_times = |l: &[f64]| -> Result<Vec<f64>> {
             let mut ts = Vec::with_capacity(steps + 1);

@@ -215,7 +215,7 @@ impl GmmModel {
             k,
             device,
         )?;
-        let param = if schedule.alpha(schedule.t_end()) == 0.0 {
+        let param = if qtaylor_core::samplers::pure_noise(schedule.as_ref(), schedule.t_end()) {
             Parameterization::Flow
         } else {
             Parameterization::Eps
