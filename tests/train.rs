@@ -1,7 +1,7 @@
 //! `qtaylor train`: the loss falls, checkpoints reload and resume exactly, bad input fails
 //! cleanly without touching existing checkpoints.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 
 use candle_core::{DType, Device, Tensor};
@@ -187,14 +187,7 @@ fn bad_data_or_a_foreign_resume_folder_is_a_clear_error_and_overwrites_nothing()
     // A good run, then a resume with another config: refused, nothing rewritten.
     let (ok, err) = run_with(base(&run, &data), &["--steps", "2", "--batch", "8"]);
     assert!(ok, "{err}");
-    let before: Vec<(PathBuf, Vec<u8>)> = std::fs::read_dir(&run)
-        .unwrap()
-        .map(|e| {
-            let p = e.unwrap().path();
-            let b = std::fs::read(&p).unwrap();
-            (p, b)
-        })
-        .collect();
+    let before = common::folder_bytes(&run);
     let other = dir.path().join("other.json");
     std::fs::write(&other, TINY_CONFIG.replace("[8, 16]", "[8, 8]")).unwrap();
     let mut a = base(&run, &data);
@@ -232,9 +225,7 @@ fn bad_data_or_a_foreign_resume_folder_is_a_clear_error_and_overwrites_nothing()
     );
     let (ok, err) = run_with(base(&run, &data), &["--steps", "4", "--batch", "8"]);
     assert!(!ok && err.contains("already holds a training run"), "{err}");
-    for (p, b) in before {
-        assert_eq!(std::fs::read(&p).unwrap(), b, "{} changed", p.display());
-    }
+    common::assert_unchanged(&before);
 }
 
 #[test]

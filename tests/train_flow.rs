@@ -2,7 +2,7 @@
 //! a short run learns and writes a `FlowMatchEulerDiscreteScheduler` checkpoint that samples,
 //! resume is exact and refuses another objective, and the flags are checked.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use candle_core::{DType, Device, Tensor};
 use qtaylor::models::checkpoint::DiffusersModel;
@@ -243,14 +243,7 @@ fn a_resumed_flow_run_is_the_uninterrupted_one_and_another_objective_is_refused(
     let r = train(&o, &Device::Cpu).unwrap();
     assert_eq!((r.start_step, r.end_step), (3, 8));
     common::assert_same_training(&straight, &split);
-    let before: Vec<(PathBuf, Vec<u8>)> = std::fs::read_dir(&split)
-        .unwrap()
-        .map(|e| {
-            let p = e.unwrap().path();
-            let b = std::fs::read(&p).unwrap();
-            (p, b)
-        })
-        .collect();
+    let before = common::folder_bytes(&split);
     // Through the library: another σ rule is another objective.
     let mut o = opts(&data, &split, 10, Objective::Flow(SigmaSampling::Uniform));
     o.resume = Some(split.clone());
@@ -294,14 +287,7 @@ fn a_resumed_flow_run_is_the_uninterrupted_one_and_another_objective_is_refused(
         "{e}"
     );
     // With --objective flow (logit-normal by default) the same command continues the run.
-    for (path, bytes) in &before {
-        assert_eq!(
-            &std::fs::read(path).unwrap(),
-            bytes,
-            "{} changed",
-            path.display()
-        );
-    }
+    common::assert_unchanged(&before);
     let flow: Vec<&str> = args
         .iter()
         .copied()

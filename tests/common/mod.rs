@@ -649,3 +649,22 @@ pub fn tiny_train_options(data: &Path, out: &Path, steps: usize) -> qtaylor::tra
     o.save_every = 1000;
     o
 }
+
+/// The files of a folder with their bytes (to check that a refused run rewrote nothing).
+pub fn folder_bytes(dir: &Path) -> Vec<(PathBuf, Vec<u8>)> {
+    std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| {
+            let p = e.unwrap().path();
+            let b = std::fs::read(&p).unwrap();
+            (p, b)
+        })
+        .collect()
+}
+
+/// Every file of a [`folder_bytes`] snapshot still holds its bytes.
+pub fn assert_unchanged(before: &[(PathBuf, Vec<u8>)]) {
+    for (p, b) in before {
+        assert_eq!(&std::fs::read(p).unwrap(), b, "{} changed", p.display());
+    }
+}
