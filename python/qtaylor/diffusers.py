@@ -780,7 +780,7 @@ class QTaylorScheduler(SchedulerMixin, ConfigMixin):
             self._flow_shift = (None, float(mu), kind)
         else:
             key = "shift" if type(self._source).__name__ in _FLOW_CLASSES else "flow_shift"
-            self._flow_shift = (float(cfg.get(key, 1.0)), None, "exponential")
+            self._flow_shift = (float(cfg.get(key, 1.0)), None, None)
         shift, m, kind = self._flow_shift
         return _core.Schedule.flow(shift=shift, mu=m, time_shift=kind)
 
@@ -929,7 +929,7 @@ class QTaylorScheduler(SchedulerMixin, ConfigMixin):
         k = self._call_index(timestep)
         if self._edm:
             return self._source.precondition_inputs(sample, self._level_at_call(k))
-        return sample * self._alpha_at_call(k)
+        return sample * self._vp_factor_at_call(k)
 
     def _call_index(self, timestep) -> int:
         """The network call a pipeline is at: the next one of the run in progress, else the
@@ -954,11 +954,11 @@ class QTaylorScheduler(SchedulerMixin, ConfigMixin):
         t = self._call_times[k] if k < len(self._call_times) else self._times[-1]
         return float(self._schedule.sigma(float(t)) / self._schedule.alpha(float(t)))
 
-    def _alpha_at_call(self, k: int) -> float:
+    def _vp_factor_at_call(self, k: int) -> float:
         """The factor from the source's state to the VP state at network call k (at the grid's
         end past the last call): α for a σ-space source's x/α, 1/state_scale for the flow
         state (from the core, once per grid)."""
-        return self._call_alphas[min(k, len(self._call_alphas) - 1)]
+        return self._call_factors[min(k, len(self._call_factors) - 1)]
 
     # -- grids --------------------------------------------------------------------------
     def set_timesteps(
@@ -1162,16 +1162,13 @@ class QTaylorScheduler(SchedulerMixin, ConfigMixin):
                         f"diffusers makes VP σ/α levels there and steps them as flow levels (α = 1 − σ < 0); set {key}=False"
                     )
                 raise ValueError(f"{name} gives flow levels outside [0, 1] ({max(levels):.4g}); nothing to reproduce")
-            # ς levels; FlowMatch's network times are ς·1000 in float32 at every call (so a
-            # sampler with several calls per step runs too), unless timesteps= were given or
-            # its num_train_timesteps is not 1000 (then the source's own ς·T, one call per level)
-            times = _core.grid_times(
-                self._schedule, times=[float(v) for v in self._schedule.time_of_level(np.array(levels))]
-            ).tolist()
+            # FlowMatch's network times are ς·1000 in float32 at every call (so a sampler with
+            # several calls per step runs too), unless timesteps= were given or its
+            # num_train_timesteps is not 1000 (then the source's own ς·T, one call per level)
             if name in _FLOW_CLASSES and timesteps is None and src.config.num_train_timesteps == 1000:
                 labels = None
-        else:
-            times = _core.grid_times(self._schedule, sigmas=levels).tolist()
+        # the levels' times (σ/α, or ς on a flow schedule: Schedule.time_of_level)
+        times = _core.grid_times(self._schedule, sigmas=levels).tolist()
         self._install(times, device, tail=idle, labels=labels, label_dtype=src.timesteps.dtype)
         self.init_noise_sigma = float(getattr(src, "init_noise_sigma", 1.0))
         self.num_inference_steps = len(times) - 1 + idle
@@ -1283,7 +1280,7 @@ class QTaylorScheduler(SchedulerMixin, ConfigMixin):
             factors = 1.0 / np.asarray(self._schedule.state_scale(points))
         else:
             factors = np.asarray(self._schedule.alpha(points))
-        self._call_alphas = [float(a) for a in factors]
+        self._call_factors = [float(a) for a in factors]
         self._label_values = [float(v) for v in self.timesteps.tolist()]
         self.order = self._calls_per_step(program)
 
@@ -1344,7 +1341,7 @@ class QTaylorScheduler(SchedulerMixin, ConfigMixin):
         self._call_times = new.call_times
         self._call_steps = new.call_steps
         self.timesteps = self.timesteps[k:].to(device)
-        self._call_alphas = self._call_alphas[k:]
+        self._call_factors = self._call_factors[k:]
         self._label_values = self._label_values[k:]
         self._replay = None
 
@@ -1434,10 +1431,10 @@ class QTaylorScheduler(SchedulerMixin, ConfigMixin):
             # source's precondition_outputs), which the program reads as x̂0.
             model_output = self._source.precondition_outputs(sample, model_output, self._level_at_call(k))
         work = work_dtype(sample.dtype)
-        vp = (sample if sample.dtype == work else sample.to(work)) * self._alpha_at_call(k)
+        vp = (sample if sample.dtype == work else sample.to(work)) * self._vp_factor_at_call(k)
         prev, x0 = self._advance(model_output, t_val, vp if vp.dtype == sample.dtype else vp.to(sample.dtype),
                                  generator, return_dict)
-        prev = (prev if prev.dtype == work else prev.to(work)) / self._alpha_at_call(self._replay.calls_done)
+        prev = (prev if prev.dtype == work else prev.to(work)) / self._vp_factor_at_call(self._replay.calls_done)
         if prev.dtype != sample.dtype:
             prev = prev.to(sample.dtype)
         if not return_dict:

@@ -114,18 +114,13 @@ impl Schedule {
     /// s = μ). The model's state is
     /// the VP state times `state_scale(t) = 1/(α + σ)`; its network time is `1000 ς`.
     #[staticmethod]
-    #[pyo3(signature = (shift = None, mu = None, time_shift = "exponential"))]
-    pub(crate) fn flow(shift: Option<f64>, mu: Option<f64>, time_shift: &str) -> PyResult<Self> {
-        let inner = match (shift, mu) {
-            (Some(_), Some(_)) => {
-                return Err(PyValueError::new_err(
-                    "give shift or mu, not both (mu is diffusers' dynamic shift)",
-                ));
-            }
-            (_, Some(mu)) => sched::Flow::from_mu(mu, time_shift),
-            (s, None) => sched::Flow::new(s.unwrap_or(1.0)),
-        }
-        .map_err(value_err)?;
+    #[pyo3(signature = (shift = None, mu = None, time_shift = None))]
+    pub(crate) fn flow(
+        shift: Option<f64>,
+        mu: Option<f64>,
+        time_shift: Option<&str>,
+    ) -> PyResult<Self> {
+        let inner = sched::Flow::from_settings(shift, mu, time_shift).map_err(value_err)?;
         Ok(Schedule {
             inner: Arc::new(inner),
             train_steps: None,

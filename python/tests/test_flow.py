@@ -512,6 +512,7 @@ def run_grid(q, x):
         (dict(mu=-1.0, time_shift="linear"), "mu=-1"),
         (dict(mu=1.0, time_shift="cubic"), "time_shift='cubic'"),
         (dict(shift=2.0, mu=1.0), "not both"),
+        (dict(shift=2.0, time_shift="linear"), "time_shift='linear' applies to mu"),
     ],
 )
 def test_a_bad_flow_schedule_names_the_keyword_and_its_value(kw, says):

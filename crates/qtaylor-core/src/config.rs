@@ -35,11 +35,8 @@ pub const DEFAULT_TRAIN_STEPS: usize = 1000;
 /// The final time of a continuous grid on a continuous schedule (on rectified flow with a
 /// grid other than uniform, the unshifted time of its last level before 0).
 pub const DEFAULT_T_MIN: f64 = 1e-3;
-/// The VE schedule's largest σ/α and its final time (EDM's σ_max = 80, σ_min = 0.002).
+/// The VE schedule's largest σ/α (EDM's σ_max = 80; its σ_min is [`Schedule::default_t_min`]).
 pub const DEFAULT_VE_SIGMA_MAX: f64 = 80.0;
-pub const DEFAULT_VE_T_MIN: f64 = 0.002;
-/// How a flow schedule's `mu` shifts by default (diffusers' `time_shift_type`).
-pub const DEFAULT_TIME_SHIFT: &str = "exponential";
 
 /// `Some(v)` with `v` other than `default`.
 fn set<T: PartialEq>(v: &Option<T>, default: T) -> bool {
@@ -168,20 +165,7 @@ impl ScheduleSettings {
             return Ok((Arc::new(s), Some(d)));
         }
         if self.name() == "flow" {
-            let flow = match (self.shift, self.mu) {
-                (Some(_), Some(_)) => {
-                    bail_option!("give ", keys::SHIFT, " or ", keys::MU, ", not both")
-                }
-                (_, Some(mu)) => {
-                    Flow::from_mu(mu, self.time_shift.as_deref().unwrap_or(DEFAULT_TIME_SHIFT))?
-                }
-                (shift, None) => {
-                    if let Some(ts) = &self.time_shift {
-                        bail_option!((keys::TIME_SHIFT, ts.as_str()), " applies to ", keys::MU);
-                    }
-                    Flow::new(shift.unwrap_or(1.0))?
-                }
-            };
+            let flow = Flow::from_settings(self.shift, self.mu, self.time_shift.as_deref())?;
             return Ok((Arc::new(flow), None));
         }
         if self.name() == "ve" {
@@ -356,11 +340,7 @@ impl GridSettings {
                     ")"
                 );
             }
-            let default_t_min = if schedule.name().starts_with("ve(") {
-                DEFAULT_VE_T_MIN
-            } else {
-                DEFAULT_T_MIN
-            };
+            let default_t_min = schedule.default_t_min().unwrap_or(DEFAULT_T_MIN);
             let (t_max, mut t_min) = self.range(schedule, default_t_min)?;
             // Rectified flow ends at ς = 0 (diffusers' terminal 0) unless final = last.
             let to_zero = flow

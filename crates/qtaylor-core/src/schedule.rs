@@ -22,9 +22,16 @@ pub trait Schedule: Debug + Send + Sync {
     /// Taylor series of `L(t) = ln ᾱ(t)` around `t`, truncated at order `n`.
     fn log_alpha_bar_series(&self, t: f64, n: usize) -> Series;
 
-    /// The largest usable `t` (where `ᾱ > 0`), the default `t_max`.
+    /// The largest usable `t`, the default `t_max` (ᾱ > 0 there, except on rectified flow,
+    /// which ends at pure noise, ᾱ = 0).
     fn t_end(&self) -> f64 {
         1.0
+    }
+
+    /// The schedule's own default final time of a continuous grid, where it has one (VE:
+    /// EDM's σ_min); `None`: the front end's default.
+    fn default_t_min(&self) -> Option<f64> {
+        None
     }
 
     /// `(L(t), L'(t))`. Schedules override it with closed forms: it is on the hot path of
@@ -315,6 +322,10 @@ impl Schedule for Ve {
     fn t_end(&self) -> f64 {
         self.sigma_max
     }
+    /// EDM's σ_min = 0.002.
+    fn default_t_min(&self) -> Option<f64> {
+        Some(0.002)
+    }
     fn log_alpha_bar_series(&self, t: f64, n: usize) -> Series {
         &Series::polynomial(&[1.0, 0.0, 1.0], t, n).ln() * -1.0
     }
@@ -364,6 +375,9 @@ pub fn unshift_sigma(shift: f64, sigma: f64) -> f64 {
     sigma / (shift - (shift - 1.0) * sigma)
 }
 
+/// How a flow schedule's `mu` shifts by default (diffusers' `time_shift_type`).
+pub const DEFAULT_TIME_SHIFT: &str = "exponential";
+
 /// The network time of a flow model at level ς: `1000 ς`, diffusers' `timesteps`.
 pub const FLOW_TIMESTEP_SCALE: f64 = 1000.0;
 
@@ -400,6 +414,38 @@ impl Flow {
                 (crate::keys::TIME_SHIFT, other),
                 ": expected exponential or linear"
             ),
+        }
+    }
+
+    /// The schedule of the settings as a front end takes them: `shift`, or `mu` with
+    /// `time_shift` (default exponential; it applies to `mu` only), not both; neither is
+    /// shift 1.
+    pub fn from_settings(
+        shift: Option<f64>,
+        mu: Option<f64>,
+        time_shift: Option<&str>,
+    ) -> Result<Self> {
+        match (shift, mu) {
+            (Some(_), Some(_)) => {
+                crate::bail_option!(
+                    "give ",
+                    crate::keys::SHIFT,
+                    " or ",
+                    crate::keys::MU,
+                    ", not both (mu is diffusers' dynamic shift)"
+                )
+            }
+            (_, Some(mu)) => Flow::from_mu(mu, time_shift.unwrap_or(DEFAULT_TIME_SHIFT)),
+            (shift, None) => {
+                if let Some(ts) = time_shift {
+                    crate::bail_option!(
+                        (crate::keys::TIME_SHIFT, ts),
+                        " applies to ",
+                        crate::keys::MU
+                    );
+                }
+                Flow::new(shift.unwrap_or(1.0))
+            }
         }
     }
 
