@@ -44,6 +44,8 @@ fn tune_gmm(out: &Path, sampler: &str, nfe: &str, extra: &[&str]) -> Output {
         "24",
         "--holdout",
         "24",
+        "--objective",
+        "l2",
         "--out",
         p(out),
     ];

@@ -25,19 +25,47 @@ pub struct TuneArgs {
     #[arg(long, default_value = "dpmpp-3m:100")]
     pub teacher: String,
     /// Tuning samples (noise streams no evaluation draws)
-    #[arg(long, default_value_t = 64)]
+    #[arg(long, default_value_t = 256)]
     pub samples: usize,
-    /// Held-out samples for the before/after check
-    #[arg(long, default_value_t = 32)]
+    /// Held-out samples: they stop the refinement (--patience) and give the before/after
+    /// check
+    #[arg(long, default_value_t = 256)]
     pub holdout: usize,
     /// Candidate intervals of the fine grid (uniform in log-SNR)
     #[arg(long, default_value_t = 40)]
     pub candidates: usize,
     /// Sweeps of the global refinement after the dynamic program: a compass search that
-    /// keeps a move of one time only when the full sampler's end points get closer to the
-    /// teacher's (0: the dynamic program's grid as it is)
+    /// keeps a move of one time only when it lowers the whole sampler's --objective on the
+    /// tuning samples (0: the dynamic program's grid as it is)
     #[arg(long, default_value_t = 30)]
     pub refine_sweeps: usize,
+    /// What the refinement minimises: kid (the unbiased MMD² with KID's cubic kernel between
+    /// the student's and the teacher's end points, as distributions, in a feature space: the
+    /// MNIST classifier's for 28x28 images, the state for --problem) | fd (their Fréchet
+    /// distance there) | l2 (the mean end-point distance to the teacher from the same noise)
+    /// [default: fd where there is a feature space (--problem, 28x28 grey images), else l2,
+    /// with a note]
+    #[arg(long)]
+    pub objective: Option<String>,
+    /// The refinement stops after this many sweeps without a held-out improvement; the grid
+    /// with the best held-out objective is written
+    #[arg(long, default_value_t = 3)]
+    pub patience: usize,
+    /// --objective kid|fd on an image checkpoint: the feature classifier's folder
+    /// [default: assets/classifier-mnist]
+    #[arg(long)]
+    pub classifier: Option<PathBuf>,
+    /// A class-conditional --model: tune the guided sampler with these classes (sample i of
+    /// each set asks for the i-th mod their number), comma-separated, or `all` (every class
+    /// but the null one) [default: the unconditional model]
+    #[arg(long)]
+    pub classes: Option<String>,
+    /// With --classes: the classifier-free guidance scale w [default: 1]
+    #[arg(long)]
+    pub guidance: Option<f64>,
+    /// With --classes: the null class [default: the model's last]
+    #[arg(long)]
+    pub null_class: Option<u32>,
     /// f32 | f64: the state's dtype
     #[arg(long, default_value = "f32")]
     pub dtype: String,
@@ -64,6 +92,9 @@ pub fn cmd(a: &TuneArgs) -> Result<()> {
     run.model = a.model.clone();
     run.model_dtype = Some(a.model_dtype.clone());
     run.dtype = Some(a.dtype.clone());
+    run.guidance.classes = a.classes.clone();
+    run.guidance.guidance = a.guidance;
+    run.guidance.null_class = a.null_class;
     let settings = TuneSettings {
         run,
         nfe: a.nfe,
@@ -72,6 +103,9 @@ pub fn cmd(a: &TuneArgs) -> Result<()> {
         holdout: a.holdout,
         candidates: a.candidates,
         refine_sweeps: a.refine_sweeps,
+        objective: a.objective.clone(),
+        patience: a.patience,
+        classifier: a.classifier.clone(),
         out: a.out.clone(),
         devices: a.devices.clone(),
     };

@@ -300,6 +300,15 @@ pub fn kid(
     Ok((mean, var.sqrt()))
 }
 
+/// The unbiased MMD² with KID's cubic kernel over the whole of both sets (no subsets, so
+/// no randomness): what [`kid`] averages over its subsets. Each set needs at least 2 rows.
+pub fn mmd2_cubic(a: &[Vec<f64>], b: &[Vec<f64>]) -> Result<f64> {
+    check_pair(a, b, ("a", "b"), 2, "MMD")?;
+    let x: Vec<&[f64]> = a.iter().map(Vec::as_slice).collect();
+    let y: Vec<&[f64]> = b.iter().map(Vec::as_slice).collect();
+    Ok(mmd2_unbiased(&x, &y))
+}
+
 fn dist2(x: &[f64], y: &[f64]) -> f64 {
     x.iter().zip(y).map(|(u, v)| (u - v) * (u - v)).sum()
 }

@@ -183,6 +183,13 @@ fn device_name(device: &Device) -> String {
     }
 }
 
+/// Images in [−1, 1] → the 8-bit grey levels a PNG would store → back to [−1, 1]: what the
+/// feature metrics see of a sample (eval's rows and the tuner's feature objectives).
+pub fn quantise(x: &Tensor) -> Result<Tensor> {
+    let q = ((x.to_dtype(DType::F32)?.clamp(-1f32, 1f32)? + 1.0)? * 127.5)?.round()?;
+    Ok(((q / 127.5)? - 1.0)?)
+}
+
 /// Images `idx` of a set as a `(B, 1, H, W)` f32 tensor in [−1, 1] on `device`.
 pub fn image_batch(set: &ImageSet, idx: &[usize], device: &Device) -> Result<Tensor> {
     let mut data = Vec::with_capacity(idx.len() * set.h * set.w);

@@ -1,5 +1,7 @@
-//! Tuned grids ([`run`] runs the `tune` command): a time grid for one sampler, model and NFE budget, chosen so that the
-//! sampler's end points come as close as possible to a teacher's from the same noise.
+//! Tuned grids ([`run`] runs the `tune` command): a time grid for one sampler, model and NFE
+//! budget, chosen so that the sampler's end points match a teacher's: as a distribution
+//! (objectives `fd`, `kid`, in a feature space) or point by point from the same noise (`l2`);
+//! see [`objective`].
 //!
 //! Method: GITS (Chen et al. 2024, arXiv 2405.11326), dynamic programming over a fine
 //! candidate grid ([`qtaylor_core::tune::cheapest_path`]):
@@ -19,23 +21,26 @@
 //!
 //! Then a global refinement ([`qtaylor_core::tune::refine`], `--refine-sweeps`, 0 to skip):
 //! starting from whichever of the default and the dynamic-programming grid has the lower
-//! *full-run* end-point error on the tuning samples, a compass search over the grid's
-//! log-SNR values moves one time at a time and keeps a move only when the whole sampler
-//! (multistep history and last-step rule included) lands closer to the teacher's end points.
-//! The dynamic program's local cost cannot see a multistep sampler's history; this stage
-//! optimizes the quantity the grid is judged by, as LD3 (arXiv 2412.09785) does by gradients.
+//! objective on the tuning samples, a compass search over the grid's log-SNR values moves
+//! one time at a time and keeps a move only when the whole sampler run (multistep history
+//! and last-step rule included) lowers the objective. The dynamic program's local cost
+//! cannot see a multistep sampler's history, nor a distribution; this stage optimizes the
+//! quantity the grid is judged by, as LD3 (arXiv 2412.09785) does by gradients.
 //!
-//! The held-out check draws `H` more samples from other streams (from 2⁴¹ on) and reports
-//! the full sampler's end-point RMSE against the teacher on the default grid, the dynamic
-//! program's grid and the tuned (refined) grid.
+//! Overfitting is guarded by `H` held-out samples from other streams (from 2⁴¹ on): after
+//! every sweep the grid's held-out objective is measured; the refinement stops after
+//! `patience` sweeps without a held-out improvement, and the grid with the best held-out
+//! objective is the result. The report gives the objective and the end-point RMSE against
+//! the teacher, on both sets, for the default, dynamic-program and tuned grids.
 //!
-//! Every error above is a mean over samples of a per-sample RMS, so tuning runs data
-//! parallel (`tune --devices`, [`Share`]): replica r holds samples ⌊r·M/R⌋..⌊(r+1)·M/R⌋ of
-//! each set (the same noise streams), and each mean is taken over the per-sample values of
-//! all replicas gathered in sample order. The replicas see the same costs and objective values
-//! and make the same decisions. On the CPU, where the network computes each sample
+//! Every L2 error above is a mean over samples of a per-sample RMS, and every feature
+//! distance is taken over all samples' features gathered in sample order, so tuning runs
+//! data parallel (`tune --devices`, [`Share`]): replica r holds samples ⌊r·M/R⌋..⌊(r+1)·M/R⌋
+//! of each set (the same noise streams). The replicas see the same costs and objective
+//! values and make the same decisions. On the CPU, where the network computes each sample
 //! independently of its batch, the result is bit for bit the one-device result.
 
+pub mod objective;
 pub mod run;
 
 use std::time::Instant;
@@ -50,6 +55,7 @@ use crate::schedule::Schedule;
 use crate::tensor::data_parallel::Group;
 use crate::tensor::ops::Coef;
 use crate::tensor::rng::NoiseStreams;
+use objective::{Features, Objective};
 use qtaylor_core::exec::Tolerance;
 
 /// First noise stream of the tuning samples and of the held-out check: far from the
@@ -74,6 +80,11 @@ pub struct TuneConfig {
     pub candidates: usize,
     /// Sweeps of the global refinement (0: the dynamic program's grid as it is).
     pub refine_sweeps: usize,
+    /// What the refinement minimises (the dynamic program's local costs are always L2).
+    pub objective: Objective,
+    /// The refinement stops after this many sweeps without a held-out improvement, and the
+    /// grid with the best held-out objective is the result.
+    pub patience: usize,
     /// Tuning samples M and held-out samples H.
     pub samples: usize,
     pub holdout: usize,
@@ -82,28 +93,58 @@ pub struct TuneConfig {
     pub device: Device,
 }
 
+/// A grid's scores on a set of samples: the objective, and the end-point RMSE beside it.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Score {
+    pub objective: f64,
+    pub l2: f64,
+}
+
+/// One sweep of the refinement: the objective on the tuning samples where it ended, and
+/// the held-out scores of that grid.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Sweep {
+    pub sweep: usize,
+    pub tuning: f64,
+    pub holdout: Score,
+}
+
 /// The outcome.
 #[derive(Clone, Debug)]
 pub struct Tuned {
     pub times: Vec<f64>,
     pub candidates: Vec<f64>,
-    /// Held-out end-point RMSE against the teacher: default grid, tuned grid.
-    pub error_default: f64,
-    pub error_tuned: f64,
-    /// Held-out error of the dynamic program's grid (before the refinement).
-    pub error_gits: f64,
+    /// Held-out scores of the default grid, the dynamic program's and the tuned one.
+    pub holdout_default: Score,
+    pub holdout_gits: Score,
+    pub holdout_tuned: Score,
+    /// The same on the tuning samples.
+    pub tuning_default: Score,
+    pub tuning_gits: Score,
+    pub tuning_tuned: Score,
     /// The dynamic program's grid.
     pub gits_times: Vec<f64>,
-    /// Full-run end-point error on the tuning samples: where the refinement started (the
-    /// better of default and dynamic program) and where it ended; objective evaluations.
-    pub refine_start: f64,
-    pub refine_end: f64,
+    /// Where the refinement started: the default grid or the dynamic program's (the lower
+    /// tuning objective).
+    pub refine_from: &'static str,
+    /// Objective evaluations of the refinement, and its sweeps.
     pub refine_evals: usize,
-    /// Summed one-step cost of the default path is not defined (its times are not
-    /// candidates); the tuned path's summed cost on the tuning samples:
+    pub sweeps: Vec<Sweep>,
+    /// The sweep whose grid is the result (0: the start), chosen on held-out data.
+    pub best_sweep: usize,
+    /// The tuned path's summed one-step L2 cost on the tuning samples.
     pub tuning_cost: f64,
     pub seconds: f64,
     pub teacher_steps: usize,
+}
+
+/// The models of the two sample sets: the same model, or a class-conditional one whose
+/// sample i asks for class `classes[i mod len]` within each set (one class list per set's
+/// share of rows).
+#[derive(Clone, Copy)]
+pub struct SetModels<'a> {
+    pub tuning: &'a dyn Model,
+    pub holdout: &'a dyn Model,
 }
 
 /// Wraps the model: the last prediction is reused when the same tensor is asked again at
@@ -229,6 +270,30 @@ impl Share<'_> {
             .chunks(n)
             .map(|c| c.iter().sum::<f64>() / n as f64)
             .collect())
+    }
+
+    /// The rows of all `n` samples of a set, in sample order, from this replica's `local`
+    /// rows (gathered as [`Share::means`] gathers: zeros elsewhere, summed, which is exact).
+    fn rows(&self, n: usize, local: Vec<Vec<f64>>) -> Result<Vec<Vec<f64>>> {
+        let Some(g) = self.group else {
+            return Ok(local);
+        };
+        let (lo, hi) = self.range(n);
+        // every replica holds at least one sample (checked in `tune`)
+        let d = local.first().map_or(0, Vec::len);
+        if local.len() != hi - lo {
+            bail!(
+                "replica {}: {} rows for samples {lo}..{hi}",
+                self.rank,
+                local.len()
+            );
+        }
+        let mut v = vec![0.0; n * d];
+        for (i, r) in local.iter().enumerate() {
+            v[(lo + i) * d..(lo + i + 1) * d].copy_from_slice(r);
+        }
+        let all = g.exchange(self.rank, v)?;
+        Ok(all.chunks(d.max(1)).map(<[f64]>::to_vec).collect())
     }
 
     /// [`Share::means`] of one per-sample RMS difference.
@@ -364,13 +429,15 @@ pub fn check_tunable(sampler: Sampler, opts: &Options) -> Result<()> {
     Ok(())
 }
 
-/// Tunes the grid of `cfg.sampler` for `model`; `share` is this replica's part of a
-/// data-parallel run ([`Share::whole`] on one device).
+/// Tunes the grid of `cfg.sampler` for `models` (the tuning and held-out sets' models);
+/// `features` is the feature map of a distribution objective (None for `l2`); `share` is
+/// this replica's part of a data-parallel run ([`Share::whole`] on one device).
 pub fn tune(
-    model: &dyn Model,
+    models: SetModels,
     schedule: &dyn Schedule,
     item: &[usize],
     cfg: &TuneConfig,
+    features: Option<&dyn Features>,
     share: Share,
     progress: &mut dyn FnMut(&str),
 ) -> Result<Tuned> {
@@ -379,6 +446,17 @@ pub fn tune(
         bail!(
             "teacher {}: expected a deterministic fixed-grid sampler (e.g. dpmpp-3m, rk4)",
             cfg.teacher
+        );
+    }
+    if cfg.objective.uses_features() != features.is_some() {
+        bail!(
+            "tune: the {} objective {} a feature map",
+            cfg.objective,
+            if features.is_some() {
+                "takes no"
+            } else {
+                "needs"
+            }
         );
     }
     let start = Instant::now();
@@ -416,6 +494,15 @@ pub fn tune(
                 )
             );
         }
+        if n < 2 && cfg.objective.uses_features() {
+            crate::bail_option!(
+                (key, n),
+                format!(
+                    ": the {} objective compares sets of samples; at least 2 are needed",
+                    cfg.objective
+                )
+            );
+        }
     }
     // This replica's samples of a set of `n` whose streams start at `first`.
     let noise_x = |first: usize, n: usize| -> Result<Tensor> {
@@ -430,13 +517,13 @@ pub fn tune(
         cfg.samples
     ));
     let x_tune = noise_x(TUNE_STREAM, cfg.samples)?;
-    let (states, teacher_steps) = teacher_states(model, schedule, cfg, &cand, &x_tune)?;
+    let (states, teacher_steps) = teacher_states(models.tuning, schedule, cfg, &cand, &x_tune)?;
     // Costs of every candidate step.
     let n = cand.len();
     let last = n - 1;
     let mut cost = vec![vec![f64::INFINITY; n]; n];
     let cached = Cached {
-        model,
+        model: models.tuning,
         last: std::sync::Mutex::new(None),
     };
     for k in 0..last {
@@ -465,29 +552,66 @@ pub fn tune(
     }
     let (path, total) = qtaylor_core::tune::cheapest_path(&cost, steps)?;
     let gits_times: Vec<f64> = path.iter().map(|&i| cand[i]).collect();
-    // Global refinement of the positive times' λ against the full run's end-point error.
-    let teacher_end = states.last().expect("teacher end");
-    let full = |ts: &[f64]| -> Result<f64> {
-        let x = run(model, schedule, cfg.sampler, &cfg.opts, ts, &x_tune)?;
-        share.mean_rmse(cfg.samples, &x, teacher_end)
+    // A set of samples with the teacher's end points (and their features).
+    struct Set<'m> {
+        model: &'m dyn Model,
+        x: Tensor,
+        n: usize,
+        end: Tensor,
+        features: Option<Vec<Vec<f64>>>,
+    }
+    let teacher_features = |end: &Tensor, n: usize| -> Result<Option<Vec<Vec<f64>>>> {
+        features.map(|f| share.rows(n, f.rows(end)?)).transpose()
     };
-    let (start_times, start_cost) = {
-        let g = full(&gits_times)?;
-        if cfg.refine_sweeps == 0 {
-            (gits_times.clone(), g)
+    let score = |ts: &[f64], s: &Set| -> Result<Score> {
+        let x = run(s.model, schedule, cfg.sampler, &cfg.opts, ts, &s.x)?;
+        let l2 = share.mean_rmse(s.n, &x, &s.end)?;
+        let objective = match (features, &s.features) {
+            (Some(f), Some(teacher)) => cfg
+                .objective
+                .distance(&share.rows(s.n, f.rows(&x)?)?, teacher)?,
+            _ => l2,
+        };
+        Ok(Score { objective, l2 })
+    };
+    let end = states.last().expect("teacher end").clone();
+    let tuning = Set {
+        model: models.tuning,
+        x: x_tune,
+        n: cfg.samples,
+        features: teacher_features(&end, cfg.samples)?,
+        end,
+    };
+    drop(states);
+    progress("held-out teacher");
+    let x_hold = noise_x(HOLDOUT_STREAM, cfg.holdout)?;
+    let (hs, _) = teacher_states(models.holdout, schedule, cfg, &cand, &x_hold)?;
+    let end = hs.last().expect("teacher end").clone();
+    let holdout = Set {
+        model: models.holdout,
+        x: x_hold,
+        n: cfg.holdout,
+        features: teacher_features(&end, cfg.holdout)?,
+        end,
+    };
+    drop(hs);
+    let tuning_default = score(def, &tuning)?;
+    let tuning_gits = score(&gits_times, &tuning)?;
+    let holdout_default = score(def, &holdout)?;
+    let holdout_gits = score(&gits_times, &holdout)?;
+    // Global refinement of the positive times' λ against the whole run's objective, from
+    // the better start on the tuning samples; the held-out objective picks the sweep.
+    let (refine_from, start_times, start_holdout) =
+        if cfg.refine_sweeps > 0 && tuning_default.objective < tuning_gits.objective {
+            ("default", def.clone(), holdout_default)
         } else {
-            let d = full(def)?;
-            if d < g {
-                (def.clone(), d)
-            } else {
-                (gits_times.clone(), g)
-            }
-        }
-    };
+            ("dynamic program", gits_times.clone(), holdout_gits)
+        };
     let n_pos = if zero { steps } else { steps + 1 };
-    let (times, refine_end, refine_evals) = if cfg.refine_sweeps == 0 || n_pos < 2 {
-        (start_times, start_cost, 0)
-    } else {
+    let mut sweeps = Vec::new();
+    let mut best = (0usize, start_times.clone(), start_holdout);
+    let mut refine_evals = 0;
+    if cfg.refine_sweeps > 0 && n_pos >= 2 {
         let mut lam: Vec<f64> = start_times[..n_pos]
             .iter()
             .map(|&t| schedule.lambda(t))
@@ -518,34 +642,51 @@ pub fn tune(
             if evals % 20 == 1 {
                 progress(&format!("refinement: objective evaluation {evals}"));
             }
-            full(&to_times(l)?)
+            Ok(score(&to_times(l)?, &tuning)?.objective)
         };
-        let r =
-            qtaylor_core::tune::refine(&lam, bound, cfg.refine_sweeps, 1.0 / 64.0, &mut objective)?;
-        (to_times(&r.x)?, r.cost, r.evals)
-    };
-    // Held-out check against a fresh teacher run.
-    progress("held-out check");
-    let x_hold = noise_x(HOLDOUT_STREAM, cfg.holdout)?;
-    let (hs, _) = teacher_states(model, schedule, cfg, &cand, &x_hold)?;
-    let hold_end = hs.last().expect("teacher end");
-    let err = |ts: &[f64]| -> Result<f64> {
-        let x = run(model, schedule, cfg.sampler, &cfg.opts, ts, &x_hold)?;
-        share.mean_rmse(cfg.holdout, &x, hold_end)
-    };
-    let error_default = err(def)?;
-    let error_gits = err(&gits_times)?;
-    let error_tuned = err(&times)?;
+        let mut since_best = 0usize;
+        let mut after_sweep = |sweep: usize, l: &[f64], tuning_cost: f64| -> Result<bool> {
+            let ts = to_times(l)?;
+            let h = score(&ts, &holdout)?;
+            sweeps.push(Sweep {
+                sweep,
+                tuning: tuning_cost,
+                holdout: h,
+            });
+            if h.objective < best.2.objective {
+                best = (sweep, ts, h);
+                since_best = 0;
+            } else {
+                since_best += 1;
+            }
+            Ok(since_best >= cfg.patience.max(1))
+        };
+        let r = qtaylor_core::tune::refine(
+            &lam,
+            bound,
+            cfg.refine_sweeps,
+            1.0 / 64.0,
+            &mut objective,
+            &mut after_sweep,
+        )?;
+        refine_evals = r.evals;
+    }
+    let (best_sweep, times, holdout_tuned) = best;
+    let tuning_tuned = score(&times, &tuning)?;
     Ok(Tuned {
         times,
         candidates: cand,
-        error_default,
-        error_tuned,
-        error_gits,
+        holdout_default,
+        holdout_gits,
+        holdout_tuned,
+        tuning_default,
+        tuning_gits,
+        tuning_tuned,
         gits_times,
-        refine_start: start_cost,
-        refine_end,
+        refine_from,
         refine_evals,
+        sweeps,
+        best_sweep,
         tuning_cost: total,
         seconds: start.elapsed().as_secs_f64(),
         teacher_steps,

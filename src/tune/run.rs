@@ -9,14 +9,16 @@ use candle_core::Device;
 use crate::bail_option;
 use crate::io::progress::Log;
 use crate::keys::{self, Message};
+use crate::models::checkpoint::DiffusersModel;
+use crate::models::classifier::Classifier;
 use crate::models::guidance::Guided;
-use crate::models::model::Model;
 use crate::option_error;
 use crate::sampling::gridfile::GridFile;
 use crate::sampling::samplers::Sampler;
 use crate::sampling::spec::{Loaded, RunSettings, model_id, state_dtype};
 use crate::schedule::Schedule;
-use crate::tune::{Share, TuneConfig, Tuned, check_tunable, tune};
+use crate::tune::objective::{ClassifierFeatures, Features, Objective, StateFeatures};
+use crate::tune::{Score, SetModels, Share, TuneConfig, Tuned, check_tunable, tune};
 
 /// A tuning run as a front end parsed it: the run (sampler, model or problem, schedule,
 /// grid defaults, options, dtype, seed) and the tuner's own settings.
@@ -34,6 +36,14 @@ pub struct TuneSettings {
     pub candidates: usize,
     /// Sweeps of the global refinement.
     pub refine_sweeps: usize,
+    /// The refinement's objective: l2, kid or fd (None: fd where there is a feature space,
+    /// else l2, with a note).
+    pub objective: Option<String>,
+    /// Sweeps without a held-out improvement before the refinement stops.
+    pub patience: usize,
+    /// The feature classifier of kid and fd on image checkpoints (default
+    /// assets/classifier-mnist).
+    pub classifier: Option<PathBuf>,
     /// The grid file to write.
     pub out: PathBuf,
     /// Data-parallel tuning on these devices (instead of the run's device).
@@ -97,46 +107,71 @@ pub fn run(s: &TuneSettings, log: &mut Log, note: &mut dyn FnMut(&Message)) -> R
         None => r.grid.t_min.unwrap_or(crate::config::DEFAULT_T_MIN),
     };
     let opts = r.options(&[sampler], &sampled)?;
-    let (item, guided) = match &sampled.loaded {
-        Loaded::Checkpoint(m) => {
-            let guided = if m.unet.num_classes().is_some() {
-                let g = Guided::unconditional(m)?;
-                note(&option_error!(format!(
-                    "note: the model is class-conditional; tuning its unconditional model (null class {})",
-                    g.null()
-                )));
-                Some(g)
-            } else {
-                None
-            };
-            (m.item_shape(None)?, guided)
-        }
-        Loaded::Problem(p) => (p.item_shape(), None),
+    let item = match &sampled.loaded {
+        Loaded::Checkpoint(m) => m.item_shape(None)?,
+        Loaded::Problem(p) => p.item_shape(),
     };
-    let model: &dyn Model = match &guided {
-        Some(g) => g,
-        None => sampled.loaded.model(),
+    let has_features = sampled.loaded.checkpoint().is_none() || item == [1, 28, 28];
+    let objective: Objective = match &s.objective {
+        Some(o) => o.parse()?,
+        None if has_features => Objective::Fd,
+        None => {
+            note(&option_error!(
+                "note: ",
+                (keys::OBJECTIVE, "l2"),
+                format!(
+                    " by default here: fd and kid compare the features of a classifier of 28x28 grey images, and this model makes images of shape {item:?}"
+                )
+            ));
+            Objective::L2
+        }
+    };
+    let checkpoint = sampled.loaded.checkpoint();
+    let classes = r.classes(checkpoint.and_then(|m| m.unet.num_classes()))?;
+    let guidance = r.guidance.guidance.unwrap_or(1.0);
+    if let Some(m) = checkpoint
+        && m.unet.num_classes().is_some()
+        && classes.is_none()
+    {
+        note(&option_error!(format!(
+            "note: the model is class-conditional; tuning its unconditional model (null class {}); --classes all --guidance W tunes the guided one",
+            Guided::default_null(m).expect("conditional")
+        )));
+    }
+    // The feature map of a distribution objective.
+    let classifier = match (objective.uses_features(), checkpoint) {
+        (true, Some(_)) => {
+            let path = s
+                .classifier
+                .clone()
+                .unwrap_or_else(|| PathBuf::from("assets/classifier-mnist"));
+            if !has_features {
+                bail_option!(
+                    (keys::OBJECTIVE, objective.to_string()),
+                    format!(
+                        ": on a checkpoint it compares the features of a classifier of 28x28 grey images, and this model makes images of shape {item:?} (use l2)"
+                    )
+                );
+            }
+            Some((Classifier::load(&path, &device)?, path))
+        }
+        _ => None,
+    };
+    let classifier_features = classifier.as_ref().map(|(c, path)| ClassifierFeatures {
+        classifier: c,
+        name: path.display().to_string(),
+    });
+    let features: Option<&dyn Features> = match (objective.uses_features(), &classifier_features) {
+        (false, _) => None,
+        (true, Some(c)) => Some(c),
+        (true, None) => Some(&StateFeatures),
     };
     // The other replicas' copies of what is tuned (data-parallel tuning), loaded as the
-    // first one is, each a class-conditional model's unconditional one too.
+    // first one is.
     let copies = devices[1..]
         .iter()
         .map(|d| r.load(d))
         .collect::<Result<Vec<_>>>()?;
-    let guided_copies = copies
-        .iter()
-        .map(|c| match c.loaded.checkpoint() {
-            Some(m) if m.unet.num_classes().is_some() => Guided::unconditional(m).map(Some),
-            _ => Ok(None),
-        })
-        .collect::<Result<Vec<_>>>()?;
-    let mut models: Vec<&dyn Model> = vec![model];
-    for (c, g) in copies.iter().zip(&guided_copies) {
-        models.push(match g {
-            Some(g) => g,
-            None => c.loaded.model(),
-        });
-    }
     check_tunable(sampler, &opts)?;
     let zero = grid.ends_at_zero();
     let steps = sampler
@@ -150,6 +185,8 @@ pub fn run(s: &TuneSettings, log: &mut Log, note: &mut dyn FnMut(&Message)) -> R
     let default_times = grid.times(schedule.as_ref(), steps)?;
     let cfg = TuneConfig {
         sampler,
+        objective,
+        patience: s.patience,
         opts: opts.clone(),
         default_times: default_times.clone(),
         t_min,
@@ -163,17 +200,45 @@ pub fn run(s: &TuneSettings, log: &mut Log, note: &mut dyn FnMut(&Message)) -> R
         dtype,
         device: device.clone(),
     };
+    let guided = Guidance {
+        classes: &classes,
+        w: guidance,
+    };
     let t = if devices.len() == 1 {
+        let share = Share::whole();
+        let pair = guided.pair(checkpoint, share, &cfg)?;
+        let models = match &pair {
+            Some((a, b)) => SetModels {
+                tuning: a,
+                holdout: b,
+            },
+            None => SetModels {
+                tuning: sampled.loaded.model(),
+                holdout: sampled.loaded.model(),
+            },
+        };
         tune(
-            model,
+            models,
             schedule.as_ref(),
             &item,
             &cfg,
-            Share::whole(),
+            features,
+            share,
             &mut |m| log.line(m),
         )?
     } else {
-        on_devices(&models, &devices, schedule.as_ref(), &item, &cfg, log)?
+        let mut loaded = vec![&sampled.loaded];
+        loaded.extend(copies.iter().map(|c| &c.loaded));
+        on_devices(
+            &loaded,
+            &guided,
+            &devices,
+            schedule.as_ref(),
+            &item,
+            &cfg,
+            features,
+            log,
+        )?
     };
     let device_name = s
         .devices
@@ -182,24 +247,38 @@ pub fn run(s: &TuneSettings, log: &mut Log, note: &mut dyn FnMut(&Message)) -> R
         .unwrap_or("cpu")
         .to_string();
     let nfe = sampler.nfe(steps, zero, &opts).unwrap_or(s.nfe);
+    let score = |sc: &Score| serde_json::json!({"objective": sc.objective, "l2": sc.l2});
     let tuning = serde_json::json!({
-        "method": "GITS-style dynamic programming over a fine candidate grid (arXiv 2405.11326), then a compass search on the full run's end-point error",
+        "method": "GITS-style dynamic programming over a fine candidate grid (arXiv 2405.11326), then a compass search on the full run's objective, stopped on held-out samples",
+        "objective": objective.to_string(),
+        "objective_measures": objective.describe(),
+        "features": features.map(|f| f.describe()),
+        "classes": classes.as_ref().map(|(c, _)| c.clone()),
+        "null_class": classes.as_ref().map(|(_, n)| *n),
+        "guidance": classes.as_ref().map(|_| guidance),
         "teacher": s.teacher,
         "teacher_steps": t.teacher_steps,
         "candidates": s.candidates,
         "refine_sweeps": s.refine_sweeps,
+        "patience": s.patience,
+        "refine_from": t.refine_from,
         "refine_evals": t.refine_evals,
-        "tuning_error_start": t.refine_start,
-        "tuning_error_end": t.refine_end,
+        "sweeps": t.sweeps.iter().map(|w| serde_json::json!({
+            "sweep": w.sweep, "tuning_objective": w.tuning, "holdout": score(&w.holdout),
+        })).collect::<Vec<_>>(),
+        "best_sweep": t.best_sweep,
         "gits_times": t.gits_times,
-        "error_gits": t.error_gits,
         "samples": s.samples,
         "holdout": s.holdout,
         "seed": r.seed.unwrap_or(0),
         "default_grid": grid.describe(),
         "default_times": default_times,
-        "error_default": t.error_default,
-        "error_tuned": t.error_tuned,
+        "tuning_default": score(&t.tuning_default),
+        "tuning_gits": score(&t.tuning_gits),
+        "tuning_tuned": score(&t.tuning_tuned),
+        "holdout_default": score(&t.holdout_default),
+        "holdout_gits": score(&t.holdout_gits),
+        "holdout_tuned": score(&t.holdout_tuned),
         "seconds": t.seconds,
         "device": device_name,
     });
@@ -233,16 +312,35 @@ pub fn run(s: &TuneSettings, log: &mut Log, note: &mut dyn FnMut(&Message)) -> R
         format!("  dynamic program: {}", show(&t.gits_times)),
         format!("  tuned:   {}", show(&t.times)),
         format!(
-            "  held-out end-point RMSE vs teacher ({} samples): default {:.5}, dynamic program {:.5}, tuned {:.5} ({:.2}x)",
+            "  held-out {} ({} samples): default {:.5}, dynamic program {:.5}, tuned {:.5} ({:.2}x)",
+            objective.describe(),
             s.holdout,
-            t.error_default,
-            t.error_gits,
-            t.error_tuned,
-            t.error_tuned / t.error_default
+            t.holdout_default.objective,
+            t.holdout_gits.objective,
+            t.holdout_tuned.objective,
+            t.holdout_tuned.objective / t.holdout_default.objective
         ),
         format!(
-            "  refinement: {} evaluations, tuning-sample error {:.5} -> {:.5}",
-            t.refine_evals, t.refine_start, t.refine_end
+            "  tuning-sample {} ({} samples): default {:.5}, dynamic program {:.5}, tuned {:.5}",
+            objective.describe(),
+            s.samples,
+            t.tuning_default.objective,
+            t.tuning_gits.objective,
+            t.tuning_tuned.objective
+        ),
+        format!(
+            "  held-out end-point RMSE vs teacher: default {:.5}, dynamic program {:.5}, tuned {:.5} ({:.2}x)",
+            t.holdout_default.l2,
+            t.holdout_gits.l2,
+            t.holdout_tuned.l2,
+            t.holdout_tuned.l2 / t.holdout_default.l2
+        ),
+        format!(
+            "  refinement from the {} grid: {} evaluations, {} sweeps, held-out best after sweep {}",
+            t.refine_from,
+            t.refine_evals,
+            t.sweeps.len(),
+            t.best_sweep
         ),
         format!(
             "  tuning time {:.1} s on {} ({} samples, {} candidates) -> {}",
@@ -255,15 +353,53 @@ pub fn run(s: &TuneSettings, log: &mut Log, note: &mut dyn FnMut(&Message)) -> R
     ])
 }
 
-/// Data-parallel tuning: one replica per device, replica `r` on `models[r]` (a copy of the
-/// model on `devices[r]`), in threads that gather their per-sample errors through a
-/// [`crate::tensor::data_parallel::Group`]; replica 0 logs and its result is returned.
+/// Classes and guidance of a class-conditional checkpoint's tuning.
+struct Guidance<'a> {
+    classes: &'a Option<(Vec<u32>, u32)>,
+    w: f64,
+}
+
+impl Guidance<'_> {
+    /// The models of a replica's two sample sets: with classes, sample i of each set asks
+    /// for class `classes[i mod len]` (as eval's sample i asks for class i mod 10) under
+    /// guidance w; a class-conditional model without classes: its unconditional model; any
+    /// other model: None (the model itself).
+    fn pair<'m>(
+        &self,
+        m: Option<&'m DiffusersModel>,
+        share: Share,
+        cfg: &TuneConfig,
+    ) -> Result<Option<(Guided<'m>, Guided<'m>)>> {
+        let Some(m) = m.filter(|m| m.unet.num_classes().is_some()) else {
+            return Ok(None);
+        };
+        let Some((list, null)) = self.classes else {
+            return Ok(Some((Guided::unconditional(m)?, Guided::unconditional(m)?)));
+        };
+        let labels = |n: usize| -> Vec<u32> {
+            let (lo, hi) = share.range(n);
+            (lo..hi).map(|i| list[i % list.len()]).collect()
+        };
+        Ok(Some((
+            Guided::new(m, labels(cfg.samples), *null, self.w)?,
+            Guided::new(m, labels(cfg.holdout), *null, self.w)?,
+        )))
+    }
+}
+
+/// Data-parallel tuning: one replica per device, replica `r` on `loaded[r]` (a copy of the
+/// model on `devices[r]`), in threads that gather their per-sample errors and features
+/// through a [`crate::tensor::data_parallel::Group`]; replica 0 logs and its result is
+/// returned.
+#[allow(clippy::too_many_arguments)]
 fn on_devices(
-    models: &[&dyn Model],
+    loaded: &[&Loaded],
+    guidance: &Guidance,
     devices: &[Device],
     schedule: &dyn Schedule,
     item: &[usize],
     cfg: &TuneConfig,
+    features: Option<&dyn Features>,
     log: &mut Log,
 ) -> Result<Tuned> {
     let log = std::sync::Mutex::new(log);
@@ -279,6 +415,17 @@ fn on_devices(
                 log.lock().unwrap_or_else(|p| p.into_inner()).line(m)
             }
         };
-        tune(models[rank], schedule, item, &cfg, share, &mut progress)
+        let pair = guidance.pair(loaded[rank].checkpoint(), share, &cfg)?;
+        let models = match &pair {
+            Some((a, b)) => SetModels {
+                tuning: a,
+                holdout: b,
+            },
+            None => SetModels {
+                tuning: loaded[rank].model(),
+                holdout: loaded[rank].model(),
+            },
+        };
+        tune(models, schedule, item, &cfg, features, share, &mut progress)
     })
 }

@@ -122,7 +122,8 @@ keys! {
     LIMIT = "limit",
     SAVE_EVERY = "save_every",
     LABEL_DROPOUT = "label_dropout",
-    /// The training loss: eps (ε-prediction) or flow (flow matching).
+    /// The training loss: eps (ε-prediction) or flow (flow matching); tune's objective: l2,
+    /// kid or fd.
     OBJECTIVE = "objective",
     /// How a flow run draws σ: uniform or logit-normal.
     SIGMA_SAMPLING = "sigma_sampling",
@@ -145,6 +146,10 @@ keys! {
     SAMPLES = "samples",
     HOLDOUT = "holdout",
     CANDIDATES = "candidates",
+    /// Tuning: sweeps of the refinement without a held-out improvement before it stops.
+    PATIENCE = "patience",
+    /// A feature classifier's folder (eval's FID space; tune's feature objectives).
+    CLASSIFIER = "classifier",
 }
 
 /// A value as it was given, for an error to quote.

@@ -83,6 +83,9 @@ pub struct Refined {
     pub evals: usize,
 }
 
+/// `refine`'s callback after each sweep: `(sweep, x, cost) → stop?`.
+pub type SweepEnd<'a> = dyn FnMut(usize, &[f64], f64) -> Result<bool> + 'a;
+
 /// Derivative-free refinement of a grid against the sampler's *global* error: a compass
 /// (pattern) search over the free coordinates of a strictly increasing sequence
 /// `x_0 < x_1 < … < x_m` (for a time grid: its log-SNR values λ, which increase as t falls).
@@ -91,7 +94,9 @@ pub struct Refined {
 /// it may move in `(x_{m−1}, b)`. Each trial moves one free `x_i` a fraction `s` of the way
 /// towards a neighbour (or the bound), so every trial grid is strictly increasing. A trial is
 /// kept only if it lowers the objective; a sweep over all coordinates that keeps none halves
-/// `s` (from 1/2). It stops after `sweeps` sweeps, or when `s < min_step`.
+/// `s` (from 1/2). It stops after `sweeps` sweeps, when `s < min_step`, or when
+/// `after_sweep(sweep, x, cost)` (called after every sweep `1, 2, …` with the grid and
+/// objective it ended with) returns `true`: the caller's early stop, e.g. on held-out data.
 ///
 /// This is the refinement stage after GITS' dynamic program: the dynamic program minimizes
 /// a sum of *local* one-step errors, which charges multistep samplers their history-free
@@ -105,6 +110,7 @@ pub fn refine(
     sweeps: usize,
     min_step: f64,
     objective: &mut dyn FnMut(&[f64]) -> Result<f64>,
+    after_sweep: &mut SweepEnd,
 ) -> Result<Refined> {
     let m = start.len();
     if m < 2 {
@@ -132,7 +138,7 @@ pub fn refine(
         .filter(|&i| i + 1 < m || last_up_to.is_some())
         .collect();
     let mut s = 0.5;
-    for _ in 0..sweeps {
+    for sweep in 1..=sweeps {
         if s < min_step || free.is_empty() {
             break;
         }
@@ -162,6 +168,9 @@ pub fn refine(
         }
         if !kept {
             s *= 0.5;
+        }
+        if after_sweep(sweep, &x, cost)? {
+            break;
         }
     }
     Ok(Refined {
@@ -233,14 +242,17 @@ mod tests {
             Ok(x.iter().zip(want).map(|(a, b)| (a - b) * (a - b)).sum())
         };
         let start = [0.0, 2.0, 4.0, 6.0, 8.0];
-        let r = refine(&start, Some(10.0), 200, 1e-9, &mut f).unwrap();
+        let r = refine(&start, Some(10.0), 200, 1e-9, &mut f, &mut |_, _, _| {
+            Ok(false)
+        })
+        .unwrap();
         assert!(r.cost < 1e-6 && r.cost <= r.start_cost, "{r:?}");
         for (a, b) in r.x.iter().zip(want) {
             assert!((a - b).abs() < 1e-3, "{:?}", r.x);
         }
         assert_eq!(r.x[0], 0.0);
         // A fixed last coordinate stays where it is.
-        let r = refine(&start, None, 200, 1e-9, &mut f).unwrap();
+        let r = refine(&start, None, 200, 1e-9, &mut f, &mut |_, _, _| Ok(false)).unwrap();
         assert_eq!((r.x[0], r.x[4]), (0.0, 8.0));
         assert!(r.x.windows(2).all(|w| w[0] < w[1]));
     }
@@ -259,13 +271,47 @@ mod tests {
                 .sum())
         };
         let start = [0.0, 0.5, 1.0, 2.0, 4.0];
-        let r = refine(&start, Some(5.0), 30, 1e-4, &mut f).unwrap();
+        let r = refine(&start, Some(5.0), 30, 1e-4, &mut f, &mut |_, _, _| {
+            Ok(false)
+        })
+        .unwrap();
         assert!(r.cost <= r.start_cost);
         assert!(r.evals > 1);
         assert!(!seen_bad);
         // Bad starts are refused.
         let mut g = |_: &[f64]| -> Result<f64> { Ok(0.0) };
-        assert!(refine(&[0.0, 0.0], None, 3, 0.01, &mut g).is_err());
-        assert!(refine(&[0.0, 1.0], Some(0.5), 3, 0.01, &mut g).is_err());
+        assert!(refine(&[0.0, 0.0], None, 3, 0.01, &mut g, &mut |_, _, _| Ok(false)).is_err());
+        assert!(
+            refine(&[0.0, 1.0], Some(0.5), 3, 0.01, &mut g, &mut |_, _, _| Ok(
+                false
+            ))
+            .is_err()
+        );
+    }
+
+    #[test]
+    fn refine_stops_when_the_sweep_callback_says_so_and_reports_each_sweep() {
+        let want = [0.0, 1.0, 3.0, 4.0, 7.0];
+        let mut f = |x: &[f64]| -> Result<f64> {
+            Ok(x.iter().zip(want).map(|(a, b)| (a - b) * (a - b)).sum())
+        };
+        let start = [0.0, 2.0, 4.0, 6.0, 8.0];
+        let mut seen = Vec::new();
+        let mut stop = |sweep: usize, x: &[f64], c: f64| -> Result<bool> {
+            seen.push((sweep, x.to_vec(), c));
+            Ok(sweep == 2)
+        };
+        let r = refine(&start, Some(10.0), 200, 1e-9, &mut f, &mut stop).unwrap();
+        assert_eq!(seen.len(), 2, "{seen:?}");
+        assert_eq!((seen[0].0, seen[1].0), (1, 2));
+        // The result is the grid the last reported sweep ended with, and costs fall.
+        assert_eq!((seen[1].1.clone(), seen[1].2), (r.x.clone(), r.cost));
+        assert!(seen[1].2 <= seen[0].2 && seen[0].2 < r.start_cost);
+        // Running on to the end goes further.
+        let full = refine(&start, Some(10.0), 200, 1e-9, &mut f, &mut |_, _, _| {
+            Ok(false)
+        })
+        .unwrap();
+        assert!(full.cost < r.cost);
     }
 }

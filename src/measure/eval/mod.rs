@@ -227,19 +227,13 @@ impl Reference {
     }
 }
 
-/// Images in [−1, 1] → the 8-bit grey levels a PNG would store → back to [−1, 1].
-fn quantise(x: &Tensor) -> Result<Tensor> {
-    let q = ((x.to_dtype(DType::F32)?.clamp(-1f32, 1f32)? + 1.0)? * 127.5)?.round()?;
-    Ok(((q / 127.5)? - 1.0)?)
-}
-
 /// Classifier features (rows), top-1 confidences and top-1 classes of a batch of images.
 #[allow(clippy::type_complexity)]
 fn features_and_confidence(
     c: &Classifier,
     x: &Tensor,
 ) -> Result<(Vec<Vec<f64>>, Vec<f64>, Vec<u32>)> {
-    let (f, logits) = c.features_and_logits_by_image(&quantise(x)?)?;
+    let (f, logits) = c.features_and_logits_by_image(&crate::models::classifier::quantise(x)?)?;
     let probs = candle_nn::ops::softmax_last_dim(&logits)?;
     let conf = probs.max(1)?.to_dtype(DType::F64)?.to_vec1::<f64>()?;
     let top = probs.argmax(1)?.to_dtype(DType::U32)?.to_vec1::<u32>()?;
