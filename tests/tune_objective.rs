@@ -220,6 +220,14 @@ fn bad_tuning_options_are_refused_by_name_and_nothing_is_written() {
             "--samples 1: the fd objective compares sets of samples; at least 2 are needed",
         ),
         (
+            vec!["--patience", "0"],
+            "--patience 0: at least one sweep without a held-out gain must be allowed",
+        ),
+        (
+            vec!["--classifier", "assets/classifier-mnist"],
+            "--classifier assets/classifier-mnist: only the kid and fd objectives on a checkpoint compare classifier features (this run: fd on a problem)",
+        ),
+        (
             vec!["--guidance", "2"],
             "--guidance does nothing without --class or --classes",
         ),

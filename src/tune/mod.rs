@@ -82,8 +82,8 @@ pub struct TuneConfig {
     pub refine_sweeps: usize,
     /// What the refinement minimises (the dynamic program's local costs are always L2).
     pub objective: Objective,
-    /// The refinement stops after this many sweeps without a held-out improvement, and the
-    /// grid with the best held-out objective is the result.
+    /// The refinement stops after this many sweeps (at least 1) without a held-out
+    /// improvement, and the grid with the best held-out objective is the result.
     pub patience: usize,
     /// Tuning samples M and held-out samples H.
     pub samples: usize,
@@ -448,6 +448,9 @@ pub fn tune(
             cfg.teacher
         );
     }
+    if cfg.patience == 0 {
+        crate::bail_option!((keys::PATIENCE, 0usize), ": at least 1");
+    }
     if cfg.objective.uses_features() != features.is_some() {
         bail!(
             "tune: the {} objective {} a feature map",
@@ -659,7 +662,7 @@ pub fn tune(
             } else {
                 since_best += 1;
             }
-            Ok(since_best >= cfg.patience.max(1))
+            Ok(since_best >= cfg.patience)
         };
         let r = qtaylor_core::tune::refine(
             &lam,

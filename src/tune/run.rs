@@ -80,6 +80,12 @@ pub fn run(s: &TuneSettings, log: &mut Log, note: &mut dyn FnMut(&Message)) -> R
             bail_option!((key, 0usize), ": at least one sample is needed");
         }
     }
+    if s.patience == 0 {
+        bail_option!(
+            (keys::PATIENCE, 0usize),
+            ": at least one sweep without a held-out gain must be allowed (a large value runs every sweep)"
+        );
+    }
     let ext = s.out.extension().and_then(|e| e.to_str()).unwrap_or("");
     if !ext.eq_ignore_ascii_case("json") {
         bail_option!(
@@ -137,6 +143,21 @@ pub fn run(s: &TuneSettings, log: &mut Log, note: &mut dyn FnMut(&Message)) -> R
             "note: the model is class-conditional; tuning its unconditional model (null class {}); --classes all --guidance W tunes the guided one",
             Guided::default_null(m).expect("conditional")
         )));
+    }
+    if let Some(c) = &s.classifier
+        && !(objective.uses_features() && checkpoint.is_some())
+    {
+        bail_option!(
+            (keys::CLASSIFIER, c.display().to_string()),
+            format!(
+                ": only the kid and fd objectives on a checkpoint compare classifier features (this run: {objective} on {})",
+                if checkpoint.is_some() {
+                    "a checkpoint"
+                } else {
+                    "a problem"
+                }
+            )
+        );
     }
     // The feature map of a distribution objective.
     let classifier = match (objective.uses_features(), checkpoint) {
