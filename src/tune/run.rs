@@ -333,13 +333,21 @@ pub fn run(s: &TuneSettings, log: &mut Log, note: &mut dyn FnMut(&Message)) -> R
         format!("  dynamic program: {}", show(&t.gits_times)),
         format!("  tuned:   {}", show(&t.times)),
         format!(
-            "  held-out {} ({} samples): default {:.5}, dynamic program {:.5}, tuned {:.5} ({:.2}x)",
+            "  held-out {} ({} samples): default {:.5}, dynamic program {:.5}, tuned {:.5}{}",
             objective.describe(),
             s.holdout,
             t.holdout_default.objective,
             t.holdout_gits.objective,
             t.holdout_tuned.objective,
-            t.holdout_tuned.objective / t.holdout_default.objective
+            // KID's unbiased estimate can be negative: a ratio only of positive values
+            if t.holdout_default.objective > 0.0 && t.holdout_tuned.objective >= 0.0 {
+                format!(
+                    " ({:.2}x)",
+                    t.holdout_tuned.objective / t.holdout_default.objective
+                )
+            } else {
+                String::new()
+            }
         ),
         format!(
             "  tuning-sample {} ({} samples): default {:.5}, dynamic program {:.5}, tuned {:.5}",
