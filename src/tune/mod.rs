@@ -648,9 +648,16 @@ pub fn tune(
             Ok(score(&to_times(l)?, &tuning)?.objective)
         };
         let mut since_best = 0usize;
+        // A sweep that kept no move (its step is halved) leaves the grid as it was: its
+        // held-out score is the last one, and it counts towards the patience.
+        let mut last: Option<(Vec<f64>, Score)> = None;
         let mut after_sweep = |sweep: usize, l: &[f64], tuning_cost: f64| -> Result<bool> {
             let ts = to_times(l)?;
-            let h = score(&ts, &holdout)?;
+            let h = match &last {
+                Some((prev, h)) if *prev == ts => *h,
+                _ => score(&ts, &holdout)?,
+            };
+            last = Some((ts.clone(), h));
             sweeps.push(Sweep {
                 sweep,
                 tuning: tuning_cost,
