@@ -245,35 +245,28 @@ impl Share<'_> {
     }
 
     /// The means over all `n` samples of a set of each of `locals` (this replica's per-sample
-    /// values): gathered in sample order (zeros elsewhere, summed over the replicas, which
-    /// is exact), then summed in that order.
+    /// values): gathered by [`Share::rows`], then summed in sample order.
     fn means(&self, n: usize, locals: &[Vec<f64>]) -> Result<Vec<f64>> {
-        let full: Vec<f64> = match self.group {
-            None => locals.concat(),
-            Some(g) => {
-                let (lo, hi) = self.range(n);
-                let mut v = vec![0.0; n * locals.len()];
-                for (j, l) in locals.iter().enumerate() {
-                    if l.len() != hi - lo {
-                        bail!(
-                            "replica {}: {} values for samples {lo}..{hi}",
-                            self.rank,
-                            l.len()
-                        );
-                    }
-                    v[j * n + lo..j * n + hi].copy_from_slice(l);
-                }
-                g.exchange(self.rank, v)?.to_vec()
-            }
-        };
-        Ok(full
-            .chunks(n)
-            .map(|c| c.iter().sum::<f64>() / n as f64)
+        let (lo, hi) = self.range(n);
+        if let Some(l) = locals.iter().find(|l| l.len() != hi - lo) {
+            bail!(
+                "replica {}: {} values for samples {lo}..{hi}",
+                self.rank,
+                l.len()
+            );
+        }
+        let mine = (0..hi - lo)
+            .map(|i| locals.iter().map(|l| l[i]).collect())
+            .collect();
+        let all = self.rows(n, mine)?;
+        Ok((0..locals.len())
+            .map(|j| all.iter().map(|r| r[j]).sum::<f64>() / n as f64)
             .collect())
     }
 
     /// The rows of all `n` samples of a set, in sample order, from this replica's `local`
-    /// rows (gathered as [`Share::means`] gathers: zeros elsewhere, summed, which is exact).
+    /// rows: each replica puts its rows in place among zeros and the replicas' vectors are
+    /// summed, which is exact.
     fn rows(&self, n: usize, local: Vec<Vec<f64>>) -> Result<Vec<Vec<f64>>> {
         let Some(g) = self.group else {
             return Ok(local);
@@ -604,11 +597,16 @@ pub fn tune(
     let holdout_gits = score(&gits_times, &holdout)?;
     // Global refinement of the positive times' λ against the whole run's objective, from
     // the better start on the tuning samples; the held-out objective picks the sweep.
-    let (refine_from, start_times, start_holdout) =
+    let (refine_from, start_times, start_tuning, start_holdout) =
         if cfg.refine_sweeps > 0 && tuning_default.objective < tuning_gits.objective {
-            ("default", def.clone(), holdout_default)
+            ("default", def.clone(), tuning_default, holdout_default)
         } else {
-            ("dynamic program", gits_times.clone(), holdout_gits)
+            (
+                "dynamic program",
+                gits_times.clone(),
+                tuning_gits,
+                holdout_gits,
+            )
         };
     let n_pos = if zero { steps } else { steps + 1 };
     let mut sweeps = Vec::new();
@@ -682,7 +680,12 @@ pub fn tune(
         refine_evals = r.evals;
     }
     let (best_sweep, times, holdout_tuned) = best;
-    let tuning_tuned = score(&times, &tuning)?;
+    // The start's tuning scores are known; a refined grid's l2 on them is not.
+    let tuning_tuned = if best_sweep == 0 {
+        start_tuning
+    } else {
+        score(&times, &tuning)?
+    };
     Ok(Tuned {
         times,
         candidates: cand,
