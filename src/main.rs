@@ -27,6 +27,19 @@ struct Cli {
     /// (torch.backends.cudnn.allow_tf32); without it f32 convolutions are exact f32
     #[arg(long, global = true)]
     tf32: bool,
+    /// CUDA: deterministic kernels, so that a sample's bits depend only on its seed, not on
+    /// the run, its batch or its shard (src/gpu/determinism.rs; BENCHMARKS.md §14 for the
+    /// cost). `--deterministic` is `--deterministic=on`. Default: the environment variable QTAYLOR_DETERMINISTIC
+    /// (1 or 0), else off. No effect on the CPU, where this holds already
+    #[arg(long, global = true, value_name = "on|off", num_args = 0..=1, require_equals = true, default_missing_value = "on", value_parser = parse_on_off)]
+    deterministic: Option<bool>,
+}
+
+/// `--deterministic`'s value.
+fn parse_on_off(v: &str) -> Result<bool, String> {
+    qtaylor::gpu::determinism::parse(v)
+        .filter(|_| !v.trim().is_empty())
+        .ok_or_else(|| format!("expected on or off, not {v:?}"))
 }
 
 #[derive(Subcommand)]
@@ -45,6 +58,10 @@ enum Command {
     Samplers,
     /// Throughput of a checkpoint: one network forward, and a full sample with a sampler.
     Speed(cli::misc::SpeedArgs),
+    /// Whether a network's output for one sample depends only on that sample on this device:
+    /// every operation of a forward compared between two runs and between batch sizes, with
+    /// the deterministic mode off and on, and the mode's cost per forward.
+    Determinism(cli::misc::DeterminismArgs),
     /// Write a UNet2DModel checkpoint with random weights (PyTorch's default init) in the
     /// diffusers layout, for benchmarks: --preset cifar10-ddpm is google/ddpm-cifar10-32's
     /// architecture (35.7 M parameters).
@@ -87,11 +104,16 @@ fn main() -> ExitCode {
     }
     let cli = Cli::parse();
     qtaylor::gpu::device::set_tf32(cli.tf32);
+    if let Err(e) = qtaylor::gpu::determinism::configure(cli.deterministic) {
+        eprintln!("error: {e}");
+        return ExitCode::FAILURE;
+    }
     let result = match &cli.command {
         Command::Sample(a) => cli::sample::cmd(a),
         Command::Bench(a) => cli::bench::cmd(a),
         Command::Tune(a) => cli::tune::cmd(a),
         Command::Speed(a) => cli::misc::cmd_speed(a),
+        Command::Determinism(a) => cli::misc::cmd_determinism(a),
         Command::InitModel(a) => cli::misc::cmd_init_model(a),
         Command::Parity(a) => cli::misc::cmd_parity(a),
         Command::Train(a) => cli::train::cmd_train(a),

@@ -365,3 +365,48 @@ fn speed_reports_forward_sample_and_the_per_step_share_outside_the_network() {
     // The CUDA pool's high-water mark exists only on a GPU.
     assert!(!out.contains("peak device memory allocated"), "{out}");
 }
+
+#[test]
+fn the_deterministic_switch_is_honoured_or_refused_by_name() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = |env: Option<&str>, flag: Option<&str>, out: &Path| {
+        let mut c = Command::new(env!("CARGO_BIN_EXE_qtaylor"));
+        if let Some(v) = env {
+            c.env("QTAYLOR_DETERMINISTIC", v);
+        }
+        let mut args = vec!["sample", "--problem", "gmm-demo", "--sampler", "qt-2"];
+        args.extend(["--steps", "4", "--batch", "8", "--out", p(out)]);
+        if let Some(f) = flag {
+            args.push(f);
+        }
+        c.args(&args).output().unwrap()
+    };
+    // An unknown word, from the environment or the flag, is an error naming it; nothing is
+    // written.
+    let bad = dir.path().join("bad.npy");
+    let o = run(Some("sometimes"), None, &bad);
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("QTAYLOR_DETERMINISTIC=\"sometimes\""), "{}", stderr(&o));
+    let o = run(None, Some("--deterministic=sometimes"), &bad);
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("--deterministic"), "{}", stderr(&o));
+    assert!(!bad.exists());
+    // On the CPU the mode keeps the bits: off, on by the environment, on by the flag, and the
+    // flag's off over the environment's on.
+    let mut outs = Vec::new();
+    for (i, (env, flag)) in [
+        (None, None),
+        (Some("1"), None),
+        (None, Some("--deterministic")),
+        (Some("on"), Some("--deterministic=off")),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let out = dir.path().join(format!("{i}.npy"));
+        let o = run(env, flag, &out);
+        assert!(o.status.success(), "{}", stderr(&o));
+        outs.push(std::fs::read(&out).unwrap());
+    }
+    assert!(outs.iter().all(|o| *o == outs[0]));
+}

@@ -1,10 +1,11 @@
-//! The small commands: `samplers`, `speed`, `parity` and `init-model`.
+//! The small commands: `samplers`, `speed`, `determinism`, `parity` and `init-model`.
 
 use std::path::PathBuf;
 
 use anyhow::{Result, bail};
 use clap::Args;
 
+use qtaylor::measure::determinism::DeterminismSettings;
 use qtaylor::measure::speed::{self, SpeedSettings};
 
 #[derive(Args)]
@@ -30,6 +31,49 @@ pub struct SpeedArgs {
     /// Steps of the timed sample
     #[arg(long, default_value_t = 10)]
     pub steps: usize,
+}
+
+#[derive(Args)]
+pub struct DeterminismArgs {
+    /// A diffusers checkpoint folder (default: the model embedded in the binary)
+    #[arg(long)]
+    pub model: Option<PathBuf>,
+    /// cpu, cuda or cuda:N (GPU N)
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
+    /// f32 | f16 | bf16
+    #[arg(long, default_value = "f32")]
+    pub model_dtype: String,
+    /// Batch sizes whose first row is compared operation by operation (the largest is also
+    /// run twice)
+    #[arg(long, value_delimiter = ',', default_value = "1,7,64")]
+    pub batches: Vec<usize>,
+    /// Batch sizes at which a forward is timed with the deterministic mode off and on
+    #[arg(long, value_delimiter = ',', default_value = "1,8,256")]
+    pub cost_batches: Vec<usize>,
+    /// Timed forwards per mode and batch (after one warm-up)
+    #[arg(long, default_value_t = 20)]
+    pub repeats: usize,
+    /// Give row i the class label i mod (classes + 1), the null class included, as a guided
+    /// sample's batch has (class-conditional models)
+    #[arg(long)]
+    pub labels: bool,
+}
+
+pub fn cmd_determinism(a: &DeterminismArgs) -> Result<()> {
+    let (lines, _) = qtaylor::measure::determinism::run(&DeterminismSettings {
+        model: a.model.clone(),
+        device: a.device.clone(),
+        model_dtype: a.model_dtype.clone(),
+        batches: a.batches.clone(),
+        cost_batches: a.cost_batches.clone(),
+        repeats: a.repeats,
+        labels: a.labels,
+    })?;
+    for l in lines {
+        println!("{l}");
+    }
+    Ok(())
 }
 
 #[derive(Args)]

@@ -62,6 +62,9 @@ enum Choice {
     Heuristic,
     Find,
     Fixed(sys::cudnnConvolutionFwdAlgo_t),
+    /// The deterministic mode's choice ([`Pin`]): made once per shape at the reference batch,
+    /// by heuristics only, deterministic kernels only.
+    Pinned,
 }
 
 /// The algorithm choice named by `QTAYLOR_CUDNN_ALGO` (default `auto`), as text.
@@ -299,7 +302,19 @@ impl CustomOp2 for ConvOp {
             choice: {
                 let tensor_cores = s1.dtype() != DType::F32 || crate::gpu::device::tf32();
                 let forward = self.op == Op::Forward;
+                let det = crate::gpu::determinism::deterministic();
                 match choice()? {
+                    Choice::Find | Choice::GraphFind if det => {
+                        candle_core::bail!(
+                            "QTAYLOR_CUDNN_ALGO={} picks convolution algorithms by timing them, \
+                             and timings differ from run to run: deterministic mode \
+                             (--deterministic, QTAYLOR_DETERMINISTIC=1) takes auto, graph, \
+                             heuristic or a fixed algorithm",
+                            algo_setting()
+                        )
+                    }
+                    Choice::Fixed(a) if det && forward => Choice::Fixed(a),
+                    _ if det => Choice::Pinned,
                     Choice::Auto if tensor_cores && forward => Choice::Graph,
                     c @ (Choice::Graph | Choice::GraphFind) if tensor_cores && forward => c,
                     Choice::Auto if tensor_cores && self.op != Op::DataGrad => Choice::Heuristic,
@@ -357,6 +372,8 @@ struct Plan {
     w: sys::cudnnFilterDescriptor_t,
     conv: sys::cudnnConvolutionDescriptor_t,
     algo: Algo,
+    /// The math type a legacy algorithm runs in.
+    math: sys::cudnnMathType_t,
     workspace: usize,
     /// Graph-API descriptors the execution plan depends on (destroyed with the plan).
     backend: Vec<sys::cudnnBackendDescriptor_t>,
@@ -381,6 +398,8 @@ impl Drop for Plan {
 struct State {
     handle: sys::cudnnHandle_t,
     plans: HashMap<Key, Plan>,
+    /// The deterministic mode's choices, per key with the batch set to 0.
+    pins: HashMap<Key, Pin>,
     workspace: Option<CudaSlice<u8>>,
 }
 
@@ -473,7 +492,15 @@ macro_rules! candidates {
 }
 
 impl Plan {
-    fn new(handle: sys::cudnnHandle_t, key: &Key, timer: Option<&mut Timer>) -> Result<Plan> {
+    /// The plan for `key`: from `pinned` when given (the deterministic mode), else by the
+    /// key's choice (a `Pinned` key without a pin: the legacy heuristic's ranking,
+    /// deterministic algorithms only, which is how [`choose_pin`] makes a legacy pin).
+    fn new(
+        handle: sys::cudnnHandle_t,
+        key: &Key,
+        timer: Option<&mut Timer>,
+        pinned: Option<&Pin>,
+    ) -> Result<Plan> {
         use sys::cudnnMathType_t as M;
         let format = if key.nhwc {
             sys::cudnnTensorFormat_t::CUDNN_TENSOR_NHWC
@@ -494,9 +521,30 @@ impl Plan {
             algo: Algo::Forward(
                 sys::cudnnConvolutionFwdAlgo_t::CUDNN_CONVOLUTION_FWD_ALGO_IMPLICIT_PRECOMP_GEMM,
             ),
+            math: M::CUDNN_DEFAULT_MATH,
             workspace: 0,
             backend: Vec::new(),
         };
+        if let Some(Pin::Engine { index, knobs }) = pinned {
+            let (exec, workspace) =
+                pinned_graph_plan(handle, key, *index, knobs, &mut plan.backend)
+                    .map_err(|e| err("planning the deterministic mode's engine", key, e))?;
+            plan.algo = Algo::Graph(exec);
+            plan.workspace = workspace;
+            if log_on() {
+                eprintln!(
+                    "conv plan: input {:?} filter {:?} pad {} stride {} {:?}{}: pinned engine {index} {knobs:?}, workspace {} B",
+                    key.x,
+                    key.w,
+                    key.pad,
+                    key.stride,
+                    key.dtype,
+                    flags(key),
+                    workspace
+                );
+            }
+            return Ok(plan);
+        }
         if matches!(key.choice, Choice::Graph | Choice::GraphFind) {
             let timer = timer.filter(|_| key.choice == Choice::GraphFind);
             match graph_plan(handle, key, &mut plan.backend, timer) {
@@ -560,12 +608,14 @@ impl Plan {
         // `auto` was resolved by the caller; a graph that could not be planned falls back to
         // the legacy heuristic.
         let legacy = match key.choice {
-            Choice::Graph | Choice::GraphFind | Choice::Auto => Choice::Heuristic,
+            Choice::Graph | Choice::GraphFind | Choice::Auto | Choice::Pinned => Choice::Heuristic,
             c => c,
         };
-        let (algo, algo_math) = match (legacy, key.op) {
-            (Choice::Fixed(a), Op::Forward) => (Algo::Forward(a), math),
-            (choice, op) => {
+        let deterministic_only = key.choice == Choice::Pinned;
+        let (algo, algo_math) = match (pinned, legacy, key.op) {
+            (Some(Pin::Legacy(a, m)), _, _) => (*a, *m),
+            (_, Choice::Fixed(a), Op::Forward) => (Algo::Forward(a), math),
+            (_, choice, op) => {
                 let find = choice == Choice::Find;
                 let mut count = 0;
                 // The legacy search (Find measures, Get…_v7 ranks): same signature for both.
@@ -640,7 +690,7 @@ impl Plan {
                     .find(|p| {
                         p.ok && p.memory <= MAX_WORKSPACE
                             && (!strict || p.math == M::CUDNN_FMA_MATH)
-                            && (op == Op::Forward || p.deterministic)
+                            && ((op == Op::Forward && !deterministic_only) || p.deterministic)
                     })
                     .ok_or_else(|| {
                         err("algorithm choice", key, "no usable algorithm within 1 GiB")
@@ -667,6 +717,7 @@ impl Plan {
             .map_err(e("workspace size"))?
         };
         plan.algo = algo;
+        plan.math = algo_math;
         if log_on() {
             eprintln!(
                 "conv plan{}: input {:?} filter {:?} pad {} stride {} {:?}{}: {} ({:?}), workspace {} B",
@@ -688,6 +739,50 @@ impl Plan {
         }
         Ok(plan)
     }
+}
+
+/// The deterministic mode's kernel for `key`'s shape, chosen at the reference batch: a graph
+/// engine for a forward convolution ([`pin_engine`]), else (no such engine, or a gradient) the
+/// legacy heuristic's first deterministic algorithm.
+fn choose_pin(handle: sys::cudnnHandle_t, key: &Key) -> Result<Pin> {
+    let batch = crate::gpu::determinism::REFERENCE_BATCH as i32;
+    let reference = Key {
+        x: [batch, key.x[1], key.x[2], key.x[3]],
+        ..*key
+    };
+    if key.op == Op::Forward {
+        let mut keep = Vec::new();
+        let found = pin_engine(handle, &reference, &mut keep);
+        for d in keep.into_iter().rev() {
+            // SAFETY: made by pin_engine for this search alone.
+            let _ = unsafe { sys::cudnnBackendDestroyDescriptor(d) };
+        }
+        match found {
+            Ok(pin) => {
+                if log_on() {
+                    eprintln!(
+                        "conv pin: filter {:?} {:?}{}: {pin:?}",
+                        key.w,
+                        key.dtype,
+                        flags(key)
+                    );
+                }
+                return Ok(pin);
+            }
+            Err(e) => {
+                if log_on() {
+                    eprintln!(
+                        "conv pin: filter {:?} {:?}{}: no deterministic graph engine ({e}); the legacy heuristic's",
+                        key.w,
+                        key.dtype,
+                        flags(key)
+                    );
+                }
+            }
+        }
+    }
+    let plan = Plan::new(handle, &reference, None, None)?;
+    Ok(Pin::Legacy(plan.algo, plan.math))
 }
 
 /// Runs `key`'s plan on `(x, second)` (second: the filter for the forward convolution, the
@@ -722,6 +817,7 @@ fn run<T: CudaDType + candle_core::cuda_backend::cudarc::driver::DeviceRepr>(
                 v.insert(State {
                     handle,
                     plans: HashMap::new(),
+                    pins: HashMap::new(),
                     workspace: None,
                 })
             }
@@ -765,7 +861,19 @@ fn run<T: CudaDType + candle_core::cuda_backend::cudarc::driver::DeviceRepr>(
                 end.synchronize().map_err(|e| m(&e))?;
                 Ok(start.elapsed_ms(&end).map_err(|e| m(&e))? / 3.0)
             };
-            let plan = Plan::new(handle, key, Some(&mut timer))?;
+            let plan = if key.choice == Choice::Pinned {
+                let sig = Key {
+                    x: [0, key.x[1], key.x[2], key.x[3]],
+                    ..*key
+                };
+                if !state.pins.contains_key(&sig) {
+                    let pin = choose_pin(handle, key)?;
+                    state.pins.insert(sig, pin);
+                }
+                Plan::new(handle, key, None, Some(&state.pins[&sig]))?
+            } else {
+                Plan::new(handle, key, Some(&mut timer), None)?
+            };
             state.plans.insert(*key, plan);
         }
         let plan = &state.plans[key];
@@ -901,6 +1009,346 @@ fn graph_plan(
     keep: &mut Vec<sys::cudnnBackendDescriptor_t>,
     mut timer: Option<&mut Timer>,
 ) -> std::result::Result<(sys::cudnnBackendDescriptor_t, usize), String> {
+    let graph = conv_graph(handle, key, keep)?;
+    // graph-find times the configurations of heuristic modes A and B and the fallback list;
+    // graph takes mode A's first that plans.
+    let modes: &[sys::cudnnBackendHeurMode_t] = if timer.is_some() {
+        &[
+            sys::cudnnBackendHeurMode_t::CUDNN_HEUR_MODE_A,
+            sys::cudnnBackendHeurMode_t::CUDNN_HEUR_MODE_B,
+            sys::cudnnBackendHeurMode_t::CUDNN_HEUR_MODE_FALLBACK,
+        ]
+    } else {
+        &[sys::cudnnBackendHeurMode_t::CUDNN_HEUR_MODE_A]
+    };
+    let mut cfgs = Vec::new();
+    for &mode in modes {
+        match engine_configs(graph, mode, keep) {
+            Ok(c) => cfgs.extend(c),
+            Err(e) if cfgs.is_empty() && mode == modes[modes.len() - 1] => return Err(e),
+            Err(_) => {}
+        }
+    }
+    let mut last = String::from("no engine configuration");
+    let mut best: Option<(f32, sys::cudnnBackendDescriptor_t, usize)> = None;
+    for (i, cfg) in cfgs.iter().enumerate() {
+        match exec_plan(handle, *cfg, keep) {
+            Ok((exec, ws)) => {
+                if ws > MAX_WORKSPACE {
+                    last = format!("workspace {ws} B over the limit");
+                    continue;
+                }
+                let Some(time) = timer.as_mut() else {
+                    return Ok((exec, ws));
+                };
+                match time(exec, ws) {
+                    Ok(ms) => {
+                        if log_on() {
+                            eprintln!(
+                                "  conv {:?}*{:?} {:?}: engine configuration {i}: {ms:.3} ms, {ws} B",
+                                key.x, key.w, key.dtype
+                            );
+                        }
+                        if best.is_none_or(|b| ms < b.0) {
+                            best = Some((ms, exec, ws));
+                        }
+                    }
+                    Err(e) => last = e,
+                }
+            }
+            Err(e) => last = e,
+        }
+    }
+    best.map(|(_, exec, ws)| (exec, ws)).ok_or(last)
+}
+
+/// The execution plan of an engine configuration and its workspace size in bytes.
+fn exec_plan(
+    handle: sys::cudnnHandle_t,
+    cfg: sys::cudnnBackendDescriptor_t,
+    keep: &mut Vec<sys::cudnnBackendDescriptor_t>,
+) -> std::result::Result<(sys::cudnnBackendDescriptor_t, usize), String> {
+    use sys::cudnnBackendAttributeName_t as N;
+    use sys::cudnnBackendAttributeType_t as T;
+    use sys::cudnnBackendDescriptorType_t as D;
+    let exec = create(D::CUDNN_BACKEND_EXECUTION_PLAN_DESCRIPTOR, keep)?;
+    // SAFETY: each pointer names one element of the type given.
+    unsafe {
+        set_attr(
+            exec,
+            N::CUDNN_ATTR_EXECUTION_PLAN_HANDLE,
+            T::CUDNN_TYPE_HANDLE,
+            1,
+            &handle,
+        )?;
+        set_attr(
+            exec,
+            N::CUDNN_ATTR_EXECUTION_PLAN_ENGINE_CONFIG,
+            T::CUDNN_TYPE_BACKEND_DESCRIPTOR,
+            1,
+            &cfg,
+        )?;
+    }
+    finalize(exec, "an execution plan")?;
+    let (mut ws, mut got) = (0i64, 0i64);
+    // SAFETY: one INT64 is written.
+    unsafe {
+        sys::cudnnBackendGetAttribute(
+            exec,
+            N::CUDNN_ATTR_EXECUTION_PLAN_WORKSPACE_SIZE,
+            T::CUDNN_TYPE_INT64,
+            1,
+            &mut got,
+            &mut ws as *mut i64 as *mut _,
+        )
+    }
+    .result()
+    .map_err(|e| format!("reading the workspace size: {e:?}"))?;
+    Ok((exec, ws.max(0) as usize))
+}
+
+/// A kernel choice of the deterministic mode, made once per convolution shape at the batch
+/// [`REFERENCE_BATCH`](crate::gpu::determinism::REFERENCE_BATCH) and used at every batch.
+#[derive(Clone, Debug)]
+enum Pin {
+    /// A graph-API engine (its global index) and the values of its knobs: the same kernel
+    /// with the same tiling and the same split of the reduction at every batch.
+    Engine { index: i64, knobs: Vec<(u32, i64)> },
+    /// A legacy algorithm and the math type it was ranked with (exact f32 without a graph
+    /// engine, gradients).
+    Legacy(Algo, sys::cudnnMathType_t),
+}
+
+/// Numerical notes (`cudnnBackendNumericalNote_t` values).
+const NOTE_TENSOR_CORE: u32 = 0;
+const NOTE_DOWN_CONVERT_INPUTS: u32 = 1;
+const NOTE_REDUCED_PRECISION_REDUCTION: u32 = 2;
+const NOTE_NONDETERMINISTIC: u32 = 4;
+
+/// Reads a descriptor-valued attribute into `n` descriptors of type `t` made for it.
+fn get_descs(
+    d: sys::cudnnBackendDescriptor_t,
+    name: sys::cudnnBackendAttributeName_t,
+    t: sys::cudnnBackendDescriptorType_t,
+    n: usize,
+    keep: &mut Vec<sys::cudnnBackendDescriptor_t>,
+) -> std::result::Result<Vec<sys::cudnnBackendDescriptor_t>, String> {
+    let mut out = Vec::with_capacity(n);
+    for _ in 0..n {
+        out.push(create(t, keep)?);
+    }
+    let mut got = 0i64;
+    // SAFETY: cuDNN fills at most n of the descriptors made above.
+    unsafe {
+        sys::cudnnBackendGetAttribute(
+            d,
+            name,
+            sys::cudnnBackendAttributeType_t::CUDNN_TYPE_BACKEND_DESCRIPTOR,
+            n as i64,
+            &mut got,
+            out.as_mut_ptr() as *mut _,
+        )
+    }
+    .result()
+    .map_err(|e| format!("reading {name:?}: {e:?}"))?;
+    out.truncate(got.clamp(0, n as i64) as usize);
+    Ok(out)
+}
+
+/// Reads up to 64 four- or eight-byte values of an attribute.
+fn get_values<V: Copy + Default>(
+    d: sys::cudnnBackendDescriptor_t,
+    name: sys::cudnnBackendAttributeName_t,
+    ty: sys::cudnnBackendAttributeType_t,
+) -> std::result::Result<Vec<V>, String> {
+    let mut out = vec![V::default(); 64];
+    let mut got = 0i64;
+    // SAFETY: room for 64 values of the attribute's element type V.
+    unsafe { sys::cudnnBackendGetAttribute(d, name, ty, 64, &mut got, out.as_mut_ptr() as *mut _) }
+        .result()
+        .map_err(|e| format!("reading {name:?}: {e:?}"))?;
+    out.truncate(got.clamp(0, 64) as usize);
+    Ok(out)
+}
+
+/// The deterministic mode's engine for the forward convolution `key` (its batch already the
+/// reference batch): heuristic mode A's proposals, then the fallback list, in order; the first
+/// whose engine carries no `NONDETERMINISTIC` note (for exact f32 also no tensor-core,
+/// down-converting or reduced-precision note), that plans within the workspace limit.
+fn pin_engine(
+    handle: sys::cudnnHandle_t,
+    key: &Key,
+    keep: &mut Vec<sys::cudnnBackendDescriptor_t>,
+) -> std::result::Result<Pin, String> {
+    use sys::cudnnBackendAttributeName_t as N;
+    use sys::cudnnBackendAttributeType_t as T;
+    use sys::cudnnBackendDescriptorType_t as D;
+    let graph = conv_graph(handle, key, keep)?;
+    let mut cfgs = engine_configs(graph, sys::cudnnBackendHeurMode_t::CUDNN_HEUR_MODE_A, keep)?;
+    if let Ok(more) = engine_configs(
+        graph,
+        sys::cudnnBackendHeurMode_t::CUDNN_HEUR_MODE_FALLBACK,
+        keep,
+    ) {
+        cfgs.extend(more);
+    }
+    let strict = key.dtype == DType::F32 && !key.tf32;
+    let mut last = String::from("no engine configuration");
+    for cfg in cfgs {
+        let engine = get_descs(
+            cfg,
+            N::CUDNN_ATTR_ENGINECFG_ENGINE,
+            D::CUDNN_BACKEND_ENGINE_DESCRIPTOR,
+            1,
+            keep,
+        )?;
+        let Some(&engine) = engine.first() else {
+            continue;
+        };
+        let notes: Vec<u32> = get_values(
+            engine,
+            N::CUDNN_ATTR_ENGINE_NUMERICAL_NOTE,
+            T::CUDNN_TYPE_NUMERICAL_NOTE,
+        )?;
+        let refused = notes.iter().any(|&n| {
+            n == NOTE_NONDETERMINISTIC
+                || (strict
+                    && matches!(
+                        n,
+                        NOTE_TENSOR_CORE
+                            | NOTE_DOWN_CONVERT_INPUTS
+                            | NOTE_REDUCED_PRECISION_REDUCTION
+                    ))
+        });
+        let index = get_values::<i64>(
+            engine,
+            N::CUDNN_ATTR_ENGINE_GLOBAL_INDEX,
+            T::CUDNN_TYPE_INT64,
+        )?
+        .first()
+        .copied()
+        .ok_or("an engine without a global index")?;
+        if refused {
+            last = format!("engine {index} has numerical notes {notes:?}");
+            continue;
+        }
+        match exec_plan(handle, cfg, keep) {
+            Ok((_, ws)) if ws <= MAX_WORKSPACE => {
+                let choices = get_descs(
+                    cfg,
+                    N::CUDNN_ATTR_ENGINECFG_KNOB_CHOICES,
+                    D::CUDNN_BACKEND_KNOB_CHOICE_DESCRIPTOR,
+                    64,
+                    keep,
+                )?;
+                let mut knobs = Vec::with_capacity(choices.len());
+                for c in choices {
+                    let t: Vec<u32> = get_values(
+                        c,
+                        N::CUDNN_ATTR_KNOB_CHOICE_KNOB_TYPE,
+                        T::CUDNN_TYPE_KNOB_TYPE,
+                    )?;
+                    let v: Vec<i64> =
+                        get_values(c, N::CUDNN_ATTR_KNOB_CHOICE_KNOB_VALUE, T::CUDNN_TYPE_INT64)?;
+                    if let (Some(t), Some(v)) = (t.first(), v.first()) {
+                        knobs.push((*t, *v));
+                    }
+                }
+                return Ok(Pin::Engine { index, knobs });
+            }
+            Ok((_, ws)) => last = format!("engine {index}: workspace {ws} B over the limit"),
+            Err(e) => last = e,
+        }
+    }
+    Err(last)
+}
+
+/// The execution plan of a pinned engine for the forward convolution `key` (its own batch):
+/// the engine of that global index with the same knob values.
+fn pinned_graph_plan(
+    handle: sys::cudnnHandle_t,
+    key: &Key,
+    index: i64,
+    knobs: &[(u32, i64)],
+    keep: &mut Vec<sys::cudnnBackendDescriptor_t>,
+) -> std::result::Result<(sys::cudnnBackendDescriptor_t, usize), String> {
+    use sys::cudnnBackendAttributeName_t as N;
+    use sys::cudnnBackendAttributeType_t as T;
+    use sys::cudnnBackendDescriptorType_t as D;
+    let graph = conv_graph(handle, key, keep)?;
+    let engine = create(D::CUDNN_BACKEND_ENGINE_DESCRIPTOR, keep)?;
+    // SAFETY: each pointer names the number of elements given, of the type named.
+    unsafe {
+        set_attr(
+            engine,
+            N::CUDNN_ATTR_ENGINE_OPERATION_GRAPH,
+            T::CUDNN_TYPE_BACKEND_DESCRIPTOR,
+            1,
+            &graph,
+        )?;
+        set_attr(
+            engine,
+            N::CUDNN_ATTR_ENGINE_GLOBAL_INDEX,
+            T::CUDNN_TYPE_INT64,
+            1,
+            &index,
+        )?;
+    }
+    finalize(engine, "the pinned engine")?;
+    let mut choices = Vec::with_capacity(knobs.len());
+    for &(t, v) in knobs {
+        let c = create(D::CUDNN_BACKEND_KNOB_CHOICE_DESCRIPTOR, keep)?;
+        // SAFETY: as above (the knob type is a 32-bit enum).
+        unsafe {
+            set_attr(
+                c,
+                N::CUDNN_ATTR_KNOB_CHOICE_KNOB_TYPE,
+                T::CUDNN_TYPE_KNOB_TYPE,
+                1,
+                &t,
+            )?;
+            set_attr(
+                c,
+                N::CUDNN_ATTR_KNOB_CHOICE_KNOB_VALUE,
+                T::CUDNN_TYPE_INT64,
+                1,
+                &v,
+            )?;
+        }
+        finalize(c, "a knob choice")?;
+        choices.push(c);
+    }
+    let cfg = create(D::CUDNN_BACKEND_ENGINECFG_DESCRIPTOR, keep)?;
+    // SAFETY: as above.
+    unsafe {
+        set_attr(
+            cfg,
+            N::CUDNN_ATTR_ENGINECFG_ENGINE,
+            T::CUDNN_TYPE_BACKEND_DESCRIPTOR,
+            1,
+            &engine,
+        )?;
+        if !choices.is_empty() {
+            set_attr(
+                cfg,
+                N::CUDNN_ATTR_ENGINECFG_KNOB_CHOICES,
+                T::CUDNN_TYPE_BACKEND_DESCRIPTOR,
+                choices.len() as i64,
+                choices.as_ptr(),
+            )?;
+        }
+    }
+    finalize(cfg, "the pinned engine configuration")?;
+    exec_plan(handle, cfg, keep)
+}
+
+/// The forward convolution of `key` as a one-node operation graph of cuDNN's backend API
+/// (NCHW or NHWC strides); every descriptor made is pushed to `keep`.
+fn conv_graph(
+    handle: sys::cudnnHandle_t,
+    key: &Key,
+    keep: &mut Vec<sys::cudnnBackendDescriptor_t>,
+) -> std::result::Result<sys::cudnnBackendDescriptor_t, String> {
     use sys::cudnnBackendAttributeName_t as N;
     use sys::cudnnBackendAttributeType_t as T;
     use sys::cudnnBackendDescriptorType_t as D;
@@ -1088,90 +1536,7 @@ fn graph_plan(
         )?;
     }
     finalize(graph, "the operation graph")?;
-    // graph-find times the configurations of heuristic modes A and B and the fallback list;
-    // graph takes mode A's first that plans.
-    let modes: &[sys::cudnnBackendHeurMode_t] = if timer.is_some() {
-        &[
-            sys::cudnnBackendHeurMode_t::CUDNN_HEUR_MODE_A,
-            sys::cudnnBackendHeurMode_t::CUDNN_HEUR_MODE_B,
-            sys::cudnnBackendHeurMode_t::CUDNN_HEUR_MODE_FALLBACK,
-        ]
-    } else {
-        &[sys::cudnnBackendHeurMode_t::CUDNN_HEUR_MODE_A]
-    };
-    let mut cfgs = Vec::new();
-    for &mode in modes {
-        match engine_configs(graph, mode, keep) {
-            Ok(c) => cfgs.extend(c),
-            Err(e) if cfgs.is_empty() && mode == modes[modes.len() - 1] => return Err(e),
-            Err(_) => {}
-        }
-    }
-    let mut last = String::from("no engine configuration");
-    let mut best: Option<(f32, sys::cudnnBackendDescriptor_t, usize)> = None;
-    for (i, cfg) in cfgs.iter().enumerate() {
-        let exec = create(D::CUDNN_BACKEND_EXECUTION_PLAN_DESCRIPTOR, keep)?;
-        // SAFETY: as above.
-        let set = unsafe {
-            set_attr(
-                exec,
-                N::CUDNN_ATTR_EXECUTION_PLAN_HANDLE,
-                T::CUDNN_TYPE_HANDLE,
-                1,
-                &handle,
-            )
-            .and_then(|_| {
-                set_attr(
-                    exec,
-                    N::CUDNN_ATTR_EXECUTION_PLAN_ENGINE_CONFIG,
-                    T::CUDNN_TYPE_BACKEND_DESCRIPTOR,
-                    1,
-                    cfg,
-                )
-            })
-        };
-        match set.and_then(|_| finalize(exec, "an execution plan")) {
-            Ok(()) => {
-                let (mut ws, mut got) = (0i64, 0i64);
-                // SAFETY: one INT64 is written.
-                unsafe {
-                    sys::cudnnBackendGetAttribute(
-                        exec,
-                        N::CUDNN_ATTR_EXECUTION_PLAN_WORKSPACE_SIZE,
-                        T::CUDNN_TYPE_INT64,
-                        1,
-                        &mut got,
-                        &mut ws as *mut i64 as *mut _,
-                    )
-                }
-                .result()
-                .map_err(|e| format!("reading the workspace size: {e:?}"))?;
-                if ws as usize > MAX_WORKSPACE {
-                    last = format!("workspace {ws} B over the limit");
-                    continue;
-                }
-                let Some(time) = timer.as_mut() else {
-                    return Ok((exec, ws as usize));
-                };
-                match time(exec, ws as usize) {
-                    Ok(ms) => {
-                        if log_on() {
-                            eprintln!(
-                                "  conv {:?}*{:?} {:?}: engine configuration {i}: {ms:.3} ms, {ws} B",
-                                key.x, key.w, key.dtype
-                            );
-                        }
-                        if best.is_none_or(|b| ms < b.0) {
-                            best = Some((ms, exec, ws as usize));
-                        }
-                    }
-                    Err(e) => last = e,
-                }
-            }
-            Err(e) => last = e,
-        }
-    }
-    best.map(|(_, exec, ws)| (exec, ws)).ok_or(last)
+    Ok(graph)
 }
 
 /// Times one graph-API execution plan with the given workspace size (milliseconds per run).

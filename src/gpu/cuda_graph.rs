@@ -121,6 +121,10 @@ impl Graphs {
         } else {
             ""
         });
+        // Deterministic mode runs other kernels (src/gpu/determinism.rs).
+        if crate::gpu::determinism::deterministic() {
+            key.push_str("det");
+        }
         let mut slots = self.slots.lock().unwrap_or_else(|p| p.into_inner());
         // candle uploads the shapes and strides of non-contiguous operands from host memory
         // at every kernel launch; a captured upload would re-read that (freed) host memory at

@@ -57,7 +57,13 @@ pub(crate) fn timed<T: 'static>(
     f: impl FnOnce() -> Result<T>,
 ) -> Result<T> {
     let Some(table) = profiler() else {
-        return f();
+        let out = f()?;
+        if tracing()
+            && let Some(t) = (&out as &dyn std::any::Any).downcast_ref::<Tensor>()
+        {
+            trace_point(name, t)?;
+        }
+        return Ok(out);
     };
     #[cfg(feature = "cuda")]
     if let Device::Cuda(d) = device {
@@ -84,6 +90,44 @@ pub(crate) fn timed<T: 'static>(
         t0.elapsed().as_secs_f64(),
     );
     mark_backward(name, out)
+}
+
+/// One operation's output in a trace: its name and a copy of its value (later operations
+/// may write into the original in place).
+pub type TracePoint = (&'static str, Tensor);
+
+thread_local! {
+    static TRACE: std::cell::RefCell<Option<Vec<TracePoint>>> =
+        const { std::cell::RefCell::new(None) };
+}
+
+fn tracing() -> bool {
+    TRACE.with(|t| t.borrow().is_some())
+}
+
+/// Records `t` under `name` when [`traced`] runs on this thread (every operation [`timed`]
+/// wraps is recorded; other layers call this for operations they want named).
+pub fn trace_point(name: &'static str, t: &Tensor) -> candle_core::Result<()> {
+    if !tracing() {
+        return Ok(());
+    }
+    let copy = t.copy()?;
+    TRACE.with(|tr| {
+        if let Some(v) = tr.borrow_mut().as_mut() {
+            v.push((name, copy));
+        }
+    });
+    Ok(())
+}
+
+/// Runs `f` and returns, with its result, every operation output recorded on the way, in
+/// order (`qtaylor determinism` compares them between runs and batches). Not for passes
+/// replayed from CUDA graphs, which run no host code per operation.
+pub fn traced<T>(f: impl FnOnce() -> Result<T>) -> Result<(T, Vec<TracePoint>)> {
+    TRACE.with(|t| *t.borrow_mut() = Some(Vec::new()));
+    let out = f();
+    let points = TRACE.with(|t| t.borrow_mut().take()).unwrap_or_default();
+    Ok((out?, points))
 }
 
 /// `out` itself, or (a tensor in an autograd graph, profiling on) a copy of it through

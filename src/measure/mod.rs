@@ -4,6 +4,7 @@
 //! space, [`feature_metrics`]), throughput ([`speed`]), parity with diffusers ([`parity`]) and plots ([`plot`]).
 
 pub mod bench;
+pub mod determinism;
 pub mod eval;
 pub mod feature_metrics;
 pub mod metrics;

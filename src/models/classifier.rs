@@ -93,8 +93,7 @@ fn conv3x3_same(x: &Tensor, w: &Tensor) -> candle_core::Result<Tensor> {
     }
     // (B, C, 9, H, W) → (B, C·9, H·W); row c·9 + k matches w's (O, C, 3, 3) layout
     let cols = Tensor::stack(&views, 2)?.reshape((b, c * 9, h * wd))?;
-    w.reshape((o, c * 9))?
-        .broadcast_matmul(&cols)?
+    crate::gpu::matmul::matmul(&w.reshape((o, c * 9))?.broadcast_left(b)?, &cols)?
         .reshape((b, o, h, wd))
 }
 
@@ -298,7 +297,7 @@ impl Classifier {
         let h = conv(&x, self.param(0), self.param(1))?;
         let h = conv(&h, self.param(2), self.param(3))?;
         let h = h.flatten_from(1)?;
-        Ok(h.matmul(&self.param(4).t()?)?
+        Ok(crate::gpu::matmul::matmul(&h, &self.param(4).t()?)?
             .broadcast_add(self.param(5))?
             .relu()?)
     }
@@ -309,8 +308,7 @@ impl Classifier {
     }
 
     fn logits_of_features(&self, f: &Tensor) -> Result<Tensor> {
-        Ok(f.matmul(&self.param(6).t()?)?
-            .broadcast_add(self.param(7))?)
+        Ok(crate::gpu::matmul::matmul(f, &self.param(6).t()?)?.broadcast_add(self.param(7))?)
     }
 
     /// Features `(B, 128)` and logits `(B, 10)` computed one image at a time, so that an

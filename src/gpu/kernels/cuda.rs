@@ -469,7 +469,14 @@ fn launch_nhwc<T: CudaDType + candle_core::cuda_backend::cudarc::driver::DeviceR
     // at most `run_bytes` of a pixel (64 by default, so that a warp reads whole 32-byte
     // sectors; QTAYLOR_GN_NHWC_BYTES), while the
     // grid keeps at least 512 blocks (about four per SM of an H200); one group per block
-    // for small batches and for unit counts per group that are not powers of two.
+    // for small batches and for unit counts per group that are not powers of two. The
+    // block's sums run over its threads in an order set by gb, so in deterministic mode gb is
+    // the one the reference batch gets, at every batch (src/gpu/determinism.rs).
+    let b_choice = if crate::gpu::determinism::deterministic() {
+        crate::gpu::determinism::REFERENCE_BATCH
+    } else {
+        b
+    };
     let upg = cpg / v;
     let run_bytes = super::group_norm::gn_run_bytes()?;
     let mut gb = 1;
@@ -477,7 +484,7 @@ fn launch_nhwc<T: CudaDType + candle_core::cuda_backend::cudarc::driver::DeviceR
         while groups.is_multiple_of(2 * gb)
             && 2 * gb * upg <= 32
             && 2 * gb * cpg * size <= run_bytes
-            && b * groups / (2 * gb) >= 512
+            && b_choice * groups / (2 * gb) >= 512
         {
             gb *= 2;
         }

@@ -2,6 +2,7 @@
 //! pixels, an output projection and a residual.
 
 use super::*;
+use crate::gpu::matmul::{matmul, matmul_shared};
 
 pub(super) struct Attention {
     pub(super) norm: Option<GroupNorm>,
@@ -125,7 +126,7 @@ impl Attention {
         crate::gpu::kernels::conv_epilogue(&qkv, b_qkv, None, 1.0)?;
         let qkv = qkv.reshape((b * heads, 3 * d, hw))?;
         let (q, k) = (qkv.narrow(1, 0, d)?, qkv.narrow(1, d, d)?);
-        let scores = q.transpose(1, 2)?.matmul(&k)?; // (B·heads, HW_q, HW_k)
+        let scores = matmul(&q.transpose(1, 2)?, &k)?; // (B·heads, HW_q, HW_k)
         crate::gpu::kernels::softmax_last_dim_inplace(&scores, 1.0 / (d as f64).sqrt())?;
         Ok((qkv.narrow(1, 2 * d, d)?, scores))
     }
@@ -148,10 +149,10 @@ impl Attention {
             None => x.clone(),
         };
         let tokens = hn.reshape((b, hw, c))?;
-        let qkv = w_qkv.broadcast_left(b)?.matmul(&tokens.transpose(1, 2)?)?; // (B, 3C, HW)
+        let qkv = matmul(&w_qkv.broadcast_left(b)?, &tokens.transpose(1, 2)?)?; // (B, 3C, HW)
         drop((hn, tokens));
         let (v, probs) = self.values_and_probabilities(qkv, b_qkv)?;
-        let o = probs.matmul(&v.transpose(1, 2)?)?; // (B·heads, HW_q, d)
+        let o = matmul(&probs, &v.transpose(1, 2)?)?; // (B·heads, HW_q, d)
         drop((probs, v));
         let o = if heads == 1 {
             o
@@ -160,9 +161,7 @@ impl Attention {
                 .transpose(1, 2)?
                 .contiguous()?
         };
-        let y = o
-            .reshape((b * hw, c))?
-            .matmul(&self.out.weight().t()?)?
+        let y = matmul_shared(&o.reshape((b, hw, c))?, &self.out.weight().t()?)?
             .reshape((b, h, w, c))?;
         let bias = self.out.bias().expect("attention projections have a bias");
         crate::gpu::kernels::conv_epilogue_nhwc(&y, bias, Some(x), 1.0 / self.rescale)?;
@@ -187,17 +186,16 @@ impl Attention {
             Some(n) => norm(n, x)?,
             None => x.clone(),
         };
-        let qkv = w_qkv.broadcast_left(b)?.matmul(&hn.reshape((b, c, hw))?)?; // (B, 3C, HW)
+        let qkv = matmul(&w_qkv.broadcast_left(b)?, &hn.reshape((b, c, hw))?)?; // (B, 3C, HW)
         drop(hn);
         let (v, probs) = self.values_and_probabilities(qkv, b_qkv)?;
-        let o = v.matmul(&probs.transpose(1, 2)?)?; // (B·heads, d, HW_q)
+        let o = matmul(&v, &probs.transpose(1, 2)?)?; // (B·heads, d, HW_q)
         drop((probs, v));
-        let y = self
-            .out
-            .weight()
-            .broadcast_left(b)?
-            .matmul(&o.reshape((b, c, hw))?)?
-            .reshape((b, c, h, w))?;
+        let y = matmul(
+            &self.out.weight().broadcast_left(b)?,
+            &o.reshape((b, c, hw))?,
+        )?
+        .reshape((b, c, h, w))?;
         let bias = self.out.bias().expect("attention projections have a bias");
         crate::gpu::kernels::conv_epilogue(&y, bias, Some(x), 1.0 / self.rescale)?;
         Ok(y)

@@ -123,7 +123,8 @@ impl Conv {
             }
             Conv::Pointwise { w, .. } => {
                 let (b, c, h, wd) = x.dims4()?;
-                let y = w.broadcast_left(b)?.matmul(&x.reshape((b, c, h * wd))?)?;
+                let y =
+                    crate::gpu::matmul::matmul(&w.broadcast_left(b)?, &x.reshape((b, c, h * wd))?)?;
                 Ok(y.reshape((b, w.dim(0)?, h, wd))?)
             }
             Conv::Nhwc {
@@ -132,9 +133,10 @@ impl Conv {
                 let (k, r, s, c) = w.dims4()?;
                 if (r, s, *padding, *stride) == (1, 1, 0, 1) {
                     let (b, h, wd, _) = x.dims4()?;
-                    let y = x
-                        .reshape((b * h * wd, c))?
-                        .matmul(&w.reshape((k, c))?.t()?)?;
+                    let y = crate::gpu::matmul::matmul_shared(
+                        &x.reshape((b, h * wd, c))?,
+                        &w.reshape((k, c))?.t()?,
+                    )?;
                     return Ok(y.reshape((b, h, wd, k))?);
                 }
                 Ok(crate::gpu::conv::conv2d_nhwc_fast(x, w, *padding, *stride)?)
