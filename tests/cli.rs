@@ -386,7 +386,11 @@ fn the_deterministic_switch_is_honoured_or_refused_by_name() {
     let bad = dir.path().join("bad.npy");
     let o = run(Some("sometimes"), None, &bad);
     assert!(!o.status.success());
-    assert!(stderr(&o).contains("QTAYLOR_DETERMINISTIC=\"sometimes\""), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("QTAYLOR_DETERMINISTIC=\"sometimes\""),
+        "{}",
+        stderr(&o)
+    );
     let o = run(None, Some("--deterministic=sometimes"), &bad);
     assert!(!o.status.success());
     assert!(stderr(&o).contains("--deterministic"), "{}", stderr(&o));

@@ -33,6 +33,13 @@
 //! - the workspace size. One workspace buffer per thread grows to the largest plan's need
 //!   and is reused (stream order makes the reuse safe).
 //!
+//! In deterministic mode ([`crate::gpu::determinism`]) the algorithm is never timed and never
+//! follows the batch: per shape without its batch, [`choose_pin`] picks at batch 256 a graph
+//! engine without the `NONDETERMINISTIC` numerical note (for exact f32 also without tensor-core
+//! notes) and records its global index and knob values ([`Pin`]); every batch then plans that
+//! same engine with those knobs. Gradients, and shapes without such an engine, pin the legacy
+//! heuristic's first deterministic algorithm. `find` and `graph-find` are refused there.
+//!
 //! Training's filter gradient `∂L/∂W = Σ_n x_n ⋆ ∂L/∂y_n` runs the same way
 //! ([`conv2d_backward_filter`], `cudnnConvolutionBackwardFilter`), restricted to cuDNN's
 //! deterministic algorithms so that a seed fixes a training run; so does the transposed
@@ -531,18 +538,7 @@ impl Plan {
                     .map_err(|e| err("planning the deterministic mode's engine", key, e))?;
             plan.algo = Algo::Graph(exec);
             plan.workspace = workspace;
-            if log_on() {
-                eprintln!(
-                    "conv plan: input {:?} filter {:?} pad {} stride {} {:?}{}: pinned engine {index} {knobs:?}, workspace {} B",
-                    key.x,
-                    key.w,
-                    key.pad,
-                    key.stride,
-                    key.dtype,
-                    flags(key),
-                    workspace
-                );
-            }
+            log_graph_plan(key, &format!("pinned engine {index} {knobs:?}"), workspace);
             return Ok(plan);
         }
         if matches!(key.choice, Choice::Graph | Choice::GraphFind) {
@@ -551,18 +547,7 @@ impl Plan {
                 Ok((exec, workspace)) => {
                     plan.algo = Algo::Graph(exec);
                     plan.workspace = workspace;
-                    if log_on() {
-                        eprintln!(
-                            "conv plan: input {:?} filter {:?} pad {} stride {} {:?}{}: graph-api engine, workspace {} B",
-                            key.x,
-                            key.w,
-                            key.pad,
-                            key.stride,
-                            key.dtype,
-                            flags(key),
-                            workspace
-                        );
-                    }
+                    log_graph_plan(key, "graph-api engine", workspace);
                     return Ok(plan);
                 }
                 Err(e) => {
@@ -986,6 +971,21 @@ fn finalize(d: sys::cudnnBackendDescriptor_t, what: &str) -> std::result::Result
     unsafe { sys::cudnnBackendFinalize(d) }
         .result()
         .map_err(|e| format!("finalizing {what}: {e:?}"))
+}
+
+/// With `QTAYLOR_CONV_LOG`, one line for a graph-API plan.
+fn log_graph_plan(key: &Key, what: &str, workspace: usize) {
+    if log_on() {
+        eprintln!(
+            "conv plan: input {:?} filter {:?} pad {} stride {} {:?}{}: {what}, workspace {workspace} B",
+            key.x,
+            key.w,
+            key.pad,
+            key.stride,
+            key.dtype,
+            flags(key)
+        );
+    }
 }
 
 /// The precision and layout notes of a plan's log line.

@@ -9,16 +9,16 @@
 //!    algorithm by running every candidate (`cudnnFind…`); timings differ from run to run, so
 //!    the algorithm and its rounding do. The mode never times: an algorithm comes from cuDNN's
 //!    heuristic ranking, a deterministic function of the shape and the card
-//!    ([`crate::gpu::conv_cudnn`]). `QTAYLOR_CUDNN_ALGO=find|graph-find` is refused with it.
+//!    (`src/gpu/conv_cudnn.rs`). `QTAYLOR_CUDNN_ALGO=find|graph-find` is refused with it.
 //! 2. **Choices that depend on the batch.** cuDNN's and cuBLAS's heuristics choose a kernel for
 //!    the whole problem, batch included: at a small batch they split the reduction over the
 //!    input channels (split-K) to fill the card, at a large one they do not, and the sums then
 //!    round differently. Channels-last group norm puts more groups in a block when the batch
 //!    is large. The mode chooses each kernel once per shape *with the batch replaced by
 //!    [`REFERENCE_BATCH`]* and runs that same kernel at every batch: a cuDNN engine with its
-//!    knob choices ([`crate::gpu::conv_cudnn`]), a cuBLASLt algorithm without split-K on a fixed
-//!    workspace ([`crate::gpu::matmul`]), a group-norm launch whose per-row work does not
-//!    depend on the batch ([`crate::gpu::kernels`]). Within one kernel each output element's
+//!    knob choices (`src/gpu/conv_cudnn.rs`), a cuBLASLt algorithm without split-K on a fixed
+//!    workspace (`src/gpu/matmul.rs`), a group-norm launch whose per-row work does not
+//!    depend on the batch (`src/gpu/kernels/`). Within one kernel each output element's
 //!    sum runs in the same order whatever row it is in, so a row's bits do not depend on the
 //!    other rows.
 //! 3. **Kernels that add with atomics.** cuDNN engines carrying the `NONDETERMINISTIC`

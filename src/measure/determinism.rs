@@ -15,7 +15,7 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use anyhow::Result;
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Tensor};
 
 use crate::bail_option;
 use crate::gpu::profile::{TracePoint, traced};
@@ -254,7 +254,6 @@ pub fn run(a: &DeterminismSettings) -> Result<(Vec<String>, Vec<ModeReport>)> {
     if device.is_cpu() {
         lines.push("(on the CPU the mode changes no kernel)".into());
     }
-    let _ = Device::Cpu;
     Ok((lines, reports))
 }
 
