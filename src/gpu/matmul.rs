@@ -365,7 +365,7 @@ mod pinned {
                 }
                 Ok::<_, candle_core::Error>(l)
             };
-            let mut d = Descs {
+            let d = Descs {
                 desc,
                 a: layout(p.a.rows, p.a.cols, p.a.ld, p.stride_a)?,
                 b: layout(p.b.rows, p.b.cols, p.b.ld, p.stride_b)?,
@@ -390,7 +390,6 @@ mod pinned {
                 )
                 .map_err(e("transpose flag"))?;
             }
-            d.algo.data[0] = 0;
             Ok(d)
         }
     }
